@@ -1,0 +1,188 @@
+"""The JAX side of the benchmarks: our linen encoders (random weights) trained with SoRA, LoRA, or fully, and the
+cost floor.
+
+Run one case per process (the bench scripts do this through `bench.measure.run_case`):
+  python -m bench.jax_cases '{"kind": "train", "model": "bert", "method": "sora", "batch": 8, "seq": 128}'
+It prints one JSON object: seconds per step (median) and peak resident memory above the imported-framework baseline.
+
+Methods of a train step (all jitted, the trainable state donated to the step):
+  sora   factored forward (`sora_jax.factored`), gradients w.r.t. adapters and classifier only,
+         `optax.chain(adamw(mask=not_gate), sora_proximal(lam, learning_rate=lr))`
+  lora   the same forward with the gates frozen at one: gradients w.r.t. A, B and classifier, plain AdamW
+  merge  SoRA merge-then-apply: `merge(combine(trainable, frozen))` inside the differentiated function
+  full   every parameter trained with AdamW (no adapters)
+  floor  forward plus backward to the embedding output only: every parameter a constant, no optimizer
+"""
+import functools
+import json
+import sys
+
+from bench import measure
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench.model_configs import ALPHA, LEARNING_RATE, RANK, SORA_LAMBDA, hf_config  # noqa: E402
+
+HEAD = (r"classifier/.*",)  # trained with the adapters, as PEFT's SEQ_CLS task type trains `classifier`
+
+
+def family(model_name: str):
+  from sora_jax.models import bert, deberta_v2
+  return {"bert": bert, "deberta": deberta_v2}[model_name]
+
+
+def build(model_name: str, config, *, batch: int, seq: int):
+  """Returns (module, params, inputs, labels) for the model with random weights."""
+  module = family(model_name).build(config, dtype=jnp.float32, param_dtype=jnp.float32)
+  rng = jax.random.key(0)
+  input_ids = jax.random.randint(jax.random.fold_in(rng, 1), (batch, seq), 0, config.vocab_size)
+  inputs = {"input_ids": input_ids, "attention_mask": jnp.ones((batch, seq), jnp.int32)}
+  labels = jax.random.randint(jax.random.fold_in(rng, 2), (batch,), 0, config.num_labels)
+  params = jax.jit(module.init)(rng, inputs["input_ids"][:1], inputs["attention_mask"][:1])["params"]
+  return module, params, inputs, labels
+
+
+def sora_config(model_name: str):
+  import sora_jax
+  return sora_jax.SoraConfig(rank=RANK, alpha=ALPHA, targets=family(model_name).TARGETS)
+
+
+def _loss(logits, labels):
+  import optax
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(model_name: str, method: str, module, params, inputs, labels):
+  """Returns (a no-argument callable that runs one jitted step and blocks, the trainable parameter count)."""
+  import optax
+  import sora_jax
+  from flax import traverse_util
+
+  config = sora_config(model_name)
+
+  def logits_of(params, factored: bool):
+    if factored:
+      with sora_jax.factored(config):
+        return module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
+    return module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
+
+  if method == "floor":
+    return floor_step(module, params, inputs, labels), 0
+
+  if method == "full":
+    trainable, frozen = params, {}
+    tx = optax.adamw(LEARNING_RATE)
+    loss_fn = lambda t, f: _loss(logits_of(t, factored=False), labels)
+  else:
+    adapted = sora_jax.init(jax.random.key(1), params, config)
+    trainable, frozen = sora_jax.split(adapted, trainable=HEAD)
+    if method == "lora":  # gates stay frozen at their initial value, no proximal step
+      flat = traverse_util.flatten_dict(trainable)
+      gates = {p: v for p, v in flat.items() if p[-1] == "sora_gate"}
+      trainable = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in gates})
+      frozen = sora_jax.combine(frozen, traverse_util.unflatten_dict(gates))
+      tx = optax.adamw(LEARNING_RATE)
+    elif method in ("sora", "merge"):
+      not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+      tx = optax.chain(optax.adamw(LEARNING_RATE, mask=not_gate),
+                       sora_jax.sora_proximal(SORA_LAMBDA, learning_rate=LEARNING_RATE))
+    else:
+      raise ValueError(f"unknown method {method!r}")
+    if method == "merge":
+      loss_fn = lambda t, f: _loss(logits_of(sora_jax.merge(sora_jax.combine(t, f), config), factored=False), labels)
+    else:
+      loss_fn = lambda t, f: _loss(logits_of(sora_jax.combine(t, f), factored=True), labels)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(trainable, opt_state, frozen):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  state = [trainable, tx.init(trainable)]
+
+  def call():
+    state[0], state[1], loss = step(state[0], state[1], frozen)
+    return jax.block_until_ready(loss)
+
+  count = sum(x.size for x in jax.tree.leaves(trainable))
+  return call, count
+
+
+def floor_step(module, params, inputs, labels):
+  """Forward plus backward to the embeddings' output: a zero perturbation is added to the output of the embeddings
+  module and the gradient is taken w.r.t. it alone, every parameter being a (non-differentiated) argument."""
+  import flax.linen as nn
+
+  def perturbed_loss(delta, params):
+    def add_delta(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "__call__" and type(context.module).__name__.endswith("Embeddings"):
+        return out + delta
+      return out
+
+    with nn.intercept_methods(add_delta):
+      logits = module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
+    return _loss(logits, labels)
+
+  hidden = jax.eval_shape(lambda p: module.apply({"params": p}, inputs["input_ids"], inputs["attention_mask"],
+                                                 method="encode"), params)
+  delta = jnp.zeros(hidden.shape, hidden.dtype)
+  grad = jax.jit(jax.grad(perturbed_loss))
+  return lambda: jax.block_until_ready(grad(delta, params))
+
+
+def inference_calls(model_name: str, module, params, inputs) -> dict:
+  """Forward-only callables: base model, SoRA merged into the kernels (same function as base), factored adapters."""
+  import sora_jax
+  config = sora_config(model_name)
+  adapted = sora_jax.init(jax.random.key(1), params, config)
+  # Non-zero B so that merged and factored really compute something different from the base model.
+  adapted = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.full_like(x, 0.01) if path[-1].key == "sora_b" else x, adapted)
+  merged = jax.jit(sora_jax.merge, static_argnums=1)(adapted, config)
+
+  @jax.jit
+  def plain(params):
+    return module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
+
+  @jax.jit
+  def factored(params):
+    with sora_jax.factored(config):
+      return module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
+
+  return {
+      "base": lambda: jax.block_until_ready(plain(params)),
+      "sora_merged": lambda: jax.block_until_ready(plain(merged)),
+      "sora_factored": lambda: jax.block_until_ready(factored(adapted)),
+  }
+
+
+def main(spec: dict) -> dict:
+  import flax  # noqa: F401  (part of the baseline, like jax)
+  import optax  # noqa: F401
+  import transformers  # noqa: F401  (the configs)
+  import sora_jax  # noqa: F401
+  jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))  # the runtime and its thread pools exist now
+  baseline = measure.rss_mib()
+  config = hf_config(spec["model"], **spec.get("shape", {}))
+  module, params, inputs, labels = build(spec["model"], config, batch=spec["batch"], seq=spec["seq"])
+  warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
+  result = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend()}
+  if spec["kind"] == "train":
+    step, trainable = train_step(spec["model"], spec["method"], module, params, inputs, labels)
+    del params
+    result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
+    result["trainable"] = trainable
+  elif spec["kind"] == "inference":
+    timings = measure.time_interleaved(inference_calls(spec["model"], module, params, inputs), warmup=warmup,
+                                       repeats=repeats)
+    result["time_s"] = {name: t.median_s for name, t in timings.items()}
+  else:
+    raise ValueError(f"unknown kind {spec['kind']!r}")
+  return result
+
+
+if __name__ == "__main__":
+  print(json.dumps(main(json.loads(sys.argv[1]))))

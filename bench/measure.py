@@ -1,0 +1,159 @@
+"""Timing and memory measurement shared by the bench scripts.
+
+Time: warm-up calls first (JAX compiles on the first call), then the median wall time of `repeats` calls; the callable
+must block until its result exists (`jax.block_until_ready` for JAX; PyTorch on CPU is synchronous).
+
+Memory: the peak resident set size of the process. Linux lets a process reset its high-water mark
+(`echo 5 > /proc/self/clear_refs`), so a case resets it after warm-up and reads `VmHWM` after the timed calls; the
+figure reported is that peak minus the resident size measured right after the framework was imported, i.e. the weights,
+optimizer state, activations and allocator slack of the case. Cases whose memory is reported run in a fresh subprocess
+(`run_case`) so that one case's allocator cache never hides another's peak.
+"""
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, NamedTuple
+
+_MIB = 1024 * 1024
+
+
+class Timing(NamedTuple):
+  median_s: float
+  min_s: float
+  repeats: int
+
+
+def cpu_count() -> int:
+  """Cores this process may run on (the affinity mask, not the machine's count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _status_kib(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def rss_mib() -> float:
+  """Current resident set size in MiB."""
+  kib = _status_kib("VmRSS")
+  if kib is None:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return kib / 1024
+
+
+def peak_rss_mib() -> float:
+  """Resident high-water mark in MiB since the process started or since the last `reset_peak`."""
+  kib = _status_kib("VmHWM")
+  if kib is None:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return kib / 1024
+
+
+def release_free_memory() -> None:
+  """Collect garbage and hand freed heap pages back to the OS (glibc), so they stop counting as resident."""
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def reset_peak() -> bool:
+  """Set the resident high-water mark to the current resident size; False where the kernel does not allow it."""
+  release_free_memory()
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def time_calls(call: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
+  """Median wall time of `repeats` calls of `call` after `warmup` untimed calls."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return Timing(statistics.median(times), min(times), repeats)
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], *, warmup: int, repeats: int) -> dict[str, Timing]:
+  """Like `time_calls` for several callables, alternating between them each round so that load which comes and goes
+  on a shared machine affects all of them alike (used where a ratio near 1 must be resolved, e.g. merged vs base)."""
+  for call in calls.values():
+    for _ in range(warmup):
+      call()
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: Timing(statistics.median(t), min(t), repeats) for name, t in times.items()}
+
+
+def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int, repeats: int) -> dict:
+  """Time `step` and report the peak resident memory of its timed calls above `baseline_mib`."""
+  for _ in range(warmup):
+    step()
+  resettable = reset_peak()
+  timing = time_calls(step, warmup=0, repeats=repeats)
+  return {
+      "time_s": timing.median_s,
+      "min_s": timing.min_s,
+      "repeats": timing.repeats,
+      "peak_mib": peak_rss_mib() - baseline_mib,
+      "peak_after_warmup": resettable,
+  }
+
+
+def run_case(module: str, spec: dict, *, timeout: float | None = None) -> dict:
+  """Run `python -m <module> '<json spec>'` in a fresh process and return the JSON object it prints last.
+
+  A failure returns `{"error": <last lines of stderr>}` instead of raising, so one broken case leaves the table intact.
+  """
+  env = dict(os.environ)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  env.setdefault("TOKENIZERS_PARALLELISM", "false")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  try:
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+    return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+  return json.loads(lines[-1])
+
+
+def format_table(header: list[str], rows: list[list[object]]) -> str:
+  """A GitHub-markdown table; floats are printed by the caller."""
+  cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+  def line(row):
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])

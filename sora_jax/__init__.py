@@ -1,0 +1,50 @@
+"""sora_jax: SoRA (sparse low-rank adaptation) for JAX, Flax and Optax."""
+from sora_jax.adapters import RankReport as RankReport
+from sora_jax.adapters import RankRow as RankRow
+from sora_jax.adapters import SoraConfig as SoraConfig
+from sora_jax.adapters import adapter_mask as adapter_mask
+from sora_jax.adapters import combine as combine
+from sora_jax.adapters import delta_kernel as delta_kernel
+from sora_jax.adapters import gate_mask as gate_mask
+from sora_jax.adapters import init as init
+from sora_jax.adapters import merge as merge
+from sora_jax.adapters import param_labels as param_labels
+from sora_jax.adapters import prune as prune
+from sora_jax.adapters import rank_report as rank_report
+from sora_jax.adapters import split as split
+from sora_jax.adapters import unmerge as unmerge
+from sora_jax.forward import apply_factored as apply_factored
+from sora_jax.forward import factored as factored
+from sora_jax.optim import SoraProximalState as SoraProximalState
+from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
+from sora_jax.optim import soft_threshold as soft_threshold
+from sora_jax.optim import sora_proximal as sora_proximal
+
+__all__ = [
+    "RankReport",
+    "RankRow",
+    "SoraConfig",
+    "SoraProximalState",
+    "adapter_mask",
+    "apply_factored",
+    "combine",
+    "delta_kernel",
+    "factored",
+    "gate_l1_penalty",
+    "gate_mask",
+    "init",
+    "merge",
+    "param_labels",
+    "prune",
+    "rank_report",
+    "soft_threshold",
+    "sora_proximal",
+    "split",
+    "unmerge",
+]
+
+from sora_jax.schedules import LAMBDA_SHAPES as LAMBDA_SHAPES  # noqa: E402
+from sora_jax.schedules import lambda_schedule as lambda_schedule  # noqa: E402
+from sora_jax.schedules import lambda_stages as lambda_stages  # noqa: E402
+
+__all__ += ["LAMBDA_SHAPES", "lambda_schedule", "lambda_stages"]

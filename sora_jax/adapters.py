@@ -1,0 +1,437 @@
+"""SoRA adapters as a transform over Flax parameter trees.
+
+A targeted kernel W of shape (*in_shape, *out_shape) gets three sibling leaves
+
+  sora_a: (*in_shape, rank)    kaiming-uniform, bound 1 / sqrt(prod(in_shape))
+  sora_b: (rank, *out_shape)   zeros
+  sora_gate: (rank,)           ones, or N(0, 1) as the official code
+
+and the adapted layer computes x W + s * ((x A) * gate) B with s = alpha / rank (Ding et al. 2023, eq. 4).
+Under `nn.scan` every leaf carries the kernel's leading layer axes. The number of leading axes is read off the
+shapes, lead = a.ndim + b.ndim - 2 - kernel.ndim, so no function after `init` needs to be told about stacking.
+
+After `prune`, the gate is folded into `sora_b` and `sora_gate` is gone; code that reads adapters treats a missing
+gate as ones. A module whose rank reaches 0 has no adapter leaves at all.
+
+All functions are pure: they take a tree (nested dicts, as `model.init(...)["params"]`) and return a new one.
+Regular expressions (`targets`, `stacked`, `trainable`) are matched with `re.fullmatch` against '/'-joined paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+PyTree = Any
+Path = tuple[str, ...]
+
+A, B, GATE = "sora_a", "sora_b", "sora_gate"
+ADAPTER_LEAVES = (A, B, GATE)
+_GATE_INITS = ("ones", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class SoraConfig:
+  """What to adapt and how.
+
+  Attributes:
+    rank: r_max, the rank every adapter starts with.
+    alpha: the scale is `s = alpha / rank`, kept after pruning.
+    targets: regexes; a kernel is adapted when its '/'-joined path fully matches one of them.
+    gate_init: "ones", or "normal" for N(0, 1) as the official code (`torch.randn(1, r)`).
+    dropout: dropout rate on the adapter input (the base path sees no dropout from SoRA).
+    in_axes: how many leading axes of an (unstacked) kernel are input axes: 1 for `nn.Dense` and for
+      `nn.DenseGeneral` over the last input axis, 2 for `DenseGeneral(axis=(-2, -1))`, ...
+    stacked: a regex over kernel paths; a matching kernel carries one leading layer axis from `nn.scan`, e.g.
+      `.*/layer/.*` for `encoder/layer/attention/self/query/kernel` of shape (L, in, out). A 3-D kernel cannot be
+      told apart from a `DenseGeneral` kernel by its shape, hence the explicit rule. None: no kernel is stacked.
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = (r".*kernel",)
+  gate_init: str = "ones"
+  dropout: float = 0.0
+  in_axes: int = 1
+  stacked: str | None = None
+
+  def __post_init__(self):
+    if isinstance(self.targets, str):
+      object.__setattr__(self, "targets", (self.targets,))
+    else:
+      object.__setattr__(self, "targets", tuple(self.targets))
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"SoraConfig.rank must be a positive int, got {self.rank!r}.")
+    if not self.alpha > 0:
+      raise ValueError(f"SoraConfig.alpha must be > 0, got {self.alpha!r}.")
+    if not self.targets:
+      raise ValueError("SoraConfig.targets is empty; give at least one regex, e.g. '.*attention/.*/kernel'.")
+    for pattern in self.targets + ((self.stacked,) if self.stacked is not None else ()):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"SoraConfig: {pattern!r} is not a valid regular expression: {e}.") from None
+    if self.gate_init not in _GATE_INITS:
+      raise ValueError(f"SoraConfig.gate_init must be one of {_GATE_INITS}, got {self.gate_init!r}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"SoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+    if not isinstance(self.in_axes, int) or self.in_axes < 1:
+      raise ValueError(f"SoraConfig.in_axes must be a positive int, got {self.in_axes!r}.")
+
+  @property
+  def scale(self) -> float:
+    """s = alpha / rank (rank = r_max)."""
+    return self.alpha / self.rank
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'/'-joined path, as matched by every regex in this library."""
+  return "/".join(str(k) for k in path)
+
+
+def _flat(params: PyTree) -> dict[Path, Any]:
+  return traverse_util.flatten_dict(params)
+
+
+def _unflat(flat: dict[Path, Any]) -> dict:
+  return traverse_util.unflatten_dict(flat)
+
+
+def _adapted_modules(flat: dict[Path, Any]) -> list[Path]:
+  """Module paths that hold a `sora_a` leaf (sorted, deterministic)."""
+  return sorted(path[:-1] for path in flat if path[-1] == A)
+
+
+def _lead(kernel, a, b) -> int:
+  """Number of leading layer axes shared by kernel, sora_a and sora_b."""
+  return a.ndim + b.ndim - 2 - kernel.ndim
+
+
+def _fold(a, gate, b, lead: int):
+  """(a, b * gate) flattened to a: (L, in, r), b: (L, r, out), L = prod(lead shape), gate folded into b."""
+  lead_shape = a.shape[:lead]
+  r = a.shape[-1]
+  a2 = a.reshape(math.prod(lead_shape), -1, r)
+  b2 = b.reshape(math.prod(lead_shape), r, -1)
+  if gate is not None:
+    b2 = b2 * gate.reshape(-1, r, 1).astype(b2.dtype)
+  return a2, b2
+
+
+def delta_kernel(a, b, gate=None, *, scale: float, lead: int = 0):
+  """delta W = s * A diag(gate) B, shaped like the kernel.
+
+  Args:
+    a: (*lead, *in_shape, rank).
+    b: (*lead, rank, *out_shape).
+    gate: (*lead, rank), or None for ones.
+    scale: s.
+    lead: number of leading layer axes.
+
+  Returns:
+    (*lead, *in_shape, *out_shape).
+  """
+  a2, b2 = _fold(a, gate, b, lead)
+  delta = jnp.einsum("lir,lro->lio", a2, b2, precision=jax.lax.Precision.HIGHEST)
+  return (scale * delta).reshape(a.shape[:-1] + b.shape[lead + 1:])
+
+
+def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
+  """Adds `sora_a`, `sora_b`, `sora_gate` beside every kernel matched by `config.targets`.
+
+  A is drawn as `torch.nn.init.kaiming_uniform_(a=sqrt(5))` draws it in the official code:
+  gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in), fan_in = prod(in_shape).
+
+  Args:
+    rng: a PRNG key.
+    params: the model's parameter tree.
+    config: the SoRA config.
+
+  Returns:
+    A new tree with the adapter leaves added, in the kernel's dtype.
+
+  Raises:
+    ValueError: a target matches nothing, matches a leaf that is not a kernel, or the rank exceeds min(in, out).
+  """
+  flat = _flat(params)
+  paths = {path_str(p): p for p in flat}
+  unused = [t for t in config.targets if not any(re.fullmatch(t, s) for s in paths)]
+  if unused:
+    examples = ", ".join(s for s in list(paths)[:6])
+    raise ValueError(
+        f"SoRA targets {unused} match no parameter path. Targets are fully matched against '/'-joined paths such as "
+        f"{examples}; fix the pattern (e.g. prefix it with '.*' and end it with '/kernel').")
+  out = dict(flat)
+  targeted = [p for s, p in paths.items() if any(re.fullmatch(t, s) for t in config.targets)]
+  for path, key in zip(targeted, jax.random.split(rng, max(len(targeted), 1))):
+    kernel = flat[path]
+    name = path_str(path)
+    if path[-1] != "kernel" or kernel.ndim < 2:
+      raise ValueError(
+          f"SoRA target matched {name!r} (shape {tuple(kernel.shape)}), which is not a dense kernel; SoRA adapts "
+          f"'.../kernel' leaves of 2 or more axes. Narrow the pattern, e.g. end it with '/kernel'.")
+    if path[:-1] + (A,) in flat:
+      raise ValueError(f"{name!r} already has SoRA adapters; call `init` once, on a tree without adapters.")
+    lead = int(config.stacked is not None and re.fullmatch(config.stacked, name) is not None)
+    if kernel.ndim < lead + config.in_axes + 1:
+      raise ValueError(
+          f"{name!r} has shape {tuple(kernel.shape)}, too few axes for {lead} layer axis and in_axes="
+          f"{config.in_axes} plus an output axis; fix SoraConfig.in_axes or SoraConfig.stacked.")
+    lead_shape = kernel.shape[:lead]
+    in_shape = kernel.shape[lead:lead + config.in_axes]
+    out_shape = kernel.shape[lead + config.in_axes:]
+    fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+    if config.rank > min(fan_in, fan_out):
+      raise ValueError(
+          f"SoRA rank {config.rank} exceeds min(in, out) = min({fan_in}, {fan_out}) of {name!r} (shape "
+          f"{tuple(kernel.shape)}, layer axes {lead}, in_axes {config.in_axes}); lower SoraConfig.rank or drop "
+          f"this kernel from targets.")
+    key_a, key_g = jax.random.split(key)
+    bound = 1.0 / math.sqrt(fan_in)
+    dtype = kernel.dtype
+    module = path[:-1]
+    out[module + (A,)] = jax.random.uniform(
+        key_a, lead_shape + in_shape + (config.rank,), dtype, -bound, bound)
+    out[module + (B,)] = jnp.zeros(lead_shape + (config.rank,) + out_shape, dtype)
+    if config.gate_init == "ones":
+      out[module + (GATE,)] = jnp.ones(lead_shape + (config.rank,), dtype)
+    else:
+      out[module + (GATE,)] = jax.random.normal(key_g, lead_shape + (config.rank,), dtype)
+  return _unflat(out)
+
+
+def adapter_mask(params: PyTree) -> dict:
+  """Bool tree, True at `sora_a`, `sora_b` and `sora_gate` leaves."""
+  return _unflat({p: p[-1] in ADAPTER_LEAVES for p in _flat(params)})
+
+
+def gate_mask(params: PyTree) -> dict:
+  """Bool tree, True at `sora_gate` leaves (what `sora_proximal` acts on)."""
+  return _unflat({p: p[-1] == GATE for p in _flat(params)})
+
+
+def param_labels(params: PyTree, trainable: Sequence[str] = ()) -> dict:
+  """Label tree for `optax.multi_transform`: "gate", "adapter" (A, B), "trainable" (matches `trainable`), "frozen"."""
+  def label(path: Path) -> str:
+    if path[-1] == GATE:
+      return "gate"
+    if path[-1] in ADAPTER_LEAVES:
+      return "adapter"
+    if any(re.fullmatch(t, path_str(path)) for t in trainable):
+      return "trainable"
+    return "frozen"
+  return _unflat({p: label(p) for p in _flat(params)})
+
+
+def split(params: PyTree, trainable: Sequence[str] = ()) -> tuple[dict, dict]:
+  """Splits params into (trainable, frozen) trees with disjoint leaves.
+
+  The trainable tree holds every adapter leaf plus the leaves whose path fully matches a regex in `trainable`
+  (a classifier head, LayerNorms). Take `jax.grad` w.r.t. the first tree only and `combine` inside the loss, so no
+  gradient of a frozen kernel is ever computed.
+
+  Example:
+    trainable, frozen = split(params, trainable=(r"classifier/.*",))
+    loss = lambda t: loss_fn(combine(t, frozen))
+    grads = jax.grad(loss)(trainable)
+  """
+  if isinstance(trainable, str):
+    trainable = (trainable,)
+  train, frozen = {}, {}
+  for path, leaf in _flat(params).items():
+    if path[-1] in ADAPTER_LEAVES or any(re.fullmatch(t, path_str(path)) for t in trainable):
+      train[path] = leaf
+    else:
+      frozen[path] = leaf
+  return _unflat(train), _unflat(frozen)
+
+
+def combine(*trees: PyTree) -> dict:
+  """Inverse of `split`: the union of trees with disjoint leaves."""
+  flat = {}
+  for tree in trees:
+    for path, leaf in _flat(tree).items():
+      if path in flat:
+        raise ValueError(f"combine: leaf {path_str(path)!r} is in more than one tree.")
+      flat[path] = leaf
+  return _unflat(flat)
+
+
+def _adapter(flat, module: Path):
+  kernel = flat[module + ("kernel",)]
+  a, b = flat[module + (A,)], flat[module + (B,)]
+  return kernel, a, b, flat.get(module + (GATE,)), _lead(kernel, a, b)
+
+
+def merge(params: PyTree, config: SoraConfig) -> dict:
+  """Folds every adapter into its kernel, W <- W + s * A diag(gate) B, and drops the adapter leaves.
+
+  The result is a plain tree that any function of the model's parameters accepts (merge-then-apply).
+  Differentiable: `jax.grad(lambda t: f(merge(combine(t, frozen), config)))` gives adapter gradients.
+  """
+  flat = _flat(params)
+  out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
+  for module in _adapted_modules(flat):
+    kernel, a, b, gate, lead = _adapter(flat, module)
+    delta = delta_kernel(a, b, gate, scale=config.scale, lead=lead)
+    out[module + ("kernel",)] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
+  return _unflat(out)
+
+
+def unmerge(merged: PyTree, adapters: PyTree, config: SoraConfig) -> dict:
+  """Inverse of `merge`: W <- W - s * A diag(gate) B for every adapter in `adapters`, which are added back.
+
+  Args:
+    merged: a plain tree from `merge`.
+    adapters: any tree holding the adapter leaves (the full adapted tree, or the trainable half of `split`).
+    config: the config used to merge.
+
+  Returns:
+    The adapted tree; equal to the original up to float rounding of the kernels.
+  """
+  flat = _flat(merged)
+  adapter_flat = {p: v for p, v in _flat(adapters).items() if p[-1] in ADAPTER_LEAVES}
+  out = dict(flat)
+  out.update(adapter_flat)
+  for module in _adapted_modules(adapter_flat):
+    kernel_path = module + ("kernel",)
+    if kernel_path not in flat:
+      raise ValueError(f"unmerge: {path_str(kernel_path)!r} is not in the merged tree.")
+    kernel, a, b, gate, lead = _adapter(out, module)
+    delta = delta_kernel(a, b, gate, scale=config.scale, lead=lead)
+    out[kernel_path] = (kernel - delta.astype(kernel.dtype)).astype(kernel.dtype)
+  return _unflat(out)
+
+
+def _active(b_folded: np.ndarray) -> np.ndarray:
+  """(L, r) bool: ranks whose (gate-folded) B row is not all zero."""
+  return np.any(b_folded != 0, axis=-1)
+
+
+def _module_ranks(flat, module: Path) -> tuple[np.ndarray, int, int, int]:
+  """Active rank per layer (L,), stored rank, fan_in, fan_out of one adapted module."""
+  kernel, a, b, gate, lead = _adapter(flat, module)
+  r = a.shape[-1]
+  fan_in = math.prod(a.shape[lead:-1])
+  fan_out = math.prod(b.shape[lead + 1:])
+  if gate is not None:
+    active = np.asarray(gate).reshape(-1, r) != 0
+  else:
+    _, b2 = _fold(np.asarray(a), None, np.asarray(b), lead)
+    active = _active(b2)
+  return active.sum(axis=-1), r, fan_in, fan_out
+
+
+def prune(params: PyTree) -> dict:
+  """Cuts every rank whose gate is exactly zero and folds the gate into B.
+
+  The result computes the same function (up to float rounding of b * gate) with a variable rank per module:
+  a: (*lead, *in_shape, k), b: (*lead, k, *out_shape), no `sora_gate`. A module with k = 0 loses all adapter leaves.
+  A stacked module (leading layer axis from `nn.scan`) keeps one rank for all its layers: k is the largest
+  active rank over layers; each layer's active ranks come first and the rest are zero columns of A and zero rows
+  of B. `rank_report` counts the active ranks per layer.
+
+  Runs on host (the output shapes depend on the gate values), so call it outside `jax.jit`.
+  """
+  flat = _flat(params)
+  out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
+  for module in _adapted_modules(flat):
+    kernel, a, b, gate, lead = _adapter(flat, module)
+    a2, b2 = _fold(np.asarray(a), None if gate is None else np.asarray(gate), np.asarray(b), lead)
+    active = _active(b2)
+    if gate is not None:
+      active &= np.asarray(gate).reshape(active.shape) != 0
+    k = int(active.sum(axis=-1).max(initial=0))
+    if k == 0:
+      continue
+    new_a = np.zeros(a2.shape[:-1] + (k,), a2.dtype)
+    new_b = np.zeros((b2.shape[0], k, b2.shape[-1]), b2.dtype)
+    for layer, keep in enumerate(active):
+      idx = np.flatnonzero(keep)
+      new_a[layer, :, :idx.size] = a2[layer][:, idx]
+      new_b[layer, :idx.size] = b2[layer][idx]
+    out[module + (A,)] = jnp.asarray(new_a.reshape(a.shape[:-1] + (k,)), a.dtype)
+    out[module + (B,)] = jnp.asarray(new_b.reshape(b.shape[:lead] + (k,) + b.shape[lead + 1:]), b.dtype)
+  return _unflat(out)
+
+
+class RankRow(NamedTuple):
+  """One adapted module (one layer of it when stacked)."""
+  path: str
+  layer: int | None
+  rank_max: int
+  rank: int
+  fan_in: int
+  fan_out: int
+  retained_params: int
+
+
+class RankReport(NamedTuple):
+  """Ranks and retained adapter parameters, per module and in total.
+
+  `retained_params = rank * (in + out)` per row; `fraction = retained_params / max_params` where
+  `max_params = rank_max * (in + out)` summed over rows; `base_params` counts the non-adapter leaves.
+  """
+  rows: tuple[RankRow, ...]
+  retained_params: int
+  max_params: int
+  base_params: int
+
+  @property
+  def fraction(self) -> float:
+    return self.retained_params / self.max_params if self.max_params else 0.0
+
+  @property
+  def fraction_of_base(self) -> float:
+    return self.retained_params / self.base_params if self.base_params else 0.0
+
+  def __str__(self) -> str:
+    width = max([len("module")] + [len(_row_name(r)) for r in self.rows])
+    lines = [f"{'module':<{width}}  {'rank':>9}  {'in':>7}  {'out':>7}  {'params':>10}"]
+    for r in self.rows:
+      lines.append(f"{_row_name(r):<{width}}  {f'{r.rank}/{r.rank_max}':>9}  {r.fan_in:>7}  {r.fan_out:>7}  "
+                   f"{r.retained_params:>10}")
+    lines.append(f"total: {self.retained_params} of {self.max_params} adapter params ({100 * self.fraction:.2f}%), "
+                 f"{100 * self.fraction_of_base:.4f}% of {self.base_params} base params")
+    return "\n".join(lines)
+
+
+def _row_name(row: RankRow) -> str:
+  return row.path if row.layer is None else f"{row.path}[{row.layer}]"
+
+
+def rank_report(params: PyTree, config: SoraConfig) -> RankReport:
+  """Per-module (per-layer when stacked) active rank before (`rank_max`) and now (`rank`), retained params.
+
+  The active rank counts nonzero gates, or nonzero rows of B when the gate is folded in (after `prune`).
+  A kernel matched by `config.targets` without adapter leaves (pruned to rank 0) is reported with rank 0.
+  """
+  flat = _flat(params)
+  rows = []
+  adapted = set(_adapted_modules(flat))
+  for path, kernel in flat.items():
+    module = path[:-1]
+    if module in adapted and path[-1] == "kernel":
+      ranks, _, fan_in, fan_out = _module_ranks(flat, module)
+      stacked = _lead(kernel, flat[module + (A,)], flat[module + (B,)]) > 0
+    elif path[-1] == "kernel" and any(re.fullmatch(t, path_str(path)) for t in config.targets):
+      # Targeted but without adapter leaves: pruned to rank 0.
+      lead = int(config.stacked is not None and re.fullmatch(config.stacked, path_str(path)) is not None)
+      fan_in = math.prod(kernel.shape[lead:lead + config.in_axes])
+      fan_out = math.prod(kernel.shape[lead + config.in_axes:])
+      ranks = np.zeros(math.prod(kernel.shape[:lead]), int)
+      stacked = lead > 0
+    else:
+      continue
+    for layer, rank in enumerate(ranks):
+      rows.append(RankRow(path_str(module), layer if stacked else None, config.rank, int(rank), fan_in, fan_out,
+                          int(rank) * (fan_in + fan_out)))
+  base = sum(int(np.size(v)) for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES)
+  return RankReport(tuple(rows), sum(r.retained_params for r in rows),
+                    sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base)

@@ -1,0 +1,494 @@
+"""DeBERTa-v2 / DeBERTa-v3 encoder in Flax linen, with transformers' parameter layout.
+
+Disentangled attention (He et al., 2021, eq. 4) adds to the content score q_i.k_j two relative terms,
+  c2p: q_i . k^r_{delta(i, j)}    and    p2c: k_j . q^r_{delta(j, i)},
+where q^r, k^r project the (layer-normed) relative embeddings and delta is the log-bucketed relative distance.
+All three terms share the scale 1 / sqrt(head_dim * (1 + #relative terms)).
+
+The module paths follow transformers' module names so that SoRA targets read naturally:
+  embeddings/..., encoder/layer_<i>/attention/self/query_proj/kernel (unrolled),
+  encoder/layer/attention/self/query_proj/kernel (under nn.scan, leading layer axis),
+  encoder/rel_embeddings/embedding, encoder/LayerNorm, encoder/conv, pooler/dense, classifier.
+"""
+import functools
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# The six dense kernels of a block, in both the unrolled (layer_<i>) and the scanned (layer) layouts.
+# The six dense layers of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
+# '/'-joined path of the module or of its kernel.
+TARGETS = (
+    r"(.*/)?encoder/layer(_\d+)?/attention/self/(query_proj|key_proj|value_proj)(/kernel)?",
+    r"(.*/)?encoder/layer(_\d+)?/attention/output/dense(/kernel)?",
+    r"(.*/)?encoder/layer(_\d+)?/intermediate/dense(/kernel)?",
+    r"(.*/)?encoder/layer(_\d+)?/output/dense(/kernel)?",
+)
+
+# Head parameters a base-model checkpoint does not carry (re.match on the '/'-joined path).
+HEAD = (r"classifier(/|$)", r"pooler/")
+
+# transformers' ACT2FN names; "gelu" there is the exact (erf) form.
+_ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_python": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "sigmoid": nn.sigmoid,
+}
+
+
+def _activation(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+def _pos_att_type(config) -> tuple[str, ...]:
+    kinds = getattr(config, "pos_att_type", None) or ()
+    if isinstance(kinds, str):
+        kinds = kinds.lower().split("|")
+    return tuple(k.strip() for k in kinds)
+
+
+def _max_relative_positions(config) -> int:
+    max_relative = getattr(config, "max_relative_positions", -1)
+    return config.max_position_embeddings if max_relative < 1 else max_relative
+
+
+def _position_buckets(config) -> int:
+    return getattr(config, "position_buckets", -1)
+
+
+def _attention_span(config) -> int:
+    """Half the number of relative embeddings a layer reads (transformers' `pos_ebd_size`)."""
+    buckets = _position_buckets(config)
+    return buckets if buckets > 0 else _max_relative_positions(config)
+
+
+def _norm_rel_ebd(config) -> tuple[str, ...]:
+    return tuple(x.strip() for x in getattr(config, "norm_rel_ebd", "none").lower().split("|"))
+
+
+def log_bucket_position(relative_pos: np.ndarray, bucket_size: int, max_position: int) -> np.ndarray:
+    """Maps relative distances to log-spaced buckets as DeBERTa does.
+
+    Distances with |d| < bucket_size // 2 stay exact; larger ones are bucketed logarithmically up to max_position.
+    The arithmetic is float32, like the reference, so the ceil lands on the same integers.
+    """
+    sign = np.sign(relative_pos)
+    mid = bucket_size // 2
+    abs_pos = np.where((relative_pos < mid) & (relative_pos > -mid), mid - 1, np.abs(relative_pos))
+    ratio = abs_pos.astype(np.float32) / np.float32(mid)
+    log_pos = np.ceil(np.log(ratio) / np.log(np.float32((max_position - 1) / mid)) * np.float32(mid - 1)) + np.float32(mid)
+    return np.where(abs_pos <= mid, relative_pos.astype(np.float32), log_pos * sign).astype(np.int32)
+
+
+def relative_positions(seq_len: int, bucket_size: int = -1, max_position: int = -1) -> np.ndarray:
+    """Relative positions q - k, bucketed when both sizes are positive. Returns (seq_len, seq_len) int32."""
+    ids = np.arange(seq_len, dtype=np.int64)
+    relative = ids[:, None] - ids[None, :]
+    if bucket_size > 0 and max_position > 0:
+        return log_bucket_position(relative, bucket_size, max_position)
+    return relative.astype(np.int32)
+
+
+class _Common(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _dense(self, features: int, name: str | None, use_bias: bool = True) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.normal(self.config.initializer_range),
+            name=name,
+        )
+
+    def _layer_norm(self, name: str) -> nn.LayerNorm:
+        # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
+        return nn.LayerNorm(
+            epsilon=self.config.layer_norm_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            use_fast_variance=False,
+            name=name,
+        )
+
+    def _embed(self, num: int, features: int, name: str) -> nn.Embed:
+        return nn.Embed(
+            num,
+            features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(self.config.initializer_range),
+            name=name,
+        )
+
+
+class DebertaV2Embeddings(_Common):
+    """Word (+ absolute position when position_biased_input) (+ token type) embeddings, projection, LayerNorm, mask."""
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True):
+        config = self.config
+        embedding_size = getattr(config, "embedding_size", None) or config.hidden_size
+        embeddings = self._embed(config.vocab_size, embedding_size, "word_embeddings")(input_ids)
+        if getattr(config, "position_biased_input", True):
+            positions = jnp.arange(input_ids.shape[-1])[None, :]
+            embeddings = embeddings + self._embed(
+                config.max_position_embeddings, embedding_size, "position_embeddings"
+            )(positions)
+        if config.type_vocab_size > 0:
+            embeddings = embeddings + self._embed(config.type_vocab_size, embedding_size, "token_type_embeddings")(
+                token_type_ids
+            )
+        if embedding_size != config.hidden_size:
+            embeddings = self._dense(config.hidden_size, "embed_proj", use_bias=False)(embeddings)
+        embeddings = self._layer_norm("LayerNorm")(embeddings)
+        # The reference zeroes padded positions after the LayerNorm.
+        embeddings = embeddings * attention_mask[..., None].astype(embeddings.dtype)
+        return nn.Dropout(config.hidden_dropout_prob)(embeddings, deterministic=deterministic)
+
+
+def _split_heads(x, num_heads: int):
+    """(..., seq, heads * head_dim) -> (..., heads, seq, head_dim)."""
+    x = x.reshape(*x.shape[:-1], num_heads, -1)
+    return jnp.swapaxes(x, -2, -3)
+
+
+class DisentangledSelfAttention(_Common):
+    @nn.compact
+    def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
+        """hidden_states: (batch, seq, hidden); attention_mask: (batch, 1, seq, seq) bool;
+        relative_pos: (seq, seq) int; rel_embeddings: (2 * span, hidden) or None. Returns (batch, seq, heads*dim)."""
+        config = self.config
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // num_heads
+        all_head_size = num_heads * head_dim
+        kinds = _pos_att_type(config)
+        relative_attention = getattr(config, "relative_attention", False)
+        share_att_key = getattr(config, "share_att_key", False)
+
+        query_proj = self._dense(all_head_size, "query_proj")
+        key_proj = self._dense(all_head_size, "key_proj")
+        query = _split_heads(query_proj(hidden_states), num_heads)
+        key = _split_heads(key_proj(hidden_states), num_heads)
+        value = _split_heads(self._dense(all_head_size, "value_proj")(hidden_states), num_heads)
+
+        scale_factor = 1 + ("c2p" in kinds) + ("p2c" in kinds)
+        scale = jnp.sqrt(jnp.float32(head_dim * scale_factor)).astype(query.dtype)
+        scores = query @ (jnp.swapaxes(key, -1, -2) / scale)
+
+        if relative_attention:
+            span = _attention_span(config)
+            rel = nn.Dropout(config.hidden_dropout_prob)(rel_embeddings[: 2 * span], deterministic=deterministic)
+            if share_att_key:
+                pos_query_proj, pos_key_proj = query_proj, key_proj
+            else:
+                pos_key_proj = self._dense(all_head_size, "pos_key_proj") if "c2p" in kinds else None
+                pos_query_proj = self._dense(all_head_size, "pos_query_proj") if "p2c" in kinds else None
+            if "c2p" in kinds:
+                pos_key = _split_heads(pos_key_proj(rel), num_heads)  # (heads, 2 * span, dim)
+                c2p = query @ jnp.swapaxes(pos_key, -1, -2)  # (batch, heads, q, 2 * span)
+                c2p_pos = jnp.clip(relative_pos + span, 0, 2 * span - 1)  # (q, k)
+                c2p = jnp.take_along_axis(c2p, jnp.broadcast_to(c2p_pos, c2p.shape[:-1] + c2p_pos.shape[-1:]), -1)
+                scores = scores + c2p / scale
+            if "p2c" in kinds:
+                pos_query = _split_heads(pos_query_proj(rel), num_heads)
+                p2c = key @ jnp.swapaxes(pos_query, -1, -2)  # (batch, heads, k, 2 * span)
+                p2c_pos = jnp.clip(-relative_pos + span, 0, 2 * span - 1)  # (k, q) since q and k coincide
+                p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(p2c_pos, p2c.shape[:-1] + p2c_pos.shape[-1:]), -1)
+                scores = scores + jnp.swapaxes(p2c, -1, -2) / scale
+
+        # Softmax in float32; masked entries get the dtype's min as in the reference, so a fully padded query row
+        # attends uniformly rather than producing NaNs.
+        scores = scores.astype(jnp.float32)
+        scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(config.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = probs @ value  # (batch, heads, seq, dim)
+        context = jnp.swapaxes(context, -2, -3)
+        return context.reshape(*context.shape[:-2], all_head_size)
+
+
+class DebertaV2SelfOutput(_Common):
+    @nn.compact
+    def __call__(self, hidden_states, residual, deterministic: bool = True):
+        hidden_states = self._dense(self.config.hidden_size, "dense")(hidden_states)
+        hidden_states = nn.Dropout(self.config.hidden_dropout_prob)(hidden_states, deterministic=deterministic)
+        return self._layer_norm("LayerNorm")(hidden_states + residual)
+
+
+class DebertaV2Attention(_Common):
+    @nn.compact
+    def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
+        common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        context = DisentangledSelfAttention(**common, name="self")(
+            hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+        )
+        return DebertaV2SelfOutput(**common, name="output")(context, hidden_states, deterministic)
+
+
+class DebertaV2Intermediate(_Common):
+    @nn.compact
+    def __call__(self, hidden_states):
+        hidden_states = self._dense(self.config.intermediate_size, "dense")(hidden_states)
+        return _activation(self.config.hidden_act)(hidden_states)
+
+
+class DebertaV2Layer(_Common):
+    """One encoder block. The call signature (carry, *broadcast) -> (carry, None) suits nn.scan."""
+
+    @nn.compact
+    def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
+        common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        attention_output = DebertaV2Attention(**common, name="attention")(
+            hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+        )
+        intermediate = DebertaV2Intermediate(**common, name="intermediate")(attention_output)
+        layer_output = DebertaV2SelfOutput(**common, name="output")(intermediate, attention_output, deterministic)
+        return layer_output, None
+
+
+class DebertaV2ConvLayer(_Common):
+    """The convolution branch after the first block (DeBERTa-v2 xlarge/xxlarge; v3 checkpoints have none)."""
+
+    @nn.compact
+    def __call__(self, embeddings, layer_output, input_mask, deterministic: bool = True):
+        config = self.config
+        kernel_size = getattr(config, "conv_kernel_size", 3)
+        padding = (kernel_size - 1) // 2
+        out = nn.Conv(
+            config.hidden_size,
+            (kernel_size,),
+            padding=[(padding, padding)],
+            feature_group_count=getattr(config, "conv_groups", 1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(embeddings)
+        mask = input_mask[..., None].astype(out.dtype)
+        out = out * mask
+        out = nn.Dropout(config.hidden_dropout_prob)(out, deterministic=deterministic)
+        out = _activation(getattr(config, "conv_act", "tanh"))(out)
+        output = self._layer_norm("LayerNorm")(layer_output + out)
+        return output * mask
+
+
+class DebertaV2Encoder(_Common):
+    scan_layers: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, embeddings, input_mask, deterministic: bool = True):
+        """embeddings: (batch, seq, hidden); input_mask: (batch, seq) of 0/1. Returns (batch, seq, hidden)."""
+        config = self.config
+        common = dict(config=config, dtype=self.dtype, param_dtype=self.param_dtype)
+        seq_len = embeddings.shape[-2]
+        keep = input_mask.astype(bool)
+        # Pairwise mask: query i may attend key j when both are real tokens (as the reference builds it).
+        attention_mask = (keep[:, None, :, None] & keep[:, None, None, :])
+
+        relative_pos = None
+        rel_embeddings = None
+        if getattr(config, "relative_attention", False):
+            relative_pos = relative_positions(seq_len, _position_buckets(config), _max_relative_positions(config))
+            table = self._embed(2 * _attention_span(config), config.hidden_size, "rel_embeddings")
+            rel_embeddings = jnp.asarray(table.embedding, self.dtype)
+            if "layer_norm" in _norm_rel_ebd(config):
+                rel_embeddings = self._layer_norm("LayerNorm")(rel_embeddings)
+
+        layer_cls = DebertaV2Layer
+        if self.remat:
+            # Arguments counted with self at 0: deterministic is static.
+            layer_cls = nn.remat(layer_cls, static_argnums=(5,), prevent_cse=not self.scan_layers)
+
+        has_conv = getattr(config, "conv_kernel_size", 0) > 0
+        hidden_states = embeddings
+        if self.scan_layers:
+            if has_conv:
+                raise ValueError("scan_layers does not support conv_kernel_size > 0 (the conv follows block 0 only)")
+            scanned = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=config.num_hidden_layers,
+            )
+            hidden_states, _ = scanned(**common, name="layer")(
+                hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+            )
+        else:
+            for i in range(config.num_hidden_layers):
+                hidden_states, _ = layer_cls(**common, name=f"layer_{i}")(
+                    hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+                )
+                if i == 0 and has_conv:
+                    hidden_states = DebertaV2ConvLayer(**common, name="conv")(
+                        embeddings, hidden_states, input_mask, deterministic
+                    )
+        return hidden_states
+
+
+class ContextPooler(_Common):
+    """Dropout, dense and activation on the first token, as transformers' ContextPooler."""
+
+    @nn.compact
+    def __call__(self, hidden_states, deterministic: bool = True):
+        config = self.config
+        context = nn.Dropout(getattr(config, "pooler_dropout", 0.0))(hidden_states[:, 0], deterministic=deterministic)
+        pooled = self._dense(getattr(config, "pooler_hidden_size", config.hidden_size), "dense")(context)
+        return _activation(getattr(config, "pooler_hidden_act", "gelu"))(pooled)
+
+
+class DebertaV2Model(_Common):
+    """Embeddings and encoder; returns the last hidden state (batch, seq, hidden)."""
+
+    scan_layers: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        """input_ids, attention_mask, token_type_ids: (batch, seq)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        embeddings = DebertaV2Embeddings(**common, name="embeddings")(
+            input_ids, token_type_ids, attention_mask, deterministic
+        )
+        encoder = DebertaV2Encoder(**common, scan_layers=self.scan_layers, remat=self.remat, name="encoder")
+        return encoder(embeddings, attention_mask, deterministic)
+
+
+class DebertaV2ForSequenceClassification(_Common):
+    """DeBERTa-v2/v3 encoder (under `deberta/`) with ContextPooler and a linear classifier; num_labels == 1 is
+    regression. `__call__` returns float32 logits (batch, num_labels); `apply(..., method="encode")` returns the
+    last hidden state (batch, seq, hidden)."""
+
+    scan_layers: bool = False
+    remat: bool = False
+
+    def setup(self):
+        common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.deberta = DebertaV2Model(**common, scan_layers=self.scan_layers, remat=self.remat)
+        self.pooler = ContextPooler(**common)
+        self.classifier = self._dense(self.config.num_labels, None)
+        cls_dropout = getattr(self.config, "cls_dropout", None)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob if cls_dropout is None else cls_dropout)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        return self.deberta(input_ids, attention_mask, token_type_ids, deterministic)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+        hidden_states = self.deberta(input_ids, attention_mask, token_type_ids, deterministic)
+        pooled = self.pooler(hidden_states, deterministic)
+        pooled = self.dropout(pooled, deterministic=deterministic)
+        return self.classifier(pooled).astype(jnp.float32)
+
+
+def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False, remat=False) -> nn.Module:
+    """The sequence classifier for a transformers DebertaV2Config (DeBERTa-v2 and v3 checkpoints)."""
+    if getattr(config, "conv_kernel_size", 0) > 0 and scan_layers:
+        raise ValueError("scan_layers is not supported with conv_kernel_size > 0 (DeBERTa-v2 xlarge/xxlarge)")
+    return DebertaV2ForSequenceClassification(
+        config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint conversion: transformers' state dict (PyTorch names, (out, in) Linear weights) -> our parameter tree.
+
+_BASE_PREFIX = "deberta"  # transformers' base_model_prefix for DeBERTa-v2
+_BASE_MODULES = ("embeddings", "encoder")
+_HEAD_MODULES = ("pooler", "classifier")
+
+
+def hf_module_name(path: tuple[str, ...]) -> str:
+    """Our unrolled module path, e.g. ('deberta', 'encoder', 'layer_3', 'attention', 'self', 'query_proj'), -> the
+    module name in transformers' DebertaV2ForSequenceClassification, 'deberta.encoder.layer.3.attention.self.query_proj'.
+    """
+    parts = []
+    for part in path:
+        match = re.fullmatch(r"layer_(\d+)", part)
+        parts.extend(["layer", match.group(1)] if match else [part])
+    return ".".join(parts)
+
+
+def _leaf_name(module: tuple[str, ...], leaf: str) -> str | None:
+    """Our leaf name for a transformers parameter `leaf` of `module`; None for buffers and unknown names."""
+    if leaf in ("bias", "beta"):
+        return "bias"
+    if leaf not in ("weight", "gamma"):
+        return None
+    if module[-1] == "LayerNorm":
+        return "scale"
+    if module[-1].endswith("embeddings"):
+        return "embedding"
+    return "kernel"
+
+
+def _to_ours(leaf: str, weight: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and weight.ndim == 2:  # Linear: (out, in) -> (in, out)
+        return weight.T
+    if leaf == "kernel" and weight.ndim == 3:  # Conv1d: (out, in / groups, width) -> (width, in / groups, out)
+        return weight.transpose(2, 1, 0)
+    return weight
+
+
+def convert(state_dict: dict[str, np.ndarray], config) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
+    """Maps a transformers DeBERTa-v2 state dict onto our unrolled parameter paths.
+
+    Reads checkpoints of DebertaV2ForSequenceClassification, of the pretraining models (their masked-LM / RTD heads
+    come back as unexpected) and of a bare DebertaV2Model (no `deberta.` prefix); old `gamma`/`beta` LayerNorm names
+    too. Linear weights are transposed to (in, out), Conv1d weights to (width, in / groups, out).
+
+    Returns:
+      (flat_params, unexpected): {our path tuple: array}, e.g. ('deberta', 'encoder', 'layer_0', 'attention', 'self',
+      'query_proj', 'kernel'), and the transformers keys not used.
+    """
+    uses_positions = getattr(config, "position_biased_input", True)
+    flat, unexpected = {}, []
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] in _BASE_MODULES:  # a bare DebertaV2Model checkpoint
+            parts = [_BASE_PREFIX] + parts
+        module, leaf = _merge_layer_index(tuple(parts[:-1])), parts[-1]
+        name = _leaf_name(module, leaf) if module else None
+        ours = module[:1] in ((m,) for m in _HEAD_MODULES) or module[:2] in ((_BASE_PREFIX, m) for m in _BASE_MODULES)
+        # Some v3 checkpoints carry absolute position embeddings that position_biased_input=False never reads.
+        if module[1:3] == ("embeddings", "position_embeddings") and not uses_positions:
+            ours = False
+        if name is None or not ours:
+            if not key.endswith("position_ids"):  # a buffer, not a weight
+                unexpected.append(key)
+            continue
+        flat[module + (name,)] = _to_ours(name, np.asarray(value))
+    return flat, unexpected
+
+
+def _merge_layer_index(module: tuple[str, ...]) -> tuple[str, ...]:
+    """('deberta', 'encoder', 'layer', '3', ...) -> ('deberta', 'encoder', 'layer_3', ...)."""
+    out = []
+    for part in module:
+        if part.isdigit() and out and out[-1] == "layer":
+            out[-1] = f"layer_{part}"
+        else:
+            out.append(part)
+    return tuple(out)

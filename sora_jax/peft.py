@@ -1,0 +1,428 @@
+"""SoRA adapters to and from HuggingFace PEFT's LoRA format (adapter_config.json + adapter_model.safetensors).
+
+A pruned SoRA is a LoRA whose rank differs per module. PEFT computes, per module m with rank r_m and alpha_m,
+
+  y = x W^T + (alpha_m / r_m) * x A_m^T B_m^T,     lora_A: (r_m, in),  lora_B: (out, r_m)
+
+(alpha_m / sqrt(r_m) with `use_rslora`), while SoRA computes y = x W + s * ((x A) * gate) B with one global
+s = alpha / rank. On export the gate and s are folded into B and every module is written with alpha_m = r_m, so
+its PEFT scale is exactly 1 whichever of `lora_alpha` / `alpha_pattern` a reader applies:
+
+  lora_A = A^T,   lora_B = (s * diag(gate) B)^T.
+
+On import every module's own scale c_m is folded into B relative to the returned config's scale s:
+sora_b = (c_m / s) * lora_B^T, sora_a = lora_A^T, sora_gate = ones(r_m).
+
+Module names are transformers' (`bert.encoder.layer.0.attention.self.query`); the family module of the model
+(`sora_jax.models.<family>.hf_module_name`, `convert`, `HEAD`) maps them to and from our parameter paths. This is the
+one place in the core that reaches into `sora_jax.models`, lazily, because the names are per family.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sora_jax.adapters import A, ADAPTER_LEAVES, B, GATE, SoraConfig, path_str, prune
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_BIN_WEIGHTS_NAME = "adapter_model.bin"
+# PeftModel wraps the transformers model twice (PeftModel.base_model = LoraModel, LoraModel.model = the model).
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>A|B)(\.[^.]+)?\.weight")
+_UNSUPPORTED_KEY = re.compile(r".*\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[AB](\.[^.]+)?\.bias)(\.|$)")
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
+
+Flat = dict[tuple[str, ...], Any]
+
+
+class LoadedPeft(NamedTuple):
+    """What `load_peft` returns.
+
+    params: the model's tree with the adapter as `sora_a` (in, r_m), `sora_b` (r_m, out), `sora_gate` (r_m,) = ones,
+      and the saved head modules replaced.
+    config: the SoRA config whose scale `sora_b` was folded against; use it for `factored`, `merge` and training.
+    ranks: transformers module name -> rank r_m, for every adapted module.
+    """
+
+    params: dict
+    config: SoraConfig
+    ranks: dict[str, int]
+
+
+def _family(model_config):
+    from sora_jax.models.loading import family_module  # the core imports models only here (names are per family)
+
+    return family_module(getattr(model_config, "model_type", None))
+
+
+def _is_stacked(flat: Flat) -> bool:
+    return any("layer" in path for path in flat)
+
+
+def _unstacked_flat(params) -> tuple[Flat, bool]:
+    from sora_jax.models.loading import unstack_layers
+
+    flat = traverse_util.flatten_dict(params)
+    if _is_stacked(flat):
+        return traverse_util.flatten_dict(unstack_layers(params)), True
+    return flat, False
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """PEFT's rule for `rank_pattern` / `alpha_pattern` keys: the key, as a regex, ends the name at a '.' boundary."""
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default):
+    """The value of the first key of `patterns` that matches `name` (PEFT's `get_pattern_key`), else default."""
+    for pattern, value in patterns.items():
+        if _pattern_matches(pattern, name):
+            return value
+    return default
+
+
+def _to_hf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """Our leaf -> (transformers parameter name, tensor); the inverse of the families' `convert` for one leaf."""
+    if leaf == "bias":
+        return "bias", value
+    if leaf == "kernel" and value.ndim == 2:  # (in, out) -> Linear (out, in)
+        return "weight", value.T
+    if leaf == "kernel" and value.ndim == 3:  # (width, in / groups, out) -> Conv1d (out, in / groups, width)
+        return "weight", value.transpose(2, 1, 0)
+    if leaf in ("scale", "embedding"):
+        return "weight", value
+    raise ValueError(f"no transformers name for a {value.ndim}-D leaf {leaf!r}")
+
+
+def _saved_modules(flat: Flat, patterns: Sequence[str]) -> list[tuple[str, ...]]:
+    """The largest module subtrees all of whose non-adapter leaves match one of `patterns` (re.match on the path).
+
+    These become PEFT `modules_to_save` entries: `classifier` (BERT, or RoBERTa's dense + out_proj), `bert.pooler`.
+    """
+    base = [path for path in flat if path[-1] not in ADAPTER_LEAVES]
+    saved = {path for path in base if any(re.match(p, path_str(path)) for p in patterns)}
+    modules = []
+    for path in sorted(saved):
+        for depth in range(1, len(path)):
+            module = path[:depth]
+            if all(p in saved for p in base if p[:depth] == module):
+                if module not in modules:
+                    modules.append(module)
+                break
+    return modules
+
+
+def save_peft(
+    directory: str | os.PathLike,
+    params,
+    config: SoraConfig,
+    *,
+    model_config,
+    base_model_name_or_path: str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    task_type: str | None = "SEQ_CLS",
+) -> dict[str, int]:
+    """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
+
+    The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates) first, so every module
+    gets its own rank r_m = its number of nonzero gates. Modules at rank 0 are left out: PEFT requires r > 0.
+    `lora_A = A^T (r_m, in)`, `lora_B = (s * diag(gate) B)^T (out, r_m)`, alpha_m = r_m, so PEFT's scale is 1 per
+    module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
+    their full module names, each of which matches exactly one module by PEFT's rules.
+
+    When every module is pruned, the adapter is still written, as a zero rank-1 LoRA on the first targeted kernel
+    (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a warning is logged.
+
+    Args:
+      directory: created if missing; existing adapter files are overwritten.
+      params: the model's tree with SoRA adapters (pruned or not, unrolled or stacked).
+      config: the SoRA config the adapters were trained with (its scale alpha / rank is folded into B).
+      model_config: the transformers config (`Pretrained.config`); picks the family's module names.
+      base_model_name_or_path: recorded in adapter_config.json; PEFT and servers load the base model from it.
+      modules_to_save: regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as PEFT
+        `modules_to_save`; default the family's `HEAD` (classifier, pooler). `()` writes none.
+      task_type: PEFT task type; "SEQ_CLS" for our sequence classifiers.
+
+    Returns:
+      transformers module name -> rank written (absent: pruned to 0).
+
+    Example:
+      pre = from_pretrained("bert-base-uncased", num_labels=2)
+      ... train ...
+      save_peft("out/peft", params, sora_config, model_config=pre.config, base_model_name_or_path="bert-base-uncased")
+      # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
+    """
+    family = _family(model_config)
+    flat, _ = _unstacked_flat(params)
+    if any(path[-1] == GATE for path in flat):
+        flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
+    flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
+
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for path in sorted(p for p in flat if p[-1] == A):
+        module = path[:-1]
+        a, b, gate = flat[module + (A,)], flat[module + (B,)], flat.get(module + (GATE,))
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"{path_str(module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), got "
+                             f"a {a.shape}, b {b.shape}")
+        rank = a.shape[1]
+        if rank == 0:
+            continue
+        folded_b = config.scale * b * (1.0 if gate is None else gate[:, None])
+        name = family.hf_module_name(module)
+        ranks[name] = rank
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.T
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_b.T
+
+    # modules_to_save: the head, written whole; checked against the family's own converter.
+    saved = _saved_modules(flat, family.HEAD if modules_to_save is None else tuple(modules_to_save))
+    saved_names = [family.hf_module_name(module) for module in saved]
+    head: dict[str, np.ndarray] = {}
+    for path, leaf in flat.items():
+        if path[-1] not in ADAPTER_LEAVES and any(path[:len(m)] == m for m in saved):
+            hf_leaf, value = _to_hf(path[-1], leaf)
+            head[f"{family.hf_module_name(path[:-1])}.{hf_leaf}"] = value
+    _check_inverse(head, flat, family, model_config)
+    tensors.update({_PREFIX + key: value for key, value in head.items()})
+
+    ranks_written = dict(ranks)
+    if not ranks:
+        module = _placeholder_module(flat, config, family, saved)
+        name = family.hf_module_name(module)
+        fan_in, fan_out = flat[module + ("kernel",)].shape
+        logger.warning("save_peft: every SoRA module is pruned to rank 0; writing a zero rank-1 LoRA on %s so that "
+                       "the adapter stays loadable (it adds nothing).", name)
+        ranks_written[name] = 1
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.zeros((1, fan_in), np.float32)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.zeros((fan_out, 1), np.float32)
+    overlap = [n for n in ranks_written if any(n == s or n.startswith(s + ".") for s in saved_names)]
+    if overlap:
+        raise ValueError(f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
+                         "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`.")
+    _check_patterns(ranks_written, flat, family)
+    counts = collections.Counter(ranks_written.values())
+    r = max(counts, key=lambda k: (counts[k], k))  # most common rank; ties to the larger
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": int(r),
+        "target_modules": sorted(ranks_written),
+        "rank_pattern": {n: int(k) for n, k in sorted(ranks_written.items()) if k != r},
+        "alpha_pattern": {n: int(k) for n, k in sorted(ranks_written.items()) if k != r},
+        "modules_to_save": saved_names or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(adapter_config, f, indent=2, sort_keys=True)
+    return ranks
+
+
+def _placeholder_module(flat: Flat, config: SoraConfig, family, saved) -> tuple[str, ...]:
+    """The first 2-D kernel of the family's targets (else of the config's) outside the saved head."""
+    for targets in (family.TARGETS, config.targets):
+        kernels = [p for p in flat if p[-1] == "kernel" and flat[p].ndim == 2
+                   and not any(p[:len(m)] == m for m in saved)
+                   and any(re.fullmatch(t, path_str(p)) for t in targets)]
+        if kernels:
+            return sorted(kernels)[0][:-1]
+    raise ValueError("save_peft: every module is pruned and no 2-D kernel matches the SoRA targets; nothing to "
+                     "write a placeholder LoRA on.")
+
+
+def _pad_for_stacking(flat: Flat) -> Flat:
+    """Gives every layer of a stacked module adapters of one rank, so `stack_layers` can stack them.
+
+    Layers with a smaller rank (or none) are padded with zero columns of A, zero rows of B and zero gates: they add
+    nothing and `prune` cuts them.
+    """
+    layer = re.compile(r"layer_\d+")
+    groups: dict[tuple[str, ...], list[tuple[str, ...]]] = collections.defaultdict(list)
+    for path in flat:
+        if path[-1] == "kernel" and any(layer.fullmatch(k) for k in path):
+            groups[tuple("layer" if layer.fullmatch(k) else k for k in path[:-1])].append(path[:-1])
+    out = dict(flat)
+    for modules in groups.values():
+        rank = max((flat[m + (A,)].shape[-1] for m in modules if m + (A,) in flat), default=0)
+        if rank == 0:
+            continue
+        for m in modules:
+            kernel = flat[m + ("kernel",)]
+            a = flat.get(m + (A,), np.zeros(kernel.shape[:1] + (0,), kernel.dtype))
+            b = flat.get(m + (B,), np.zeros((0,) + kernel.shape[1:], kernel.dtype))
+            gate = flat.get(m + (GATE,), np.zeros((0,), kernel.dtype))
+            pad = rank - a.shape[-1]
+            out[m + (A,)] = np.pad(a, ((0, 0), (0, pad)))
+            out[m + (B,)] = np.pad(b, ((0, pad), (0, 0)))
+            out[m + (GATE,)] = np.pad(gate, (0, pad))
+    return out
+
+
+def _check_inverse(head: dict[str, np.ndarray], flat: Flat, family, model_config) -> None:
+    """The head written under transformers names must convert back to exactly our leaves."""
+    back, unexpected = family.convert(head, model_config)
+    wrong = sorted(unexpected) + [path_str(p) for p, v in back.items()
+                                  if p not in flat or np.shape(v) != flat[p].shape or not np.array_equal(v, flat[p])]
+    if wrong or len(back) != len(head):
+        raise ValueError(f"save_peft: the head's transformers names do not map back onto our parameters: {wrong}")
+
+
+def _check_patterns(ranks: dict[str, int], flat: Flat, family) -> None:
+    """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules."""
+    modules = {family.hf_module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
+    for name in ranks:
+        hits = [m for m in modules if m == name or m.endswith("." + name) or _pattern_matches(name, m)]
+        if hits != [name]:
+            raise ValueError(f"save_peft: module name {name!r} would select {sorted(hits)} in PEFT")
+
+
+def _read_tensors(directory: str) -> dict[str, np.ndarray]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.exists(path):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    path = os.path.join(directory, _BIN_WEIGHTS_NAME)
+    if os.path.exists(path):
+        import torch  # only for pickled adapters
+
+        return {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {_BIN_WEIGHTS_NAME} in {directory}")
+
+
+def load_peft(
+    directory: str | os.PathLike,
+    params,
+    model_config,
+    *,
+    config: SoraConfig | None = None,
+) -> LoadedPeft:
+    """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
+
+    Every adapted module gets `sora_a = lora_A^T (in, r_m)`, `sora_b = (c_m / s) lora_B^T (r_m, out)` and
+    `sora_gate = ones(r_m)`, where c_m is the module's PEFT scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with
+    `use_rslora`; alpha_m from `alpha_pattern` by PEFT's matching rule, else `lora_alpha`) and s the returned
+    config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
+    differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
+    result holds exactly this adapter. Weights of `modules_to_save` (the head) and any saved biases replace ours.
+
+    Args:
+      directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
+      params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given).
+      model_config: the transformers config of that model.
+      config: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=family TARGETS)`
+        (s = 1). With a given config only its scale matters here.
+
+    Returns:
+      `LoadedPeft(params, config, ranks)`.
+    """
+    family = _family(model_config)
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
+    with open(config_path) as f:
+        peft_config = json.load(f)
+    if peft_config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be read")
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if peft_config.get(flag):
+            raise ValueError(f"{directory}: {flag}=true is not supported by load_peft")
+    if peft_config.get("layer_replication"):
+        raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
+    use_rslora = bool(peft_config.get("use_rslora", False))
+    lora_alpha = peft_config.get("lora_alpha", 8)
+    alpha_pattern = peft_config.get("alpha_pattern") or {}
+
+    factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    plain: dict[str, np.ndarray] = {}
+    for key, value in _read_tensors(directory).items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if _UNSUPPORTED_KEY.match(name):
+            raise ValueError(f"{directory}: {key} is not a plain LoRA weight (embedding LoRA, DoRA or LoRA bias); "
+                             "load_peft reads LoRA on Linear layers only")
+        lora = _LORA_KEY.fullmatch(name)
+        if lora:
+            factors[lora["module"]][lora["factor"]] = np.asarray(value, np.float32)
+        else:
+            plain[_MODULES_TO_SAVE.sub(".", name)] = np.asarray(value, np.float32)
+
+    flat, stacked = _unstacked_flat(params)
+    flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
+    kernel_modules = {family.hf_module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
+
+    ranks = {}
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both lora_A and lora_B")
+        ranks[name] = pair["A"].shape[0]
+    if config is None:
+        r_max = max(ranks.values(), default=1)
+        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=family.TARGETS)
+
+    unknown = sorted(set(factors) - set(kernel_modules))
+    if unknown:
+        raise ValueError(
+            f"{directory}: the adapter's modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not dense "
+            f"layers of this {model_config.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
+            f"made for base model {peft_config.get('base_model_name_or_path')!r}?")
+    for name, pair in sorted(factors.items()):
+        module = kernel_modules[name]
+        kernel = flat[module + ("kernel",)]
+        lora_a, lora_b, rank = pair["A"], pair["B"], ranks[name]
+        if kernel.ndim != 2 or lora_a.shape != (rank, kernel.shape[0]) or lora_b.shape != (kernel.shape[1], rank):
+            raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the "
+                             f"kernel {tuple(kernel.shape)} (in, out) of {path_str(module)}")
+        alpha = _pattern_value(alpha_pattern, name, lora_alpha)
+        scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+        dtype = kernel.dtype
+        flat[module + (A,)] = np.asarray(lora_a.T, dtype)
+        flat[module + (B,)] = np.asarray((scale / config.scale) * lora_b.T, dtype)
+        flat[module + (GATE,)] = np.ones((rank,), dtype)
+
+    if plain:
+        converted, unexpected = family.convert(plain, model_config)
+        unexpected = sorted(set(unexpected) | {path_str(p) for p in converted if p not in flat})
+        if unexpected:
+            raise ValueError(f"{directory}: saved weights {unexpected} are not parameters of this "
+                             f"{model_config.model_type} model")
+        for path, value in converted.items():
+            if np.shape(value) != flat[path].shape:
+                raise ValueError(f"{directory}: {path_str(path)} has shape {np.shape(value)}, the model "
+                                 f"{tuple(flat[path].shape)}; was it saved for another num_labels?")
+            flat[path] = np.asarray(value, flat[path].dtype)
+
+    if stacked:
+        flat = _pad_for_stacking(flat)
+    tree = traverse_util.unflatten_dict({path: jnp.asarray(leaf) for path, leaf in flat.items()})
+    if stacked:
+        from sora_jax.models.loading import stack_layers
+
+        tree = stack_layers(tree)
+    return LoadedPeft(tree, config, ranks)

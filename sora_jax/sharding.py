@@ -1,0 +1,163 @@
+"""Device meshes and partition rules for frozen weights and SoRA adapter leaves.
+
+The mesh has the axes ('data', 'fsdp', 'tensor'). Batches are split over ('data', 'fsdp') together, as in FSDP
+(every device sees different examples); frozen weights are replicated, or, when the fsdp axis is larger than one,
+each leaf of at least `min_size` elements is split over 'fsdp' along its largest axis that divides evenly. The
+'tensor' axis is reserved for tensor parallelism; no rule here uses it yet, so it is best left at 1.
+
+Adapter leaves follow their base kernel (`.../kernel` of shape (*lead, *in_shape, *out_shape)):
+  sora_a (*lead, *in_shape, rank):  the kernel's spec on lead and in axes, rank replicated;
+  sora_b (*lead, rank, *out_shape): the kernel's spec on lead and out axes, rank replicated;
+  sora_gate (*lead, rank):          the kernel's spec on lead axes.
+So the low-rank factors are split exactly where their kernel is, and `x @ A`, `h @ B` need no extra resharding.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+_ADAPTER_LEAVES = ("sora_a", "sora_b", "sora_gate")
+
+PyTree = Any
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A mesh with axes ('data', 'fsdp', 'tensor') over `devices` (default: all); one size may be -1 (the rest).
+
+  With no -1 and fewer devices asked for than given, the mesh takes the first ones (e.g. a 1-device run).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if -1 not in (data, fsdp, tensor) and data * fsdp * tensor < len(devices):
+    devices = devices[:data * fsdp * tensor]
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh axes of product {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} "
+                     f"devices, have {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(sizes), AXES)
+
+
+def batch_spec(leading: int = 0) -> P:
+  """Spec of a batch array whose example axis comes after `leading` axes (e.g. 1 for (accum, batch, ...))."""
+  return P(*([None] * leading), BATCH_AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch is split; batch sizes must divide by it."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def frozen_spec(shape: Sequence[int], mesh: Mesh, min_size: int = 2**14) -> P:
+  """Replicated, or split over 'fsdp' along the largest axis that divides evenly (leaves of >= min_size)."""
+  fsdp = mesh.shape["fsdp"]
+  if fsdp == 1 or math.prod(shape) < min_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[axis] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def _adapter_spec(name: str, leaf_shape, kernel_shape, kernel_spec: P, a_ndim: int, b_ndim: int) -> P:
+  kspec = tuple(kernel_spec) + (None,) * (len(kernel_shape) - len(kernel_spec))
+  lead = a_ndim + b_ndim - 2 - len(kernel_shape)
+  n_out = b_ndim - 1 - lead
+  if name == "sora_a":
+    return P(*kspec[:a_ndim - 1], None)
+  if name == "sora_b":
+    return P(*kspec[:lead], None, *kspec[len(kernel_shape) - n_out:])
+  return P(*kspec[:lead], None)
+
+
+def param_specs(params: PyTree, mesh: Mesh, min_size: int = 2**14, reference: Optional[PyTree] = None) -> dict:
+  """PartitionSpec tree for `params` (frozen, adapted, or either half of `split`).
+
+  Args:
+    params: a parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+    mesh: the mesh; only its 'fsdp' size matters.
+    min_size: frozen leaves with fewer elements stay replicated.
+    reference: a tree holding the base kernels when `params` holds adapter leaves without them (the trainable half
+      of `split`); default `params` itself.
+  """
+  flat = traverse_util.flatten_dict(params)
+  ref = flat if reference is None else {**traverse_util.flatten_dict(reference), **flat}
+  specs = {}
+  for path, leaf in flat.items():
+    name = path[-1]
+    if name in _ADAPTER_LEAVES:
+      module = path[:-1]
+      kernel = ref.get(module + ("kernel",))
+      a, b = ref.get(module + ("sora_a",)), ref.get(module + ("sora_b",))
+      if kernel is None or a is None or b is None:
+        raise ValueError(f"{'/'.join(path)}: its base kernel and both factors are needed to derive its sharding")
+      kspec = frozen_spec(kernel.shape, mesh, min_size)
+      specs[path] = _adapter_spec(name, leaf.shape, kernel.shape, kspec, len(a.shape), len(b.shape))
+    else:
+      specs[path] = frozen_spec(leaf.shape, mesh, min_size)
+  return traverse_util.unflatten_dict(specs)
+
+
+def named(specs: PyTree, mesh: Mesh) -> PyTree:
+  """NamedSharding tree from a PartitionSpec tree."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+_MULTI_HOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _multi_host_env() -> bool:
+  if any(os.environ.get(k) for k in _MULTI_HOST_ENV):
+    return True
+  for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
+    if int(os.environ.get(key, "1") or 1) > 1:
+      return True
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when the environment describes several hosts; returns whether it did.
+
+  `initialize()` reads the coordinator, process count and id from the cluster (TPU pod metadata, SLURM, Open MPI,
+  or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), so one command runs on every host.
+  """
+  if not _multi_host_env():
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  jax.distributed.initialize()
+  return True
+
+
+def put_batch(batch: dict, mesh: Mesh, leading: int = 0) -> dict:
+  """Places a global batch (host numpy arrays) on the mesh, examples split over ('data', 'fsdp').
+
+  On several hosts each process passes the full global batch and contributes the rows of its addressable shards.
+  """
+  sharding = NamedSharding(mesh, batch_spec(leading))
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+
+  def put(x):
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, batch)

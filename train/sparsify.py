@@ -1,0 +1,426 @@
+"""`python -m train.sparsify [config.yaml] [key=value ...]`: SoRA's sparsifying scheduler as a staged run.
+
+The official code (`run_glue.py` with `--lambda_schedule`) trains once at the first threshold xi_0, then runs one stage
+per further value of a lambda list (`sora_jax.lambda_stages`: linear / log_linear / exp_linear from `start` to
+`max_lambda` in `lambda_num` values), each continuing from the previous stage's parameters. After every stage it
+evaluates a 1000-example subset of the training set (memorization) and the validation set (generalization), each also
+as a percentage of the same metric of the first stage, and logs the retained parameters. We do the same:
+
+  stage 0      `train.epochs` / `train.max_steps` of normal training at lambda_0 (the trainer's `fit`).
+  stage k > 0  continues from stage k-1's trainable params (adapters, head) at lambda_k, for `stage_steps` steps
+               (or `stage_epochs` epochs; the official code uses 15 epochs), as set by `stage_schedule`:
+    fresh      (default) each stage is a full training phase: its own warmup + linear-decay learning rate and fresh
+               AdamW moments. The remaining ranks can adapt to the ones switched off, so the curve shows what a model
+               of that size can still fit, which is the question the experiment asks.
+    official   what the official code does: it hands the stage-0 optimizers, whose linear schedules have already
+               decayed to zero, to every later stage, so AdamW moves nothing and only the threshold acts. With an
+               update of zero each step is g <- S_lambda(g), so a stage of n steps is computed exactly as n
+               applications of `sora_proximal(lambda_k)` to zero updates (no forward or backward pass). This needs
+               the official unscaled threshold (`adapter.lambda_scaled_by_lr=false`): with tau = lr * lambda a
+               decayed learning rate would threshold nothing.
+  Reference    memorization and generalization are percentages of stage 0's metric on the same data (the official
+               BEST_TRAIN_METRIC / BEST_EVAL_METRIC), i.e. of the model trained before any sparsifying stage; with
+               start = 0 that is the dense SoRA model (gates trained, nothing thresholded).
+  Monotone     at each stage boundary the rank-one parts of every gate that is exactly zero are cut (their column of
+               A and row of B set to zero; the function is unchanged since the gate is zero). A cut rank then has a
+               zero gradient in A, B and gate, fresh AdamW moments stay zero, and its update is exactly zero, so a
+               switched-off rank stays off and the retained parameters never increase across stages.
+
+Output (under `output_dir`, default runs/sparsify): `stages/stage_<k>/` with the trainer's logs and checkpoints, the
+stage's final trainable params as an orbax checkpoint (`params/`) and its record (`stage.json`, written last: a stage
+with it is complete and is skipped on a rerun, a stage without it resumes from its latest trainer checkpoint);
+`stages.json` (the table), `memorization_generalization.png`, `rank_heatmap.png` and `rank_over_steps.png`.
+
+  python -m train.sparsify                                   # built-in default: MiniLM-L6 + WordNet, offline
+  python -m train.sparsify configs/sparsify/wordnet.yaml lambda_num=5 stage_schedule=official
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+import typing
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from train.config import ConfigError, RunConfig, apply_overrides, parse_override, to_dict, valid_keys
+
+STAGE_SCHEDULES = ("fresh", "official")
+MEMORIZATION_SPLIT = "train_memorization"
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsifyConfig:
+    shape: str = "linear"  # official lambda_schedule: linear, log_linear, exp_linear
+    start: float = 0.0  # lambda_0 (official sparse_lambda_2); stage 0 trains at it; exp_linear needs > 0
+    max_lambda: float = 1.5e-2  # the last lambda
+    lambda_num: int = 4  # number of stages, stage 0 included
+    stage_schedule: str = "fresh"  # "fresh" or "official" (see the module docstring)
+    stage_steps: int = 20  # optimizer steps of each stage k > 0
+    stage_epochs: Optional[float] = None  # when set, stages k > 0 last this many epochs instead (official: 15)
+    memorization_examples: int = 500  # training subset evaluated for memorization (official: 1000)
+    memorization_seed: int = 42  # its shuffle seed (official: 42, as datasets' shuffle)
+    evaluate_test: bool = False  # also evaluate the test split(s) after each stage (official: do_predict)
+
+
+DEFAULT_OUTPUT_DIR = "runs/sparsify"
+# The built-in staged run: the trainer's built-in model and data (MiniLM-L6 + WordNet), sized so that four trainings
+# fit in minutes on two CPU cores. gate_init "normal" is the official code's init: gates of spread magnitude reach zero
+# one by one under a growing threshold, where gates that all start at one would fall together. Trainer evaluation only
+# at a stage's end (the stage evaluation follows it). A YAML file or key=value overrides any of these.
+RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR, "adapter.gate_init": "normal", "train.max_steps": 60,
+                "train.eval_every": 10**9, "data.max_eval_examples": 500}
+
+
+def _sparsify_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(SparsifyConfig)]
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _parse(text: str) -> tuple[str, Any]:
+    """`key=value` as the trainer parses it, plus `1e-3` as a float (YAML 1.1 reads it as a string)."""
+    key, value = parse_override(text)
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    return key, value
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    if typing.get_origin(tp) is typing.Union:
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # a YAML file's 1e-3
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key 'sparsify.{key}' expects {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> tuple[RunConfig, SparsifyConfig]:
+    """Defaults, then the YAML file (trainer sections plus a `sparsify:` section), then `key=value` overrides.
+
+    Keys of the sparsify section are `sparsify.<name>` or the bare name; every other key goes to the trainer config.
+    """
+    file_values: dict = {}
+    if path is not None:
+        with open(path) as f:
+            file_values = yaml.safe_load(f) or {}
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+    run_values = dict(file_values)
+    sparsify_values = dict(run_values.pop("sparsify", None) or {})
+    for text in overrides:
+        key, value = _parse(text)
+        name = key.removeprefix("sparsify.")
+        if key.startswith("sparsify.") or name in _sparsify_keys():
+            sparsify_values[name] = value
+        else:
+            run_values[key] = value
+    hints = typing.get_type_hints(SparsifyConfig)
+    unknown = sorted(set(sparsify_values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown sparsify key(s) {unknown}; valid: {', '.join(_sparsify_keys())}; "
+                          f"trainer keys: {', '.join(valid_keys())}")
+    sparsify = SparsifyConfig(**{k: _coerce(k, v, hints[k]) for k, v in sparsify_values.items()})
+    config = apply_overrides(apply_overrides(RunConfig(), RUN_DEFAULTS), run_values)
+    return config, sparsify
+
+
+def stage_lambdas(sparsify: SparsifyConfig) -> np.ndarray:
+    from sora_jax.schedules import lambda_stages
+    return lambda_stages(sparsify.shape, sparsify.start, sparsify.max_lambda, sparsify.lambda_num)
+
+
+def check(config: RunConfig, sparsify: SparsifyConfig) -> None:
+    if config.adapter.method != "sora":
+        raise ValueError(f"the staged run sparsifies SoRA gates: adapter.method must be 'sora', "
+                         f"got {config.adapter.method!r}")
+    if sparsify.stage_schedule not in STAGE_SCHEDULES:
+        raise ValueError(f"stage_schedule must be one of {STAGE_SCHEDULES}, got {sparsify.stage_schedule!r}")
+    if sparsify.stage_schedule == "official" and config.adapter.lambda_scaled_by_lr:
+        raise ValueError("stage_schedule=official runs later stages at a learning rate of zero, where a threshold "
+                         "scaled by the learning rate is zero: set adapter.lambda_scaled_by_lr=false")
+    if sparsify.stage_steps < 1 or (sparsify.stage_epochs is not None and sparsify.stage_epochs <= 0):
+        raise ValueError("stage_steps and stage_epochs must be positive")
+    if sparsify.memorization_examples < 1:
+        raise ValueError("memorization_examples must be >= 1")
+    stage_lambdas(sparsify)  # shape errors early
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parameter surgery between stages
+
+
+def cut_dead_ranks(trainable):
+    """Zeroes the column of A and the row of B of every gate entry that is exactly 0 (function unchanged).
+
+    a: (*lead, *in, rank), gate: (*lead, rank), b: (*lead, rank, *out). With A_i = B_i = g_i = 0 every gradient of
+    rank i is zero, so with fresh AdamW moments the rank gets a zero update and stays off.
+    """
+    import jax.numpy as jnp
+    from flax import traverse_util
+    from sora_jax.adapters import A, B, GATE
+
+    flat = dict(traverse_util.flatten_dict(trainable))
+    for path in [p for p in flat if p[-1] == GATE]:
+        module, gate = path[:-1], flat[path]
+        alive = gate != 0
+        lead = gate.ndim - 1
+        a, b = flat[module + (A,)], flat[module + (B,)]
+        n_in, n_out = a.ndim - gate.ndim, b.ndim - gate.ndim
+        a_mask = alive.reshape(alive.shape[:lead] + (1,) * n_in + alive.shape[lead:])
+        b_mask = alive.reshape(alive.shape + (1,) * n_out)
+        flat[module + (A,)] = jnp.where(a_mask, a, jnp.zeros_like(a))
+        flat[module + (B,)] = jnp.where(b_mask, b, jnp.zeros_like(b))
+    return traverse_util.unflatten_dict(flat)
+
+
+def threshold_only(trainable, lam: float, steps: int):
+    """The official later stage: `steps` optimizer steps whose AdamW update is zero (learning rate decayed to 0),
+    so only `sora_proximal(lam)` acts: g <- S_lam(g) per step (S_{steps * lam}(g) in total)."""
+    import jax
+    import jax.numpy as jnp
+    from sora_jax.optim import sora_proximal
+
+    tx = sora_proximal(lam)  # tau = lam, unscaled: the official SparseAdamW
+
+    @jax.jit
+    def run(params):
+        def body(_, carry):
+            params, state = carry
+            zero = jax.tree.map(jnp.zeros_like, params)
+            updates, state = tx.update(zero, state, params)
+            return jax.tree.map(jnp.add, params, updates), state
+        return jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))[0]
+
+    return run(trainable)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation and records
+
+
+def add_memorization_split(experiment, examples: int, seed: int) -> int:
+    """Adds `train_memorization`: `examples` training examples drawn as datasets' `shuffle(seed).select(range(n))`."""
+    from train.data import Encoded
+    train = experiment.splits["train"]
+    idx = np.random.default_rng(seed).permutation(len(train))[:min(examples, len(train))]
+    experiment.splits[MEMORIZATION_SPLIT] = Encoded(train.input_ids[idx], train.attention_mask[idx],
+                                                    train.token_type_ids[idx], train.labels[idx])
+    return len(idx)
+
+
+def _percent(value: float, reference: Optional[float]) -> Optional[float]:
+    if reference is None or reference == 0 or value is None:
+        return None
+    return 100.0 * value / reference
+
+
+def _save_params(directory: str, params) -> None:
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def _restore_params(directory: str, like):
+    import jax
+    import orbax.checkpoint as ocp
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    checkpointer = ocp.StandardCheckpointer()
+    restored = checkpointer.restore(os.path.abspath(directory), abstract)
+    checkpointer.close()
+    return restored
+
+
+def _write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+
+
+def _stage_dir(output_dir: str, k: int) -> str:
+    return os.path.join(output_dir, "stages", f"stage_{k:02d}")
+
+
+def _rank_log(stage_dir: str, offset: int) -> list[tuple[int, dict]]:
+    """Per-module ranks over steps from the trainer's metrics.jsonl, where it logs them (a dict under a key ending
+    in "ranks"); empty otherwise."""
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                ranks = next((v for k, v in record.items() if k.endswith("ranks") and isinstance(v, dict)), None)
+                if ranks:
+                    out.append((offset + int(record["step"]), ranks))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the staged run
+
+
+def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
+    """Runs (or resumes) every stage and writes the table and pictures; returns the table, None when aborted."""
+    import jax
+    from sora_jax import adapters
+    from train import loop, plots
+
+    check(config, sparsify)
+    lambdas = stage_lambdas(sparsify)
+    output_dir = config.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    started = time.time()
+    experiment = loop.build(config)
+    n_memorize = add_memorization_split(experiment, sparsify.memorization_examples, sparsify.memorization_seed)
+    stage0_steps = experiment.total_steps
+    later_steps = sparsify.stage_steps if sparsify.stage_epochs is None else max(
+        1, math.ceil(sparsify.stage_epochs * experiment.batches.steps_per_epoch))
+    main = experiment.spec.main_metric
+    eval_split = experiment.eval_splits[0]
+    splits = (MEMORIZATION_SPLIT,) + experiment.eval_splits + (experiment.test_splits if sparsify.evaluate_test else ())
+
+    params, stages, rank_records, offset = experiment.trainable, [], [], 0
+    for k, lam in enumerate(lambdas):
+        lam = float(lam)
+        stage_dir = _stage_dir(output_dir, k)
+        record_path = os.path.join(stage_dir, "stage.json")
+        steps = stage0_steps if k == 0 else later_steps
+        if os.path.exists(record_path):
+            with open(record_path) as f:
+                record = json.load(f)
+            if not math.isclose(record["lambda"], lam, rel_tol=1e-9, abs_tol=1e-15) or record["steps"] != steps:
+                raise ValueError(f"{stage_dir} was run with lambda={record['lambda']}, steps={record['steps']}, not "
+                                 f"lambda={lam}, steps={steps}: use another output_dir or delete it")
+            params = _restore_params(os.path.join(stage_dir, "params"), experiment.trainable)
+            print(f"stage {k}: done before (lambda={lam:.4g}), skipped")
+        else:
+            stage_started = time.time()
+            if k > 0:
+                params = cut_dead_ranks(params)
+            if k == 0 or sparsify.stage_schedule == "fresh":
+                outcome = loop.fit(experiment, output_dir=stage_dir, trainable=params, sparse_lambda=lam, resume=True,
+                                   total_steps=steps)
+                if outcome.aborted:
+                    print(f"stage {k} aborted after step {outcome.step} (train.abort_at_step); rerun to continue")
+                    return None
+                params = outcome.params
+            else:
+                params = threshold_only(params, lam, steps)
+            full = adapters.combine(params, experiment.frozen)
+            results = loop.evaluate(experiment, full, splits)
+            report = adapters.rank_report(jax.device_get(full), experiment.sora)
+            record = {
+                "stage": k, "lambda": lam, "steps": steps,
+                "schedule": "initial" if k == 0 else sparsify.stage_schedule,
+                "retained_params": report.retained_params, "max_params": report.max_params,
+                "fraction": report.fraction,
+                "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
+                "train_metric": results[f"{MEMORIZATION_SPLIT}/{main}"],
+                "eval_metric": results[f"{eval_split}/{main}"],
+                "metrics": results, "wall_time_s": time.time() - stage_started,
+            }
+            _save_params(os.path.join(stage_dir, "params"), params)
+            _write_json(record_path, record)  # last: marks the stage complete
+        stages.append(record)
+        rank_records += _rank_log(stage_dir, offset) or []
+        offset += record["steps"]
+
+    reference = {"source": "stage 0", "metric": main, "memorization_split": f"{n_memorize} training examples",
+                 "generalization_split": eval_split, "train_metric": stages[0]["train_metric"],
+                 "eval_metric": stages[0]["eval_metric"]}
+    for record in stages:
+        record["memorization"] = _percent(record["train_metric"], reference["train_metric"])
+        record["generalization"] = _percent(record["eval_metric"], reference["eval_metric"])
+    retained = [s["retained_params"] for s in stages]
+    table = {
+        "task": experiment.spec.name, "model": config.model.name, "lambdas": [float(x) for x in lambdas],
+        "sparsify": dataclasses.asdict(sparsify), "rank_max": experiment.sora.rank,
+        "max_params": stages[0]["max_params"], "reference": reference,
+        "retained_non_increasing": all(b <= a for a, b in zip(retained, retained[1:])),
+        "wall_time_s": time.time() - started, "stages": stages, "config": to_dict(config),
+    }
+    _write_json(os.path.join(output_dir, "stages.json"), table)
+    pictures = plots.plot_stage_table(table, output_dir)
+    if not rank_records:  # the trainer logs no per-module ranks: the stage ends are the steps we have
+        rank_records = [(sum(s["steps"] for s in stages[:i + 1]), s["ranks"]) for i, s in enumerate(stages)]
+    pictures.append(plots.plot_rank_over_steps(rank_records, os.path.join(output_dir, "rank_over_steps.png"),
+                                               table["rank_max"], title="active rank over the staged run's steps"))
+    print_table(table)
+    for path in [os.path.join(output_dir, "stages.json")] + pictures:
+        print(f"wrote {path}")
+    if not table["retained_non_increasing"]:
+        print(f"WARNING: retained parameters increased across stages: {retained}")
+    return table
+
+
+def print_table(table: dict) -> None:
+    """The stage table and the per-module ranks, with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from train.plots import module_order, split_module
+
+    ref = table["reference"]
+    summary = Table(title=f"sparsifying stages: {table['task']} ({ref['metric']}; % of {ref['source']})")
+    for name in ("stage", "lambda", "steps", "retained", "fraction", "active ranks", "train " + ref["metric"],
+                 "memorization %", "eval " + ref["metric"], "generalization %"):
+        summary.add_column(name, justify="right")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for s in table["stages"]:
+        summary.add_row(str(s["stage"]), f"{s['lambda']:.4g}", str(s["steps"]), str(s["retained_params"]),
+                        f"{s['fraction']:.3f}", f"{sum(s['ranks'].values())}/{table['rank_max'] * len(s['ranks'])}",
+                        fmt(s["train_metric"], ".4f"), fmt(s["memorization"], ".1f"), fmt(s["eval_metric"], ".4f"),
+                        fmt(s["generalization"], ".1f"))
+    ranks = Table(title="active rank per module at the end of each stage")
+    ranks.add_column("layer", justify="right")
+    ranks.add_column("module")
+    for s in table["stages"]:
+        ranks.add_column(f"s{s['stage']}", justify="right")
+    modules = sorted(table["stages"][0]["ranks"], key=module_order)
+    for module in modules:
+        layer, kind = split_module(module)
+        ranks.add_row(str(layer) if layer >= 0 else "-", kind, *(str(s["ranks"].get(module, "-"))
+                                                                  for s in table["stages"]))
+    console = Console(width=max(120, Console().width))
+    console.print(summary)
+    console.print(ranks)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("sparsify keys: " + ", ".join(_sparsify_keys()))
+        print("trainer keys: " + ", ".join(valid_keys()))
+        return 0
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    try:
+        config, sparsify = load_configs(path, argv)
+        check(config, sparsify)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from sora_jax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    table = run_stages(config, sparsify)
+    return 0 if table is not None or config.train.abort_at_step is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,16 +127,18 @@ def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int
   }
 
 
-def run_case(module: str, spec: dict, *, timeout: float | None = None) -> dict:
+def run_case(module: str, spec: dict, *, timeout: float | None = None, progress: bool = True) -> dict:
   """Run `python -m <module> '<json spec>'` in a fresh process and return the JSON object it prints last.
 
   A failure returns `{"error": <last lines of stderr>}` instead of raising, so one broken case leaves the table intact.
+  With `progress`, a line per case (its wall time including start-up, and its result) goes to stderr.
   """
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  start = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
                           env=env, cwd=root, timeout=timeout)
@@ -145,8 +147,13 @@ def run_case(module: str, spec: dict, *, timeout: float | None = None) -> dict:
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode != 0 or not lines:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-    return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
-  return json.loads(lines[-1])
+    result = {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+  else:
+    result = json.loads(lines[-1])
+  if progress:
+    print(f"[{time.perf_counter() - start:5.0f} s] {module} {json.dumps(spec)} -> "
+          f"{result.get('time_s', result.get('error'))}", file=sys.stderr, flush=True)
+  return result
 
 
 def format_table(header: list[str], rows: list[list[object]]) -> str:

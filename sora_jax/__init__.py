@@ -19,8 +19,12 @@ from sora_jax.optim import SoraProximalState as SoraProximalState
 from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
 from sora_jax.optim import soft_threshold as soft_threshold
 from sora_jax.optim import sora_proximal as sora_proximal
+from sora_jax.peft import LoadedPeft as LoadedPeft
+from sora_jax.peft import load_peft as load_peft
+from sora_jax.peft import save_peft as save_peft
 
 __all__ = [
+    "LoadedPeft",
     "RankReport",
     "RankRow",
     "SoraConfig",
@@ -33,10 +37,12 @@ __all__ = [
     "gate_l1_penalty",
     "gate_mask",
     "init",
+    "load_peft",
     "merge",
     "param_labels",
     "prune",
     "rank_report",
+    "save_peft",
     "soft_threshold",
     "sora_proximal",
     "split",

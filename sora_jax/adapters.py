@@ -432,6 +432,7 @@ def rank_report(params: PyTree, config: SoraConfig) -> RankReport:
     for layer, rank in enumerate(ranks):
       rows.append(RankRow(path_str(module), layer if stacked else None, config.rank, int(rank), fan_in, fan_out,
                           int(rank) * (fan_in + fan_out)))
+  rows.sort(key=lambda row: (row.path, row.layer or 0))
   base = sum(int(np.size(v)) for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES)
   return RankReport(tuple(rows), sum(r.retained_params for r in rows),
                     sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base)

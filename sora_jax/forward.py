@@ -50,8 +50,8 @@ def adapter_output(module: nn.Module, x: jax.Array, config: SoraConfig, determin
         f"contracts {len(axes)} input axes; was the tree initialised with the right in_axes / stacked?")
   if config.dropout > 0.0 and not deterministic:
     keep = 1.0 - config.dropout
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-    x = jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+    keep_mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+    x = jnp.where(keep_mask, x / keep, 0.0).astype(x.dtype)
   x, a, b = promote_dtype(x, a, b, dtype=module.dtype)
   h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))), precision=module.precision)  # (..., rank)
   if gate is not None:

@@ -330,14 +330,15 @@ def load_peft(
     `use_rslora`; alpha_m from `alpha_pattern` by PEFT's matching rule, else `lora_alpha`) and s the returned
     config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
     differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
-    result holds exactly this adapter. Weights of `modules_to_save` (the head) and any saved biases replace ours.
+    result holds exactly this adapter. In a stacked (`nn.scan`) tree a module has one rank for all layers: layers
+    with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of `modules_to_save` (the head) and any saved biases replace ours.
 
     Args:
       directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
       params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given).
       model_config: the transformers config of that model.
       config: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=family TARGETS)`
-        (s = 1). With a given config only its scale matters here.
+        (s = 1; `stacked=".*/layer/.*"` for a stacked tree). With a given config only its scale matters here.
 
     Returns:
       `LoadedPeft(params, config, ranks)`.
@@ -384,7 +385,8 @@ def load_peft(
         ranks[name] = pair["A"].shape[0]
     if config is None:
         r_max = max(ranks.values(), default=1)
-        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=family.TARGETS)
+        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=family.TARGETS,
+                            stacked=r".*/layer/.*" if stacked else None)
 
     unknown = sorted(set(factors) - set(kernel_modules))
     if unknown:

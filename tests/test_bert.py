@@ -1,7 +1,6 @@
 """BERT, RoBERTa and ELECTRA encoders against transformers' PyTorch models, and the checkpoint loader."""
 import functools
 import importlib.resources
-import json
 import logging
 import os
 import re
@@ -43,6 +42,8 @@ def _torch_model(config, cls=transformers.AutoModelForSequenceClassification):
         for name, p in model.named_parameters():
             if "LayerNorm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            elif name.startswith("classifier") or ".pooler." in name:
+                p.normal_(0.0, 0.5)  # logits of order 1, so the logits comparison means something
     return model
 
 
@@ -254,9 +255,10 @@ def test_dropout_in_training_mode(bert_checkpoint):
     _, eval_logits = _torch_outputs(torch_model, ids, mask, types)
     train = jax.jit(functools.partial(pretrained.model.apply, deterministic=False))
     variables = {"params": pretrained.params}
-    first = train(variables, ids, mask, types, rngs={"dropout": jax.random.key(1)})
-    again = train(variables, ids, mask, types, rngs={"dropout": jax.random.key(1)})
-    other = train(variables, ids, mask, types, rngs={"dropout": jax.random.key(2)})
+    # rbg keys: the same semantics as the default threefry, compiled about twice as fast on CPU.
+    first = train(variables, ids, mask, types, rngs={"dropout": jax.random.key(1, impl="rbg")})
+    again = train(variables, ids, mask, types, rngs={"dropout": jax.random.key(1, impl="rbg")})
+    other = train(variables, ids, mask, types, rngs={"dropout": jax.random.key(2, impl="rbg")})
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, eval_logits, atol=1e-3) and not np.allclose(first, other, atol=1e-3)
 
@@ -303,9 +305,9 @@ def test_sora_factored_equals_merged(bert_checkpoint, scan_layers):
     adapted = [p for p in traverse_util.flatten_dict(params) if p[-1] == "sora_a"]
     assert len(adapted) == 6 * (1 if scan_layers else pretrained.config.num_hidden_layers)
     # sora_b starts at zero; give it values so the adapters change the output.
+    rng = np.random.RandomState(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape, x.dtype)
-        if path[-1].key == "sora_b" else x, params)
+        lambda path, x: rng.normal(0.0, 0.5, x.shape).astype(x.dtype) if path[-1].key == "sora_b" else x, params)
     ids, mask, types = _inputs(pretrained.config)
     def logits_fn(params):
         return pretrained.model.apply({"params": params}, ids, mask, types)
@@ -315,8 +317,8 @@ def test_sora_factored_equals_merged(bert_checkpoint, scan_layers):
     plain = jax.jit(logits_fn)
     merged = plain(sora_jax.merge(params, config))
     base = plain(pretrained.params)
-    np.testing.assert_allclose(factored, merged, atol=TOL, rtol=0)
-    assert not np.allclose(factored, base, atol=1e-3)
+    np.testing.assert_allclose(factored, merged, atol=1e-5, rtol=0)
+    assert np.abs(factored - base).max() > 1e-3
 
 
 def _minilm_dir() -> str:

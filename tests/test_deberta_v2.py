@@ -24,6 +24,7 @@ V3_BASE = dict(
     max_position_embeddings=512, relative_attention=True, position_buckets=256, max_relative_positions=-1,
     share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, norm_rel_ebd="layer_norm",
     hidden_act="gelu", type_vocab_size=0, layer_norm_eps=1e-7, num_labels=3,
+    initializer_range=0.2,  # wider than 0.02 so that logits are O(1) and their comparison means something
 )
 CONFIGS = {
     "v3-base": V3_BASE,
@@ -204,7 +205,7 @@ def test_dropout_remat_and_bf16(tmp_root):
     logits, logits16 = evaluate(params, params16)
     np.testing.assert_allclose(logits, logits_ref, atol=TOLERANCE, rtol=0)  # remat leaves the forward unchanged
     assert logits16.dtype == jnp.float32  # bf16 compute still returns float32 logits near the reference
-    np.testing.assert_allclose(logits16, logits_ref, atol=2e-2, rtol=0)
+    np.testing.assert_allclose(logits16, logits_ref, atol=5e-2, rtol=0)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan"])

@@ -102,3 +102,21 @@ def test_single_stage_schedule_is_constant():
   for staircase in (True, False):
     schedule = schedules.lambda_schedule("linear", 3e-4, 1.0, 1, steps_per_stage=5, staircase=staircase)
     np.testing.assert_allclose([float(schedule(c)) for c in (0, 4, 5, 100)], 3e-4, rtol=1e-6)
+
+
+def test_schedule_drives_sora_proximal_inside_one_run():
+  # As the threshold of the proximal gate step: with zero updates, gate magnitudes fall by lambda_t at step t.
+  import optax
+  from sora_jax.optim import sora_proximal
+  stages = schedules.lambda_stages("linear", 0.0, 0.03, 4)
+  tx = sora_proximal(schedules.lambda_schedule("linear", 0.0, 0.03, 4, steps_per_stage=2))
+  params = {"dense": {"sora_gate": jnp.array([1.0, -0.5, 0.05, 0.2])}}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.zeros_like, p), s, p))
+  for _ in range(10):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  shrink = 2 * stages.sum() + 2 * stages[-1]  # steps 0..7 walk the stages, steps 8, 9 hold max_lambda
+  gate = np.array([1.0, -0.5, 0.05, 0.2])
+  np.testing.assert_allclose(params["dense"]["sora_gate"], np.sign(gate) * np.maximum(np.abs(gate) - shrink, 0),
+                             rtol=1e-5, atol=1e-6)

@@ -1,6 +1,9 @@
 """The staged sparsifying run on a tiny random BERT and tiny jsonl data; its parts against closed forms."""
+import contextlib
+import io
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +60,23 @@ def _run(tiny, output_dir, *extra):
     return sparsify.run_stages(config, settings)
 
 
+def _run_printing(tiny, output_dir, *extra):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        table = _run(tiny, output_dir, *extra)
+    return table, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fresh_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fresh") / "run"
+    table, printed = _run_printing(tiny, out)
+    return out, table, printed
+
+
 @pytest.mark.slow
-def test_staged_run_writes_table_and_pictures_and_resumes(tiny, tmp_path, capsys):
-    out = tmp_path / "run"
-    table = _run(tiny, out)
+def test_staged_run_writes_table_and_pictures(fresh_run):
+    out, table, printed = fresh_run
     stages = table["stages"]
     assert [s["stage"] for s in stages] == [0, 1, 2]
     np.testing.assert_allclose([s["lambda"] for s in stages], [0.0, 0.05, 0.1], rtol=1e-12)
@@ -75,30 +91,32 @@ def test_staged_run_writes_table_and_pictures_and_resumes(tiny, tmp_path, capsys
         assert s["retained_params"] == sum(r * (32 + 48 if ffn(m) else 32 + 32) for m, r in s["ranks"].items())
         assert len(s["ranks"]) == 2 * 6 and all(0 <= r <= 4 for r in s["ranks"].values())
         assert s["metrics"]["train_memorization/accuracy"] == s["train_metric"]
+        assert s["metrics"]["validation/accuracy"] == s["eval_metric"]
     assert stages[0]["memorization"] == pytest.approx(100.0) and stages[0]["generalization"] == pytest.approx(100.0)
     assert stages[2]["memorization"] == pytest.approx(100 * stages[2]["train_metric"] / stages[0]["train_metric"])
-    for name in ("stages.json", "memorization_generalization.png", "rank_heatmap.png", "rank_over_steps.png"):
-        path = out / name
-        assert path.exists() and path.stat().st_size > 0, name
-    assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("memorization_generalization.png", "rank_heatmap.png", "rank_over_steps.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert json.loads((out / "stages.json").read_text())["stages"][1]["ranks"] == stages[1]["ranks"]
     for k in range(3):
         assert (out / "stages" / f"stage_{k:02d}" / "params").is_dir()  # one orbax checkpoint per stage
-    printed = capsys.readouterr().out
-    assert "sparsifying stages" in printed and "memorization" in printed
+    assert "sparsifying stages" in printed and "memorization" in printed and "active rank per module" in printed
 
-    # Rerun: every completed stage is skipped and the table is the same.
+
+@pytest.mark.slow
+def test_rerun_skips_completed_stages_and_redoes_an_unfinished_one(fresh_run, tiny):
+    out, table, _ = fresh_run
+    stages = table["stages"]
     mtimes = [os.path.getmtime(out / "stages" / f"stage_{k:02d}" / "stage.json") for k in range(3)]
-    again = _run(tiny, out)
-    assert capsys.readouterr().out.count("done before") == 3
+    again, printed = _run_printing(tiny, out)
+    assert printed.count("done before") == 3
     assert [os.path.getmtime(out / "stages" / f"stage_{k:02d}" / "stage.json") for k in range(3)] == mtimes
-    assert [s["retained_params"] for s in again["stages"]] == retained
     assert [s["metrics"] for s in again["stages"]] == [s["metrics"] for s in stages]
+    assert [s["ranks"] for s in again["stages"]] == [s["ranks"] for s in stages]
 
     # A stage without its record is redone (from its trainer checkpoint) and lands on the same result.
     os.remove(out / "stages" / "stage_02" / "stage.json")
-    redone = _run(tiny, out)
-    assert capsys.readouterr().out.count("done before") == 2
+    redone, printed = _run_printing(tiny, out)
+    assert printed.count("done before") == 2
     assert redone["stages"][2]["ranks"] == stages[2]["ranks"]
     assert redone["stages"][2]["metrics"] == stages[2]["metrics"]
 
@@ -108,11 +126,17 @@ def test_staged_run_writes_table_and_pictures_and_resumes(tiny, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_official_stage_schedule_only_thresholds(tiny, tmp_path):
-    table = _run(tiny, tmp_path / "official", "stage_schedule=official", "lambda_num=2", "max_lambda=0.05")
-    first, second = table["stages"]
-    assert second["schedule"] == "official" and second["retained_params"] <= first["retained_params"]
-    assert table["retained_non_increasing"]
+def test_official_stage_schedule_only_thresholds(fresh_run, tiny, tmp_path):
+    out, table, _ = fresh_run
+    official = tmp_path / "official"
+    # The same stage 0 (same config, lambda and steps): reuse it, which also exercises resuming.
+    shutil.copytree(out / "stages" / "stage_00", official / "stages" / "stage_00")
+    result, printed = _run_printing(tiny, official, "stage_schedule=official", "lambda_num=2", "max_lambda=0.05")
+    assert printed.count("done before") == 1
+    first, second = result["stages"]
+    assert first["ranks"] == table["stages"][0]["ranks"]
+    assert second["schedule"] == "official" and second["retained_params"] < first["retained_params"]
+    assert result["retained_non_increasing"]
 
 
 def _adapted_tree(rng, lead=()):
@@ -187,3 +211,32 @@ def test_config_parsing(tmp_path):
     with pytest.raises(ValueError, match="method"):
         sparsify.check(*sparsify.load_configs(None, ["adapter.method=lora"]))
     assert sparsify.main(["stage_schedule=sometimes"]) == 2
+
+
+def test_module_names_and_rank_grid():
+    from train import plots
+    assert plots.split_module("bert/encoder/layer_3/attention/self/query") == (3, "query")
+    assert plots.split_module("bert/encoder/layer/output/dense[5]") == (5, "ffn out")
+    assert plots.split_module("deberta/encoder/layer_0/attention/self/value_proj") == (0, "value")
+    assert plots.split_module("bert/pooler/dense") == (-1, "bert/pooler/dense")
+    layers, kinds, grid = plots.rank_grid({"m/layer_1/intermediate/dense": 2, "m/layer_0/attention/self/key": 7,
+                                           "m/layer_0/attention/self/query": 8})
+    assert layers == [0, 1] and kinds == ["query", "key", "ffn in"]
+    np.testing.assert_array_equal(grid, [[8, 7, np.nan], [np.nan, np.nan, 2]])
+
+
+def test_plots_from_a_single_run_log(tmp_path):
+    # A single run whose trainer logged per-module ranks: `python -m train.plots RUN_DIR` draws them over steps.
+    from train import plots
+    modules = [f"bert/encoder/layer_{i}/{m}" for i in range(2) for m in ("attention/self/query", "output/dense")]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (10, 20, 30):
+            f.write(json.dumps({"step": step, "train/loss": 1.0,
+                                "train/ranks": {m: 8 - step // 10 - j for j, m in enumerate(modules)}}) + "\n")
+            f.write(json.dumps({"step": step, "eval/validation/accuracy": 0.5}) + "\n")
+    records = plots.read_rank_log(str(tmp_path / "metrics.jsonl"), offset=100)
+    assert [s for s, _ in records] == [110, 120, 130] and records[0][1][modules[3]] == 4
+    plots.main([str(tmp_path)])
+    assert (tmp_path / "rank_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        plots.main([str(tmp_path / "missing")])

@@ -57,10 +57,16 @@ def tiny_config(model, data_dir, output_dir, *overrides):
         "sparse_lambda=0.05", "mesh.fsdp_min_size=0", *overrides])
 
 
-def test_end_to_end_writes_results(tiny_model, tiny_data, tmp_path):
-    from train.loop import run
-    results = run(tiny_config(tiny_model, tiny_data, tmp_path))
-    on_disk = json.loads((tmp_path / "results.json").read_text())
+def test_end_to_end_and_kill_resume(tiny_model, tiny_data, tmp_path):
+    """A full run writes results.json with pruned+merged == unpruned; a run killed after step 7 (last checkpoint
+    at step 4) and resumed ends with the same metrics, gates and loss curve."""
+    from flax import traverse_util
+    from train.loop import build, finish, fit
+    straight = build(tiny_config(tiny_model, tiny_data, tmp_path / "a"))
+    expected_outcome = fit(straight)
+    expected = finish(straight, expected_outcome)
+
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
     assert on_disk["task"] == "local" and on_disk["steps"] == 12
     assert set(on_disk["metrics"]) == {"validation/accuracy"}
     merged = on_disk["pruned_merged"]
@@ -69,33 +75,13 @@ def test_end_to_end_writes_results(tiny_model, tiny_data, tmp_path):
     assert len(ranks) == 12 and min(ranks.values()) < 8  # gates switched ranks off
     fan = lambda k: 64 if "attention" in k else 96  # in + out: 32 + 32 in attention, 32 + 64 in the MLP
     assert on_disk["retained_params"] == sum(r * fan(k) for k, r in ranks.items())
-    assert results["best"]["step"] in (6, 12)
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert expected["best"]["step"] in (6, 12)
+    records = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 13))
-    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
-
-
-def test_lora_keeps_gates_at_one(tiny_model, tiny_data, tmp_path):
-    from train.loop import build, fit
-    experiment = build(tiny_config(tiny_model, tiny_data, tmp_path, "method=lora", "max_steps=3"))
-    outcome = fit(experiment)
-    from flax import traverse_util
-    flat = traverse_util.flatten_dict(outcome.params)
-    gates = [np.asarray(v) for p, v in flat.items() if p[-1] == "sora_gate"]
-    assert gates and all((g == 1).all() for g in gates)
-    b = [np.asarray(v) for p, v in flat.items() if p[-1] == "sora_b"]
-    assert any(np.abs(x).max() > 0 for x in b)  # the factors did train
-
-
-def test_kill_and_resume_matches_uninterrupted(tiny_model, tiny_data, tmp_path):
-    from train.loop import build, finish, fit
-    from flax import traverse_util
-    straight = build(tiny_config(tiny_model, tiny_data, tmp_path / "a"))
-    expected_outcome = fit(straight)
-    expected = finish(straight, expected_outcome)
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "a" / "tensorboard"))
 
     killed = fit(build(tiny_config(tiny_model, tiny_data, tmp_path / "b", "abort_at_step=7")))
-    assert killed.aborted and killed.step == 7  # last checkpoint at step 4: steps 5-7 are lost as in a kill
+    assert killed.aborted and killed.step == 7  # steps 5-7 are lost, as in a kill
     resumed_experiment = build(tiny_config(tiny_model, tiny_data, tmp_path / "b", "resume=true"))
     resumed_outcome = fit(resumed_experiment)
     resumed = finish(resumed_experiment, resumed_outcome)
@@ -110,6 +96,17 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model, tiny_data, tmp_path):
     losses = lambda d: [json.loads(l)["train/loss"] for l in (d / "metrics.jsonl").read_text().splitlines()
                         if "train/loss" in l]
     np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-6)
+
+
+def test_lora_keeps_gates_at_one(tiny_model, tiny_data, tmp_path):
+    from flax import traverse_util
+    from train.loop import build, fit
+    outcome = fit(build(tiny_config(tiny_model, tiny_data, tmp_path, "method=lora", "max_steps=3", "eval_every=3")))
+    flat = traverse_util.flatten_dict(outcome.params)
+    gates = [np.asarray(v) for p, v in flat.items() if p[-1] == "sora_gate"]
+    assert gates and all((g == 1).all() for g in gates)
+    b = [np.asarray(v) for p, v in flat.items() if p[-1] == "sora_b"]
+    assert any(np.abs(x).max() > 0 for x in b)  # the factors did train
 
 
 _MESH_SCRIPT = textwrap.dedent("""

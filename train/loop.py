@@ -469,6 +469,14 @@ def _max_abs_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
+def _gather(tree):
+    """Host numpy copy of a tree whose leaves may be sharded across hosts."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
 def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -> dict:
     """Final evaluation, rank report, pruned+merged evaluation (checked equal) and `results.json`."""
     config = experiment.config
@@ -479,8 +487,9 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
                "steps": outcome.step, "metrics": final, "best": outcome.best,
                "train_wall_time_s": outcome.wall_time_s}
     if experiment.sora is not None:
-        report = adapters.rank_report(jax.device_get(params), experiment.sora)
-        pruned = adapters.prune(jax.device_get(params))
+        host_params = _gather(params)
+        report = adapters.rank_report(host_params, experiment.sora)
+        pruned = adapters.prune(host_params)
         merged = adapters.merge(pruned, experiment.sora)
         merged = jax.device_put(merged, shd.named(shd.param_specs(merged, experiment.mesh,
                                                                   config.mesh.fsdp_min_size), experiment.mesh))

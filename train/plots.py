@@ -9,7 +9,7 @@
 Ranks come as {module name: rank}, with the module names of `sora_jax.rank_report` rows: the '/'-joined module path
 (`bert/encoder/layer_3/attention/self/query`), or `path[layer]` for a stacked (nn.scan) module.
 
-    python -m train.plots RUN_DIR    # redraws the stage pictures from RUN_DIR/stages.json
+    python -m train.plots RUN_DIR    # redraws the pictures from RUN_DIR/stages.json and/or RUN_DIR/metrics.jsonl
 """
 from __future__ import annotations
 
@@ -180,13 +180,40 @@ def plot_stage_table(table: Mapping, directory: str) -> list[str]:
                     plot_rank_stages(stages, os.path.join(directory, "rank_heatmap.png"), table["rank_max"])]
 
 
+def read_rank_log(path: str, offset: int = 0) -> list[tuple[int, dict]]:
+    """[(step + offset, {module: rank})] from a run's metrics.jsonl: the records holding a dict of per-module ranks
+    (under a key ending in "ranks"); empty when the trainer logged none."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                ranks = next((v for k, v in record.items() if k.endswith("ranks") and isinstance(v, dict)), None)
+                if ranks:
+                    out.append((offset + int(record["step"]), ranks))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) != 1:
-        raise SystemExit("usage: python -m train.plots RUN_DIR  (a directory with stages.json)")
-    with open(os.path.join(argv[0], "stages.json")) as f:
-        table = json.load(f)
-    for path in plot_stage_table(table, argv[0]):
+        raise SystemExit("usage: python -m train.plots RUN_DIR  (a staged run's directory with stages.json, or a "
+                         "single run's with metrics.jsonl holding per-module ranks)")
+    directory, written = argv[0], []
+    if os.path.exists(os.path.join(directory, "stages.json")):
+        with open(os.path.join(directory, "stages.json")) as f:
+            written += plot_stage_table(json.load(f), directory)
+    records = read_rank_log(os.path.join(directory, "metrics.jsonl"))
+    if records:
+        rank_max = None
+        if os.path.exists(os.path.join(directory, "results.json")):
+            with open(os.path.join(directory, "results.json")) as f:
+                rank_max = json.load(f).get("rank_max")
+        rank_max = rank_max or max(max(r.values()) for _, r in records)
+        written.append(plot_rank_over_steps(records, os.path.join(directory, "rank_over_steps.png"), rank_max))
+    if not written:
+        raise SystemExit(f"{directory}: neither stages.json nor per-module ranks in metrics.jsonl")
+    for path in written:
         print(path)
 
 

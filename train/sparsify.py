@@ -256,21 +256,6 @@ def _stage_dir(output_dir: str, k: int) -> str:
     return os.path.join(output_dir, "stages", f"stage_{k:02d}")
 
 
-def _rank_log(stage_dir: str, offset: int) -> list[tuple[int, dict]]:
-    """Per-module ranks over steps from the trainer's metrics.jsonl, where it logs them (a dict under a key ending
-    in "ranks"); empty otherwise."""
-    path = os.path.join(stage_dir, "metrics.jsonl")
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                record = json.loads(line)
-                ranks = next((v for k, v in record.items() if k.endswith("ranks") and isinstance(v, dict)), None)
-                if ranks:
-                    out.append((offset + int(record["step"]), ranks))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the staged run
 
@@ -301,12 +286,15 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
         stage_dir = _stage_dir(output_dir, k)
         record_path = os.path.join(stage_dir, "stage.json")
         steps = stage0_steps if k == 0 else later_steps
+        schedule = "initial" if k == 0 else sparsify.stage_schedule
         if os.path.exists(record_path):
             with open(record_path) as f:
                 record = json.load(f)
-            if not math.isclose(record["lambda"], lam, rel_tol=1e-9, abs_tol=1e-15) or record["steps"] != steps:
-                raise ValueError(f"{stage_dir} was run with lambda={record['lambda']}, steps={record['steps']}, not "
-                                 f"lambda={lam}, steps={steps}: use another output_dir or delete it")
+            if (not math.isclose(record["lambda"], lam, rel_tol=1e-9, abs_tol=1e-15) or record["steps"] != steps
+                    or record["schedule"] != schedule):
+                raise ValueError(f"{stage_dir} was run with lambda={record['lambda']}, steps={record['steps']}, "
+                                 f"schedule={record['schedule']}, not lambda={lam}, steps={steps}, "
+                                 f"schedule={schedule}: use another output_dir or delete it")
             params = _restore_params(os.path.join(stage_dir, "params"), experiment.trainable)
             print(f"stage {k}: done before (lambda={lam:.4g}), skipped")
         else:
@@ -327,7 +315,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
             report = adapters.rank_report(jax.device_get(full), experiment.sora)
             record = {
                 "stage": k, "lambda": lam, "steps": steps,
-                "schedule": "initial" if k == 0 else sparsify.stage_schedule,
+                "schedule": schedule,
                 "retained_params": report.retained_params, "max_params": report.max_params,
                 "fraction": report.fraction,
                 "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
@@ -338,7 +326,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
             _save_params(os.path.join(stage_dir, "params"), params)
             _write_json(record_path, record)  # last: marks the stage complete
         stages.append(record)
-        rank_records += _rank_log(stage_dir, offset) or []
+        rank_records += plots.read_rank_log(os.path.join(stage_dir, "metrics.jsonl"), offset)
         offset += record["steps"]
 
     reference = {"source": "stage 0", "metric": main, "memorization_split": f"{n_memorize} training examples",
@@ -353,7 +341,8 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
         "sparsify": dataclasses.asdict(sparsify), "rank_max": experiment.sora.rank,
         "max_params": stages[0]["max_params"], "reference": reference,
         "retained_non_increasing": all(b <= a for a, b in zip(retained, retained[1:])),
-        "wall_time_s": time.time() - started, "stages": stages, "config": to_dict(config),
+        "wall_time_s": time.time() - started, "stages_wall_time_s": sum(s["wall_time_s"] for s in stages),
+        "stages": stages, "config": to_dict(config),
     }
     _write_json(os.path.join(output_dir, "stages.json"), table)
     pictures = plots.plot_stage_table(table, output_dir)

@@ -5,10 +5,12 @@ Disentangled attention (He et al., 2021, eq. 4) adds to the content score q_i.k_
 where q^r, k^r project the (layer-normed) relative embeddings and delta is the log-bucketed relative distance.
 All three terms share the scale 1 / sqrt(head_dim * (1 + #relative terms)).
 
-The module paths follow transformers' module names so that SoRA targets read naturally:
-  embeddings/..., encoder/layer_<i>/attention/self/query_proj/kernel (unrolled),
-  encoder/layer/attention/self/query_proj/kernel (under nn.scan, leading layer axis),
-  encoder/rel_embeddings/embedding, encoder/LayerNorm, encoder/conv, pooler/dense, classifier.
+Module paths follow transformers' module names, so the checkpoint mapping is a rename plus a transpose and SoRA
+targets read as in PyTorch:
+  deberta/embeddings/..., deberta/encoder/layer_<i>/attention/self/query_proj/kernel (unrolled),
+  deberta/encoder/layer/attention/self/query_proj/kernel (under nn.scan, leading layer axis),
+  deberta/encoder/rel_embeddings/embedding, deberta/encoder/LayerNorm, deberta/encoder/conv, pooler/dense, classifier.
+The conv branch of DeBERTa-v2 xlarge/xxlarge (conv_kernel_size > 0) is supported unrolled only.
 """
 import functools
 import re
@@ -18,9 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-# The six dense kernels of a block, in both the unrolled (layer_<i>) and the scanned (layer) layouts.
 # The six dense layers of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
 # '/'-joined path of the module or of its kernel.
 TARGETS = (
@@ -91,7 +91,9 @@ def log_bucket_position(relative_pos: np.ndarray, bucket_size: int, max_position
     mid = bucket_size // 2
     abs_pos = np.where((relative_pos < mid) & (relative_pos > -mid), mid - 1, np.abs(relative_pos))
     ratio = abs_pos.astype(np.float32) / np.float32(mid)
-    log_pos = np.ceil(np.log(ratio) / np.log(np.float32((max_position - 1) / mid)) * np.float32(mid - 1)) + np.float32(mid)
+    with np.errstate(divide="ignore"):  # log(0) when mid == 1; those entries take the exact branch below
+        log_ratio = np.log(ratio) / np.log(np.float32((max_position - 1) / mid))
+    log_pos = np.ceil(log_ratio * np.float32(mid - 1)) + np.float32(mid)
     return np.where(abs_pos <= mid, relative_pos.astype(np.float32), log_pos * sign).astype(np.int32)
 
 
@@ -104,8 +106,10 @@ def relative_positions(seq_len: int, bucket_size: int = -1, max_position: int = 
     return relative.astype(np.int32)
 
 
-class _Common(nn.Module):
-    config: Any
+class _Module(nn.Module):
+    """Fields shared by every module here, and constructors for its layers with transformers' init."""
+
+    config: Any  # transformers.DebertaV2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -140,7 +144,7 @@ class _Common(nn.Module):
         )
 
 
-class DebertaV2Embeddings(_Common):
+class DebertaV2Embeddings(_Module):
     """Word (+ absolute position when position_biased_input) (+ token type) embeddings, projection, LayerNorm, mask."""
 
     @nn.compact
@@ -171,7 +175,7 @@ def _split_heads(x, num_heads: int):
     return jnp.swapaxes(x, -2, -3)
 
 
-class DisentangledSelfAttention(_Common):
+class DisentangledSelfAttention(_Module):
     @nn.compact
     def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
         """hidden_states: (batch, seq, hidden); attention_mask: (batch, 1, seq, seq) bool;
@@ -226,7 +230,7 @@ class DisentangledSelfAttention(_Common):
         return context.reshape(*context.shape[:-2], all_head_size)
 
 
-class DebertaV2SelfOutput(_Common):
+class DebertaV2SelfOutput(_Module):
     @nn.compact
     def __call__(self, hidden_states, residual, deterministic: bool = True):
         hidden_states = self._dense(self.config.hidden_size, "dense")(hidden_states)
@@ -234,7 +238,7 @@ class DebertaV2SelfOutput(_Common):
         return self._layer_norm("LayerNorm")(hidden_states + residual)
 
 
-class DebertaV2Attention(_Common):
+class DebertaV2Attention(_Module):
     @nn.compact
     def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
         common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -244,14 +248,14 @@ class DebertaV2Attention(_Common):
         return DebertaV2SelfOutput(**common, name="output")(context, hidden_states, deterministic)
 
 
-class DebertaV2Intermediate(_Common):
+class DebertaV2Intermediate(_Module):
     @nn.compact
     def __call__(self, hidden_states):
         hidden_states = self._dense(self.config.intermediate_size, "dense")(hidden_states)
         return _activation(self.config.hidden_act)(hidden_states)
 
 
-class DebertaV2Layer(_Common):
+class DebertaV2Layer(_Module):
     """One encoder block. The call signature (carry, *broadcast) -> (carry, None) suits nn.scan."""
 
     @nn.compact
@@ -265,7 +269,7 @@ class DebertaV2Layer(_Common):
         return layer_output, None
 
 
-class DebertaV2ConvLayer(_Common):
+class DebertaV2ConvLayer(_Module):
     """The convolution branch after the first block (DeBERTa-v2 xlarge/xxlarge; v3 checkpoints have none)."""
 
     @nn.compact
@@ -290,7 +294,7 @@ class DebertaV2ConvLayer(_Common):
         return output * mask
 
 
-class DebertaV2Encoder(_Common):
+class DebertaV2Encoder(_Module):
     scan_layers: bool = False
     remat: bool = False
 
@@ -302,7 +306,7 @@ class DebertaV2Encoder(_Common):
         seq_len = embeddings.shape[-2]
         keep = input_mask.astype(bool)
         # Pairwise mask: query i may attend key j when both are real tokens (as the reference builds it).
-        attention_mask = (keep[:, None, :, None] & keep[:, None, None, :])
+        attention_mask = keep[:, None, :, None] & keep[:, None, None, :]
 
         relative_pos = None
         rel_embeddings = None
@@ -345,7 +349,7 @@ class DebertaV2Encoder(_Common):
         return hidden_states
 
 
-class ContextPooler(_Common):
+class ContextPooler(_Module):
     """Dropout, dense and activation on the first token, as transformers' ContextPooler."""
 
     @nn.compact
@@ -356,7 +360,7 @@ class ContextPooler(_Common):
         return _activation(getattr(config, "pooler_hidden_act", "gelu"))(pooled)
 
 
-class DebertaV2Model(_Common):
+class DebertaV2Model(_Module):
     """Embeddings and encoder; returns the last hidden state (batch, seq, hidden)."""
 
     scan_layers: bool = False
@@ -377,7 +381,7 @@ class DebertaV2Model(_Common):
         return encoder(embeddings, attention_mask, deterministic)
 
 
-class DebertaV2ForSequenceClassification(_Common):
+class DebertaV2ForSequenceClassification(_Module):
     """DeBERTa-v2/v3 encoder (under `deberta/`) with ContextPooler and a linear classifier; num_labels == 1 is
     regression. `__call__` returns float32 logits (batch, num_labels); `apply(..., method="encode")` returns the
     last hidden state (batch, seq, hidden)."""
@@ -416,8 +420,8 @@ def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=Fal
 # Checkpoint conversion: transformers' state dict (PyTorch names, (out, in) Linear weights) -> our parameter tree.
 
 _BASE_PREFIX = "deberta"  # transformers' base_model_prefix for DeBERTa-v2
-_BASE_MODULES = ("embeddings", "encoder")
-_HEAD_MODULES = ("pooler", "classifier")
+_BASE_MODULES = ((_BASE_PREFIX, "embeddings"), (_BASE_PREFIX, "encoder"))
+_HEAD_MODULES = (("pooler",), ("classifier",))
 
 
 def hf_module_name(path: tuple[str, ...]) -> str:
@@ -467,11 +471,11 @@ def convert(state_dict: dict[str, np.ndarray], config) -> tuple[dict[tuple[str, 
     flat, unexpected = {}, []
     for key, value in state_dict.items():
         parts = key.split(".")
-        if parts[0] in _BASE_MODULES:  # a bare DebertaV2Model checkpoint
+        if parts[0] in ("embeddings", "encoder"):  # a bare DebertaV2Model checkpoint
             parts = [_BASE_PREFIX] + parts
         module, leaf = _merge_layer_index(tuple(parts[:-1])), parts[-1]
         name = _leaf_name(module, leaf) if module else None
-        ours = module[:1] in ((m,) for m in _HEAD_MODULES) or module[:2] in ((_BASE_PREFIX, m) for m in _BASE_MODULES)
+        ours = module[:1] in _HEAD_MODULES or module[:2] in _BASE_MODULES
         # Some v3 checkpoints carry absolute position embeddings that position_biased_input=False never reads.
         if module[1:3] == ("embeddings", "position_embeddings") and not uses_positions:
             ours = False

@@ -117,6 +117,8 @@ def train_step(model_name: str, method: str, module, params, inputs, labels):
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
+  # The step donates its trainable state; a copy keeps the caller's arrays (shared with other methods' trees) alive.
+  trainable = jax.tree.map(jnp.copy, trainable)
   state = [trainable, tx.init(trainable)]
 
   def call():
@@ -192,6 +194,12 @@ def main(spec: dict) -> dict:
     del params
     result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
     result["trainable"] = trainable
+  elif spec["kind"] == "train_interleaved":
+    # Every method's step in this one process, timed in turn each round: ratios that survive a loaded machine.
+    steps = {method: train_step(spec["model"], method, module, params, inputs, labels)[0]
+             for method in spec["methods"]}
+    timings = measure.time_interleaved(steps, warmup=warmup, repeats=repeats)
+    result["time_s"] = {name: t.median_s for name, t in timings.items()}
   elif spec["kind"] == "inference":
     timings = measure.time_interleaved(inference_calls(spec["model"], module, params, inputs), warmup=warmup,
                                        repeats=repeats)

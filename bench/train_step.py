@@ -7,9 +7,12 @@ layer adapted with rank 8, random weights. Rows:
   merge     SoRA merge-then-apply: the kernels `W + s A diag(g) B` are formed inside the differentiated function
   lora      the factored forward with gates frozen (plain LoRA), for reference
   full      full fine-tuning with AdamW
-Each row runs in its own process (fresh memory high-water mark, nothing cached from another row).
+Each row runs in its own process (fresh memory high-water mark, nothing cached from another row). With --interleave,
+all rows run in one process and each round times every method in turn: no memory column, but ratios that hold up on a
+machine shared with other work (load that comes and goes hits every method alike).
 
   python -m bench.train_step                       # the issue's configuration
+  python -m bench.train_step --interleave         # time ratios on a busy machine
   python -m bench.train_step --tiny --repeats 2    # a seconds-long smoke run
 """
 import argparse
@@ -32,6 +35,8 @@ def parse_args(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
+  parser.add_argument("--interleave", action="store_true",
+                      help="one process, methods timed in turn each round (no memory column)")
   parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model, seq 16, batch 2 (smoke test)")
   return parser.parse_args(argv)
 
@@ -50,10 +55,20 @@ def main(argv=None) -> str:
     batch, seq = args.batch, args.seq
   start = time.perf_counter()
   results = {}
-  for method in methods:
-    spec = {"kind": "train", "model": args.model, "method": _CASE_METHOD[method], "batch": batch, "seq": seq,
-            "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
-    results[method] = measure.run_case("bench.jax_cases", spec)
+  if args.interleave:
+    spec = {"kind": "train_interleaved", "model": args.model, "methods": [_CASE_METHOD[m] for m in methods],
+            "batch": batch, "seq": seq, "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
+    joint = measure.run_case("bench.jax_cases", spec)
+    for method in methods:
+      if "error" in joint:
+        results[method] = joint
+      else:
+        results[method] = {"time_s": joint["time_s"][_CASE_METHOD[method]], "peak_mib": None, "trainable": None}
+  else:
+    for method in methods:
+      spec = {"kind": "train", "model": args.model, "method": _CASE_METHOD[method], "batch": batch, "seq": seq,
+              "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
+      results[method] = measure.run_case("bench.jax_cases", spec)
   floor = results.get("floor", {}).get("time_s")
   full = results.get("full", {}).get("time_s")
   rows = []
@@ -63,10 +78,12 @@ def main(argv=None) -> str:
       continue
     t = r["time_s"]
     rows.append([method, f"{1e3 * t:.1f}", f"{t / floor:.2f}" if floor else "-", f"{t / full:.2f}" if full else "-",
-                 f"{r['peak_mib']:.0f}", f"{r['trainable']:,}"])
+                 "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+                 "-" if r["trainable"] is None else f"{r['trainable']:,}"])
   title = (f"JAX train step, {args.model} {shape['layers']} layers x {shape['hidden']} hidden, seq {seq}, "
            f"batch {batch}, rank 8 on six kernels per layer; median of {args.repeats} steps after {args.warmup} "
-           f"warm-up; {measure.cpu_count()} CPU cores")
+           f"warm-up{', methods interleaved in one process' if args.interleave else ', one process per method'}; "
+           f"{measure.cpu_count()} CPU cores")
   table = measure.format_table(["method", "ms/step", "x floor", "x full FT", "peak MiB", "trainable params"], rows)
   notes = []
   if floor and "factored" in results and "time_s" in results["factored"]:

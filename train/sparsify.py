@@ -245,7 +245,19 @@ def _restore_params(directory: str, like):
     return restored
 
 
+def _host(tree):
+    """Host numpy copy of a tree whose leaves may be sharded across hosts."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
 def _write_json(path: str, value) -> None:
+    import jax
+    if jax.process_index() != 0:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(value, f, indent=2, default=str)
@@ -312,7 +324,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
                 params = threshold_only(params, lam, steps)
             full = adapters.combine(params, experiment.frozen)
             results = loop.evaluate(experiment, full, splits)
-            report = adapters.rank_report(jax.device_get(full), experiment.sora)
+            report = adapters.rank_report(_host(full), experiment.sora)
             record = {
                 "stage": k, "lambda": lam, "steps": steps,
                 "schedule": schedule,
@@ -345,6 +357,8 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
         "stages": stages, "config": to_dict(config),
     }
     _write_json(os.path.join(output_dir, "stages.json"), table)
+    if jax.process_index() != 0:
+        return table
     pictures = plots.plot_stage_table(table, output_dir)
     if not rank_records:  # the trainer logs no per-module ranks: the stage ends are the steps we have
         rank_records = [(sum(s["steps"] for s in stages[:i + 1]), s["ranks"]) for i, s in enumerate(stages)]
@@ -366,10 +380,11 @@ def print_table(table: dict) -> None:
     from train.plots import module_order, split_module
 
     ref = table["reference"]
-    summary = Table(title=f"sparsifying stages: {table['task']} ({ref['metric']}; % of {ref['source']})")
-    for name in ("stage", "lambda", "steps", "retained", "fraction", "active ranks", "train " + ref["metric"],
-                 "memorization %", "eval " + ref["metric"], "generalization %"):
-        summary.add_column(name, justify="right")
+    summary = Table(title=f"sparsifying stages: {table['task']}, {table['model']}",
+                    caption=f"mem. = {ref['metric']} on {ref['memorization_split']}, gen. = on "
+                            f"{ref['generalization_split']}; % = of {ref['source']}")
+    for name in ("stage", "lambda", "steps", "retained", "fraction", "ranks", "mem.", "mem. %", "gen.", "gen. %"):
+        summary.add_column(name, justify="right", no_wrap=True)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for s in table["stages"]:
         summary.add_row(str(s["stage"]), f"{s['lambda']:.4g}", str(s["steps"]), str(s["retained_params"]),

@@ -125,6 +125,8 @@ def train_step(model_name: str, method: str, module, params, inputs, labels):
     state[0], state[1], loss = step(state[0], state[1], frozen)
     return jax.block_until_ready(loss)
 
+  call.lower = lambda: step.lower(state[0], state[1], frozen)
+
   count = sum(x.size for x in jax.tree.leaves(trainable))
   return call, count
 
@@ -149,7 +151,12 @@ def floor_step(module, params, inputs, labels):
                                                  method="encode"), params)
   delta = jnp.zeros(hidden.shape, hidden.dtype)
   grad = jax.jit(jax.grad(perturbed_loss))
-  return lambda: jax.block_until_ready(grad(delta, params))
+
+  def call():
+    return jax.block_until_ready(grad(delta, params))
+
+  call.lower = lambda: grad.lower(delta, params)
+  return call
 
 
 def inference_calls(model_name: str, module, params, inputs) -> dict:
@@ -200,6 +207,14 @@ def main(spec: dict) -> dict:
              for method in spec["methods"]}
     timings = measure.time_interleaved(steps, warmup=warmup, repeats=repeats)
     result["time_s"] = {name: t.median_s for name, t in timings.items()}
+  elif spec["kind"] == "cost":
+    # XLA's own count of each compiled step's work: independent of machine load.
+    result["cost"] = {}
+    for method in spec["methods"]:
+      cost = train_step(spec["model"], method, module, params, inputs, labels)[0].lower().compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      result["cost"][method] = {"gflop": cost.get("flops", 0.0) / 1e9,
+                                "gbytes": cost.get("bytes accessed", 0.0) / 1e9}
   elif spec["kind"] == "inference":
     timings = measure.time_interleaved(inference_calls(spec["model"], module, params, inputs), warmup=warmup,
                                        repeats=repeats)

@@ -13,6 +13,7 @@ machine shared with other work (load that comes and goes hits every method alike
 
   python -m bench.train_step                       # the issue's configuration
   python -m bench.train_step --interleave         # time ratios on a busy machine
+  python -m bench.train_step --cost               # add XLA's FLOP and byte counts of each compiled step
   python -m bench.train_step --tiny --repeats 2    # a seconds-long smoke run
 """
 import argparse
@@ -37,6 +38,8 @@ def parse_args(argv=None):
   parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
   parser.add_argument("--interleave", action="store_true",
                       help="one process, methods timed in turn each round (no memory column)")
+  parser.add_argument("--cost", action="store_true",
+                      help="also compile every step once more for XLA's cost analysis (GFLOP, GB accessed)")
   parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model, seq 16, batch 2 (smoke test)")
   return parser.parse_args(argv)
 
@@ -69,22 +72,32 @@ def main(argv=None) -> str:
       spec = {"kind": "train", "model": args.model, "method": _CASE_METHOD[method], "batch": batch, "seq": seq,
               "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
       results[method] = measure.run_case("bench.jax_cases", spec)
+  cost = {}
+  if args.cost:
+    spec = {"kind": "cost", "model": args.model, "methods": [_CASE_METHOD[m] for m in methods], "batch": batch,
+            "seq": seq, "shape": shape}
+    cost = measure.run_case("bench.jax_cases", spec).get("cost", {})
   floor = results.get("floor", {}).get("time_s")
   full = results.get("full", {}).get("time_s")
   rows = []
   for method, r in results.items():
     if "error" in r:
-      rows.append([method, "error: " + r["error"][:120], "", "", "", ""])
+      rows.append([method, "error: " + r["error"][:120], "", "", "", ""] + (["", ""] if args.cost else []))
       continue
     t = r["time_s"]
-    rows.append([method, f"{1e3 * t:.1f}", f"{t / floor:.2f}" if floor else "-", f"{t / full:.2f}" if full else "-",
-                 "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
-                 "-" if r["trainable"] is None else f"{r['trainable']:,}"])
+    row = [method, f"{1e3 * t:.1f}", f"{t / floor:.2f}" if floor else "-", f"{t / full:.2f}" if full else "-",
+           "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+           "-" if r["trainable"] is None else f"{r['trainable']:,}"]
+    if args.cost:
+      c = cost.get(_CASE_METHOD[method], {})
+      row += [f"{c['gflop']:.1f}" if c else "-", f"{c['gbytes']:.2f}" if c else "-"]
+    rows.append(row)
   title = (f"JAX train step, {args.model} {shape['layers']} layers x {shape['hidden']} hidden, seq {seq}, "
            f"batch {batch}, rank 8 on six kernels per layer; median of {args.repeats} steps after {args.warmup} "
            f"warm-up{', methods interleaved in one process' if args.interleave else ', one process per method'}; "
            f"{measure.cpu_count()} CPU cores")
-  table = measure.format_table(["method", "ms/step", "x floor", "x full FT", "peak MiB", "trainable params"], rows)
+  header = ["method", "ms/step", "x floor", "x full FT", "peak MiB", "trainable params"]
+  table = measure.format_table(header + (["XLA GFLOP", "XLA GB accessed"] if args.cost else []), rows)
   notes = []
   if floor and "factored" in results and "time_s" in results["factored"]:
     ratio = results["factored"]["time_s"] / floor

@@ -61,9 +61,9 @@ def test_torch_sora_step_matches_optax_chain():
 def test_train_step_script_prints_table():
   text = train_step.main(["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,factored"])
   assert "| floor" in text and "| factored" in text and "error" not in text
-  text = train_step.main(["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,full,merge",
+  text = train_step.main(["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,full,merge", "--cost",
                            "--interleave"])
-  assert "| full" in text and "| merge" in text and "error" not in text
+  assert "| full" in text and "| merge" in text and "XLA GFLOP" in text and "error" not in text
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ def _mesh(fsdp):
 
 def _module(kernel_shape, a_shape, b_shape):
     return {"kernel": jnp.zeros(kernel_shape), "bias": jnp.zeros(kernel_shape[-1:]),
-            "sora_a": jnp.zeros(a_shape), "sora_b": jnp.zeros(b_shape), "sora_gate": jnp.zeros(a_shape[:-2] + a_shape[-1:])}
+            "sora_a": jnp.zeros(a_shape), "sora_b": jnp.zeros(b_shape),
+            "sora_gate": jnp.zeros(a_shape[:-2] + a_shape[-1:])}
 
 
 @pytest.mark.parametrize("kernel, a, b, want_kernel, want_a, want_b, want_gate", [

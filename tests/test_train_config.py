@@ -14,6 +14,8 @@ def test_defaults_are_the_builtin_run():
     assert config == RunConfig()
     assert config.data.task == "wordnet" and config.model.name == "all-MiniLM-L6-v2"
     assert config.adapter.method == "sora"
+    shipped = load_config(os.path.join(ROOT, "configs", "glue", "wordnet.yaml"), [f"output_dir={config.output_dir}"])
+    assert shipped == config  # configs/glue/wordnet.yaml spells out the built-in defaults
 
 
 def test_yaml_then_overrides(tmp_path):

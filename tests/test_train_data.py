@@ -38,8 +38,10 @@ def test_missing_column_is_a_clear_error(tmp_path):
 
 def test_csv_tsv_and_official_protocol(tmp_path):
     rows = [(f"first {i}", f"second {i}", i % 2) for i in range(20)]
-    (tmp_path / "train.tsv").write_text("sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
-    (tmp_path / "validation.csv").write_text("sentence1,sentence2,label\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows[:10]))
+    tsv = "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows)
+    csv = "".join(f"{a},{b},{c}\n" for a, b, c in rows[:10])
+    (tmp_path / "train.tsv").write_text("sentence1\tsentence2\tlabel\n" + tsv)
+    (tmp_path / "validation.csv").write_text("sentence1,sentence2,label\n" + csv)
     config = DataConfig(task="rte", data_dir=str(tmp_path))
     raw = data.load_raw(data.task_spec(config), config)
     assert len(raw["train"]) == 20 and len(raw["validation"]) == 10 and raw["train"][3]["sentence2"] == "second 3"

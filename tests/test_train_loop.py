@@ -57,6 +57,7 @@ def tiny_config(model, data_dir, output_dir, *overrides):
         "sparse_lambda=0.05", "mesh.fsdp_min_size=0", *overrides])
 
 
+@pytest.mark.slow
 def test_end_to_end_and_kill_resume(tiny_model, tiny_data, tmp_path):
     """A full run writes results.json with pruned+merged == unpruned; a run killed after step 7 (last checkpoint
     at step 4) and resumed ends with the same metrics, gates and loss curve."""
@@ -101,7 +102,10 @@ def test_end_to_end_and_kill_resume(tiny_model, tiny_data, tmp_path):
 def test_lora_keeps_gates_at_one(tiny_model, tiny_data, tmp_path):
     from flax import traverse_util
     from train.loop import build, fit
-    outcome = fit(build(tiny_config(tiny_model, tiny_data, tmp_path, "method=lora", "max_steps=3", "eval_every=3")))
+    # also runs gradient accumulation (2 micro-batches of 4 per step) and bf16 compute
+    outcome = fit(build(tiny_config(tiny_model, tiny_data, tmp_path, "method=lora", "max_steps=3", "eval_every=3",
+                                    "grad_accum=2", "bf16=true")))
+    assert [r["step"] for r in outcome.history] == [1, 2, 3]
     flat = traverse_util.flatten_dict(outcome.params)
     gates = [np.asarray(v) for p, v in flat.items() if p[-1] == "sora_gate"]
     assert gates and all((g == 1).all() for g in gates)
@@ -128,6 +132,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mesh_8_devices_matches_one_device(tiny_model, tiny_data, tmp_path):
     script = _MESH_SCRIPT.format(tests=os.path.join(ROOT, "tests"), model=tiny_model, data_dir=tiny_data,
                                  out=str(tmp_path))

@@ -43,6 +43,13 @@ class Checkpoints:
                                                      meta=ocp.args.JsonSave(meta)),
                        metrics={"score": float(score)}, force=True)
 
+    def drop_after(self, step: int) -> None:
+        """Deletes checkpoints past `step`: on resume, those are from the lost part of a killed run."""
+        for manager in (self.latest, self.best):
+            for s in manager.all_steps():
+                if s > step:
+                    manager.delete(s)
+
     def latest_step(self) -> Optional[int]:
         return self.latest.latest_step()
 

@@ -58,8 +58,12 @@ class AdapterConfig:
     targets: Optional[tuple[str, ...]] = None  # regexes over kernel paths; None: the model family's six dense kernels
     gate_init: str = "ones"
     dropout: float = 0.0
-    sparse_lambda: float = 4e-3  # proximal threshold per step (official code: sparse_lambda_2 = 3e-4)
-    lambda_scaled_by_lr: bool = False  # threshold = lr_t * lambda (paper) instead of the official constant lambda
+    # The proximal threshold per step is tau_t = lr_t * sparse_lambda (the paper's eta_t * lambda, with lr_t the
+    # A/B learning-rate schedule) when lambda_scaled_by_lr, else the constant sparse_lambda (official code,
+    # sparse_lambda_2 = 3e-4). The default: tau peaks at 1.2e-2, about a quarter of the gates' Adam step, so gates
+    # with a consistent gradient hold up and noisy ones are cut.
+    sparse_lambda: float = 6.0
+    lambda_scaled_by_lr: bool = True
     # Regexes (full match on '/'-joined paths) of extra leaves that train with the adapters: the head.
     trainable: tuple[str, ...] = (r"(.*/)?classifier/.*", r"(.*/)?pooler/.*")
     train_layernorm: bool = False
@@ -68,7 +72,7 @@ class AdapterConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = 2e-3
-    gate_learning_rate: Optional[float] = 1e-2  # None: same as learning_rate (official code: its own sparse_lr)
+    gate_learning_rate: Optional[float] = 5e-2  # None: same as learning_rate (official code: its own sparse_lr)
     weight_decay: float = 0.1  # on A, B and head kernels; never on gates, biases, LayerNorms
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -145,6 +149,10 @@ def _resolve_key(key: str) -> str:
     raise ConfigError(f"config key {key!r} is {hint}; valid keys: {', '.join(valid_keys())}")
 
 
+def _type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key {key!r} expects {expected}, got {value!r}; valid keys: {', '.join(valid_keys())}")
+
+
 def _coerce(key: str, value: Any, tp) -> Any:
     """Checks `value` against the annotated type `tp`, converting where lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
@@ -165,7 +173,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects a list, got {value!r}; valid keys: {', '.join(valid_keys())}")
+            raise _type_error(key, "a list", value)
         elem = args[0] if args else Any
         return tuple(_coerce(key, v, elem) for v in value)
     if tp is Any:
@@ -180,12 +188,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key {key!r} expects true/false, got {value!r}; valid keys: {', '.join(valid_keys())}")
+        raise _type_error(key, "true/false", value)
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}; valid keys: {', '.join(valid_keys())}")
+        raise _type_error(key, "an integer", value)
     if not isinstance(value, tp):
-        raise ConfigError(
-            f"config key {key!r} expects {tp.__name__}, got {value!r}; valid keys: {', '.join(valid_keys())}")
+        raise _type_error(key, tp.__name__, value)
     return value
 
 

@@ -115,8 +115,9 @@ def build(config: RunConfig) -> Experiment:
         trainable_patterns = (r".*",)
     else:
         targets = config.adapter.targets or tuple(_family(pretrained.config).TARGETS)
+        gate_init = "ones" if method == "lora" else config.adapter.gate_init  # LoRA: gates fixed at one
         sora = adapters.SoraConfig(rank=config.adapter.rank, alpha=config.adapter.alpha, targets=targets,
-                                   gate_init="ones" if method == "lora" else config.adapter.gate_init, dropout=config.adapter.dropout,
+                                   gate_init=gate_init, dropout=config.adapter.dropout,
                                    stacked=r"(.*/)?encoder/layer/.*" if config.model.scan_layers else None)
         params = adapters.init(jax.random.fold_in(jax.random.key(config.seed), 1), params, sora)
     paths = [adapters.path_str(p) for p in traverse_util.flatten_dict(params)]
@@ -405,6 +406,7 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
     if resume and checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore_latest(state)
         start, best = int(meta["step"]), meta["best"]
+        checkpoints.drop_after(start)
         best["score"] = -math.inf if best["score"] is None else best["score"]
         print(f"resumed from {output_dir} at step {start} (data position {meta['data_position']})")
     log = RunLog(output_dir, start)

@@ -74,8 +74,11 @@ DEFAULT_OUTPUT_DIR = "runs/sparsify"
 # fit in minutes on two CPU cores. gate_init "normal" is the official code's init: gates of spread magnitude reach zero
 # one by one under a growing threshold, where gates that all start at one would fall together. Trainer evaluation only
 # at a stage's end (the stage evaluation follows it). A YAML file or key=value overrides any of these.
-RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR, "adapter.gate_init": "normal", "train.max_steps": 60,
-                "train.eval_every": 10**9, "data.max_eval_examples": 500}
+# Stage lambdas are the official per-step threshold (unscaled, gates stepping at the A/B learning rate), so the
+# staged run does not inherit the single-run default of a learning-rate-scaled threshold.
+RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR, "adapter.gate_init": "normal", "adapter.lambda_scaled_by_lr": False,
+                "optim.gate_learning_rate": None, "train.max_steps": 60, "train.eval_every": 10**9,
+                "data.max_eval_examples": 500}
 
 
 def _sparsify_keys() -> list[str]:

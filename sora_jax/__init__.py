@@ -22,8 +22,12 @@ from sora_jax.optim import sora_proximal as sora_proximal
 from sora_jax.peft import LoadedPeft as LoadedPeft
 from sora_jax.peft import load_peft as load_peft
 from sora_jax.peft import save_peft as save_peft
+from sora_jax.schedules import LAMBDA_SHAPES as LAMBDA_SHAPES
+from sora_jax.schedules import lambda_schedule as lambda_schedule
+from sora_jax.schedules import lambda_stages as lambda_stages
 
 __all__ = [
+    "LAMBDA_SHAPES",
     "LoadedPeft",
     "RankReport",
     "RankRow",
@@ -37,6 +41,8 @@ __all__ = [
     "gate_l1_penalty",
     "gate_mask",
     "init",
+    "lambda_schedule",
+    "lambda_stages",
     "load_peft",
     "merge",
     "param_labels",
@@ -48,9 +54,3 @@ __all__ = [
     "split",
     "unmerge",
 ]
-
-from sora_jax.schedules import LAMBDA_SHAPES as LAMBDA_SHAPES  # noqa: E402
-from sora_jax.schedules import lambda_schedule as lambda_schedule  # noqa: E402
-from sora_jax.schedules import lambda_stages as lambda_stages  # noqa: E402
-
-__all__ += ["LAMBDA_SHAPES", "lambda_schedule", "lambda_stages"]

@@ -54,11 +54,12 @@ def adapter_output(module: nn.Module, x: jax.Array, config: SoraConfig, determin
     x = jnp.where(keep_mask, x / keep, 0.0).astype(x.dtype)
   x, a, b = promote_dtype(x, a, b, dtype=module.dtype)
   h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))), precision=module.precision)  # (..., rank)
-  if gate is not None:
-    h = h * gate.astype(h.dtype)
+  # The scale rides on the (rank,) gate so it multiplies the small (..., rank) tensor, not the (..., out) output:
+  # on CPU the step is bound by memory traffic, and an extra pass over the output costs more than its flops.
+  gate_scale = config.scale if gate is None else config.scale * gate
+  h = h * jnp.asarray(gate_scale, h.dtype)
   # tensordot keeps x's uncontracted axes in order, as DenseGeneral's dot_general does.
-  y = jnp.tensordot(h, b, axes=1, precision=module.precision)  # (..., *out_shape)
-  return (config.scale * y).astype(y.dtype)
+  return jnp.tensordot(h, b, axes=1, precision=module.precision)  # (..., *out_shape)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,11 @@ def test_end_to_end_and_kill_resume(tiny_model, tiny_data, tmp_path):
     records = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 13))
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "a" / "tensorboard"))
+    # The PEFT export holds exactly the modules whose rank stayed above zero, at those ranks.
+    peft_config = json.loads((tmp_path / "a" / "peft" / "adapter_config.json").read_text())
+    exported = on_disk["peft"]["ranks"]
+    assert sorted(exported.values()) == sorted(r for r in ranks.values() if r > 0)
+    assert all(peft_config["rank_pattern"].get(name, peft_config["r"]) == r for name, r in exported.items())
 
     killed = fit(build(tiny_config(tiny_model, tiny_data, tmp_path / "b", "abort_at_step=7")))
     assert killed.aborted and killed.step == 7  # steps 5-7 are lost, as in a kill

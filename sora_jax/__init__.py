@@ -15,6 +15,7 @@ from sora_jax.adapters import split as split
 from sora_jax.adapters import unmerge as unmerge
 from sora_jax.forward import apply_factored as apply_factored
 from sora_jax.forward import factored as factored
+from sora_jax.forward import low_rank_product as low_rank_product
 from sora_jax.optim import SoraProximalState as SoraProximalState
 from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
 from sora_jax.optim import soft_threshold as soft_threshold
@@ -44,6 +45,7 @@ __all__ = [
     "lambda_schedule",
     "lambda_stages",
     "load_peft",
+    "low_rank_product",
     "merge",
     "param_labels",
     "prune",

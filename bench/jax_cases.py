@@ -207,6 +207,11 @@ def main(spec: dict) -> dict:
              for method in spec["methods"]}
     timings = measure.time_interleaved(steps, warmup=warmup, repeats=repeats)
     result["time_s"] = {name: t.median_s for name, t in timings.items()}
+    if spec.get("inference_repeats"):  # the inference variants too, in this same process (saves a start-up)
+      del steps
+      timings = measure.time_interleaved(inference_calls(spec["model"], module, params, inputs), warmup=warmup,
+                                         repeats=spec["inference_repeats"])
+      result["inference_s"] = {name: t.median_s for name, t in timings.items()}
   elif spec["kind"] == "cost":
     # XLA's own count of each compiled step's work: independent of machine load.
     result["cost"] = {}

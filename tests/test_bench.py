@@ -85,3 +85,9 @@ def test_inference_cases_run_in_process(model):
   theirs = torch_cases.main(spec)["time_s"]
   assert set(ours) == {"base", "sora_merged", "sora_factored"}
   assert set(theirs) == {"base", "lora_merged", "lora_unmerged"}
+
+
+def test_matmul_script_prints_table():
+  from bench import matmul
+  text = matmul.main(["--repeats", "1"])
+  assert text.count("| (1024,") == len(matmul.SHAPES) and "JAX / torch" in text

@@ -47,7 +47,7 @@ def parse_args(argv=None):
   parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of bert,deberta")
   parser.add_argument("--batch", default="8", help="comma-separated batch sizes (8,32: the full matrix)")
   parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--quick", action="store_true", help="fewer timed steps (2 per train case, 3 inference rounds)")
+  parser.add_argument("--quick", action="store_true", help="fewer timed steps (2 per train case, 2 interleaved and inference rounds)")
   parser.add_argument("--tiny", action="store_true", help="2-layer 64-wide models, seq 16 (smoke test)")
   parser.add_argument("--jax-methods", default=",".join(JAX_METHODS), help=f"subset of {JAX_METHODS}")
   parser.add_argument("--torch-methods", default=",".join(TORCH_METHODS), help=f"subset of {TORCH_METHODS}")

@@ -8,7 +8,6 @@ far either framework can pull ahead of the other on the whole step (issue 7's fl
   python -m bench.matmul --repeats 5     # quicker
 """
 import argparse
-import time
 
 from bench import measure
 

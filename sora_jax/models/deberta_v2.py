@@ -169,6 +169,107 @@ class DebertaV2Embeddings(_Module):
         return nn.Dropout(config.hidden_dropout_prob)(embeddings, deterministic=deterministic)
 
 
+def _diagonal_rows(index: np.ndarray) -> np.ndarray | None:
+    """The row of each diagonal of a Toeplitz index, or None when `index` is not Toeplitz.
+
+    index: (q, k) int with index[i, j] a function of j - i alone. Returns rows: (q + k - 1,) with
+    index[i, j] == rows[j - i + q - 1].
+    """
+    q, k = index.shape
+    rows = np.concatenate([index[::-1, 0], index[0, 1:]])
+    i, j = np.indices(index.shape)
+    return rows if np.array_equal(rows[j - i + q - 1], index) else None
+
+
+def _skew(diagonals, k: int):
+    """(..., q, q + k - 1) -> (..., q, k): out[..., i, j] = diagonals[..., i, j - i + q - 1].
+
+    Row i of the result starts q - 1 - i entries into row i of the input. Flattening the rows and re-reading them
+    with a stride one shorter applies every shift at once (the "relative shift" of Transformer-XL), so the selection
+    is reshapes and slices, and its transpose is a pad; an XLA gather's transpose is a scatter, which is slow.
+    """
+    q, width = diagonals.shape[-2:]
+    if q == 1:
+        return diagonals
+    flat = diagonals.reshape(*diagonals.shape[:-2], q * width)[..., q - 1: q - 1 + q * (width - 1)]
+    return flat.reshape(*diagonals.shape[:-2], q, width - 1)[..., :k]
+
+
+def _select_rows(pos, rows: tuple[int, ...]):
+    """pos[..., rows, :] for static rows; a slice when rows run by +-1 (the unbucketed case)."""
+    lo, hi = min(rows), max(rows)
+    steps = set(np.diff(rows).tolist())
+    if steps <= {1}:
+        return pos[..., lo: hi + 1, :]
+    if steps == {-1}:
+        return pos[..., lo: hi + 1, :][..., ::-1, :]
+    return jnp.take(pos, np.asarray(rows), axis=-2)
+
+
+def _scores_by_diagonals(content, pos, rows: tuple[int, ...], k: int):
+    """One product per diagonal: content (..., q, d) against pos[rows] (..., q + k - 1, d), then _skew."""
+    return _skew(content @ jnp.swapaxes(_select_rows(pos, rows), -1, -2), k)
+
+
+def _scores_by_gather(content, pos, rows: tuple[int, ...], k: int):
+    """One product per used position row, then an XLA gather of each (i, j) entry."""
+    q = content.shape[-2]
+    lo, hi = min(rows), max(rows)
+    i, j = np.indices((q, k))
+    index = np.asarray(rows)[j - i + q - 1] - lo
+    scores = content @ jnp.swapaxes(pos[..., lo: hi + 1, :], -1, -2)  # (..., q, hi - lo + 1)
+    return jnp.take_along_axis(scores, jnp.broadcast_to(index, scores.shape[:-1] + index.shape[-1:]), -1)
+
+
+def _scores_forward(content, pos, rows: tuple[int, ...], k: int):
+    # The diagonal products have q + k - 1 columns, the gathered ones hi - lo + 1. With few distinct rows (long
+    # sequences, log buckets) the gather's product is the smaller one and wins; otherwise the skew wins.
+    if len(rows) <= 1.5 * (max(rows) - min(rows) + 1):
+        return _scores_by_diagonals(content, pos, rows, k)
+    return _scores_by_gather(content, pos, rows, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _toeplitz_scores(content, pos, rows: tuple[int, ...], k: int):
+    return _scores_forward(content, pos, rows, k)
+
+
+def _toeplitz_scores_fwd(content, pos, rows, k):
+    return _scores_forward(content, pos, rows, k), (content, pos)
+
+
+def _toeplitz_scores_bwd(rows, k, residuals, cotangent):
+    # Always through the diagonals: the transpose of _skew is a pad, where the gather's would be a scatter. The
+    # diagonal forward product is dead code here and XLA drops it.
+    content, pos = residuals
+    _, vjp = jax.vjp(functools.partial(_scores_by_diagonals, rows=rows, k=k), content, pos)
+    return vjp(cotangent)
+
+
+_toeplitz_scores.defvjp(_toeplitz_scores_fwd, _toeplitz_scores_bwd)
+
+
+def relative_scores(content, pos, index: np.ndarray):
+    """Scores of content vectors against relative-position vectors picked by a static index.
+
+    content: (..., q, d); pos: (..., P, d), broadcasting against content's leading axes; index: (q, k) int in
+    [0, P), a NumPy array. Returns (..., q, k) with
+        out[..., i, j] = content[..., i, :] . pos[..., index[i, j], :].
+    DeBERTa's index depends on j - i alone (it is a bucketed relative distance), so every diagonal of the result
+    reads one position row; that is computed as one matmul per diagonal plus a skew rather than with a gather,
+    whose gradient is a slow scatter on CPU. Any other index falls back to a gather.
+    """
+    index = np.asarray(index)
+    if index.ndim != 2 or index.min() < 0 or index.max() >= pos.shape[-2]:
+        raise ValueError(f"index must be (q, k) with entries in [0, {pos.shape[-2]}); got shape {index.shape} "
+                         f"and range [{index.min()}, {index.max()}]")
+    rows = _diagonal_rows(index)
+    if rows is None:
+        scores = content @ jnp.swapaxes(pos, -1, -2)
+        return jnp.take_along_axis(scores, jnp.broadcast_to(index, scores.shape[:-1] + index.shape[-1:]), -1)
+    return _toeplitz_scores(content, pos, tuple(rows.tolist()), index.shape[1])
+
+
 def _split_heads(x, num_heads: int):
     """(..., seq, heads * head_dim) -> (..., heads, seq, head_dim)."""
     x = x.reshape(*x.shape[:-1], num_heads, -1)
@@ -177,9 +278,9 @@ def _split_heads(x, num_heads: int):
 
 class DisentangledSelfAttention(_Module):
     @nn.compact
-    def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
+    def __call__(self, hidden_states, attention_mask, rel_embeddings, deterministic: bool = True):
         """hidden_states: (batch, seq, hidden); attention_mask: (batch, 1, seq, seq) bool;
-        relative_pos: (seq, seq) int; rel_embeddings: (2 * span, hidden) or None. Returns (batch, seq, heads*dim)."""
+        rel_embeddings: (2 * span, hidden) or None. Returns (batch, seq, heads*dim)."""
         config = self.config
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // num_heads
@@ -200,23 +301,27 @@ class DisentangledSelfAttention(_Module):
 
         if relative_attention:
             span = _attention_span(config)
-            rel = nn.Dropout(config.hidden_dropout_prob)(rel_embeddings[: 2 * span], deterministic=deterministic)
+            # Static: the (q, k) distances depend on the sequence length alone, so they are NumPy, not traced.
+            relative_pos = relative_positions(
+                hidden_states.shape[-2], _position_buckets(config), _max_relative_positions(config))
+            c2p_pos = np.clip(relative_pos + span, 0, 2 * span - 1)  # (q, k)
+            p2c_pos = np.clip(-relative_pos + span, 0, 2 * span - 1)  # (k, q) since q and k coincide
+            # Only rows lo..hi of the 2 * span relative embeddings are read (half of them at seq 128 in DeBERTa-v3),
+            # and each row is projected on its own, so the rest are never projected.
+            lo, hi = min(c2p_pos.min(), p2c_pos.min()), max(c2p_pos.max(), p2c_pos.max())
+            rel = nn.Dropout(config.hidden_dropout_prob)(rel_embeddings[lo: hi + 1], deterministic=deterministic)
             if share_att_key:
                 pos_query_proj, pos_key_proj = query_proj, key_proj
             else:
                 pos_key_proj = self._dense(all_head_size, "pos_key_proj") if "c2p" in kinds else None
                 pos_query_proj = self._dense(all_head_size, "pos_query_proj") if "p2c" in kinds else None
             if "c2p" in kinds:
-                pos_key = _split_heads(pos_key_proj(rel), num_heads)  # (heads, 2 * span, dim)
-                c2p = query @ jnp.swapaxes(pos_key, -1, -2)  # (batch, heads, q, 2 * span)
-                c2p_pos = jnp.clip(relative_pos + span, 0, 2 * span - 1)  # (q, k)
-                c2p = jnp.take_along_axis(c2p, jnp.broadcast_to(c2p_pos, c2p.shape[:-1] + c2p_pos.shape[-1:]), -1)
+                pos_key = _split_heads(pos_key_proj(rel), num_heads)  # (heads, hi - lo + 1, dim)
+                c2p = relative_scores(query, pos_key, c2p_pos - lo)  # (batch, heads, q, k)
                 scores = scores + c2p / scale
             if "p2c" in kinds:
                 pos_query = _split_heads(pos_query_proj(rel), num_heads)
-                p2c = key @ jnp.swapaxes(pos_query, -1, -2)  # (batch, heads, k, 2 * span)
-                p2c_pos = jnp.clip(-relative_pos + span, 0, 2 * span - 1)  # (k, q) since q and k coincide
-                p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(p2c_pos, p2c.shape[:-1] + p2c_pos.shape[-1:]), -1)
+                p2c = relative_scores(key, pos_query, p2c_pos - lo)  # (batch, heads, k, q)
                 scores = scores + jnp.swapaxes(p2c, -1, -2) / scale
 
         # Softmax in float32; masked entries get the dtype's min as in the reference, so a fully padded query row
@@ -240,10 +345,10 @@ class DebertaV2SelfOutput(_Module):
 
 class DebertaV2Attention(_Module):
     @nn.compact
-    def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
+    def __call__(self, hidden_states, attention_mask, rel_embeddings, deterministic: bool = True):
         common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         context = DisentangledSelfAttention(**common, name="self")(
-            hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+            hidden_states, attention_mask, rel_embeddings, deterministic
         )
         return DebertaV2SelfOutput(**common, name="output")(context, hidden_states, deterministic)
 
@@ -259,10 +364,10 @@ class DebertaV2Layer(_Module):
     """One encoder block. The call signature (carry, *broadcast) -> (carry, None) suits nn.scan."""
 
     @nn.compact
-    def __call__(self, hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic: bool = True):
+    def __call__(self, hidden_states, attention_mask, rel_embeddings, deterministic: bool = True):
         common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         attention_output = DebertaV2Attention(**common, name="attention")(
-            hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+            hidden_states, attention_mask, rel_embeddings, deterministic
         )
         intermediate = DebertaV2Intermediate(**common, name="intermediate")(attention_output)
         layer_output = DebertaV2SelfOutput(**common, name="output")(intermediate, attention_output, deterministic)
@@ -303,15 +408,12 @@ class DebertaV2Encoder(_Module):
         """embeddings: (batch, seq, hidden); input_mask: (batch, seq) of 0/1. Returns (batch, seq, hidden)."""
         config = self.config
         common = dict(config=config, dtype=self.dtype, param_dtype=self.param_dtype)
-        seq_len = embeddings.shape[-2]
         keep = input_mask.astype(bool)
         # Pairwise mask: query i may attend key j when both are real tokens (as the reference builds it).
         attention_mask = keep[:, None, :, None] & keep[:, None, None, :]
 
-        relative_pos = None
         rel_embeddings = None
         if getattr(config, "relative_attention", False):
-            relative_pos = relative_positions(seq_len, _position_buckets(config), _max_relative_positions(config))
             table = self._embed(2 * _attention_span(config), config.hidden_size, "rel_embeddings")
             rel_embeddings = jnp.asarray(table.embedding, self.dtype)
             if "layer_norm" in _norm_rel_ebd(config):
@@ -320,7 +422,7 @@ class DebertaV2Encoder(_Module):
         layer_cls = DebertaV2Layer
         if self.remat:
             # Arguments counted with self at 0: deterministic is static.
-            layer_cls = nn.remat(layer_cls, static_argnums=(5,), prevent_cse=not self.scan_layers)
+            layer_cls = nn.remat(layer_cls, static_argnums=(4,), prevent_cse=not self.scan_layers)
 
         has_conv = getattr(config, "conv_kernel_size", 0) > 0
         hidden_states = embeddings
@@ -331,16 +433,16 @@ class DebertaV2Encoder(_Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=config.num_hidden_layers,
             )
             hidden_states, _ = scanned(**common, name="layer")(
-                hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+                hidden_states, attention_mask, rel_embeddings, deterministic
             )
         else:
             for i in range(config.num_hidden_layers):
                 hidden_states, _ = layer_cls(**common, name=f"layer_{i}")(
-                    hidden_states, attention_mask, relative_pos, rel_embeddings, deterministic
+                    hidden_states, attention_mask, rel_embeddings, deterministic
                 )
                 if i == 0 and has_conv:
                     hidden_states = DebertaV2ConvLayer(**common, name="conv")(

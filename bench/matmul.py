@@ -1,17 +1,18 @@
 """One dense product at a time, JAX (jitted) against PyTorch (eager), on the CPU this runs on.
 
-The shapes are those of a BERT-base layer at batch 8 x seq 128 = 1024 rows: the four 768 x 768 attention kernels, the
-768 x 3072 intermediate and the 3072 x 768 output. These products are most of a train step, so their rates bound how
+The shapes are those of a BERT-base layer at batch 8 x seq 128 = 1024 rows (--rows to change): the four 768 x 768
+attention kernels, the 768 x 3072 intermediate and the 3072 x 768 output. These products are most of a train step, so their rates bound how
 far either framework can pull ahead of the other on the whole step (issue 7's floor rows).
 
   python -m bench.matmul                 # median of 20 calls per shape and framework
   python -m bench.matmul --repeats 5     # quicker
+  python -m bench.matmul --rows 4096     # batch 32 x seq 128
 """
 import argparse
 
 from bench import measure
 
-SHAPES = ((1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768))
+SHAPES = ((768, 768), (768, 3072), (3072, 768))  # (fan_in, fan_out) of the six kernels of a BERT-base layer
 
 
 def _median_ms(call, repeats: int) -> float:
@@ -21,6 +22,7 @@ def _median_ms(call, repeats: int) -> float:
 def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--rows", type=int, default=1024, help="rows of the activation (batch x seq)")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores of this process)")
   args = parser.parse_args(argv)
 
@@ -31,7 +33,8 @@ def main(argv=None) -> str:
   product = jax.jit(lambda x, w: x @ w)
   rows = []
   gen = np.random.default_rng(0)
-  for rows_, fan_in, fan_out in SHAPES:
+  rows_ = args.rows
+  for fan_in, fan_out in SHAPES:
     x = gen.standard_normal((rows_, fan_in), dtype=np.float32)
     w = gen.standard_normal((fan_in, fan_out), dtype=np.float32)
     x_jax, w_jax = jax.numpy.asarray(x), jax.numpy.asarray(w)

@@ -93,3 +93,9 @@ def test_matmul_script_prints_table():
   from bench import matmul
   text = matmul.main(["--repeats", "1"])
   assert text.count("| (1024,") == len(matmul.SHAPES) and "JAX / torch" in text
+
+
+def test_relative_scores_script_prints_table():
+  from bench import relative_scores
+  text = relative_scores.main(["--seq", "8", "--repeats", "1"])
+  assert text.count("| 8 ") == 3 and "diagonals / gather" in text

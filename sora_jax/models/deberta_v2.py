@@ -3,7 +3,9 @@
 Disentangled attention (He et al., 2021, eq. 4) adds to the content score q_i.k_j two relative terms,
   c2p: q_i . k^r_{delta(i, j)}    and    p2c: k_j . q^r_{delta(j, i)},
 where q^r, k^r project the (layer-normed) relative embeddings and delta is the log-bucketed relative distance.
-All three terms share the scale 1 / sqrt(head_dim * (1 + #relative terms)).
+All three terms share the scale 1 / sqrt(head_dim * (1 + #relative terms)). Since delta depends on j - i alone, the
+relative terms are computed one diagonal of (i, j) at a time (`relative_scores`) rather than with transformers'
+gather, whose gradient is a scatter: slow under XLA on CPU.
 
 Module paths follow transformers' module names, so the checkpoint mapping is a rename plus a transpose and SoRA
 targets read as in PyTorch:
@@ -257,7 +259,8 @@ def relative_scores(content, pos, index: np.ndarray):
         out[..., i, j] = content[..., i, :] . pos[..., index[i, j], :].
     DeBERTa's index depends on j - i alone (it is a bucketed relative distance), so every diagonal of the result
     reads one position row; that is computed as one matmul per diagonal plus a skew rather than with a gather,
-    whose gradient is a slow scatter on CPU. Any other index falls back to a gather.
+    whose gradient is a slow scatter on CPU. Any other index falls back to a gather. The Toeplitz path has a
+    hand-written VJP (a `jax.custom_vjp`), so it supports reverse-mode differentiation, not `jax.jvp`.
     """
     index = np.asarray(index)
     if index.ndim != 2 or index.min() < 0 or index.max() >= pos.shape[-2]:

@@ -2,8 +2,8 @@
 
 The c2p and p2c terms of one DeBERTa-v3-base attention layer (batch 8, 12 heads of 64, 256 position buckets, shared
 position projections): out[b, h, i, j] = content[b, h, i] . pos[h, index[i, j]] for query and key, p2c transposed.
-  gather     the score against every one of the 2 x 256 position rows, then `take_along_axis` of each (i, j) entry:
-             the formulation of transformers' PyTorch model, and of ours before `relative_scores`
+  gather     `deberta_v2.gathered_scores`: the score against every one of the 2 x 256 position rows, then
+             `take_along_axis` of each (i, j) entry, as transformers' PyTorch model does (and ours did before)
   diagonals  `sora_jax.models.deberta_v2.relative_scores`: one product per diagonal of (i, j) plus a skew, with a
              hand-written VJP
 Rows: forward; gradient w.r.t. query and key (the floor, and LoRA without the position projections); gradient w.r.t.
@@ -20,12 +20,6 @@ from bench import measure
 BATCH, HEADS, HEAD_DIM, SPAN, BUCKETS, MAX_POSITION = 8, 12, 64, 256, 256, 512
 
 
-def _gathered(content, pos, index):
-  import jax.numpy as jnp
-  scores = content @ jnp.swapaxes(pos, -1, -2)
-  return jnp.take_along_axis(scores, jnp.broadcast_to(index, scores.shape[:-1] + index.shape[-1:]), -1)
-
-
 def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seq", default="128,512", help="comma-separated sequence lengths")
@@ -35,7 +29,7 @@ def main(argv=None) -> str:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from sora_jax.models.deberta_v2 import relative_positions, relative_scores
+  from sora_jax.models.deberta_v2 import gathered_scores, relative_positions, relative_scores
 
   rows = []
   for seq in [int(s) for s in args.seq.split(",") if s]:
@@ -45,7 +39,7 @@ def main(argv=None) -> str:
     relative = relative_positions(seq, BUCKETS, MAX_POSITION)
     c2p_index = np.clip(relative + SPAN, 0, 2 * SPAN - 1)
     p2c_index = np.clip(-relative + SPAN, 0, 2 * SPAN - 1)
-    ways = {"gather": _gathered, "diagonals": relative_scores}
+    ways = {"gather": gathered_scores, "diagonals": relative_scores}
     functions = {}
     for name, scores in ways.items():
       def both(q, k, p, scores=scores):

@@ -208,19 +208,29 @@ def _select_rows(pos, rows: tuple[int, ...]):
     return jnp.take(pos, np.asarray(rows), axis=-2)
 
 
+def _diagonal_products(content, pos, rows: tuple[int, ...]):
+    """content (..., q, d) against pos[rows] (..., q + k - 1, d): the (..., q, q + k - 1) scores of every diagonal."""
+    return content @ jnp.swapaxes(_select_rows(pos, rows), -1, -2)
+
+
 def _scores_by_diagonals(content, pos, rows: tuple[int, ...], k: int):
-    """One product per diagonal: content (..., q, d) against pos[rows] (..., q + k - 1, d), then _skew."""
-    return _skew(content @ jnp.swapaxes(_select_rows(pos, rows), -1, -2), k)
+    """One product per diagonal, then _skew."""
+    return _skew(_diagonal_products(content, pos, rows), k)
+
+
+def gathered_scores(content, pos, index: np.ndarray):
+    """The same scores as `relative_scores`, the plain way: content against every position row, then an XLA gather
+    of each (i, j) entry (what transformers' PyTorch model does). Any index; slow to differentiate on CPU."""
+    scores = content @ jnp.swapaxes(pos, -1, -2)  # (..., q, P)
+    return jnp.take_along_axis(scores, jnp.broadcast_to(index, scores.shape[:-1] + index.shape[-1:]), -1)
 
 
 def _scores_by_gather(content, pos, rows: tuple[int, ...], k: int):
-    """One product per used position row, then an XLA gather of each (i, j) entry."""
+    """gathered_scores against the used position rows lo..hi only."""
     q = content.shape[-2]
     lo, hi = min(rows), max(rows)
     i, j = np.indices((q, k))
-    index = np.asarray(rows)[j - i + q - 1] - lo
-    scores = content @ jnp.swapaxes(pos[..., lo: hi + 1, :], -1, -2)  # (..., q, hi - lo + 1)
-    return jnp.take_along_axis(scores, jnp.broadcast_to(index, scores.shape[:-1] + index.shape[-1:]), -1)
+    return gathered_scores(content, pos[..., lo: hi + 1, :], np.asarray(rows)[j - i + q - 1] - lo)
 
 
 def _scores_forward(content, pos, rows: tuple[int, ...], k: int):
@@ -247,12 +257,11 @@ def _toeplitz_scores_bwd(rows, k, residuals, cotangent):
     # took 1.05x the gather's time instead of 0.92x (`python -m bench.relative_scores`).
     content, pos = residuals
     q = content.shape[-2]
-    diagonals_shape = jnp.broadcast_shapes(content.shape[:-2], pos.shape[:-2]) + (q, q + k - 1)
-    _, skew_transpose = jax.vjp(lambda d: _skew(d, k), jnp.zeros(diagonals_shape, cotangent.dtype))
-    (d_diagonals,) = skew_transpose(cotangent)
-    d_diagonals = jax.lax.optimization_barrier(d_diagonals)
-    _, vjp = jax.vjp(lambda c, p: c @ jnp.swapaxes(_select_rows(p, rows), -1, -2), content, pos)
-    return vjp(d_diagonals)
+    diagonals = jax.ShapeDtypeStruct(
+        jnp.broadcast_shapes(content.shape[:-2], pos.shape[:-2]) + (q, q + k - 1), cotangent.dtype)
+    (d_diagonals,) = jax.linear_transpose(lambda d: _skew(d, k), diagonals)(cotangent)
+    _, vjp = jax.vjp(functools.partial(_diagonal_products, rows=rows), content, pos)
+    return vjp(jax.lax.optimization_barrier(d_diagonals))
 
 
 _toeplitz_scores.defvjp(_toeplitz_scores_fwd, _toeplitz_scores_bwd)
@@ -275,8 +284,7 @@ def relative_scores(content, pos, index: np.ndarray):
                          f"and range [{index.min()}, {index.max()}]")
     rows = _diagonal_rows(index)
     if rows is None:
-        scores = content @ jnp.swapaxes(pos, -1, -2)
-        return jnp.take_along_axis(scores, jnp.broadcast_to(index, scores.shape[:-1] + index.shape[-1:]), -1)
+        return gathered_scores(content, pos, index)
     return _toeplitz_scores(content, pos, tuple(rows.tolist()), index.shape[1])
 
 

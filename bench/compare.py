@@ -56,6 +56,9 @@ def parse_args(argv=None):
   parser.add_argument("--no-interleaved", action="store_true",
                       help="skip the one-process floor / SoRA / LoRA timing (the near-one ratios)")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores of this process)")
+  parser.add_argument("--no-hugepages", action="store_true",
+                      help="leave glibc's malloc at its defaults in every case (default: transparent huge pages for "
+                           "both frameworks; see bench/measure.py)")
   return parser.parse_args(argv)
 
 
@@ -112,7 +115,7 @@ def main(argv=None) -> str:
   interleave = [m for m in INTERLEAVED_METHODS if m == "floor" or m in jax_methods]
 
   def run(module, spec):
-    result = measure.run_case(module, spec, timeout=900)
+    result = measure.run_case(module, spec, timeout=900, hugepages=not args.no_hugepages)
     if "error" in result:
       errors.append(f"{module} {spec['kind']} {spec.get('method', '')} {spec['model']} b{spec['batch']}: "
                     f"{result['error']}")
@@ -208,7 +211,8 @@ def main(argv=None) -> str:
   model_desc = "2-layer 64-wide toy shapes (--tiny)" if args.tiny else "random weights"
   lines = [
       f"Train step, seq {seq}, rank 8 on six dense layers per block, {model_desc}; {train_steps} after 1 warm-up; "
-      f"{measure.cpu_count()} CPU cores, torch threads {threads}, XLA: its default CPU thread pool (all cores)",
+      f"{measure.cpu_count()} CPU cores, torch threads {threads}, XLA: its default CPU thread pool (all cores); "
+      f"every case: {measure.malloc_setting(measure.case_env(hugepages=not args.no_hugepages))}",
       "",
       measure.format_table(["model", "batch", "row", "ours", "ours ms", "theirs", "theirs ms", "time ours/theirs",
                             "ours MiB", "theirs MiB", "mem ours/theirs"], rows),

@@ -196,6 +196,12 @@ def main(spec: dict) -> dict:
       step, trainable = train_step(spec["model"], spec["method"], config, batch)
     result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
     result["trainable"] = trainable
+  elif spec["kind"] == "huge_pages":  # the step with transparent huge pages allowed and forbidden, in turn
+    if spec["method"] == "floor":
+      step, _ = floor_step(config, batch)
+    else:
+      step, _ = train_step(spec["model"], spec["method"], config, batch)
+    result.update(measure.time_huge_pages(step, warmup=warmup, rounds=spec.get("rounds", 4)))
   elif spec["kind"] == "inference":
     timings = measure.time_interleaved(inference_calls(spec["model"], config, batch), warmup=warmup,
                                        repeats=repeats)

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from bench import compare, measure, torch_cases, train_step  # noqa: E402
+from bench import compare, measure, page_faults, torch_cases, train_step  # noqa: E402
 
 
 def test_format_table_aligns_columns():
@@ -23,6 +23,49 @@ def test_measure_step_reports_time_and_memory():
   result = measure.measure_step(lambda: np.ones(8 * 2**20).sum(), baseline_mib=measure.rss_mib(), warmup=1, repeats=3)
   assert result["time_s"] > 0 and result["repeats"] == 3
   assert result["peak_mib"] > 32.0, result
+  # 64 MiB of fresh pages per call: at least 32 faults even if every one were a 2 MiB huge page.
+  assert result["minor_faults"] >= 32 and result["system_s"] >= 0 and result["user_s"] > 0, result
+
+
+def test_case_env_adds_the_hugepage_tunable_once(monkeypatch):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert measure.case_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert "GLIBC_TUNABLES" not in measure.case_env(hugepages=False)
+  assert measure.malloc_setting(measure.case_env(hugepages=False)) == "glibc malloc defaults"
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+  assert measure.case_env()["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=1"
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the caller's own choice is kept
+  assert measure.case_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+_HUGE_PAGES_OF_FRESH_BUFFERS = """
+import json, numpy as np
+from bench import measure
+step = lambda: np.ones(8 * 2**20).sum()  # 64 MiB, a fresh mmap each time
+print(json.dumps(measure.time_huge_pages(step, warmup=1, rounds=2)))
+"""
+
+
+def test_huge_pages_cut_the_page_faults_of_fresh_buffers():
+  import json
+  import platform
+  import subprocess
+  import sys
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      mode = f.read()
+  except OSError:
+    pytest.skip("no transparent huge pages on this system")
+  libc, version = platform.libc_ver()
+  if "[madvise]" not in mode or libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+    pytest.skip(f"needs transparent_hugepage=madvise and glibc >= 2.35 (have {mode.strip()!r}, {libc} {version})")
+  out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_OF_FRESH_BUFFERS], env=measure.case_env(hugepages=True),
+                       capture_output=True, text=True, check=True).stdout
+  result = json.loads(out.splitlines()[-1])
+  faults = result["minor_faults"]
+  # 64 MiB: 16,384 pages of 4 KiB, 32 of 2 MiB.
+  assert faults["off"] > 8000 and faults["on"] < faults["off"] / 10, result
+  assert result["steps"] == 4 and set(result["time_s"]) == {"on", "off"}
 
 
 def test_sora_linear_matches_formula():
@@ -72,6 +115,23 @@ def test_train_step_script_prints_table():
 
 
 @pytest.mark.slow
+def test_page_faults_script_summarises_each_setting(monkeypatch):
+  # The cases' processes are replaced by canned results: this checks the table and the ratios, not the machine.
+  def fake_run_case(module, spec, *, timeout=None, progress=True, hugepages=True):
+    assert spec["kind"] == "huge_pages" and hugepages
+    off = {("bench.jax_cases", "floor"): 2.0, ("bench.jax_cases", "sora"): 2.4,
+           ("bench.torch_cases", "floor"): 2.5, ("bench.torch_cases", "lora"): 4.0}[(module, spec["method"])]
+    on = off * (0.75 if module == "bench.jax_cases" else 1.0)
+    return {"time_s": {"off": off, "on": on}, "minor_faults": {"off": 5000.0, "on": 10.0},
+            "system_s": {"off": 0.5, "on": 0.1}, "steps": 8}
+
+  monkeypatch.setattr(measure, "run_case", fake_run_case)
+  text = page_faults.main([])
+  assert "ours SoRA / PEFT LoRA, both on 4 KiB pages: 0.60" in text
+  assert "ours SoRA / PEFT LoRA, both on huge pages: 0.45" in text
+  assert "| ours SoRA   | 2400          | 1800         | 0.75 " in text, text
+
+
 def test_compare_script_prints_tables():
   text = compare.main(["--tiny", "--models", "bert", "--batch", "2", "--quick", "--jax-methods", "sora",
                        "--torch-methods", "lora"])

@@ -44,6 +44,7 @@ def test_int_is_accepted_for_float():
     ("bf16=3", ["model.bf16", "true/false"]),
     ("learning_rate=fast", ["optim.learning_rate", "float"]),
     ("novalue", ["key=value"]),
+    ("final_params=worst", ["train.final_params", "'best', 'last'", "worst"]),
 ])
 def test_errors_name_valid_keys(override, words):
     with pytest.raises(ConfigError) as e:

@@ -105,6 +105,26 @@ def test_end_to_end_and_kill_resume(tiny_model, tiny_data, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_final_evaluation_uses_the_best_evaluation_s_params(tiny_model, tiny_data, tmp_path):
+    """final_params=best (the default): a run whose best evaluation came before its last step evaluates, prunes and
+    exports the params of that step, so its final metrics reproduce that evaluation; final_params=last keeps the
+    last step's."""
+    from train.loop import run
+    best_run = run(tiny_config(tiny_model, tiny_data, tmp_path / "best", "eval_every=2"))
+    best = best_run["best"]
+    assert best["step"] < 12, "this setup is meant to peak before its last step"
+    assert best_run["params_step"] == best["step"] and best_run["metrics"] == best["metrics"]
+    assert best_run["pruned_merged"]["metrics_equal"]
+
+    last_run = run(tiny_config(tiny_model, tiny_data, tmp_path / "last", "eval_every=2", "final_params=last"))
+    assert last_run["best"] == best and last_run["params_step"] == 12
+    records = [json.loads(l) for l in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
+    at_12 = {k.removeprefix("eval/"): v for r in records if r["step"] == 12 for k, v in r.items()
+             if k.startswith("eval/")}
+    assert last_run["metrics"] == pytest.approx(at_12) and at_12["validation/accuracy"] < best["score"]
+
+
 def test_lora_keeps_gates_at_one(tiny_model, tiny_data, tmp_path):
     from flax import traverse_util
     from train.loop import build, fit

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -94,6 +94,9 @@ class TrainConfig:
     keep_checkpoints: int = 1
     abort_at_step: Optional[int] = None  # testing aid: stop after this step as if killed (nothing saved there)
     progress: bool = True
+    # Which parameters the final evaluation, the rank report, pruning and the PEFT export use: "best", those of the
+    # evaluation with the best validation score (reloaded from the kept-best checkpoint), or "last", the final step's.
+    final_params: Literal["best", "last"] = "best"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +173,10 @@ def coerce(key: str, value: Any, tp) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key!r} expects one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]

@@ -367,6 +367,7 @@ class FitOutcome:
     aborted: bool
     wall_time_s: float
     output_dir: str
+    params_step: Optional[int] = None  # the step `params` come from, when not the last (`restore_best`)
 
 
 def _to_host(tree):
@@ -490,6 +491,7 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
     final, logits = evaluate(experiment, params, splits, return_logits=True)
     results = {"task": experiment.spec.name, "method": config.adapter.method, "model": config.model.name,
                "steps": outcome.step, "metrics": final, "best": outcome.best,
+               "params_step": outcome.step if outcome.params_step is None else outcome.params_step,
                "train_wall_time_s": outcome.wall_time_s}
     if experiment.sora is not None:
         host_params = _gather(params)
@@ -544,11 +546,33 @@ def _export_peft(experiment: Experiment, pruned, output_dir: str) -> dict:
     return {"directory": directory, "ranks": ranks}
 
 
+def restore_best(experiment: Experiment, outcome: FitOutcome) -> FitOutcome:
+    """`outcome` with the trainable params of its best evaluation, read back from the kept-best checkpoint; unchanged
+    when the best evaluation was the last step's (or there was none)."""
+    best_step = outcome.best.get("step")
+    if best_step is None or best_step == outcome.step:
+        return outcome
+    checkpoints = Checkpoints(os.path.join(outcome.output_dir, "checkpoints"), experiment.config.train.keep_checkpoints)
+    try:
+        params, meta = checkpoints.restore_best(outcome.params)
+    finally:
+        checkpoints.close()
+    if int(meta["step"]) != best_step:
+        raise RuntimeError(f"the kept-best checkpoint in {outcome.output_dir}/checkpoints/best is from step "
+                           f"{meta['step']}, but the run's best evaluation was at step {best_step}; rerun, or set "
+                           "final_params=last to use the final step's parameters")
+    print(f"final evaluation with the parameters of step {best_step}, the best {score_key(experiment)} "
+          f"({outcome.best['score']:.4f}); final_params=last uses those of step {outcome.step}")
+    return dataclasses.replace(outcome, params=params, params_step=best_step)
+
+
 def run(config: RunConfig) -> Optional[dict]:
-    """build, fit, finish; None when the run was aborted (`train.abort_at_step`)."""
+    """build, fit, (restore_best), finish; None when the run was aborted (`train.abort_at_step`)."""
     experiment = build(config)
     outcome = fit(experiment)
     if outcome.aborted:
         print(f"aborted after step {outcome.step} (train.abort_at_step); continue with resume=true")
         return None
+    if config.train.final_params == "best":
+        outcome = restore_best(experiment, outcome)
     return finish(experiment, outcome)

@@ -6,19 +6,26 @@ every block, for BERT-base and DeBERTa-v3-base shapes:
          full fine-tuning -- JAX, jitted, trainable state donated
   torch  PEFT LoRA, PEFT AdaLoRA (init_r 12 -> target_r 8), full fine-tuning with transformers, and a PyTorch
          re-implementation of the SoRA step (bench/torch_cases.py) -- eager, CPU
-The floor of both frameworks (forward plus backward to the embedding output, every weight frozen) bounds what any
-adapter method can reach. Inference (forward only): ours base / SoRA merged into the kernels / factored adapters; torch
-base / PEFT LoRA unmerged / merged. Every train case runs in a fresh process (its own memory high-water mark). Ratios
-near one -- our SoRA against our LoRA and the floor, merged against base inference -- come from one process per
-model that times its variants in turn, round by round, so that load on a shared machine hits them alike.
+With --floor, also the floor of both frameworks: forward plus backward to the embedding output, every weight frozen,
+no optimizer. Inference (forward only): ours base / SoRA merged into the kernels / factored adapters; torch
+base / PEFT LoRA unmerged / merged.
+
+How it times: every case runs in a process of its own (its own memory high-water mark, no thread pools shared between
+frameworks), and the cases of one group are alive together and asked for one step each in turn, round after round
+(`bench.measure.time_round_robin`), so load that comes and goes on the machine hits ours and theirs alike. Groups per
+model and batch: the adapter methods (ours SoRA and LoRA, PEFT LoRA and AdaLoRA, our torch SoRA), full fine-tuning
+(and the floors), and inference (one process per framework, its variants timed in turn inside it: merged and base are one
+executable, so their ratio is resolved within the process).
 
   python -m bench.compare                                   # both models, batch 8 (< 15 min on 2 quiet cores)
   python -m bench.compare --batch 8,32                      # the full matrix (about three times as long)
-  python -m bench.compare --models bert --quick             # a subset, fewer steps
+  python -m bench.compare --models bert --quick             # a subset, fewer rounds
+  python -m bench.compare --floor                           # with the floors (about 2 minutes more)
   python -m bench.compare --tiny                            # a 2-layer toy shape: checks that it all runs
 """
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -27,7 +34,7 @@ from bench import measure
 MODELS = ("bert", "deberta")
 _MODEL_NAMES = {"bert": "BERT-base", "deberta": "DeBERTa-v3-base"}
 TINY_SHAPE = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "vocab": 1000}
-# (row label, ours method or None, torch method, torch label)
+# (row label, ours method, torch method, torch label)
 TRAIN_ROWS = (
     ("SoRA", "sora", "sora", "SoRA (our torch port)"),
     ("SoRA vs LoRA", "sora", "lora", "PEFT LoRA"),
@@ -36,10 +43,12 @@ TRAIN_ROWS = (
     ("full FT", "full", "full", "transformers"),
     ("floor", "floor", "floor", "transformers, frozen"),
 )
-JAX_METHODS = ("sora", "lora", "full")
+JAX_METHODS = ("sora", "lora", "full", "floor")
 TORCH_METHODS = ("lora", "adalora", "sora", "full", "floor")
-# Timed in turn in one process: the near-one ratios (SoRA / LoRA, SoRA / floor) and our floor.
-INTERLEAVED_METHODS = ("floor", "sora", "lora")
+# The cases timed together, round by round; "full" also holds the floors.
+GROUPS = {"adapters": {"jax": ("sora", "lora"), "torch": ("lora", "adalora", "sora")},
+          "full": {"jax": ("full", "floor"), "torch": ("full", "floor")}}
+_MODULES = {"jax": "bench.jax_cases", "torch": "bench.torch_cases"}
 
 
 def parse_args(argv=None):
@@ -47,34 +56,29 @@ def parse_args(argv=None):
   parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of bert,deberta")
   parser.add_argument("--batch", default="8", help="comma-separated batch sizes (8,32: the full matrix)")
   parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--quick", action="store_true", help="fewer timed steps (2 per train case, 2 interleaved and inference rounds)")
+  parser.add_argument("--rounds", type=int, default=0,
+                      help="timed rounds of the adapter group (default: 4 at batch <= 8, 2 above; the full FT and "
+                           "floor group takes half as many, at least 2)")
+  parser.add_argument("--quick", action="store_true", help="fewer rounds (2 train, 2 inference)")
   parser.add_argument("--tiny", action="store_true", help="2-layer 64-wide models, seq 16 (smoke test)")
-  parser.add_argument("--jax-methods", default=",".join(JAX_METHODS), help=f"subset of {JAX_METHODS}")
-  parser.add_argument("--torch-methods", default=",".join(TORCH_METHODS), help=f"subset of {TORCH_METHODS}")
+  parser.add_argument("--jax-methods", default="sora,lora,full", help=f"subset of {JAX_METHODS}")
+  parser.add_argument("--torch-methods", default="lora,adalora,sora,full", help=f"subset of {TORCH_METHODS}")
+  parser.add_argument("--floor", action="store_true", help="add both frameworks' floor (to the full FT group)")
   parser.add_argument("--no-torch", action="store_true", help="only our side")
   parser.add_argument("--no-inference", action="store_true")
-  parser.add_argument("--no-interleaved", action="store_true",
-                      help="skip the one-process floor / SoRA / LoRA timing (the near-one ratios)")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores of this process)")
-  parser.add_argument("--no-hugepages", action="store_true",
-                      help="leave glibc's malloc at its defaults in every case (default: transparent huge pages for "
-                           "both frameworks; see bench/measure.py)")
+  parser.add_argument("--malloc", default="retain", choices=sorted(measure.MALLOC_MODES),
+                      help="glibc malloc settings of every case, both frameworks alike (bench/measure.py, "
+                           "MALLOC_MODES; default: retain)")
   return parser.parse_args(argv)
 
 
-def _repeats(batch: int, quick: bool) -> tuple[int, int, int]:
-  """(train steps timed per process, interleaved train rounds, inference rounds); fewer for large batches."""
-  if quick:
-    return 2, 2, 2
-  return (2, 3, 4) if batch <= 8 else (2, 2, 2)
-
-
-def _ms(r: dict | None, key: str = "time_s") -> str:
-  if r is None:
-    return "-"
-  if "error" in r:
-    return "error"
-  return _fmt_ms(r[key])
+def _rounds(batch: int, args) -> dict[str, int]:
+  """Timed rounds per group: the adapter rows carry issue 7's targets, full FT and the floors are context."""
+  if args.quick:
+    return {"adapters": 2, "full": 2, "inference": 2}
+  adapters = args.rounds or (4 if batch <= 8 else 2)
+  return {"adapters": adapters, "full": max(2, adapters // 2), "inference": 3 if batch <= 8 else 2}
 
 
 def _fmt_ms(seconds: float) -> str:
@@ -82,12 +86,42 @@ def _fmt_ms(seconds: float) -> str:
   return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
+def _median(result: dict | None, call: str = "step") -> float | None:
+  if not result or "error" in result or call not in result.get("times", {}):
+    return None
+  return statistics.median(result["times"][call])
+
+
 def _ratio(a: float | None, b: float | None) -> str:
   return f"{a / b:.2f}" if a and b else "-"
 
 
-def _get(r: dict | None, key: str) -> float | None:
-  return r.get(key) if r and "error" not in r else None
+def _spread(a: dict | None, b: dict | None, call_a: str = "step", call_b: str = "step") -> str:
+  """Range of the per-round ratios a / b (the two were timed in the same rounds)."""
+  if _median(a, call_a) is None or _median(b, call_b) is None:
+    return "-"
+  ratios = [x / y for x, y in zip(a["times"][call_a], b["times"][call_b])]
+  return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
+def _mib(result: dict | None) -> float | None:
+  return result.get("peak_mib") if result and "error" not in result else None
+
+
+def run_group(cases: dict[str, tuple[str, dict]], *, rounds: int, malloc: str, errors: list) -> dict:
+  """Start the group's cases together, time them round robin, end them; {case: result}."""
+  workers = measure.start_workers(cases, malloc=malloc)
+  try:
+    live = {name: w for name, w in workers.items() if "error" not in w.info}
+    results = measure.time_round_robin(live, rounds=rounds) if live else {}
+  finally:
+    for worker in workers.values():
+      worker.close()
+  for name, worker in workers.items():
+    if worker.error:
+      errors.append(f"{name}: {worker.error}")
+      results[name] = {"error": worker.error}
+  return results
 
 
 def main(argv=None) -> str:
@@ -96,131 +130,117 @@ def main(argv=None) -> str:
   if set(models) - set(MODELS):
     raise SystemExit(f"unknown models {sorted(set(models) - set(MODELS))}; choose from {MODELS}")
   batches = [int(b) for b in args.batch.split(",") if b]
-  jax_methods = [m for m in args.jax_methods.split(",") if m]
-  torch_methods = [] if args.no_torch else [m for m in args.torch_methods.split(",") if m]
-  if set(jax_methods) - set(JAX_METHODS) or set(torch_methods) - set(TORCH_METHODS):
+  methods = {"jax": [m for m in args.jax_methods.split(",") if m] + (["floor"] if args.floor else []),
+             "torch": [] if args.no_torch else [m for m in args.torch_methods.split(",") if m] + (
+                 ["floor"] if args.floor else [])}
+  if set(methods["jax"]) - set(JAX_METHODS) or set(methods["torch"]) - set(TORCH_METHODS):
     raise SystemExit(f"unknown methods; choose from {JAX_METHODS} (--jax-methods) and {TORCH_METHODS} "
                      "(--torch-methods)")
   shape, seq = (TINY_SHAPE, 16) if args.tiny else ({}, args.seq)
   label_of = lambda model: f"{_MODEL_NAMES[model]} shape, 2 layers x 64 (--tiny)" if args.tiny else _MODEL_NAMES[model]
   threads = args.threads or measure.cpu_count()
   start = time.perf_counter()
-  train, infer, interleaved, errors = {}, {}, {}, []
-  # One persistent XLA compilation cache for this run: the interleaved process reuses the steps that the per-method
-  # processes compiled (identical programs), instead of compiling them again.
+  results, errors = {}, []
+  # One persistent XLA compilation cache for this run: programs that two cases share (the same step at another
+  # batch, the inference forward) compile once.
   cache = None
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     cache = tempfile.TemporaryDirectory(prefix="sora_bench_xla_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache.name
-  interleave = [m for m in INTERLEAVED_METHODS if m == "floor" or m in jax_methods]
+  try:
+    for model in models:
+      for batch in batches:
+        rounds = _rounds(batch, args)
+        base = {"model": model, "batch": batch, "seq": seq, "shape": shape, "warmup": 1, "threads": threads}
+        for group_name, group in GROUPS.items():
+          cases = {(framework, method): (_MODULES[framework], dict(base, kind="train", method=method))
+                   for framework, wanted in group.items() for method in wanted if method in methods[framework]}
+          if cases:
+            named = run_group({f"{fw} {m} {model} b{batch}": c for (fw, m), c in cases.items()},
+                              rounds=rounds[group_name], malloc=args.malloc, errors=errors)
+            for (fw, m) in cases:
+              results[fw, model, batch, m] = named[f"{fw} {m} {model} b{batch}"]
+        if not args.no_inference:
+          cases = {f"{fw} inference {model} b{batch}": (_MODULES[fw], dict(base, kind="inference"))
+                   for fw in ("jax", "torch") if fw == "jax" or not args.no_torch}
+          named = run_group(cases, rounds=rounds["inference"], malloc=args.malloc, errors=errors)
+          for fw in ("jax", "torch"):
+            results[fw, model, batch, "inference"] = named.get(f"{fw} inference {model} b{batch}")
+  finally:
+    if cache is not None:
+      del os.environ["JAX_COMPILATION_CACHE_DIR"]
+      cache.cleanup()
+  text = report(results, models, batches, args, label_of, seq, threads, errors)
+  text += f"\nwall time of the bench: {time.perf_counter() - start:.0f} s"
+  print(text)
+  return text
 
-  def run(module, spec):
-    result = measure.run_case(module, spec, timeout=900, hugepages=not args.no_hugepages)
-    if "error" in result:
-      errors.append(f"{module} {spec['kind']} {spec.get('method', '')} {spec['model']} b{spec['batch']}: "
-                    f"{result['error']}")
-    return result
 
+def report(results, models, batches, args, label_of, seq, threads, errors) -> str:
+  """The tables and the checks against issue 7's targets."""
+  rows, inf_rows, checks = [], [], []
   for model in models:
     for batch in batches:
-      repeats, rounds, inference_rounds = _repeats(batch, args.quick)
-      base = {"model": model, "batch": batch, "seq": seq, "shape": shape, "warmup": 1}
-      for method in jax_methods:
-        train["jax", model, batch, method] = run(
-            "bench.jax_cases", dict(base, kind="train", method=method, repeats=repeats))
-      for method in torch_methods:
-        train["torch", model, batch, method] = run(
-            "bench.torch_cases", dict(base, kind="train", method=method, repeats=repeats, threads=threads))
-      # One JAX process times floor / SoRA / LoRA in turn, then (unless --no-inference) the inference variants.
-      if not args.no_interleaved:
-        joint = run("bench.jax_cases", dict(base, kind="train_interleaved", methods=interleave, repeats=rounds,
-                                            inference_repeats=0 if args.no_inference else inference_rounds))
-        interleaved[model, batch] = joint
-        if "time_s" in joint:
-          train["jax", model, batch, "floor"] = {"time_s": joint["time_s"]["floor"]}
-        if "inference_s" in joint:
-          infer["jax", model, batch] = {"time_s": joint["inference_s"]}
-      elif not args.no_inference:
-        infer["jax", model, batch] = run("bench.jax_cases", dict(base, kind="inference", repeats=inference_rounds))
-      if not args.no_inference:
-        if not args.no_torch:
-          infer["torch", model, batch] = run(
-              "bench.torch_cases", dict(base, kind="inference", repeats=inference_rounds, threads=threads))
-
-  if cache is not None:
-    del os.environ["JAX_COMPILATION_CACHE_DIR"]
-    cache.cleanup()
-
-  rows, checks = [], []
-  for model in models:
-    for batch in batches:
+      get = lambda fw, m: results.get((fw, model, batch, m))
       for label, ours, theirs, theirs_label in TRAIN_ROWS:
-        o = train.get(("jax", model, batch, ours))
-        t = train.get(("torch", model, batch, theirs))
+        o, t = get("jax", ours), get("torch", theirs)
         if o is None and t is None:
           continue
-        rows.append([label_of(model), batch, label, f"ours {ours}", _ms(o), theirs_label, _ms(t),
-                     _ratio(_get(o, "time_s"), _get(t, "time_s")),
-                     f"{_get(o, 'peak_mib'):.0f}" if _get(o, "peak_mib") else "-",
-                     f"{_get(t, 'peak_mib'):.0f}" if _get(t, "peak_mib") else "-",
-                     _ratio(_get(o, "peak_mib"), _get(t, "peak_mib"))])
-      sora = _get(train.get(("jax", model, batch, "sora")), "time_s")
-      peft_lora = _get(train.get(("torch", model, batch, "lora")), "time_s")
-      torch_floor = _get(train.get(("torch", model, batch, "floor")), "time_s")
-      together = _get(interleaved.get((model, batch)), "time_s") or {}
+        ms = lambda r: "error" if r and "error" in r else _fmt_ms(_median(r)) if _median(r) else "-"
+        rows.append([label_of(model), batch, label, f"ours {ours}", ms(o), theirs_label, ms(t),
+                     _ratio(_median(o), _median(t)), _spread(o, t),
+                     f"{_mib(o):.0f}" if _mib(o) else "-", f"{_mib(t):.0f}" if _mib(t) else "-",
+                     _ratio(_mib(o), _mib(t))])
       where = f"{label_of(model)} b{batch}"
+      sora, lora, peft_lora = _median(get("jax", "sora")), _median(get("jax", "lora")), _median(get("torch", "lora"))
       if sora and peft_lora:
-        checks.append(f"{where}: our SoRA / PEFT LoRA = {sora / peft_lora:.2f} (target <= 0.75: "
-                      f"{'met' if sora / peft_lora <= 0.75 else 'missed'})")
-      if together.get("floor") and peft_lora:
-        checks.append(f"{where}: our floor / PEFT LoRA = {together['floor'] / peft_lora:.2f}, our floor / torch "
-                      f"floor = {_ratio(together['floor'], torch_floor)} (no adapter step can cost less than the floor)")
-      if together.get("sora") and together.get("lora"):
-        ratio = together["sora"] / together["lora"]
-        checks.append(f"{where}: our SoRA / our LoRA = {ratio:.2f}, timed in turn in one process (target <= 1.05: "
-                      f"{'met' if ratio <= 1.05 else 'missed'}); SoRA / floor = "
-                      f"{_ratio(together['sora'], together.get('floor'))}")
-      else:
-        lora = _get(train.get(("jax", model, batch, "lora")), "time_s")
-        if sora and lora:
-          checks.append(f"{where}: our SoRA / our LoRA = {sora / lora:.2f}, separate processes (target <= 1.05: "
-                        f"{'met' if sora / lora <= 1.05 else 'missed'})")
-      jax_inf = _get(infer.get(("jax", model, batch)), "time_s")
-      if jax_inf:
-        ratio = jax_inf["sora_merged"] / jax_inf["base"]
-        checks.append(f"{where}: our merged / base inference = {ratio:.3f} (target 1.00 +- 0.03: "
-                      f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})")
+        ratio = sora / peft_lora
+        checks.append(f"{where}: our SoRA / PEFT LoRA = {ratio:.2f}, per round "
+                      f"{_spread(get('jax', 'sora'), get('torch', 'lora'))} (target <= 0.75: "
+                      f"{'met' if ratio <= 0.75 else 'missed'})")
+      if sora and lora:
+        ratio = sora / lora
+        checks.append(f"{where}: our SoRA / our LoRA = {ratio:.2f}, per round "
+                      f"{_spread(get('jax', 'sora'), get('jax', 'lora'))} (target <= 1.05: "
+                      f"{'met' if ratio <= 1.05 else 'missed'})")
+      ours_floor, torch_floor = _median(get("jax", "floor")), _median(get("torch", "floor"))
+      if ours_floor and torch_floor:
+        checks.append(f"{where}: our floor / torch floor = {ours_floor / torch_floor:.2f}; our SoRA / our floor = "
+                      f"{_ratio(sora, ours_floor)}, PEFT LoRA / torch floor = {_ratio(peft_lora, torch_floor)} "
+                      "(separate rounds from the adapter rows)")
+      o, t = get("jax", "inference"), get("torch", "inference")
+      if (o and "error" not in o) or (t and "error" not in t):
+        med = lambda r, k: _median(r, k)
+        cell = lambda r, k: _fmt_ms(med(r, k)) if med(r, k) else "-"
+        inf_rows.append([label_of(model), batch, cell(o, "base"), cell(o, "sora_merged"),
+                         _ratio(med(o, "sora_merged"), med(o, "base")), cell(o, "sora_factored"),
+                         _ratio(med(o, "sora_factored"), med(o, "base")), cell(t, "base"), cell(t, "lora_merged"),
+                         cell(t, "lora_unmerged"), _ratio(med(o, "base"), med(t, "base")),
+                         _ratio(med(o, "sora_merged"), med(t, "lora_merged")),
+                         _ratio(med(o, "sora_factored"), med(t, "lora_unmerged"))])
+        if med(o, "sora_merged") and med(o, "base"):
+          ratio = med(o, "sora_merged") / med(o, "base")
+          checks.append(f"{where}: our merged / base inference = {ratio:.3f}, per round "
+                        f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
+                        f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})")
 
-  inf_rows = []
-  for model in models:
-    for batch in batches:
-      o = _get(infer.get(("jax", model, batch)), "time_s") or {}
-      t = _get(infer.get(("torch", model, batch)), "time_s") or {}
-      if not o and not t:
-        continue
-      ms = lambda d, k: _fmt_ms(d[k]) if k in d else "-"
-      rat = lambda d1, k1, d2, k2: _ratio(d1.get(k1), d2.get(k2))
-      inf_rows.append([label_of(model), batch, ms(o, "base"), ms(o, "sora_merged"),
-                       rat(o, "sora_merged", o, "base"), ms(o, "sora_factored"), rat(o, "sora_factored", o, "base"),
-                       ms(t, "base"), ms(t, "lora_merged"), ms(t, "lora_unmerged"),
-                       rat(o, "base", t, "base"), rat(o, "sora_merged", t, "lora_merged"),
-                       rat(o, "sora_factored", t, "lora_unmerged")])
-
-  train_steps = ", ".join(f"batch {b}: median of {_repeats(b, args.quick)[0]} steps" for b in batches)
-  train_steps += " (ours floor: the one-process interleaved timing)"
+  rounds = ", ".join(f"batch {b}: " + ", ".join(f"{n} {k}" for k, n in _rounds(b, args).items()) for b in batches)
   model_desc = "2-layer 64-wide toy shapes (--tiny)" if args.tiny else "random weights"
   lines = [
-      f"Train step, seq {seq}, rank 8 on six dense layers per block, {model_desc}; {train_steps} after 1 warm-up; "
-      f"{measure.cpu_count()} CPU cores, torch threads {threads}, XLA: its default CPU thread pool (all cores); "
-      f"every case: {measure.malloc_setting(measure.case_env(hugepages=not args.no_hugepages))}",
+      f"Train step, seq {seq}, rank 8 on six dense layers per block, {model_desc}; one process per case, the cases "
+      f"of a group timed in turn, one step each per round, after 2 untimed steps; rounds per group: {rounds}; ms = median over rounds, "
+      f"'per round' = range of ours/theirs within the rounds; {measure.cpu_count()} CPU cores, torch threads "
+      f"{threads}, XLA: its default CPU thread pool (all cores); every case: "
+      f"{measure.malloc_setting(measure.case_env(malloc=args.malloc))}",
       "",
       measure.format_table(["model", "batch", "row", "ours", "ours ms", "theirs", "theirs ms", "time ours/theirs",
-                            "ours MiB", "theirs MiB", "mem ours/theirs"], rows),
+                            "per round", "ours MiB", "theirs MiB", "mem ours/theirs"], rows),
   ]
   if inf_rows:
     lines += [
         "",
-        "Inference (forward only, ms per batch, variants interleaved in one process)",
+        "Inference (forward only, ms per batch; each framework's variants timed in turn in one process, the two "
+        "processes in turn)",
         "",
         measure.format_table(["model", "batch", "ours base", "ours merged", "merged/base", "ours factored",
                               "factored/base", "torch base", "PEFT merged", "PEFT unmerged", "base ours/torch",
@@ -229,10 +249,7 @@ def main(argv=None) -> str:
   lines += ["", *checks]
   if errors:
     lines += ["", "errors:", *errors]
-  lines.append(f"wall time of the bench: {time.perf_counter() - start:.0f} s")
-  text = "\n".join(lines)
-  print(text)
-  return text
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,11 @@ def train_step(model_name: str, method: str, module, params, inputs, labels):
   # The step donates its trainable state; a copy keeps the caller's arrays (shared with other methods' trees) alive.
   trainable = jax.tree.map(jnp.copy, trainable)
   state = [trainable, tx.init(trainable)]
+  # Compiled here, ahead of the first call: a bench can build several cases at once and time their steps one by one.
+  compiled = step.lower(state[0], state[1], frozen).compile()
 
   def call():
-    state[0], state[1], loss = step(state[0], state[1], frozen)
+    state[0], state[1], loss = compiled(state[0], state[1], frozen)
     return jax.block_until_ready(loss)
 
   call.lower = lambda: step.lower(state[0], state[1], frozen)
@@ -151,9 +153,10 @@ def floor_step(module, params, inputs, labels):
                                                  method="encode"), params)
   delta = jnp.zeros(hidden.shape, hidden.dtype)
   grad = jax.jit(jax.grad(perturbed_loss))
+  compiled = grad.lower(delta, params).compile()
 
   def call():
-    return jax.block_until_ready(grad(delta, params))
+    return jax.block_until_ready(compiled(delta, params))
 
   call.lower = lambda: grad.lower(delta, params)
   return call
@@ -178,6 +181,8 @@ def inference_calls(model_name: str, module, params, inputs) -> dict:
     with sora_jax.factored(config):
       return module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
 
+  # Merged parameters have the base tree's structure and shapes: one executable serves both.
+  plain, factored = plain.lower(params).compile(), factored.lower(adapted).compile()
   return {
       "base": lambda: jax.block_until_ready(plain(params)),
       "sora_merged": lambda: jax.block_until_ready(plain(merged)),
@@ -233,5 +238,35 @@ def main(spec: dict) -> dict:
   return result
 
 
+def serve(spec: dict) -> None:
+  """`python -m bench.jax_cases --serve '<spec>'`: build the case, then time it on request (`bench.measure.serve`).
+
+  Kinds: `train` (one callable, the method's step) and `inference` (base, merged and factored forwards, timed in
+  turn forwards and backwards within each request, so that the merged / base ratio is resolved within the process).
+  """
+  import flax  # noqa: F401  (part of the baseline, like jax)
+  import optax  # noqa: F401
+  import transformers  # noqa: F401  (the configs)
+  import sora_jax  # noqa: F401
+  jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))
+  baseline = measure.rss_mib()
+  config = hf_config(spec["model"], **spec.get("shape", {}))
+  module, params, inputs, labels = build(spec["model"], config, batch=spec["batch"], seq=spec["seq"])
+  info = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend()}
+  if spec["kind"] == "train":
+    step, info["trainable"] = train_step(spec["model"], spec["method"], module, params, inputs, labels)
+    del params
+    calls, palindrome = {"step": step}, False
+  elif spec["kind"] == "inference":
+    calls, palindrome = inference_calls(spec["model"], module, params, inputs), True
+  else:
+    raise ValueError(f"unknown kind {spec['kind']!r} for --serve; choose train or inference")
+  measure.serve(calls, baseline_mib=baseline, warmup=spec.get("warmup", 1), palindrome=palindrome,
+                info=info)
+
+
 if __name__ == "__main__":
-  print(json.dumps(main(json.loads(sys.argv[1]))))
+  if sys.argv[1] == "--serve":
+    serve(json.loads(sys.argv[2]))
+  else:
+    print(json.dumps(main(json.loads(sys.argv[1]))))

@@ -9,14 +9,16 @@ figure reported is that peak minus the resident size measured right after the fr
 optimizer state, activations and allocator slack of the case. Cases whose memory is reported run in a fresh subprocess
 (`run_case`) so that one case's allocator cache never hides another's peak.
 
-Allocator: `run_case` starts every case, JAX or PyTorch alike, with glibc's malloc asking for transparent huge pages
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`; `hugepages=False` leaves the environment as it is). glibc serves each large
-block with a fresh `mmap` and returns it on free, so memory touched by a step is faulted in again by the next one, one
-fault per 4 KiB page. XLA's CPU runtime allocates every step's activations anew: a BERT-base SoRA step took about
-260,000 minor faults and 0.7-0.9 s of kernel time, against 10,000-25,000 faults for PyTorch's. With huge pages
-(where the kernel's transparent_hugepage mode is `madvise`, its default on many distributions) both take under 1,500.
-`python -m bench.page_faults` measures the effect on each framework's step, the two settings timed in turn in one
-process (`time_huge_pages`).
+Allocator: every case's process, JAX or PyTorch alike, starts with the glibc malloc settings `MALLOC_MODES[malloc]`
+(`case_env`; default `retain`). XLA's CPU runtime allocates each execution's temporaries as one block (1.4 GB for a
+BERT-base SoRA step at batch 8), which glibc maps fresh and unmaps on free, so every step faults all of it in again:
+about 370,000 faults of 4 KiB, or 700 of 2 MiB with huge pages (`hugepages`), each page zeroed by the kernel.
+PyTorch allocates and frees smaller blocks that glibc keeps in its heap. On a virtual machine that reports freed
+memory to its host (virtio-balloon free page reporting, as on these machines) a block that stays unmapped for more
+than a couple of seconds also has to be faulted in again on the host: a JAX step that waited while other cases ran
+spent 3.5 s of kernel time. `retain` keeps freed memory in the process (one arena, large blocks from the heap, no
+trimming), so a step reuses the pages of the one before. `python -m bench.page_faults` measures what huge pages alone
+do to each framework's step, the two settings timed in turn in one process (`time_huge_pages`).
 """
 import ctypes
 import gc
@@ -82,9 +84,11 @@ def release_free_memory() -> None:
     pass
 
 
-def reset_peak() -> bool:
-  """Set the resident high-water mark to the current resident size; False where the kernel does not allow it."""
-  release_free_memory()
+def reset_peak(trim: bool = True) -> bool:
+  """Set the resident high-water mark to the current resident size, after handing freed heap back to the OS (`trim`);
+  False where the kernel does not allow it."""
+  if trim:
+    release_free_memory()
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
@@ -181,6 +185,7 @@ def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int
   for _ in range(warmup):
     step()
   resettable = reset_peak()
+  step()  # the reset trims the heap; this maps back what a step needs, so the first timed step does not pay for it
   before = resource.getrusage(resource.RUSAGE_SELF)
   timing = time_calls(step, warmup=0, repeats=repeats)
   after = resource.getrusage(resource.RUSAGE_SELF)
@@ -197,20 +202,35 @@ def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int
   }
 
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+# glibc malloc settings for a case's process (`GLIBC_TUNABLES`), by name:
+#   retain     huge pages, and freed memory stays with the process: one arena, no mmap for large blocks (they come
+#              from the heap) and no trimming of the heap, so each step reuses the pages of the one before
+#   hugepages  huge pages only: large blocks are still mapped fresh and unmapped on free
+#   default    glibc as configured by the environment
+MALLOC_MODES = {
+    "retain": ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+               f"glibc.malloc.trim_threshold={2**40}"),
+    "hugepages": ("glibc.malloc.hugetlb=1",),
+    "default": (),
+}
+HUGEPAGE_TUNABLE = MALLOC_MODES["hugepages"][0]
 
 
-def case_env(*, hugepages: bool = True) -> dict[str, str]:
-  """The environment of a case's process: this one's, quiet logs, and with `hugepages` glibc's malloc on transparent
-  huge pages (`HUGEPAGE_TUNABLE` added to `GLIBC_TUNABLES`, unless that already sets `glibc.malloc.hugetlb`)."""
+def case_env(*, malloc: str = "retain") -> dict[str, str]:
+  """The environment of a case's process: this one's, quiet logs, and the tunables of `MALLOC_MODES[malloc]` added
+  to `GLIBC_TUNABLES` (a tunable that the environment already sets keeps its value)."""
+  if malloc not in MALLOC_MODES:
+    raise ValueError(f"unknown malloc mode {malloc!r}; choose from {sorted(MALLOC_MODES)}")
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  tunables = env.get("GLIBC_TUNABLES", "")
-  if hugepages and "glibc.malloc.hugetlb" not in tunables:
-    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
+  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  present = {t.split("=")[0] for t in tunables}
+  tunables += [t for t in MALLOC_MODES[malloc] if t.split("=")[0] not in present]
+  if tunables:
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
   return env
 
 
@@ -221,15 +241,15 @@ def malloc_setting(env: dict[str, str] | None = None) -> str:
 
 
 def run_case(module: str, spec: dict, *, timeout: float | None = None, progress: bool = True,
-             hugepages: bool = True) -> dict:
+             malloc: str = "retain") -> dict:
   """Run `python -m <module> '<json spec>'` in a fresh process and return the JSON object it prints last.
 
-  The process gets `case_env(hugepages=hugepages)`.
+  The process gets `case_env(malloc=malloc)`.
 
   A failure returns `{"error": <last lines of stderr>}` instead of raising, so one broken case leaves the table intact.
   With `progress`, a line per case (its wall time including start-up, and its result) goes to stderr.
   """
-  env = case_env(hugepages=hugepages)
+  env = case_env(malloc=malloc)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   start = time.perf_counter()
   try:
@@ -257,3 +277,176 @@ def format_table(header: list[str], rows: list[list[object]]) -> str:
     return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
   rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+# Round robin across processes ---------------------------------------------------------------------------------------
+#
+# The step times of separate processes drift by 10-30 % between runs on shared machines, which is more than the
+# ratios between frameworks that the benches must resolve. Timing both frameworks in one process is no cure: their
+# thread pools slowed each other's steps by 15-35 % in two of three scratch runs (bench/README.md). So each case runs
+# in a process of its own that waits for requests (`serve`), and the bench asks the cases for one step each in turn,
+# round after round (`time_round_robin`): whatever load comes and goes hits every case of a round alike, and each case
+# still has its own memory high-water mark.
+
+
+class Worker:
+  """A bench case in its own process: `python -m <module> --serve '<json spec>'` (see `serve`), started at once.
+
+  `built()` waits until the case is built (models, parameters, compiled programs); `warm_up()` runs its warm-up steps;
+  `step()` runs each of its callables once and returns their wall times; `stats()` returns its memory and fault
+  counts; `close()` ends it. A failure anywhere turns into an `error` entry (`self.error`), so one broken case leaves
+  the others' rows intact.
+  """
+
+  def __init__(self, module: str, spec: dict, *, malloc: str = "retain", label: str = ""):
+    import tempfile
+    self.label = label or f"{module} {spec.get('kind')} {spec.get('method', '')}".strip()
+    self.error: str | None = None
+    self.info: dict = {}
+    self._start = time.perf_counter()
+    self._stderr = tempfile.TemporaryFile(mode="w+")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self._proc = subprocess.Popen([sys.executable, "-m", module, "--serve", json.dumps(spec)], cwd=root,
+                                  env=case_env(malloc=malloc), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._stderr, text=True, bufsize=1)
+
+  def _fail(self, what: str) -> dict:
+    self._stderr.seek(0)
+    tail = [line.strip() for line in self._stderr.read().strip().splitlines() if line.strip()][-3:]
+    self.error = f"{what}: " + (" | ".join(tail) or f"exit status {self._proc.poll()}")
+    self._proc.kill()
+    return {"error": self.error}
+
+  def _reply(self) -> dict:
+    line = self._proc.stdout.readline()
+    if not line:
+      return self._fail("the case's process ended")
+    return json.loads(line)
+
+  def request(self, command: str) -> dict:
+    if self.error:
+      return {"error": self.error}
+    try:
+      self._proc.stdin.write(command + "\n")
+      self._proc.stdin.flush()
+    except OSError:
+      return self._fail("the case's process ended")
+    return self._reply()
+
+  def built(self) -> dict:
+    self.info = self._reply() if not self.error else {"error": self.error}
+    return self.info
+
+  def warm_up(self, progress: bool = True) -> dict:
+    reply = self.request("warmup")
+    if "error" in reply:
+      self.info = reply
+    if progress:
+      print(f"[{time.perf_counter() - self._start:5.0f} s] {self.label}: "
+            f"{'ready' if 'error' not in reply else reply['error']}", file=sys.stderr, flush=True)
+    return reply
+
+  def step(self) -> dict:
+    return self.request("step")
+
+  def stats(self) -> dict:
+    return self.request("stats")
+
+  def close(self) -> None:
+    if self._proc.poll() is None:
+      try:
+        self._proc.stdin.write("quit\n")
+        self._proc.stdin.flush()
+        self._proc.wait(timeout=60)
+      except (OSError, subprocess.TimeoutExpired):
+        self._proc.kill()
+    self._stderr.close()
+
+
+def start_workers(cases: dict[str, tuple[str, dict]], *, malloc: str = "retain",
+                  progress: bool = True) -> dict[str, Worker]:
+  """Start every case at once, so that their imports, model building and compiles (mostly one thread each) use the
+  cores together; then warm them up one at a time (their steps use every core, and overlapping them only adds
+  contention)."""
+  workers = {name: Worker(module, spec, malloc=malloc, label=name) for name, (module, spec) in cases.items()}
+  for worker in workers.values():
+    worker.built()
+  for worker in workers.values():
+    if "error" not in worker.info:
+      worker.warm_up(progress)
+  return workers
+
+
+def time_round_robin(workers: dict[str, Worker], *, rounds: int, pause_s: float = 0.1) -> dict[str, dict]:
+  """Ask each worker for one step in turn, `rounds` times; the order rotates by one place each round.
+
+  Before each request the bench sleeps `pause_s`, so that the thread pools of the case that ran last have gone idle.
+  Returns, per worker, `{"times": {callable: [seconds per round]}, **stats}` or `{"error": ...}`.
+  """
+  names = list(workers)
+  times = {name: {} for name in names}
+  for round_index in range(rounds):
+    order = names[round_index % len(names):] + names[:round_index % len(names)]
+    for name in order:
+      time.sleep(pause_s)
+      reply = workers[name].step()
+      for call, seconds in reply.get("time_s", {}).items():
+        times[name].setdefault(call, []).append(seconds)
+  results = {}
+  for name in names:
+    stats = workers[name].stats()
+    results[name] = stats if "error" in stats else {"times": times[name], **stats}
+  return results
+
+
+def serve(calls: dict[str, Callable[[], object]], *, baseline_mib: float, warmup: int, palindrome: bool = False,
+          info: dict | None = None) -> None:
+  """The worker side of `Worker`: run `calls` on request, answering one JSON line per request.
+
+  It first announces that it is built (`info`). Then, per line read from stdin: `warmup` hands freed heap back to the
+  OS (what building and compiling left), runs `warmup` untimed rounds of every callable, and resets the resident
+  high-water mark (now the memory a step holds); `step` runs every callable once, in order, and answers
+  `{"time_s": {name: seconds}}` (with `palindrome`, in order and then in reverse order, each timed, and answers the
+  mean of each callable's two times: a drift in machine speed within the request then shifts all of them alike, which
+  resolves ratios near one between callables of one process); `stats` answers the peak resident memory above
+  `baseline_mib` since the warm-up, and per timed call the minor page faults and CPU seconds; `quit` ends. Anything the libraries print goes to stderr: stdout carries the answers only.
+  """
+  answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+  def answer(obj: dict) -> None:
+    answers.write(json.dumps(obj) + "\n")
+
+  answer({"built": True, **(info or {})})
+  timed, resettable = 0, False
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "warmup":
+      release_free_memory()
+      for _ in range(max(warmup, 1)):
+        for call in calls.values():
+          call()
+      resettable = reset_peak(trim=False)
+      before = resource.getrusage(resource.RUSAGE_SELF)
+      answer({"ready": True})
+    elif command == "step":
+      order = list(calls) + (list(reversed(calls)) if palindrome else [])
+      result = {name: 0.0 for name in calls}
+      for name in order:
+        start = time.perf_counter()
+        calls[name]()
+        result[name] += time.perf_counter() - start
+      timed += 1
+      answer({"time_s": {name: t / (2 if palindrome else 1) for name, t in result.items()}})
+    elif command == "stats":
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      per_call = max(timed * (2 if palindrome else 1) * len(calls), 1)
+      answer({"peak_mib": peak_rss_mib() - baseline_mib, "peak_after_warmup": resettable, "steps": timed,
+              "minor_faults": (after.ru_minflt - before.ru_minflt) / per_call,
+              "system_s": (after.ru_stime - before.ru_stime) / per_call,
+              "user_s": (after.ru_utime - before.ru_utime) / per_call})
+    elif command == "quit":
+      break
+    else:
+      answer({"error": f"unknown command {command!r}; send warmup, step, stats or quit"})

@@ -46,7 +46,7 @@ def main(argv=None) -> str:
   for framework, method in CASES:
     spec = {"kind": "huge_pages", "model": args.model, "method": method, "batch": args.batch, "seq": seq,
             "shape": shape, "warmup": args.warmup, "rounds": args.rounds}
-    result = measure.run_case(_MODULES[framework], spec, timeout=900, hugepages=True)
+    result = measure.run_case(_MODULES[framework], spec, timeout=900, malloc="hugepages")
     if "error" in result:
       errors.append(f"{framework} {method}: {result['error']}")
     else:
@@ -64,7 +64,7 @@ def main(argv=None) -> str:
       notes.append(f"ours SoRA / PEFT LoRA, both on {name}: {sora['time_s'][setting] / lora['time_s'][setting]:.2f}")
   model = f"{args.model}, 2 layers x 64 (--tiny)" if args.tiny else f"{args.model}-base shape"
   title = (f"Train step, {model}, seq {seq}, batch {args.batch}; one process per case, started with "
-           f"{measure.malloc_setting(measure.case_env(hugepages=True))}, huge pages forbidden and allowed in "
+           f"{measure.malloc_setting(measure.case_env(malloc='hugepages'))}, huge pages forbidden and allowed in "
            f"{args.rounds} alternating blocks each (median of {2 * args.rounds} timed steps per setting); "
            f"{measure.cpu_count()} CPU cores")
   table = measure.format_table(["case", "ms/step 4 KiB", "ms/step huge", "huge / 4 KiB", "faults/step 4 KiB",

@@ -211,5 +211,37 @@ def main(spec: dict) -> dict:
   return result
 
 
+def serve(spec: dict) -> None:
+  """`python -m bench.torch_cases --serve '<spec>'`: build the case, then time it on request (`bench.measure.serve`).
+
+  Kinds: `train` (the method's step, or the floor) and `inference` (base, PEFT LoRA unmerged and merged forwards,
+  timed in turn forwards and backwards within each request).
+  """
+  threads = spec.get("threads") or measure.cpu_count()
+  torch.set_num_threads(threads)
+  import transformers  # noqa: F401  (part of the baseline, like torch)
+  import peft  # noqa: F401
+  torch.ones(64, 64) @ torch.ones(64, 64)
+  baseline = measure.rss_mib()
+  config = hf_config(spec["model"], **spec.get("shape", {}))
+  batch = make_batch(config, spec["batch"], spec["seq"])
+  info = {"framework": "torch", "threads": threads, "torch": torch.__version__}
+  if spec["kind"] == "train":
+    if spec["method"] == "floor":
+      step, info["trainable"] = floor_step(config, batch)
+    else:
+      step, info["trainable"] = train_step(spec["model"], spec["method"], config, batch)
+    calls, palindrome = {"step": step}, False
+  elif spec["kind"] == "inference":
+    calls, palindrome = inference_calls(spec["model"], config, batch), True
+  else:
+    raise ValueError(f"unknown kind {spec['kind']!r} for --serve; choose train or inference")
+  measure.serve(calls, baseline_mib=baseline, warmup=spec.get("warmup", 1), palindrome=palindrome,
+                info=info)
+
+
 if __name__ == "__main__":
-  print(json.dumps(main(json.loads(sys.argv[1]))))
+  if sys.argv[1] == "--serve":
+    serve(json.loads(sys.argv[2]))
+  else:
+    print(json.dumps(main(json.loads(sys.argv[1]))))

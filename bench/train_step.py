@@ -36,8 +36,8 @@ def parse_args(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
-  parser.add_argument("--no-hugepages", action="store_true",
-                      help="leave glibc's malloc at its defaults (default: transparent huge pages; bench/measure.py)")
+  parser.add_argument("--malloc", default="retain", choices=sorted(measure.MALLOC_MODES),
+                      help="glibc malloc settings of the cases' processes (bench/measure.py, MALLOC_MODES)")
   parser.add_argument("--interleave", action="store_true",
                       help="one process, methods timed in turn each round (no memory column)")
   parser.add_argument("--cost", action="store_true",
@@ -63,7 +63,7 @@ def main(argv=None) -> str:
   if args.interleave:
     spec = {"kind": "train_interleaved", "model": args.model, "methods": [_CASE_METHOD[m] for m in methods],
             "batch": batch, "seq": seq, "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
-    joint = measure.run_case("bench.jax_cases", spec, hugepages=not args.no_hugepages)
+    joint = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
     for method in methods:
       if "error" in joint:
         results[method] = joint
@@ -73,12 +73,12 @@ def main(argv=None) -> str:
     for method in methods:
       spec = {"kind": "train", "model": args.model, "method": _CASE_METHOD[method], "batch": batch, "seq": seq,
               "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
-      results[method] = measure.run_case("bench.jax_cases", spec, hugepages=not args.no_hugepages)
+      results[method] = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
   cost = {}
   if args.cost:
     spec = {"kind": "cost", "model": args.model, "methods": [_CASE_METHOD[m] for m in methods], "batch": batch,
             "seq": seq, "shape": shape}
-    cost = measure.run_case("bench.jax_cases", spec, hugepages=not args.no_hugepages).get("cost", {})
+    cost = measure.run_case("bench.jax_cases", spec, malloc=args.malloc).get("cost", {})
   floor = results.get("floor", {}).get("time_s")
   full = results.get("full", {}).get("time_s")
   rows = []
@@ -97,7 +97,7 @@ def main(argv=None) -> str:
   title = (f"JAX train step, {args.model} {shape['layers']} layers x {shape['hidden']} hidden, seq {seq}, "
            f"batch {batch}, rank 8 on six kernels per layer; median of {args.repeats} steps after {args.warmup} "
            f"warm-up{', methods interleaved in one process' if args.interleave else ', one process per method'}; "
-           f"{measure.cpu_count()} CPU cores, {measure.malloc_setting(measure.case_env(hugepages=not args.no_hugepages))}")
+           f"{measure.cpu_count()} CPU cores, {measure.malloc_setting(measure.case_env(malloc=args.malloc))}")
   header = ["method", "ms/step", "x floor", "x full FT", "peak MiB", "trainable params"]
   table = measure.format_table(header + (["XLA GFLOP", "XLA GB accessed"] if args.cost else []), rows)
   notes = []

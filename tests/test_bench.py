@@ -27,15 +27,48 @@ def test_measure_step_reports_time_and_memory():
   assert result["minor_faults"] >= 32 and result["system_s"] >= 0 and result["user_s"] > 0, result
 
 
-def test_case_env_adds_the_hugepage_tunable_once(monkeypatch):
+def test_case_env_adds_each_malloc_tunable_once(monkeypatch):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-  assert measure.case_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-  assert "GLIBC_TUNABLES" not in measure.case_env(hugepages=False)
-  assert measure.malloc_setting(measure.case_env(hugepages=False)) == "glibc malloc defaults"
-  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
-  assert measure.case_env()["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=1"
-  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the caller's own choice is kept
-  assert measure.case_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+  assert measure.case_env(malloc="hugepages")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert measure.case_env()["GLIBC_TUNABLES"] == ":".join(measure.MALLOC_MODES["retain"])
+  assert "GLIBC_TUNABLES" not in measure.case_env(malloc="default")
+  assert measure.malloc_setting(measure.case_env(malloc="default")) == "glibc malloc defaults"
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
+  assert measure.case_env(malloc="hugepages")["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=7")  # the caller's own choice is kept
+  tunables = measure.case_env()["GLIBC_TUNABLES"].split(":")
+  assert tunables[:2] == ["glibc.malloc.hugetlb=0", "glibc.malloc.mmap_max=7"] and len(tunables) == 4, tunables
+  with pytest.raises(ValueError, match="unknown malloc mode 'fast'"):
+    measure.case_env(malloc="fast")
+
+
+_RETAINED_BUFFERS = """
+import json, resource, numpy as np
+step = lambda: np.ones(8 * 2**20).sum()  # 64 MiB, freed at the end of each call
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+  step()
+print(json.dumps({"faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4}))
+"""
+
+
+def test_retain_keeps_freed_blocks_so_later_steps_do_not_fault():
+  import json
+  import platform
+  import subprocess
+  import sys
+  if platform.libc_ver()[0] != "glibc":
+    pytest.skip("glibc tunables")
+  faults = {}
+  for mode in ("default", "retain"):
+    env = measure.case_env(malloc=mode)
+    env.pop("GLIBC_TUNABLES", None) if mode == "default" else None
+    out = subprocess.run([sys.executable, "-c", _RETAINED_BUFFERS], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    faults[mode] = json.loads(out.splitlines()[-1])["faults_per_step"]
+  # 64 MiB mapped anew each call: at least 32 faults (2 MiB pages) and with 4 KiB pages 16,384; kept: next to none.
+  assert faults["default"] >= 32 and faults["retain"] < 16, faults
 
 
 _HUGE_PAGES_OF_FRESH_BUFFERS = """
@@ -59,7 +92,7 @@ def test_huge_pages_cut_the_page_faults_of_fresh_buffers():
   libc, version = platform.libc_ver()
   if "[madvise]" not in mode or libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
     pytest.skip(f"needs transparent_hugepage=madvise and glibc >= 2.35 (have {mode.strip()!r}, {libc} {version})")
-  out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_OF_FRESH_BUFFERS], env=measure.case_env(hugepages=True),
+  out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_OF_FRESH_BUFFERS], env=measure.case_env(malloc="hugepages"),
                        capture_output=True, text=True, check=True).stdout
   result = json.loads(out.splitlines()[-1])
   faults = result["minor_faults"]
@@ -117,8 +150,8 @@ def test_train_step_script_prints_table():
 @pytest.mark.slow
 def test_page_faults_script_summarises_each_setting(monkeypatch):
   # The cases' processes are replaced by canned results: this checks the table and the ratios, not the machine.
-  def fake_run_case(module, spec, *, timeout=None, progress=True, hugepages=True):
-    assert spec["kind"] == "huge_pages" and hugepages
+  def fake_run_case(module, spec, *, timeout=None, progress=True, malloc="retain"):
+    assert spec["kind"] == "huge_pages" and malloc == "hugepages"
     off = {("bench.jax_cases", "floor"): 2.0, ("bench.jax_cases", "sora"): 2.4,
            ("bench.torch_cases", "floor"): 2.5, ("bench.torch_cases", "lora"): 4.0}[(module, spec["method"])]
     on = off * (0.75 if module == "bench.jax_cases" else 1.0)
@@ -130,6 +163,43 @@ def test_page_faults_script_summarises_each_setting(monkeypatch):
   assert "ours SoRA / PEFT LoRA, both on 4 KiB pages: 0.60" in text
   assert "ours SoRA / PEFT LoRA, both on huge pages: 0.45" in text
   assert "| ours SoRA   | 2400          | 1800         | 0.75 " in text, text
+
+
+def test_round_robin_rotates_the_order_and_collects_each_cases_times():
+  calls = []
+
+  class FakeWorker:
+    def __init__(self, name, seconds):
+      self.name, self.seconds = name, seconds
+
+    def step(self):
+      calls.append(self.name)
+      return {"time_s": {"step": self.seconds}}
+
+    def stats(self):
+      return {"peak_mib": 1.0, "steps": calls.count(self.name)}
+
+  workers = {name: FakeWorker(name, seconds) for name, seconds in (("a", 1.0), ("b", 2.0), ("c", 3.0))}
+  result = measure.time_round_robin(workers, rounds=3, pause_s=0.0)
+  assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+  assert result["b"] == {"times": {"step": [2.0, 2.0, 2.0]}, "peak_mib": 1.0, "steps": 3}
+
+
+def test_worker_reports_a_broken_case_as_an_error_and_serves_a_working_one():
+  spec = {"kind": "train", "model": "bert", "batch": 2, "seq": 8, "shape": compare.TINY_SHAPE, "warmup": 1}
+  workers = measure.start_workers({"bad": ("bench.torch_cases", dict(spec, method="no-such-method")),
+                                   "good": ("bench.torch_cases", dict(spec, method="lora"))}, progress=False)
+  try:
+    assert "unknown method 'no-such-method'" in workers["bad"].info["error"]
+    assert workers["bad"].step()["error"] == workers["bad"].error
+    assert workers["good"].info["built"] and workers["good"].info["trainable"] > 0
+    times = [workers["good"].step()["time_s"]["step"] for _ in range(2)]
+    stats = workers["good"].stats()
+    assert all(t > 0 for t in times) and stats["steps"] == 2 and stats["peak_mib"] >= 0, stats
+    assert "unknown command" in workers["good"].request("jump")["error"]
+  finally:
+    for worker in workers.values():
+      worker.close()
 
 
 def test_compare_script_prints_tables():
@@ -153,6 +223,12 @@ def test_matmul_script_prints_table():
   from bench import matmul
   text = matmul.main(["--repeats", "1"])
   assert text.count("| (1024,") == len(matmul.SHAPES) and "JAX / torch" in text
+
+
+def test_gelu_script_prints_table():
+  from bench import gelu
+  text = gelu.main(["--no-step", "--rounds", "1"])
+  assert text.count("forward") == 4 and "erf (ours)" in text
 
 
 def test_relative_scores_script_prints_table():

@@ -11,13 +11,14 @@ the layers live at `.../encoder/layer` with a leading layer axis.
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from sora_jax.models import activations
 
 # The six dense kernels of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
 # '/'-joined path of the module or of its kernel.
@@ -34,23 +35,7 @@ STACKED = r".*/encoder/layer/.*"
 # Head parameters a base-model checkpoint does not carry (re.match on the '/'-joined path).
 HEAD = (r"classifier(/|$)", r"[^/]+/pooler/")
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),  # transformers' "gelu" is the exact erf form
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
-
 _MODEL_TYPES = ("bert", "roberta", "electra")
-
-
-def _activation(name: str):
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"hidden_act {name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}")
-    return _ACTIVATIONS[name]
 
 
 def _classifier_dropout(config) -> float:
@@ -148,7 +133,8 @@ class BertAttention(_Module):
 class BertIntermediate(_Module):
     @nn.compact
     def __call__(self, x):
-        return _activation(self.config.hidden_act)(self._dense(self.config.intermediate_size, "dense")(x))
+        hidden = self._dense(self.config.intermediate_size, "dense")(x)
+        return activations.by_name(self.config.hidden_act, "hidden_act")(hidden)
 
 
 class BertLayer(_Module):
@@ -261,7 +247,7 @@ class BertForSequenceClassification(_Module):
             logits = self._dense(config.num_labels, "classifier")(pooled)
         else:
             # transformers' ElectraClassificationHead uses exact GELU whatever hidden_act says.
-            activation = jnp.tanh if config.model_type == "roberta" else _ACTIVATIONS["gelu"]
+            activation = jnp.tanh if config.model_type == "roberta" else activations.gelu
             logits = FirstTokenHead(config, self.dtype, self.param_dtype, activation=activation,
                                     name="classifier")(hidden, deterministic)
         return logits.astype(jnp.float32)

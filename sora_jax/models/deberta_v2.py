@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models import activations
+
 # The six dense layers of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
 # '/'-joined path of the module or of its kernel.
 TARGETS = (
@@ -34,28 +36,6 @@ TARGETS = (
 
 # Head parameters a base-model checkpoint does not carry (re.match on the '/'-joined path).
 HEAD = (r"classifier(/|$)", r"pooler/")
-
-# transformers' ACT2FN names; "gelu" there is the exact (erf) form.
-_ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
-    "gelu_python": functools.partial(nn.gelu, approximate=False),
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-    "relu": nn.relu,
-    "tanh": jnp.tanh,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "sigmoid": nn.sigmoid,
-}
-
-
-def _activation(name: str):
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
-
 
 def _pos_att_type(config) -> tuple[str, ...]:
     kinds = getattr(config, "pos_att_type", None) or ()
@@ -375,7 +355,7 @@ class DebertaV2Intermediate(_Module):
     @nn.compact
     def __call__(self, hidden_states):
         hidden_states = self._dense(self.config.intermediate_size, "dense")(hidden_states)
-        return _activation(self.config.hidden_act)(hidden_states)
+        return activations.by_name(self.config.hidden_act, "hidden_act")(hidden_states)
 
 
 class DebertaV2Layer(_Module):
@@ -412,7 +392,7 @@ class DebertaV2ConvLayer(_Module):
         mask = input_mask[..., None].astype(out.dtype)
         out = out * mask
         out = nn.Dropout(config.hidden_dropout_prob)(out, deterministic=deterministic)
-        out = _activation(getattr(config, "conv_act", "tanh"))(out)
+        out = activations.by_name(getattr(config, "conv_act", "tanh"), "conv_act")(out)
         output = self._layer_norm("LayerNorm")(layer_output + out)
         return output * mask
 
@@ -477,7 +457,7 @@ class ContextPooler(_Module):
         config = self.config
         context = nn.Dropout(getattr(config, "pooler_dropout", 0.0))(hidden_states[:, 0], deterministic=deterministic)
         pooled = self._dense(getattr(config, "pooler_hidden_size", config.hidden_size), "dense")(context)
-        return _activation(getattr(config, "pooler_hidden_act", "gelu"))(pooled)
+        return activations.by_name(getattr(config, "pooler_hidden_act", "gelu"), "pooler_hidden_act")(pooled)
 
 
 class DebertaV2Model(_Module):

@@ -30,10 +30,10 @@ import tempfile
 import time
 
 from bench import measure
+from bench.model_configs import TINY_SHAPE
 
 MODELS = ("bert", "deberta")
 _MODEL_NAMES = {"bert": "BERT-base", "deberta": "DeBERTa-v3-base"}
-TINY_SHAPE = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "vocab": 1000}
 # (row label, ours method, torch method, torch label)
 TRAIN_ROWS = (
     ("SoRA", "sora", "sora", "SoRA (our torch port)"),

@@ -11,6 +11,8 @@ RANK = 8
 ALPHA = 16.0
 LEARNING_RATE = 1e-4
 SORA_LAMBDA = 1e-3
+# The smoke-test shape of every bench's --tiny: 2 layers, 64 wide (hf_config keywords).
+TINY_SHAPE = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "vocab": 1000}
 
 
 def hf_config(model: str, *, layers: int = 12, hidden: int = 768, heads: int = 12, intermediate: int = 3072,

@@ -18,12 +18,12 @@ import argparse
 import time
 
 from bench import measure
+from bench.model_configs import TINY_SHAPE
 
 CASES = (("jax", "floor"), ("jax", "sora"), ("torch", "floor"), ("torch", "lora"))
 _MODULES = {"jax": "bench.jax_cases", "torch": "bench.torch_cases"}
 _LABELS = {("jax", "floor"): "ours floor", ("jax", "sora"): "ours SoRA", ("torch", "floor"): "torch floor",
            ("torch", "lora"): "PEFT LoRA"}
-TINY_SHAPE = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "vocab": 1000}
 
 
 def parse_args(argv=None):

@@ -20,10 +20,10 @@ import argparse
 import time
 
 from bench import measure
+from bench.model_configs import TINY_SHAPE
 
 METHODS = ("floor", "factored", "merge", "lora", "full")
 _CASE_METHOD = {"floor": "floor", "factored": "sora", "merge": "merge", "lora": "lora", "full": "full"}
-TINY_SHAPE = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "vocab": 1000}
 
 
 def parse_args(argv=None):

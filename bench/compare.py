@@ -153,13 +153,14 @@ def main(argv=None) -> str:
         rounds = _rounds(batch, args)
         base = {"model": model, "batch": batch, "seq": seq, "shape": shape, "warmup": 1, "threads": threads}
         for group_name, group in GROUPS.items():
-          cases = {(framework, method): (_MODULES[framework], dict(base, kind="train", method=method))
-                   for framework, wanted in group.items() for method in wanted if method in methods[framework]}
-          if cases:
-            named = run_group({f"{fw} {m} {model} b{batch}": c for (fw, m), c in cases.items()},
+          keys = {f"{fw} {m} {model} b{batch}": (fw, m) for fw, wanted in group.items() for m in wanted
+                  if m in methods[fw]}
+          if keys:
+            named = run_group({name: (_MODULES[fw], dict(base, kind="train", method=m))
+                               for name, (fw, m) in keys.items()},
                               rounds=rounds[group_name], malloc=args.malloc, errors=errors)
-            for (fw, m) in cases:
-              results[fw, model, batch, m] = named[f"{fw} {m} {model} b{batch}"]
+            for name, (fw, m) in keys.items():
+              results[fw, model, batch, m] = named[name]
         if not args.no_inference:
           cases = {f"{fw} inference {model} b{batch}": (_MODULES[fw], dict(base, kind="inference"))
                    for fw in ("jax", "torch") if fw == "jax" or not args.no_torch}
@@ -210,16 +211,15 @@ def report(results, models, batches, args, label_of, seq, threads, errors) -> st
                       "(separate rounds from the adapter rows)")
       o, t = get("jax", "inference"), get("torch", "inference")
       if (o and "error" not in o) or (t and "error" not in t):
-        med = lambda r, k: _median(r, k)
-        cell = lambda r, k: _fmt_ms(med(r, k)) if med(r, k) else "-"
+        cell = lambda r, k: _fmt_ms(_median(r, k)) if _median(r, k) else "-"
         inf_rows.append([label_of(model), batch, cell(o, "base"), cell(o, "sora_merged"),
-                         _ratio(med(o, "sora_merged"), med(o, "base")), cell(o, "sora_factored"),
-                         _ratio(med(o, "sora_factored"), med(o, "base")), cell(t, "base"), cell(t, "lora_merged"),
-                         cell(t, "lora_unmerged"), _ratio(med(o, "base"), med(t, "base")),
-                         _ratio(med(o, "sora_merged"), med(t, "lora_merged")),
-                         _ratio(med(o, "sora_factored"), med(t, "lora_unmerged"))])
-        if med(o, "sora_merged") and med(o, "base"):
-          ratio = med(o, "sora_merged") / med(o, "base")
+                         _ratio(_median(o, "sora_merged"), _median(o, "base")), cell(o, "sora_factored"),
+                         _ratio(_median(o, "sora_factored"), _median(o, "base")), cell(t, "base"), cell(t, "lora_merged"),
+                         cell(t, "lora_unmerged"), _ratio(_median(o, "base"), _median(t, "base")),
+                         _ratio(_median(o, "sora_merged"), _median(t, "lora_merged")),
+                         _ratio(_median(o, "sora_factored"), _median(t, "lora_unmerged"))])
+        if _median(o, "sora_merged") and _median(o, "base"):
+          ratio = _median(o, "sora_merged") / _median(o, "base")
           checks.append(f"{where}: our merged / base inference = {ratio:.3f}, per round "
                         f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
                         f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})")

@@ -127,7 +127,7 @@ def train_step(model_name: str, method: str, module, params, inputs, labels):
     state[0], state[1], loss = compiled(state[0], state[1], frozen)
     return jax.block_until_ready(loss)
 
-  call.lower = lambda: step.lower(state[0], state[1], frozen)
+  call.compiled = compiled
 
   count = sum(x.size for x in jax.tree.leaves(trainable))
   return call, count
@@ -158,7 +158,7 @@ def floor_step(module, params, inputs, labels):
   def call():
     return jax.block_until_ready(compiled(delta, params))
 
-  call.lower = lambda: grad.lower(delta, params)
+  call.compiled = compiled
   return call
 
 
@@ -190,7 +190,9 @@ def inference_calls(model_name: str, module, params, inputs) -> dict:
   }
 
 
-def main(spec: dict) -> dict:
+def _setup(spec: dict):
+  """Import what every case holds, start the runtime, then build the spec's model: (baseline MiB, module, params,
+  inputs, labels), the baseline being the resident size before the model exists."""
   import flax  # noqa: F401  (part of the baseline, like jax)
   import optax  # noqa: F401
   import transformers  # noqa: F401  (the configs)
@@ -198,7 +200,11 @@ def main(spec: dict) -> dict:
   jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))  # the runtime and its thread pools exist now
   baseline = measure.rss_mib()
   config = hf_config(spec["model"], **spec.get("shape", {}))
-  module, params, inputs, labels = build(spec["model"], config, batch=spec["batch"], seq=spec["seq"])
+  return (baseline, *build(spec["model"], config, batch=spec["batch"], seq=spec["seq"]))
+
+
+def main(spec: dict) -> dict:
+  baseline, module, params, inputs, labels = _setup(spec)
   warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
   result = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend()}
   if spec["kind"] == "train":
@@ -216,16 +222,11 @@ def main(spec: dict) -> dict:
              for method in spec["methods"]}
     timings = measure.time_interleaved(steps, warmup=warmup, repeats=repeats)
     result["time_s"] = {name: t.median_s for name, t in timings.items()}
-    if spec.get("inference_repeats"):  # the inference variants too, in this same process (saves a start-up)
-      del steps
-      timings = measure.time_interleaved(inference_calls(spec["model"], module, params, inputs), warmup=warmup,
-                                         repeats=spec["inference_repeats"])
-      result["inference_s"] = {name: t.median_s for name, t in timings.items()}
   elif spec["kind"] == "cost":
     # XLA's own count of each compiled step's work: independent of machine load.
     result["cost"] = {}
     for method in spec["methods"]:
-      cost = train_step(spec["model"], method, module, params, inputs, labels)[0].lower().compile().cost_analysis()
+      cost = train_step(spec["model"], method, module, params, inputs, labels)[0].compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       result["cost"][method] = {"gflop": cost.get("flops", 0.0) / 1e9,
                                 "gbytes": cost.get("bytes accessed", 0.0) / 1e9}
@@ -244,14 +245,7 @@ def serve(spec: dict) -> None:
   Kinds: `train` (one callable, the method's step) and `inference` (base, merged and factored forwards, timed in
   turn forwards and backwards within each request, so that the merged / base ratio is resolved within the process).
   """
-  import flax  # noqa: F401  (part of the baseline, like jax)
-  import optax  # noqa: F401
-  import transformers  # noqa: F401  (the configs)
-  import sora_jax  # noqa: F401
-  jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))
-  baseline = measure.rss_mib()
-  config = hf_config(spec["model"], **spec.get("shape", {}))
-  module, params, inputs, labels = build(spec["model"], config, batch=spec["batch"], seq=spec["seq"])
+  baseline, module, params, inputs, labels = _setup(spec)
   info = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend()}
   if spec["kind"] == "train":
     step, info["trainable"] = train_step(spec["model"], spec["method"], module, params, inputs, labels)

@@ -28,10 +28,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, NamedTuple
 
 _MIB = 1024 * 1024
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: cwd and PYTHONPATH of cases
 
 
 class Timing(NamedTuple):
@@ -213,7 +215,6 @@ MALLOC_MODES = {
     "hugepages": ("glibc.malloc.hugetlb=1",),
     "default": (),
 }
-HUGEPAGE_TUNABLE = MALLOC_MODES["hugepages"][0]
 
 
 def case_env(*, malloc: str = "retain") -> dict[str, str]:
@@ -224,8 +225,7 @@ def case_env(*, malloc: str = "retain") -> dict[str, str]:
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   env.setdefault("TOKENIZERS_PARALLELISM", "false")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
   tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
   present = {t.split("=")[0] for t in tunables}
   tunables += [t for t in MALLOC_MODES[malloc] if t.split("=")[0] not in present]
@@ -250,11 +250,10 @@ def run_case(module: str, spec: dict, *, timeout: float | None = None, progress:
   With `progress`, a line per case (its wall time including start-up, and its result) goes to stderr.
   """
   env = case_env(malloc=malloc)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   start = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=timeout)
+                          env=env, cwd=_ROOT, timeout=timeout)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s"}
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -299,14 +298,12 @@ class Worker:
   """
 
   def __init__(self, module: str, spec: dict, *, malloc: str = "retain", label: str = ""):
-    import tempfile
     self.label = label or f"{module} {spec.get('kind')} {spec.get('method', '')}".strip()
     self.error: str | None = None
     self.info: dict = {}
     self._start = time.perf_counter()
     self._stderr = tempfile.TemporaryFile(mode="w+")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    self._proc = subprocess.Popen([sys.executable, "-m", module, "--serve", json.dumps(spec)], cwd=root,
+    self._proc = subprocess.Popen([sys.executable, "-m", module, "--serve", json.dumps(spec)], cwd=_ROOT,
                                   env=case_env(malloc=malloc), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self._stderr, text=True, bufsize=1)
 

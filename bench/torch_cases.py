@@ -178,7 +178,9 @@ def inference_calls(model_name: str, config, batch: dict) -> dict:
   return {"base": forward(base), "lora_unmerged": forward(lora), "lora_merged": forward(merged)}
 
 
-def main(spec: dict) -> dict:
+def _setup(spec: dict):
+  """Set torch's threads, import what every case holds, start the thread pool, then make the spec's config and
+  batch: (threads, baseline MiB, config, batch), the baseline being the resident size before any model exists."""
   threads = spec.get("threads") or measure.cpu_count()
   torch.set_num_threads(threads)
   import transformers  # noqa: F401  (part of the baseline, like torch)
@@ -186,21 +188,26 @@ def main(spec: dict) -> dict:
   torch.ones(64, 64) @ torch.ones(64, 64)  # the thread pool exists now
   baseline = measure.rss_mib()
   config = hf_config(spec["model"], **spec.get("shape", {}))
-  batch = make_batch(config, spec["batch"], spec["seq"])
+  return threads, baseline, config, make_batch(config, spec["batch"], spec["seq"])
+
+
+def _step(spec: dict, config, batch: dict):
+  """(step callable, trainable parameter count) of the spec's method; "floor" is `floor_step`."""
+  if spec["method"] == "floor":
+    return floor_step(config, batch)
+  return train_step(spec["model"], spec["method"], config, batch)
+
+
+def main(spec: dict) -> dict:
+  threads, baseline, config, batch = _setup(spec)
   warmup, repeats = spec.get("warmup", 1), spec.get("repeats", 3)
   result = {"framework": "torch", "threads": threads, "torch": torch.__version__}
   if spec["kind"] == "train":
-    if spec["method"] == "floor":
-      step, trainable = floor_step(config, batch)
-    else:
-      step, trainable = train_step(spec["model"], spec["method"], config, batch)
+    step, trainable = _step(spec, config, batch)
     result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
     result["trainable"] = trainable
   elif spec["kind"] == "huge_pages":  # the step with transparent huge pages allowed and forbidden, in turn
-    if spec["method"] == "floor":
-      step, _ = floor_step(config, batch)
-    else:
-      step, _ = train_step(spec["model"], spec["method"], config, batch)
+    step, _ = _step(spec, config, batch)
     result.update(measure.time_huge_pages(step, warmup=warmup, rounds=spec.get("rounds", 4)))
   elif spec["kind"] == "inference":
     timings = measure.time_interleaved(inference_calls(spec["model"], config, batch), warmup=warmup,
@@ -217,20 +224,10 @@ def serve(spec: dict) -> None:
   Kinds: `train` (the method's step, or the floor) and `inference` (base, PEFT LoRA unmerged and merged forwards,
   timed in turn forwards and backwards within each request).
   """
-  threads = spec.get("threads") or measure.cpu_count()
-  torch.set_num_threads(threads)
-  import transformers  # noqa: F401  (part of the baseline, like torch)
-  import peft  # noqa: F401
-  torch.ones(64, 64) @ torch.ones(64, 64)
-  baseline = measure.rss_mib()
-  config = hf_config(spec["model"], **spec.get("shape", {}))
-  batch = make_batch(config, spec["batch"], spec["seq"])
+  threads, baseline, config, batch = _setup(spec)
   info = {"framework": "torch", "threads": threads, "torch": torch.__version__}
   if spec["kind"] == "train":
-    if spec["method"] == "floor":
-      step, info["trainable"] = floor_step(config, batch)
-    else:
-      step, info["trainable"] = train_step(spec["model"], spec["method"], config, batch)
+    step, info["trainable"] = _step(spec, config, batch)
     calls, palindrome = {"step": step}, False
   elif spec["kind"] == "inference":
     calls, palindrome = inference_calls(spec["model"], config, batch), True

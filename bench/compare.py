@@ -13,12 +13,16 @@ base / PEFT LoRA unmerged / merged.
 How it times: every case runs in a process of its own (its own memory high-water mark, no thread pools shared between
 frameworks), and the cases of one group are alive together and asked for one step each in turn, round after round
 (`bench.measure.time_round_robin`), so load that comes and goes on the machine hits ours and theirs alike. Groups per
-model and batch: the adapter methods (ours SoRA and LoRA, PEFT LoRA and AdaLoRA, our torch SoRA), full fine-tuning
-(and the floors), and inference (one process per framework, its variants timed in turn inside it: merged and base are one
-executable, so their ratio is resolved within the process).
+model and batch (`--layout groups`, the default at batch <= 8): the adapter methods (ours SoRA and LoRA, PEFT LoRA and
+AdaLoRA, our torch SoRA), full fine-tuning (and the floors), and inference (one process per framework, its variants
+timed in turn inside it: merged and base are one executable, so their ratio is resolved within the process). Above
+batch 8 the default is `--layout pairs`: one pair of cases per ratio the report states (ours SoRA with PEFT LoRA, with
+our LoRA, with AdaLoRA, with our torch port; our LoRA with PEFT LoRA; full FT; floors), because every case keeps its
+peak memory while the others run: at batch 32 a BERT-base adapter case holds about 5.9 GB and a DeBERTa-v3-base torch
+case about 10.6 GB, so a group of five does not fit in 24 GB.
 
   python -m bench.compare                                   # both models, batch 8 (< 15 min on 2 quiet cores)
-  python -m bench.compare --batch 8,32                      # the full matrix (about three times as long)
+  python -m bench.compare --batch 8,32                      # the full matrix (batch 32 in pairs, ~45 min more)
   python -m bench.compare --models bert --quick             # a subset, fewer rounds
   python -m bench.compare --floor                           # with the floors (about 2 minutes more)
   python -m bench.compare --tiny                            # a 2-layer toy shape: checks that it all runs
@@ -45,9 +49,18 @@ TRAIN_ROWS = (
 )
 JAX_METHODS = ("sora", "lora", "full", "floor")
 TORCH_METHODS = ("lora", "adalora", "sora", "full", "floor")
-# The cases timed together, round by round; "full" also holds the floors.
-GROUPS = {"adapters": {"jax": ("sora", "lora"), "torch": ("lora", "adalora", "sora")},
-          "full": {"jax": ("full", "floor"), "torch": ("full", "floor")}}
+# The cases timed together, round by round, per layout: {group: ({framework: methods}, kind of rounds)}.
+LAYOUTS = {
+    "groups": {"adapters": ({"jax": ("sora", "lora"), "torch": ("lora", "adalora", "sora")}, "adapters"),
+               "full": ({"jax": ("full", "floor"), "torch": ("full", "floor")}, "full")},
+    "pairs": {"sora/peft-lora": ({"jax": ("sora",), "torch": ("lora",)}, "adapters"),
+              "sora/lora": ({"jax": ("sora", "lora")}, "adapters"),
+              "lora/peft-lora": ({"jax": ("lora",), "torch": ("lora",)}, "adapters"),
+              "sora/adalora": ({"jax": ("sora",), "torch": ("adalora",)}, "adapters"),
+              "sora/port": ({"jax": ("sora",), "torch": ("sora",)}, "adapters"),
+              "full": ({"jax": ("full",), "torch": ("full",)}, "full"),
+              "floor": ({"jax": ("floor",), "torch": ("floor",)}, "full")},
+}
 _MODULES = {"jax": "bench.jax_cases", "torch": "bench.torch_cases"}
 
 
@@ -60,6 +73,9 @@ def parse_args(argv=None):
                       help="timed rounds of the adapter group (default: 4 at batch <= 8, 2 above; the full FT and "
                            "floor group takes half as many, at least 2)")
   parser.add_argument("--quick", action="store_true", help="fewer rounds (2 train, 2 inference)")
+  parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS),
+                      help="which cases are alive and timed together: whole groups, or one pair per ratio "
+                           "(default auto: groups at batch <= 8, pairs above, for memory)")
   parser.add_argument("--tiny", action="store_true", help="2-layer 64-wide models, seq 16 (smoke test)")
   parser.add_argument("--jax-methods", default="sora,lora,full", help=f"subset of {JAX_METHODS}")
   parser.add_argument("--torch-methods", default="lora,adalora,sora,full", help=f"subset of {TORCH_METHODS}")
@@ -79,6 +95,39 @@ def _rounds(batch: int, args) -> dict[str, int]:
     return {"adapters": 2, "full": 2, "inference": 2}
   adapters = args.rounds or (4 if batch <= 8 else 2)
   return {"adapters": adapters, "full": max(2, adapters // 2), "inference": 3 if batch <= 8 else 2}
+
+
+def _layout(batch: int, args) -> str:
+  return args.layout if args.layout != "auto" else "groups" if batch <= 8 else "pairs"
+
+
+def _groups_to_run(layout: str, methods: dict[str, list[str]]) -> dict[str, tuple[tuple[tuple[str, str], ...], str]]:
+  """The layout's groups cut to the requested methods, {group: (((framework, method), ...), kind of rounds)}; a group
+  whose requested cases another group times too is left out (e.g. under --no-torch, ours SoRA alone from the pair
+  with PEFT LoRA: the pair with our LoRA times it)."""
+  candidates = {}
+  for name, (members, kind) in LAYOUTS[layout].items():
+    cases = tuple((fw, m) for fw, wanted in members.items() for m in wanted if m in methods[fw])
+    if cases:
+      candidates[name] = (cases, kind)
+  names = list(candidates)
+  covered = lambda i: any(set(candidates[names[i]][0]) < set(candidates[other][0]) or (
+      j < i and set(candidates[names[i]][0]) == set(candidates[other][0])) for j, other in enumerate(names) if j != i)
+  return {name: candidates[name] for i, name in enumerate(names) if not covered(i)}
+
+
+def _side_by_side(cases: dict, a: tuple[str, str], b: tuple[str, str]) -> tuple[dict | None, dict | None, bool]:
+  """Results of cases a and b ((framework, method)) from the first group that timed both, and True; else each one's
+  first result and False. `cases` maps (framework, method) to {group: result}."""
+  for group, result in cases.get(a, {}).items():
+    if group in cases.get(b, {}):
+      return result, cases[b][group], True
+  return _first(cases, a), _first(cases, b), False
+
+
+def _first(cases: dict, key: tuple[str, str]) -> dict | None:
+  """The first group's result of case `key` ((framework, method)), or None."""
+  return next(iter(cases.get(key, {}).values()), None)
 
 
 def _fmt_ms(seconds: float) -> str:
@@ -152,21 +201,19 @@ def main(argv=None) -> str:
       for batch in batches:
         rounds = _rounds(batch, args)
         base = {"model": model, "batch": batch, "seq": seq, "shape": shape, "warmup": 1, "threads": threads}
-        for group_name, group in GROUPS.items():
-          keys = {f"{fw} {m} {model} b{batch}": (fw, m) for fw, wanted in group.items() for m in wanted
-                  if m in methods[fw]}
-          if keys:
-            named = run_group({name: (_MODULES[fw], dict(base, kind="train", method=m))
-                               for name, (fw, m) in keys.items()},
-                              rounds=rounds[group_name], malloc=args.malloc, errors=errors)
-            for name, (fw, m) in keys.items():
-              results[fw, model, batch, m] = named[name]
+        for group_name, (members, kind) in _groups_to_run(_layout(batch, args), methods).items():
+          keys = {f"{fw} {m} {model} b{batch}": (fw, m) for fw, m in members}
+          named = run_group({name: (_MODULES[fw], dict(base, kind="train", method=m)) for name, (fw, m) in keys.items()},
+                            rounds=rounds[kind], malloc=args.malloc, errors=errors)
+          for name, key in keys.items():
+            results.setdefault((model, batch), {}).setdefault(key, {})[group_name] = named[name]
         if not args.no_inference:
           cases = {f"{fw} inference {model} b{batch}": (_MODULES[fw], dict(base, kind="inference"))
                    for fw in ("jax", "torch") if fw == "jax" or not args.no_torch}
           named = run_group(cases, rounds=rounds["inference"], malloc=args.malloc, errors=errors)
           for fw in ("jax", "torch"):
-            results[fw, model, batch, "inference"] = named.get(f"{fw} inference {model} b{batch}")
+            if f"{fw} inference {model} b{batch}" in named:
+              results.setdefault((model, batch), {})[fw, "inference"] = {"inference": named[f"{fw} inference {model} b{batch}"]}
   finally:
     if cache is not None:
       del os.environ["JAX_COMPILATION_CACHE_DIR"]
@@ -182,34 +229,34 @@ def report(results, models, batches, args, label_of, seq, threads, errors) -> st
   rows, inf_rows, checks = [], [], []
   for model in models:
     for batch in batches:
-      get = lambda fw, m: results.get((fw, model, batch, m))
+      cases = results.get((model, batch), {})
+      pair = lambda a, b: _side_by_side(cases, a, b)
       for label, ours, theirs, theirs_label in TRAIN_ROWS:
-        o, t = get("jax", ours), get("torch", theirs)
+        o, t, together = pair(("jax", ours), ("torch", theirs))
         if o is None and t is None:
           continue
         ms = lambda r: "error" if r and "error" in r else _fmt_ms(_median(r)) if _median(r) else "-"
         rows.append([label_of(model), batch, label, f"ours {ours}", ms(o), theirs_label, ms(t),
-                     _ratio(_median(o), _median(t)), _spread(o, t),
+                     _ratio(_median(o), _median(t)), _spread(o, t) if together else "-",
                      f"{_mib(o):.0f}" if _mib(o) else "-", f"{_mib(t):.0f}" if _mib(t) else "-",
                      _ratio(_mib(o), _mib(t))])
       where = f"{label_of(model)} b{batch}"
-      sora, lora, peft_lora = _median(get("jax", "sora")), _median(get("jax", "lora")), _median(get("torch", "lora"))
-      if sora and peft_lora:
-        ratio = sora / peft_lora
-        checks.append(f"{where}: our SoRA / PEFT LoRA = {ratio:.2f}, per round "
-                      f"{_spread(get('jax', 'sora'), get('torch', 'lora'))} (target <= 0.75: "
-                      f"{'met' if ratio <= 0.75 else 'missed'})")
-      if sora and lora:
-        ratio = sora / lora
-        checks.append(f"{where}: our SoRA / our LoRA = {ratio:.2f}, per round "
-                      f"{_spread(get('jax', 'sora'), get('jax', 'lora'))} (target <= 1.05: "
-                      f"{'met' if ratio <= 1.05 else 'missed'})")
-      ours_floor, torch_floor = _median(get("jax", "floor")), _median(get("torch", "floor"))
+      for (a, b, name, target) in ((("jax", "sora"), ("torch", "lora"), "our SoRA / PEFT LoRA", 0.75),
+                                   (("jax", "sora"), ("jax", "lora"), "our SoRA / our LoRA", 1.05)):
+        ra, rb, together = pair(a, b)
+        if _median(ra) and _median(rb):
+          ratio = _median(ra) / _median(rb)
+          rounds_note = f"per round {_spread(ra, rb)}" if together else "timed in different rounds"
+          checks.append(f"{where}: {name} = {ratio:.2f}, {rounds_note} (target <= {target}: "
+                        f"{'met' if ratio <= target else 'missed'})")
+      ours_floor, torch_floor, _ = pair(("jax", "floor"), ("torch", "floor"))
+      ours_floor, torch_floor = _median(ours_floor), _median(torch_floor)
       if ours_floor and torch_floor:
+        sora, peft_lora = _median(_first(cases, ("jax", "sora"))), _median(_first(cases, ("torch", "lora")))
         checks.append(f"{where}: our floor / torch floor = {ours_floor / torch_floor:.2f}; our SoRA / our floor = "
                       f"{_ratio(sora, ours_floor)}, PEFT LoRA / torch floor = {_ratio(peft_lora, torch_floor)} "
                       "(separate rounds from the adapter rows)")
-      o, t = get("jax", "inference"), get("torch", "inference")
+      o, t, _ = pair(("jax", "inference"), ("torch", "inference"))
       if (o and "error" not in o) or (t and "error" not in t):
         cell = lambda r, k: _fmt_ms(_median(r, k)) if _median(r, k) else "-"
         inf_rows.append([label_of(model), batch, cell(o, "base"), cell(o, "sora_merged"),
@@ -224,14 +271,16 @@ def report(results, models, batches, args, label_of, seq, threads, errors) -> st
                         f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
                         f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})")
 
-  rounds = ", ".join(f"batch {b}: " + ", ".join(f"{n} {k}" for k, n in _rounds(b, args).items()) for b in batches)
+  rounds = ", ".join(f"batch {b} ({_layout(b, args)}): " + ", ".join(f"{n} {k}" for k, n in _rounds(b, args).items())
+                     for b in batches)
   model_desc = "2-layer 64-wide toy shapes (--tiny)" if args.tiny else "random weights"
   lines = [
       f"Train step, seq {seq}, rank 8 on six dense layers per block, {model_desc}; one process per case, the cases "
       f"of a group timed in turn, one step each per round, after 2 untimed steps; rounds per group: {rounds}; ms = median over rounds, "
       f"'per round' = range of ours/theirs within the rounds; {measure.cpu_count()} CPU cores, torch threads "
       f"{threads}, XLA: its default CPU thread pool (all cores); every case: "
-      f"{measure.malloc_setting(measure.case_env(malloc=args.malloc))}",
+      f"{measure.malloc_setting(measure.case_env(malloc=args.malloc))}; layout 'groups': the adapter cases alive and "
+      f"timed together, 'pairs': the two cases of each ratio",
       "",
       measure.format_table(["model", "batch", "row", "ours", "ours ms", "theirs", "theirs ms", "time ours/theirs",
                             "per round", "ours MiB", "theirs MiB", "mem ours/theirs"], rows),

@@ -208,6 +208,33 @@ def test_compare_script_prints_tables():
   assert "SoRA vs LoRA" in text and "Inference" in text and "error" not in text
 
 
+def test_pairs_layout_times_each_ratio_in_a_pair_and_skips_what_was_timed():
+  everything = {"jax": list(compare.JAX_METHODS), "torch": list(compare.TORCH_METHODS)}
+  pairs = compare._groups_to_run("pairs", everything)
+  assert all(len(cases) == 2 for cases, _ in pairs.values())
+  for _, ours, theirs, _ in compare.TRAIN_ROWS:  # every row of the table has a pair of its own
+    assert any(set(cases) == {("jax", ours), ("torch", theirs)} for cases, _ in pairs.values())
+  assert any(set(cases) == {("jax", "sora"), ("jax", "lora")} for cases, _ in pairs.values())
+  # Without torch, the pairs that would hold ours alone again are left out.
+  alone = compare._groups_to_run("pairs", {"jax": ["sora", "lora", "full"], "torch": []})
+  assert [cases for cases, _ in alone.values()] == [(("jax", "sora"), ("jax", "lora")), (("jax", "full"),)]
+  groups = compare._groups_to_run("groups", {"jax": ["sora"], "torch": ["lora"]})
+  assert groups == {"adapters": ((("jax", "sora"), ("torch", "lora")), "adapters")}
+  assert compare._layout(8, compare.parse_args([])) == "groups"
+  assert compare._layout(32, compare.parse_args([])) == "pairs"
+  assert compare._layout(32, compare.parse_args(["--layout", "groups"])) == "groups"
+
+
+def test_side_by_side_takes_both_results_from_the_group_that_timed_them_together():
+  sora_a, sora_b, peft, port = ({"times": {"step": [t]}} for t in (1.0, 2.0, 3.0, 4.0))
+  cases = {("jax", "sora"): {"sora/port": sora_a, "sora/peft-lora": sora_b},
+           ("torch", "lora"): {"sora/peft-lora": peft}, ("torch", "sora"): {"sora/port": port}}
+  assert compare._side_by_side(cases, ("jax", "sora"), ("torch", "lora")) == (sora_b, peft, True)
+  assert compare._side_by_side(cases, ("jax", "sora"), ("torch", "sora")) == (sora_a, port, True)
+  assert compare._side_by_side(cases, ("torch", "lora"), ("torch", "sora")) == (peft, port, False)
+  assert compare._side_by_side(cases, ("jax", "full"), ("torch", "lora")) == (None, peft, False)
+
+
 @pytest.mark.parametrize("model", ["bert", "deberta"])
 def test_inference_cases_run_in_process(model):
   from bench import jax_cases

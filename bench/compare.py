@@ -22,7 +22,7 @@ peak memory while the others run: at batch 32 a BERT-base adapter case holds abo
 case about 10.6 GB, so a group of five does not fit in 24 GB.
 
   python -m bench.compare                                   # both models, batch 8 (< 15 min on 2 quiet cores)
-  python -m bench.compare --batch 8,32                      # the full matrix (batch 32 in pairs, ~45 min more)
+  python -m bench.compare --batch 8,32                      # the full matrix (batch 32 in pairs: 35 min more)
   python -m bench.compare --models bert --quick             # a subset, fewer rounds
   python -m bench.compare --floor                           # with the floors (about 2 minutes more)
   python -m bench.compare --tiny                            # a 2-layer toy shape: checks that it all runs

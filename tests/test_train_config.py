@@ -45,6 +45,7 @@ def test_int_is_accepted_for_float():
     ("learning_rate=fast", ["optim.learning_rate", "float"]),
     ("novalue", ["key=value"]),
     ("final_params=worst", ["train.final_params", "'best', 'last'", "worst"]),
+    ("malloc=fast", ["train.malloc", "'retain', 'default'", "fast"]),
 ])
 def test_errors_name_valid_keys(override, words):
     with pytest.raises(ConfigError) as e:

@@ -97,6 +97,10 @@ class TrainConfig:
     # Which parameters the final evaluation, the rank report, pruning and the PEFT export use: "best", those of the
     # evaluation with the best validation score (reloaded from the kept-best checkpoint), or "last", the final step's.
     final_params: Literal["best", "last"] = "best"
+    # glibc's malloc in the training process: "retain" keeps freed host memory for reuse (one arena, no per-block
+    # mmap, no trimming; train/allocator.py), so XLA's CPU runtime does not fault each step's temporaries in afresh;
+    # "default" leaves glibc as it is. Either way nothing changes where the C library is not glibc.
+    malloc: Literal["retain", "default"] = "retain"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,10 +43,3 @@ def test_retain_freed_memory_stops_the_per_step_faults_of_a_large_block_on_a_thr
   # Mapped anew each step: at least 32 faults (2 MiB pages), 16,384 with 4 KiB pages; kept in the heap: next to none.
   assert faults["default"] >= 32 and faults["retain"] < 16, faults
 
-
-def test_retain_freed_memory_reports_whether_glibc_took_it():
-  from train import allocator
-  if platform.libc_ver()[0] == "glibc":
-    assert allocator._libc() is not None
-  else:
-    assert allocator.retain_freed_memory() is False

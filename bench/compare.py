@@ -108,12 +108,10 @@ def _groups_to_run(layout: str, methods: dict[str, list[str]]) -> dict[str, tupl
   candidates = {}
   for name, (members, kind) in LAYOUTS[layout].items():
     cases = tuple((fw, m) for fw, wanted in members.items() for m in wanted if m in methods[fw])
-    if cases:
+    if cases and cases not in (c for c, _ in candidates.values()):  # the first of equal groups is kept
       candidates[name] = (cases, kind)
-  names = list(candidates)
-  covered = lambda i: any(set(candidates[names[i]][0]) < set(candidates[other][0]) or (
-      j < i and set(candidates[names[i]][0]) == set(candidates[other][0])) for j, other in enumerate(names) if j != i)
-  return {name: candidates[name] for i, name in enumerate(names) if not covered(i)}
+  return {name: (cases, kind) for name, (cases, kind) in candidates.items()
+          if not any(set(cases) < set(other) for other, _ in candidates.values())}
 
 
 def _side_by_side(cases: dict, a: tuple[str, str], b: tuple[str, str]) -> tuple[dict | None, dict | None, bool]:
@@ -173,6 +171,12 @@ def run_group(cases: dict[str, tuple[str, dict]], *, rounds: int, malloc: str, e
   return results
 
 
+def _store(cases: dict, group: str, keys: dict[str, tuple[str, str]], named: dict[str, dict]) -> None:
+  """Put a group's results (`named`, by case name) into `cases`, {(framework, method): {group: result}}."""
+  for name, key in keys.items():
+    cases.setdefault(key, {})[group] = named[name]
+
+
 def main(argv=None) -> str:
   args = parse_args(argv)
   models = [m for m in args.models.split(",") if m]
@@ -205,15 +209,13 @@ def main(argv=None) -> str:
           keys = {f"{fw} {m} {model} b{batch}": (fw, m) for fw, m in members}
           named = run_group({name: (_MODULES[fw], dict(base, kind="train", method=m)) for name, (fw, m) in keys.items()},
                             rounds=rounds[kind], malloc=args.malloc, errors=errors)
-          for name, key in keys.items():
-            results.setdefault((model, batch), {}).setdefault(key, {})[group_name] = named[name]
+          _store(results.setdefault((model, batch), {}), group_name, keys, named)
         if not args.no_inference:
-          cases = {f"{fw} inference {model} b{batch}": (_MODULES[fw], dict(base, kind="inference"))
-                   for fw in ("jax", "torch") if fw == "jax" or not args.no_torch}
-          named = run_group(cases, rounds=rounds["inference"], malloc=args.malloc, errors=errors)
-          for fw in ("jax", "torch"):
-            if f"{fw} inference {model} b{batch}" in named:
-              results.setdefault((model, batch), {})[fw, "inference"] = {"inference": named[f"{fw} inference {model} b{batch}"]}
+          keys = {f"{fw} inference {model} b{batch}": (fw, "inference")
+                  for fw in ("jax", "torch") if fw == "jax" or not args.no_torch}
+          named = run_group({name: (_MODULES[fw], dict(base, kind="inference")) for name, (fw, _) in keys.items()},
+                            rounds=rounds["inference"], malloc=args.malloc, errors=errors)
+          _store(results.setdefault((model, batch), {}), "inference", keys, named)
   finally:
     if cache is not None:
       del os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -49,3 +49,9 @@ def retain_freed_memory() -> bool:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return all(libc.mallopt(param, value) == 1 for param, value in RETAIN)
+
+
+def configure(malloc: str) -> bool:
+    """Apply the `train.malloc` setting: "retain" calls `retain_freed_memory` (and returns its answer), "default"
+    leaves glibc as it is (False). Call it before JAX's first computation."""
+    return retain_freed_memory() if malloc == "retain" else False

@@ -28,9 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    if config.train.malloc == "retain":
-        from train.allocator import retain_freed_memory
-        retain_freed_memory()  # before JAX's threads first allocate (train/allocator.py)
+    from train.allocator import configure
+    configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
     from sora_jax.sharding import maybe_initialize_distributed
     maybe_initialize_distributed()  # before any other JAX call, when several hosts are described
     from train.loop import run

@@ -16,6 +16,7 @@ from sora_jax.adapters import unmerge as unmerge
 from sora_jax.forward import apply_factored as apply_factored
 from sora_jax.forward import factored as factored
 from sora_jax.forward import low_rank_product as low_rank_product
+from sora_jax.leaves import SoraGate as SoraGate
 from sora_jax.optim import SoraProximalState as SoraProximalState
 from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
 from sora_jax.optim import soft_threshold as soft_threshold
@@ -23,6 +24,9 @@ from sora_jax.optim import sora_proximal as sora_proximal
 from sora_jax.peft import LoadedPeft as LoadedPeft
 from sora_jax.peft import load_peft as load_peft
 from sora_jax.peft import save_peft as save_peft
+from sora_jax.provider import SoraProvider as SoraProvider
+from sora_jax.provider import SoraRule as SoraRule
+from sora_jax.provider import apply_sora as apply_sora
 from sora_jax.schedules import LAMBDA_SHAPES as LAMBDA_SHAPES
 from sora_jax.schedules import lambda_schedule as lambda_schedule
 from sora_jax.schedules import lambda_stages as lambda_stages
@@ -33,9 +37,13 @@ __all__ = [
     "RankReport",
     "RankRow",
     "SoraConfig",
+    "SoraGate",
+    "SoraProvider",
     "SoraProximalState",
+    "SoraRule",
     "adapter_mask",
     "apply_factored",
+    "apply_sora",
     "combine",
     "delta_kernel",
     "factored",

@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-PyTree = Any
-Path = tuple[str, ...]
+from sora_jax import leaves
+from sora_jax.leaves import A, B, GATE, path_str
 
-A, B, GATE = "sora_a", "sora_b", "sora_gate"
-ADAPTER_LEAVES = (A, B, GATE)
+PyTree = Any
+Path = tuple[Any, ...]
+
+ADAPTER_LEAVES = leaves.LINEN_LEAVES
 _GATE_INITS = ("ones", "normal")
 
 
@@ -88,11 +90,6 @@ class SoraConfig:
   def scale(self) -> float:
     """s = alpha / rank (rank = r_max)."""
     return self.alpha / self.rank
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """'/'-joined path, as matched by every regex in this library."""
-  return "/".join(str(k) for k in path)
 
 
 def _flat(params: PyTree) -> dict[Path, Any]:
@@ -206,31 +203,35 @@ def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
   return _unflat(out)
 
 
-def adapter_mask(params: PyTree) -> dict:
-  """Bool tree, True at `sora_a`, `sora_b` and `sora_gate` leaves."""
-  return _unflat({p: p[-1] in ADAPTER_LEAVES for p in _flat(params)})
+def adapter_mask(params: PyTree) -> PyTree:
+  """Bool tree, True at A, B and gate leaves of either layout (`sora_a`..., `<w>_lora_a`...); same kind of tree."""
+  return leaves.map_leaves(params, lambda path, leaf: leaves.is_adapter(path) or leaves.is_gate(path, leaf))
 
 
-def gate_mask(params: PyTree) -> dict:
-  """Bool tree, True at `sora_gate` leaves (what `sora_proximal` acts on)."""
-  return _unflat({p: p[-1] == GATE for p in _flat(params)})
+def gate_mask(params: PyTree) -> PyTree:
+  """Bool tree, True at gate leaves (`sora_gate`, `<w>_lora_gate`, NNX `SoraGate`): what `sora_proximal` acts on."""
+  return leaves.map_leaves(params, leaves.is_gate)
 
 
-def param_labels(params: PyTree, trainable: Sequence[str] = ()) -> dict:
+def _label(path: Path, leaf: Any, trainable: Sequence[str]) -> str:
+  if leaves.is_gate(path, leaf):
+    return "gate"
+  if leaves.is_adapter(path):
+    return "adapter"
+  if any(re.fullmatch(t, path_str(path)) for t in trainable):
+    return "trainable"
+  return "frozen"
+
+
+def param_labels(params: PyTree, trainable: Sequence[str] = ()) -> PyTree:
   """Label tree for `optax.multi_transform`: "gate", "adapter" (A, B), "trainable" (matches `trainable`), "frozen"."""
-  def label(path: Path) -> str:
-    if path[-1] == GATE:
-      return "gate"
-    if path[-1] in ADAPTER_LEAVES:
-      return "adapter"
-    if any(re.fullmatch(t, path_str(path)) for t in trainable):
-      return "trainable"
-    return "frozen"
-  return _unflat({p: label(p) for p in _flat(params)})
+  if isinstance(trainable, str):
+    trainable = (trainable,)
+  return leaves.map_leaves(params, lambda path, leaf: _label(path, leaf, trainable))
 
 
-def split(params: PyTree, trainable: Sequence[str] = ()) -> tuple[dict, dict]:
-  """Splits params into (trainable, frozen) trees with disjoint leaves.
+def split(params: PyTree, trainable: Sequence[str] = ()) -> tuple[PyTree, PyTree]:
+  """Splits params into (trainable, frozen) trees with disjoint leaves, each of the kind given.
 
   The trainable tree holds every adapter leaf plus the leaves whose path fully matches a regex in `trainable`
   (a classifier head, LayerNorms). Take `jax.grad` w.r.t. the first tree only and `combine` inside the loss, so no
@@ -243,24 +244,27 @@ def split(params: PyTree, trainable: Sequence[str] = ()) -> tuple[dict, dict]:
   """
   if isinstance(trainable, str):
     trainable = (trainable,)
+  flat, rebuild = leaves.flatten(params)
   train, frozen = {}, {}
-  for path, leaf in _flat(params).items():
-    if path[-1] in ADAPTER_LEAVES or any(re.fullmatch(t, path_str(path)) for t in trainable):
+  for path, leaf in flat.items():
+    if _label(path, leaf, trainable) != "frozen":
       train[path] = leaf
     else:
       frozen[path] = leaf
-  return _unflat(train), _unflat(frozen)
+  return rebuild(train), rebuild(frozen)
 
 
-def combine(*trees: PyTree) -> dict:
-  """Inverse of `split`: the union of trees with disjoint leaves."""
-  flat = {}
+def combine(*trees: PyTree) -> PyTree:
+  """Inverse of `split`: the union of trees with disjoint leaves, of the first tree's kind."""
+  flat, rebuild = {}, None
   for tree in trees:
-    for path, leaf in _flat(tree).items():
+    tree_flat, tree_rebuild = leaves.flatten(tree)
+    rebuild = rebuild or tree_rebuild
+    for path, leaf in tree_flat.items():
       if path in flat:
         raise ValueError(f"combine: leaf {path_str(path)!r} is in more than one tree.")
       flat[path] = leaf
-  return _unflat(flat)
+  return (rebuild or traverse_util.unflatten_dict)(flat)
 
 
 def _adapter(flat, module: Path):

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import optax
 from optax._src import base as optax_base
 
-from sora_jax.adapters import GATE
+from flax import nnx
+
+from sora_jax import leaves
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -48,8 +50,16 @@ def _key_name(key) -> Any:
   return key
 
 
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def _gate_leaves(params: PyTree) -> PyTree:
-  return jax.tree_util.tree_map_with_path(lambda path, _: bool(path) and _key_name(path[-1]) == GATE, params)
+  """Bool tree like `params` (an `nnx.Variable` counts as one leaf), True at gates: leaves named `sora_gate` or
+  `<w>_lora_gate` (the naming module), or of NNX type `SoraGate`."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+  return jax.tree_util.tree_unflatten(
+      treedef, [leaves.is_gate(tuple(_key_name(k) for k in path), leaf) for path, leaf in flat])
 
 
 def sora_proximal(
@@ -64,7 +74,9 @@ def sora_proximal(
     learning_rate: eta_t, the same float or schedule as the preceding optimizer's; tau = eta_t * lam_t (paper).
       None: tau = lam_t, unscaled, as the official code.
     mask: which leaves are gates: a bool pytree like params, or a callable params -> bool pytree (as in Optax).
-      None: every leaf named `sora_gate`.
+      None: every gate leaf (named `sora_gate` or `<weight>_lora_gate`, or an NNX `sora_jax.SoraGate`) of linen
+      params, an `nnx.State` (of Variables, or of arrays as `nnx.Optimizer` passes it) or a pure dict; finding
+      none is an error.
 
   Returns:
     A transformation whose update of a gate leaf is `S_tau(p + u) - p`; other leaves pass through unchanged.
@@ -86,6 +98,11 @@ def sora_proximal(
       raise ValueError(optax_base.NO_PARAMS_MSG)
     if mask is None:
       gates = _gate_leaves(params)
+      if not any(jax.tree.leaves(gates)):
+        raise ValueError(
+            "sora_proximal found no gate in params (no leaf named 'sora_gate' or '<weight>_lora_gate', no "
+            "sora_jax.SoraGate): was the model adapted (sora_jax.init / sora_jax.apply_sora), and are the gates "
+            "among the optimised params (e.g. nnx.Optimizer(..., wrt=nnx.LoRAParam))? Or pass mask=...")
     elif callable(mask):
       gates = mask(params)
     else:
@@ -97,10 +114,11 @@ def sora_proximal(
     def step(is_gate, u, p):
       if not is_gate or u is None:
         return u
-      z = p + u.astype(p.dtype)
-      return (soft_threshold(z, tau) - p).astype(u.dtype)
+      u_value, p_value = leaves.value(u), leaves.value(p)
+      z = p_value + u_value.astype(p_value.dtype)
+      return leaves.rewrap(u, (soft_threshold(z, tau) - p_value).astype(u_value.dtype))
 
-    new_updates = jax.tree.map(step, gates, updates, params, is_leaf=lambda x: x is None)
+    new_updates = jax.tree.map(step, gates, updates, params, is_leaf=lambda x: x is None or _is_variable(x))
     return new_updates, SoraProximalState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -112,7 +130,8 @@ def gate_l1_penalty(params: PyTree) -> jax.Array:
   The official trainer adds lam * sum_modules sum |g| / (number of gate entries) to the loss; with the proximal step
   in place this term is optional.
   """
-  gates = [leaf for leaf, is_gate in zip(jax.tree.leaves(params), jax.tree.leaves(_gate_leaves(params))) if is_gate]
+  gates = [leaves.value(leaf) for leaf, is_gate in zip(jax.tree.leaves(params, is_leaf=_is_variable),
+                                                      jax.tree.leaves(_gate_leaves(params))) if is_gate]
   if not gates:
     return jnp.zeros([], jnp.float32)
   total = sum(jnp.sum(jnp.abs(g)) for g in gates)

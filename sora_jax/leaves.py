@@ -1,0 +1,157 @@
+"""Adapter leaf names, and the flat view of every kind of tree the tree functions accept.
+
+This module is the one place that knows what SoRA leaves are called. Two layouts exist:
+
+  linen intercept (`sora_jax.init` + `sora_jax.factored`), beside `.../<module>/kernel`:
+    sora_a (*lead, *in, r),  sora_b (*lead, r, *out),  sora_gate (*lead, r)
+  qwix (`sora_jax.SoraProvider` on NNX or linen models), beside any base weight `<w>` (`kernel`, `w`, `embedding`):
+    <w>_lora_a,  <w>_lora_b,  <w>_lora_gate (*batch, r)   (shapes: see `sora_jax.provider`)
+
+A qwix tree with `<w>_lora_a` / `<w>_lora_b` and no gate (plain qwix LoRA) is read as an adapter whose gate is ones.
+
+Three kinds of tree are accepted, and each function returns the kind it was given:
+  linen params (nested dicts, FrozenDict), `nnx.State` (leaves are `nnx.Variable`s, or arrays after `nnx.as_pure`;
+  paths may hold ints for list items), and the nested dict of `nnx.to_pure_dict`.
+`flatten` gives {path tuple: leaf} and a function that rebuilds the same kind of tree from such a dict; `value` and
+`rewrap` read and replace a leaf's array while keeping an `nnx.Variable`'s type and metadata (e.g. sharding).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Literal
+
+from flax import nnx
+from flax import traverse_util
+
+PyTree = Any
+Path = tuple[Any, ...]
+Flat = dict[Path, Any]
+
+# linen intercept layout: fixed names beside `kernel`.
+KERNEL = "kernel"
+A, B, GATE = "sora_a", "sora_b", "sora_gate"
+LINEN_LEAVES = (A, B, GATE)
+# qwix layout: suffixes on the base weight's name (qwix's own `_lora_a`, `_lora_b`; ours `_lora_gate`).
+QWIX_A, QWIX_B, QWIX_GATE = "_lora_a", "_lora_b", "_lora_gate"
+_QWIX_SUFFIXES = (QWIX_A, QWIX_B, QWIX_GATE)
+
+Layout = Literal["linen", "qwix"]
+Role = Literal["a", "b", "gate"]
+
+
+class SoraGate(nnx.LoRAParam):
+  """The NNX variable type of a SoRA gate `<w>_lora_gate`.
+
+  A subclass of `nnx.LoRAParam`, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` (and Tunix's PeftTrainer) train
+  it with A and B, while `nnx.state(model, sora_jax.SoraGate)` selects the gates alone.
+  """
+
+
+def role(path: Path) -> Role | None:
+  """'a', 'b' or 'gate' when `path` names an adapter leaf of either layout, else None."""
+  if not path or not isinstance(path[-1], str):
+    return None
+  name = path[-1]
+  for kind, linen, suffix in (("a", A, QWIX_A), ("b", B, QWIX_B), ("gate", GATE, QWIX_GATE)):
+    if name == linen or (name.endswith(suffix) and len(name) > len(suffix)):
+      return kind
+  return None
+
+
+def is_adapter(path: Path) -> bool:
+  """True at A, B and gate leaves of either layout."""
+  return role(path) is not None
+
+
+def is_gate(path: Path, leaf: Any = None) -> bool:
+  """True at gate leaves: named `sora_gate` / `<w>_lora_gate`, or of NNX type `SoraGate`."""
+  return role(path) == "gate" or isinstance(leaf, SoraGate)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPaths:
+  """Where one adapted weight and its leaves sit in a flat tree (the gate path is given even when it is absent)."""
+  layout: Layout
+  weight: Path
+  a: Path
+  b: Path
+  gate: Path
+
+  @property
+  def module(self) -> Path:
+    return self.weight[:-1]
+
+  @property
+  def leaves(self) -> tuple[Path, Path, Path]:
+    return self.a, self.b, self.gate
+
+
+def adapter_paths(weight: Path, layout: Layout) -> AdapterPaths:
+  """The leaf paths of the adapter of `weight` (a path ending in the base weight's name)."""
+  module, name = weight[:-1], weight[-1]
+  if layout == "linen":
+    return AdapterPaths("linen", weight, module + (A,), module + (B,), module + (GATE,))
+  return AdapterPaths("qwix", weight, module + (name + QWIX_A,), module + (name + QWIX_B,),
+                      module + (name + QWIX_GATE,))
+
+
+def find_adapters(paths: Iterable[Path]) -> list[AdapterPaths]:
+  """One record per adapted weight (both layouts), sorted by weight path.
+
+  An adapter is recognised by its A leaf: `.../sora_a` (weight `.../kernel`) or `.../<w>_lora_a` (weight `.../<w>`).
+  The weight itself need not be in `paths` (e.g. the trainable half of `split`).
+  """
+  out = []
+  for path in paths:
+    if not path or not isinstance(path[-1], str):
+      continue
+    name = path[-1]
+    if name == A:
+      out.append(adapter_paths(path[:-1] + (KERNEL,), "linen"))
+    elif name.endswith(QWIX_A) and len(name) > len(QWIX_A):
+      out.append(adapter_paths(path[:-1] + (name[:-len(QWIX_A)],), "qwix"))
+  return sorted(out, key=lambda rec: tuple(str(k) for k in rec.weight))
+
+
+def path_str(path: Iterable[Any]) -> str:
+  """'/'-joined path, as matched by every regex in this library (list indices print as numbers)."""
+  return "/".join(str(k) for k in path)
+
+
+# --- flat view of the three kinds of tree --------------------------------------------------------------------------
+
+
+def flatten(tree: PyTree) -> tuple[Flat, Callable[[Flat], PyTree]]:
+  """{path: leaf} of a linen tree, an `nnx.State` or a pure dict, and `rebuild(flat) -> tree of the same kind`.
+
+  Leaves of an `nnx.State` stay `nnx.Variable`s (read them with `value`); for a dict the rebuilt tree is a plain
+  nested dict (a FrozenDict comes back as a dict, as `traverse_util` does).
+  """
+  if isinstance(tree, nnx.State):
+    state_type = type(tree)
+    flat = dict(nnx.to_flat_state(tree))
+    return flat, lambda new: nnx.from_flat_state(new, cls=state_type)
+  if tree is None:
+    return {}, lambda new: traverse_util.unflatten_dict(new)
+  flat = traverse_util.flatten_dict(tree)
+  return flat, traverse_util.unflatten_dict
+
+
+def value(leaf: Any) -> Any:
+  """The array held by a leaf (an `nnx.Variable`'s value, or the leaf itself)."""
+  if isinstance(leaf, nnx.Variable):
+    return leaf.get_value()
+  return leaf
+
+
+def rewrap(like: Any, new_value: Any) -> Any:
+  """`new_value` in the container of `like`: a copy of an `nnx.Variable` (same type and metadata), or bare."""
+  if isinstance(like, nnx.Variable):
+    return like.replace(new_value)
+  return new_value
+
+
+def map_leaves(tree: PyTree, fn: Callable[[Path, Any], Any]) -> PyTree:
+  """A tree of the same kind whose leaf at each path is `fn(path, leaf)` (rewrapped like the old leaf)."""
+  flat, rebuild = flatten(tree)
+  return rebuild({path: rewrap(leaf, fn(path, leaf)) for path, leaf in flat.items()})

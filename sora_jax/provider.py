@@ -1,0 +1,322 @@
+"""SoRA as a qwix provider: learned-rank LoRA on every intercepted `dot_general` and `einsum` of NNX and linen models.
+
+`SoraProvider` is `qwix.LoraProvider` with a gate between the factors. On a matched op with weight W (the rhs):
+
+  y = base(x, W) + s * ((x @ A) * gate) @ B,   s = rule.alpha / rule.rank   (rule.rank = r_max, kept after pruning)
+
+where base is qwix's PTQ op (a plain op, or a quantized one when the rule sets `weight_qtype`: QLoRA). Leaves sit
+beside W under qwix's names, in qwix's shapes, so a qwix LoRA tree and a SoRA tree share A and B:
+
+  dot_general, W with batch axes Bt, contracting C, remaining R (dimension_numbers order):
+    <w>_lora_a (*Bt, prod(C), r),  <w>_lora_b (*Bt, r, prod(R)),  <w>_lora_gate (*Bt, r)
+  einsum 'lhs,rhs->out' (e.g. 'bnd,ndh->bnh'):
+    <w>_lora_a (rhs axes also in lhs, in rhs order, r)   e.g. (n, d, r)
+    <w>_lora_b (r, rhs axes not in lhs, in rhs order)    e.g. (r, h)
+    <w>_lora_gate (rhs axes in lhs and out = batch, r)   e.g. (n, r)
+
+Shardings follow W's as qwix derives them (A: batch axes and the first contracting axis; B: batch axes and the first
+remaining axis; gate: batch axes; the rank axis replicated). On NNX, A and B are `nnx.LoRAParam` and the gate is
+`sora_jax.SoraGate` (an `nnx.LoRAParam`); on linen all three are params.
+
+The rank used is read off the leaves (A.shape[-1]), so a pruned tree runs as it is. Leaves are only created while the
+model is being initialised (linen `init`; NNX inside `apply_sora`); later a missing A or B, or a rank-0 A, means "no
+adapter" for that op, so a module pruned to rank 0 stays off instead of getting a fresh adapter. A missing gate reads
+as ones (a plain qwix LoRA tree).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Callable, Collection, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+
+from sora_jax import _qwix
+from sora_jax.leaves import QWIX_A, QWIX_B, QWIX_GATE, SoraGate
+
+_GATE_INITS = ("ones", "normal")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SoraRule(qwix.LoraRule):
+  """Which modules get SoRA and how: qwix's `LoraRule` (so `module_path`, `op_names`, `weight_qtype` for a quantized
+  base, ... all apply; first matching rule wins) plus the gate.
+
+  Attributes:
+    rank: r_max, the rank every adapter starts with; the scale is s = alpha / rank, also after pruning.
+    alpha: see rank.
+    gate_init: "ones", or "normal" for N(0, 1) as the official SoRA code.
+    dropout: dropout rate on the adapter input (qwix's LoRA dropout; the base op sees none).
+    lora_a_initializer, lora_b_initializer: as qwix (he_uniform, zeros).
+  """
+
+  gate_init: str = "ones"
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"SoraRule.rank must be a positive int, got {self.rank!r}.")
+    if not self.alpha > 0:
+      raise ValueError(f"SoraRule.alpha must be > 0, got {self.alpha!r}.")
+    if self.gate_init not in _GATE_INITS:
+      raise ValueError(f"SoraRule.gate_init must be one of {_GATE_INITS}, got {self.gate_init!r}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"SoraRule.dropout must be in [0, 1), got {self.dropout!r}.")
+
+  @property
+  def scale(self) -> float:
+    """s = alpha / rank (rank = r_max)."""
+    return self.alpha / self.rank
+
+
+class _Shapes(NamedTuple):
+  """Leaf shapes at rank `r` and how each leaf's axes map to the weight's (None: the rank axis, replicated)."""
+  a: tuple[int, ...]
+  b: tuple[int, ...]
+  gate: tuple[int, ...]
+  a_axes: tuple[int | None, ...]
+  b_axes: tuple[int | None, ...]
+  gate_axes: tuple[int | None, ...]
+  b_rank_axis: int
+
+
+class SoraProvider(qwix.LoraProvider):
+  """qwix provider for SoRA; see the module docstring for the math, names and shapes.
+
+  Usage:
+    provider = sora_jax.SoraProvider(module_path=".*(q_proj|v_proj).*", rank=8, alpha=16.0)
+    model = sora_jax.apply_sora(model, provider, sample_input, rngs=nnx.Rngs(0))        # NNX
+  or
+    provider = sora_jax.SoraProvider([sora_jax.SoraRule(module_path=".*attn.*", rank=8, alpha=16.0),
+                                      qwix.LoraRule(module_path=".*mlp.*", rank=4, alpha=4.0)])
+
+  Rules that are plain `qwix.LoraRule`s get qwix's LoRA (no gate); `SoraRule`s get SoRA.
+  """
+
+  def __init__(self, rules: Sequence[qwix.QuantizationRule] | None = None, *, disable_jit: bool = False,
+               **rule_kwargs: Any):
+    if rules is None:
+      rules = [SoraRule(**rule_kwargs)]
+    elif rule_kwargs:
+      raise ValueError("SoraProvider: give either rules=[SoraRule(...), ...] or the keyword arguments of one "
+                       f"SoraRule, not both (got rules and {sorted(rule_kwargs)}).")
+    super().__init__(list(rules), disable_jit=disable_jit)
+    self._creating = False
+
+  @property
+  def rules(self) -> tuple[qwix.QuantizationRule, ...]:
+    """The rules, in order of precedence."""
+    return tuple(self._rules)
+
+  # --- intercepted ops ---------------------------------------------------------------------------------------------
+
+  def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                  out_sharding=None) -> jax.Array:
+    """SoRA `lax.dot_general`: qwix's PTQ base op plus the gated low-rank delta."""
+    rule = _qwix.current_rule(self, "dot_general")
+    if not isinstance(rule, SoraRule):
+      return super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                 out_sharding=out_sharding)
+    res = _qwix.ptq_dot_general(self, lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                out_sharding=out_sharding)
+    weight = _qwix.find_param(rhs)
+    if weight is None:  # rhs is an activation
+      return res
+    (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
+    lhs_ca, rhs_ca, lhs_ba, rhs_ba = map(tuple, (lhs_ca, rhs_ca, lhs_ba, rhs_ba))
+    rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
+    batch = tuple(rhs.shape[i] for i in rhs_ba)
+    contract = tuple(rhs.shape[i] for i in rhs_ca)
+    remain = tuple(rhs.shape[i] for i in rhs_ra)
+    shapes = _Shapes(
+        a=(*batch, math.prod(contract), rule.rank), b=(*batch, rule.rank, math.prod(remain)),
+        gate=(*batch, rule.rank), a_axes=(*rhs_ba, rhs_ca[0] if rhs_ca else None, None),
+        b_axes=(*rhs_ba, None, rhs_ra[0] if rhs_ra else None), gate_axes=(*rhs_ba, None), b_rank_axis=len(batch))
+    leaves = self._leaves(weight, rule, shapes)
+    if leaves is None:
+      return res
+    a, b, gate = leaves
+    rank, nb = a.shape[-1], len(batch)
+    lhs = self._dropout(lhs, rule)
+    # s * gate scales A's columns: O(|A|) work, then the two products are qwix's.
+    a = a * (rule.scale * gate).reshape(*batch, 1, rank).astype(a.dtype)
+    a = a.reshape(*batch, *contract, rank)
+    h = jax.lax.dot_general(lhs, a, ((lhs_ca, tuple(range(nb, nb + len(contract)))), (lhs_ba, tuple(range(nb)))),
+                            precision=precision)
+    b = b.reshape(*batch, rank, *remain)
+    delta = jax.lax.dot_general(h, b, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))),
+                                precision=precision)
+    return res + delta
+
+  def einsum(self, einsum_str: str, *operands, **kwargs) -> jax.Array:
+    """SoRA `jnp.einsum` (binary, weight as the second operand): qwix's PTQ base op plus the gated delta."""
+    rule = _qwix.current_rule(self, "einsum")
+    if not isinstance(rule, SoraRule):
+      return super().einsum(einsum_str, *operands, **kwargs)
+    res = _qwix.ptq_einsum(self, einsum_str, *operands, **kwargs)
+    if len(operands) != 2:
+      raise ValueError(f"SoraProvider adapts binary einsums only, got {einsum_str!r} with {len(operands)} operands; "
+                       "exclude this module with the rule's module_path or op_names=('dot_general',).")
+    lhs, rhs = operands
+    weight = _qwix.find_param(rhs)
+    if weight is None:
+      return res
+    lhs_sub, rhs_sub, out_sub = _qwix.einsum_operands(einsum_str, lhs.ndim, rhs.ndim)
+    r = next(c for c in ("r",) + tuple(string.ascii_letters) if c not in lhs_sub + rhs_sub + out_sub)
+    a_idx = [i for i, c in enumerate(rhs_sub) if c in lhs_sub]
+    b_idx = [i for i, c in enumerate(rhs_sub) if c not in lhs_sub]
+    g_idx = [i for i, c in enumerate(rhs_sub) if c in lhs_sub and c in out_sub]
+    shapes = _Shapes(
+        a=(*(rhs.shape[i] for i in a_idx), rule.rank), b=(rule.rank, *(rhs.shape[i] for i in b_idx)),
+        gate=(*(rhs.shape[i] for i in g_idx), rule.rank), a_axes=(*a_idx, None), b_axes=(None, *b_idx),
+        gate_axes=(*g_idx, None), b_rank_axis=0)
+    leaves = self._leaves(weight, rule, shapes)
+    if leaves is None:
+      return res
+    a, b, gate = leaves
+    rank = a.shape[-1]
+    lhs = self._dropout(lhs, rule)
+    # The gate's axes are a subsequence of A's (both in rhs order), so a reshape broadcasts it over A.
+    g_shape = [rhs.shape[i] if i in g_idx else 1 for i in a_idx] + [rank]
+    a = a * (rule.scale * gate).reshape(g_shape).astype(a.dtype)
+    a_sub = "".join(rhs_sub[i] for i in a_idx) + r
+    b_sub = r + "".join(rhs_sub[i] for i in b_idx)
+    return res + jnp.einsum(f"{lhs_sub},{a_sub},{b_sub}->{out_sub}", lhs, a, b, **kwargs)
+
+  def conv_general_dilated(self, lhs, rhs, *args, **kwargs) -> jax.Array:
+    """Convolutions are not adapted by SoRA rules (plain `qwix.LoraRule`s still get qwix's LoRA)."""
+    rule = _qwix.current_rule(self, "conv_general_dilated")
+    if isinstance(rule, SoraRule):
+      raise NotImplementedError(
+          f"SoraProvider does not adapt convolutions (rule {rule.module_path!r} matched a conv_general_dilated); "
+          "restrict the rule with op_names=('dot_general', 'einsum') or a module_path that leaves convolutions out.")
+    return super().conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+  # --- leaves ------------------------------------------------------------------------------------------------------
+
+  def _leaves(self, weight: str, rule: SoraRule, shapes: _Shapes) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(A, B, gate) of `weight` in the current module: read, created (initialising only), or None (no adapter)."""
+    module = _qwix.current_module()
+    names = (weight + QWIX_A, weight + QWIX_B, weight + QWIX_GATE)
+    if isinstance(module, nn.Module):
+      get = lambda n: module.get_variable("params", n) if module.has_variable("params", n) else None
+      creating = module.is_initializing()
+      where = "/".join(map(str, module.path))
+    else:
+      get = lambda n: getattr(module, n, None)
+      creating = self._creating or not _qwix.initial_run_complete(self)
+      where = "/".join(map(str, getattr(module, "qwix_path", ())))
+    a, b, gate = (get(n) for n in names)
+    if a is None or b is None:
+      if not creating:
+        return None
+      base = get(weight)
+      a = _create(names[0], base, rule.lora_a_initializer, shapes.a, shapes.a_axes, nnx.LoRAParam)
+      b = _create(names[1], base, rule.lora_b_initializer, shapes.b, shapes.b_axes, nnx.LoRAParam)
+      gate = None
+    if gate is None and creating:
+      # A ones gate draws no key, so on NNX the same rngs give the same A and B as qwix's LoRA.
+      gate = _create(names[2], get(weight), _gate_initializer(rule.gate_init), shapes.gate, shapes.gate_axes,
+                     SoraGate, need_rng=rule.gate_init != "ones")
+    a, b = _qwix.unbox(a), _qwix.unbox(b)
+    rank = a.shape[-1]
+    gate = jnp.ones(shapes.gate[:-1] + (rank,), a.dtype) if gate is None else _qwix.unbox(gate)
+    b_rest = b.shape[:shapes.b_rank_axis] + b.shape[shapes.b_rank_axis + 1:]
+    want_b_rest = shapes.b[:shapes.b_rank_axis] + shapes.b[shapes.b_rank_axis + 1:]
+    if (a.shape[:-1] != shapes.a[:-1] or b_rest != want_b_rest or b.shape[shapes.b_rank_axis] != rank
+        or gate.shape != shapes.gate[:-1] + (rank,)):
+      raise ValueError(
+          f"SoRA leaves of {where}/{weight} have shapes A {a.shape}, B {b.shape}, gate {gate.shape}, but this op "
+          f"needs A {shapes.a[:-1] + ('r',)}, B {_with_r(shapes.b, shapes.b_rank_axis)}, gate "
+          f"{shapes.gate[:-1] + ('r',)} with one rank r; the tree does not belong to this model (or was edited).")
+    if rank == 0:
+      return None
+    return a, b, gate
+
+  @staticmethod
+  def _dropout(lhs: jax.Array, rule: SoraRule) -> jax.Array:
+    if rule.dropout <= 0:
+      return lhs
+    return nnx.Dropout(rule.dropout, deterministic=False)(lhs, rngs=_qwix.make_rng("dropout"))
+
+
+def _with_r(shape: tuple[int, ...], axis: int) -> tuple:
+  return shape[:axis] + ("r",) + shape[axis + 1:]
+
+
+def _gate_initializer(gate_init: str) -> Callable[..., jax.Array]:
+  if gate_init == "ones":
+    return lambda key, shape, dtype: jnp.ones(shape, dtype)
+  return lambda key, shape, dtype: jax.random.normal(key, shape, dtype)
+
+
+def _canonical_sharding(x: Any) -> jax.sharding.NamedSharding | None:
+  """x's NamedSharding with the spec padded to x.ndim, or None when x has no NamedSharding."""
+  x = _qwix.unbox(x)
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  return sharding.update(spec=tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec)))
+
+
+def _create(name: str, base: Any, initializer: Callable[..., jax.Array], shape: tuple[int, ...],
+            axes: tuple[int | None, ...], param_type: type, need_rng: bool = True) -> Any:
+  """Creates leaf `name` beside the (boxed) base weight: its dtype (a quantized base: the scale's), its sharding and
+  axis metadata picked by `axes` from the weight's, as qwix does for its LoRA leaves."""
+  if isinstance(base, _qwix.WithAux):
+    dtype = _qwix.unbox(base.array.scale).dtype
+    boxed = base.array.qvalue
+  else:
+    dtype = _qwix.unbox(base).dtype
+    boxed = base
+  sharding = _canonical_sharding(boxed)
+
+  def init(key=None):
+    value = initializer(key, shape, dtype)
+    if sharding is not None:
+      value = jax.device_put(value, sharding.update(spec=_qwix.update_sharding(sharding.spec, axes)))
+    value = _qwix.update_boxed(boxed, value, axes)
+    if isinstance(value, nnx.Variable):
+      return nnx.VariableMetadata(value.get_raw_value(), metadata=value.get_metadata())
+    return value
+
+  return _qwix.get_or_create_param(name, init, param_type, need_rng)
+
+
+def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nnx.Rngs | None = None,
+               methods: Collection[str] = ("__call__",), **sample_kwargs: Any) -> Any:
+  """Attaches SoRA to `model`: qwix's `apply_lora_to_model` with a `SoraProvider`.
+
+  NNX: returns an adapted copy; the model runs once on `sample_inputs` / `sample_kwargs` (values do not matter, shapes
+  do) and the adapter leaves are created from `rngs`. linen: returns the intercepted module (no inputs); `model.init`
+  creates the leaves and `model.apply` runs them.
+
+  Example:
+    model = sora_jax.apply_sora(model, sora_jax.SoraProvider(module_path=".*proj", rank=8, alpha=16.0),
+                                tokens, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)      # trains A, B and gates
+
+  Raises:
+    TypeError: `provider` is not a `SoraProvider`.
+    ValueError: an NNX model without `rngs`, or a linen model with inputs or rngs.
+  """
+  if not isinstance(provider, SoraProvider):
+    raise TypeError(f"apply_sora needs a sora_jax.SoraProvider, got {type(provider).__name__}; for plain LoRA call "
+                    "qwix.apply_lora_to_model.")
+  if isinstance(model, nnx.Module):
+    if rngs is None:
+      raise ValueError("apply_sora: an NNX model needs rngs=nnx.Rngs(...) to draw the adapters' initial values; "
+                       "pass e.g. rngs=nnx.Rngs(0).")
+    sample_kwargs["rngs"] = rngs
+  elif rngs is not None or sample_inputs or sample_kwargs:
+    raise ValueError("apply_sora: a linen model takes no sample inputs or rngs here; its adapters are created by "
+                     "model.init(rng, ...), which you call next.")
+  provider._creating = True  # pylint: disable=protected-access
+  try:
+    return _qwix.quantize_model(model, provider, *sample_inputs, methods=tuple(methods), **sample_kwargs)
+  finally:
+    provider._creating = False  # pylint: disable=protected-access

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sora_jax import _qwix
+from sora_jax import layout
 from sora_jax import leaves
 from sora_jax.leaves import A, B, GATE, path_str
 
@@ -273,19 +275,90 @@ def _adapter(flat, module: Path):
   return kernel, a, b, flat.get(module + (GATE,)), _lead(kernel, a, b)
 
 
-def merge(params: PyTree, config: SoraConfig) -> dict:
-  """Folds every adapter into its kernel, W <- W + s * A diag(gate) B, and drops the adapter leaves.
+Config = Any  # SoraConfig | SoraProvider | qwix.LoraRule | Sequence[qwix.LoraRule]
 
-  The result is a plain tree that any function of the model's parameters accepts (merge-then-apply).
-  Differentiable: `jax.grad(lambda t: f(merge(combine(t, frozen), config)))` gives adapter gradients.
+
+def _rules(config: Config) -> list[Any] | None:
+  """The rules of a provider / rule / sequence of rules; None for a SoraConfig."""
+  if isinstance(config, SoraConfig):
+    return None
+  if hasattr(config, "rules") and not hasattr(config, "rank"):  # a provider
+    return list(config.rules)
+  if hasattr(config, "rank") and hasattr(config, "alpha"):  # one rule
+    return [config]
+  if isinstance(config, (list, tuple)):
+    return list(config)
+  raise TypeError(f"config must be a SoraConfig, a SoraProvider, a SoraRule (or qwix.LoraRule) or a sequence of "
+                  f"rules, got {type(config).__name__}.")
+
+
+def _scale_rank(config: Config, weight: Path) -> tuple[float, int]:
+  """(s, r_max) for the adapter of `weight`: the SoraConfig's, or the first rule whose module_path fully matches the
+  '/'-joined module path (as qwix matches rules)."""
+  rules = _rules(config)
+  if rules is None:
+    return config.scale, config.rank
+  module = path_str(weight[:-1])
+  for rule in rules:
+    if hasattr(rule, "rank") and re.fullmatch(rule.module_path, module):
+      return rule.alpha / rule.rank, rule.rank
+  raise ValueError(f"no LoRA/SoRA rule's module_path matches {module!r} (adapter of {path_str(weight)!r}); pass the "
+                   "provider or rules that created the adapters.")
+
+
+def _recorded_roles(config: Config, weight: Path) -> layout.WeightRoles | None:
+  roles_of = getattr(config, "roles_of", None)
+  return None if roles_of is None else roles_of(weight)
+
+
+def _values(flat: dict[Path, Any]) -> dict[Path, Any]:
+  return {p: leaves.value(v) for p, v in flat.items()}
+
+
+def _base_weight(flat: dict[Path, Any], weight: Path, fn: str) -> Any:
+  """The base weight's array, or a clear error when it is absent or quantized (QLoRA)."""
+  w = flat.get(weight)
+  quantized = isinstance(w, (_qwix.WithAux, _qwix.QArray)) or (
+      w is None and any(p[:len(weight)] == weight and len(p) > len(weight) for p in flat))
+  if quantized:
+    raise ValueError(f"{fn}: {path_str(weight)!r} is a quantized (QLoRA) weight; adding the delta to it would lose "
+                     "precision. Merge into the float weights instead (e.g. the model before quantization).")
+  if w is None:
+    raise ValueError(f"{fn}: {path_str(weight)!r}, the base weight of an adapter, is not in the tree; merge the full "
+                     "tree (e.g. combine(trainable, frozen)).")
+  return w
+
+
+def merge(params: PyTree, config: Config) -> PyTree:
+  """Folds every adapter into its weight, W <- W + s * A diag(gate) B, and drops the adapter leaves.
+
+  Both layouts: linen `sora_*` beside a kernel (delta laid out as (*lead, *in, *out)), and qwix `<w>_lora_*` beside
+  any weight (delta placed on W's own axes, einsum-shaped weights such as (d, n, h) included). The scale s comes from
+  `config`: a SoraConfig, or the SoraProvider / SoraRule / rules that made the adapters (first rule whose module_path
+  matches). A qwix-layout weight's axis roles come from the provider's record when `config` is the provider that ran
+  the model; otherwise they are read off the shapes, and shapes that allow two readings (a square kernel) raise.
+
+  The result is a plain tree of the same kind (for NNX: `nnx.update(base_model, merged)` or
+  `nnx.merge(base_graphdef, merged_state)` with the model before `apply_sora`). Differentiable:
+  `jax.grad(lambda t: f(merge(combine(t, frozen), config)))` gives adapter gradients.
   """
-  flat = _flat(params)
-  out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
-  for module in _adapted_modules(flat):
-    kernel, a, b, gate, lead = _adapter(flat, module)
-    delta = delta_kernel(a, b, gate, scale=config.scale, lead=lead)
-    out[module + ("kernel",)] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
-  return _unflat(out)
+  flat, rebuild = leaves.flatten(params)
+  vals = _values(flat)
+  out = {p: v for p, v in flat.items() if not leaves.is_adapter(p)}
+  for rec in leaves.find_adapters(flat):
+    w = _base_weight(vals, rec.weight, "merge")
+    a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+    scale, _ = _scale_rank(config, rec.weight)
+    if rec.layout == "linen":
+      d = delta_kernel(a, b, gate, scale=scale, lead=_lead(w, a, b))
+    elif a.shape[-1] == 0:
+      continue
+    else:
+      roles = _recorded_roles(config, rec.weight) or layout.infer_roles(
+          path_str(rec.weight), w.shape, a.shape, b.shape, None if gate is None else gate.shape)
+      d = layout.delta(roles, w.shape, a, b, gate, scale)
+    out[rec.weight] = leaves.rewrap(flat[rec.weight], (w + d.astype(w.dtype)).astype(w.dtype))
+  return rebuild(out)
 
 
 def unmerge(merged: PyTree, adapters: PyTree, config: SoraConfig) -> dict:
@@ -332,37 +405,64 @@ def _module_ranks(flat, module: Path) -> tuple[np.ndarray, int, int, int]:
   return active.sum(axis=-1), r, fan_in, fan_out
 
 
-def prune(params: PyTree) -> dict:
-  """Cuts every rank whose gate is exactly zero and folds the gate into B.
+def prune(params: PyTree, config: Config | None = None) -> PyTree:
+  """Cuts every rank whose gate is exactly zero and folds the gate in; returns the same kind of tree.
 
-  The result computes the same function (up to float rounding of b * gate) with a variable rank per module:
-  a: (*lead, *in_shape, k), b: (*lead, k, *out_shape), no `sora_gate`. A module with k = 0 loses all adapter leaves.
-  A stacked module (leading layer axis from `nn.scan`) keeps one rank for all its layers: k is the largest
-  active rank over layers; each layer's active ranks come first and the rest are zero columns of A and zero rows
-  of B. `rank_report` counts the active ranks per layer.
-
+  The result computes the same function (up to float rounding of the folded product) with a variable rank per module.
   Runs on host (the output shapes depend on the gate values), so call it outside `jax.jit`.
+
+  linen layout (`sora_*`): a (*lead, *in, k), b (*lead, k, *out), no `sora_gate`; a module with k = 0 loses all its
+  adapter leaves. A stacked module keeps one rank for all its layers: k is the largest active rank over layers; each
+  layer's active ranks come first and the rest are zero columns of A and zero rows of B.
+
+  qwix layout (`<w>_lora_*`): the tree keeps its structure, only shapes change, so `nnx.merge(graphdef, pruned)` with
+  the adapted model's graphdef and `nnx.update(model, pruned)` work (a dropped leaf would leave `nnx.update` running
+  the old A and B). Batch entries (the gate's leading axes) are handled like stacked layers: gate folded into B, k the
+  largest active rank over entries, zero padding. A batched einsum's B is shared by the entries: the ranks active in
+  any entry are kept and the gate is folded into A. The gate leaf stays, 1 at kept active ranks and 0 at padding; a
+  module at k = 0 keeps zero-size leaves, which `SoraProvider` reads as "no adapter". A qwix adapter without a gate
+  (plain LoRA) is kept as it is.
+
+  Args:
+    params: linen params, an `nnx.State`, or a pure dict.
+    config: optional; the SoraProvider that ran the model resolves the batch layout of shapes that allow two.
   """
-  flat = _flat(params)
+  flat, rebuild = leaves.flatten(params)
+  vals = _values(flat)
   out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
-  for module in _adapted_modules(flat):
-    kernel, a, b, gate, lead = _adapter(flat, module)
-    a2, b2 = _fold(np.asarray(a), None if gate is None else np.asarray(gate), np.asarray(b), lead)
-    active = _active(b2)
-    if gate is not None:
-      active &= np.asarray(gate).reshape(active.shape) != 0
-    k = int(active.sum(axis=-1).max(initial=0))
-    if k == 0:
+  for rec in leaves.find_adapters(flat):
+    a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+    if rec.layout == "linen":
+      _prune_linen(out, rec, vals)
       continue
-    new_a = np.zeros(a2.shape[:-1] + (k,), a2.dtype)
-    new_b = np.zeros((b2.shape[0], k, b2.shape[-1]), b2.dtype)
-    for layer, keep in enumerate(active):
-      idx = np.flatnonzero(keep)
-      new_a[layer, :, :idx.size] = a2[layer][:, idx]
-      new_b[layer, :idx.size] = b2[layer][idx]
-    out[module + (A,)] = jnp.asarray(new_a.reshape(a.shape[:-1] + (k,)), a.dtype)
-    out[module + (B,)] = jnp.asarray(new_b.reshape(b.shape[:lead] + (k,) + b.shape[lead + 1:]), b.dtype)
-  return _unflat(out)
+    if gate is None:
+      continue
+    batching = layout.batching(path_str(rec.weight), a.shape, b.shape, gate.shape,
+                               None if config is None else _recorded_roles(config, rec.weight))
+    new = layout.prune_one(np.asarray(a), np.asarray(b), np.asarray(gate), batching)
+    for path, old, value in zip(rec.leaves, (a, b, gate), new):
+      out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
+  return rebuild(out)
+
+
+def _prune_linen(out: dict[Path, Any], rec: leaves.AdapterPaths, vals: dict[Path, Any]) -> None:
+  kernel, a, b, gate = vals[rec.weight], vals[rec.a], vals[rec.b], vals.get(rec.gate)
+  lead = _lead(kernel, a, b)
+  a2, b2 = _fold(np.asarray(a), None if gate is None else np.asarray(gate), np.asarray(b), lead)
+  active = _active(b2)
+  if gate is not None:
+    active &= np.asarray(gate).reshape(active.shape) != 0
+  k = int(active.sum(axis=-1).max(initial=0))
+  if k == 0:
+    return
+  new_a = np.zeros(a2.shape[:-1] + (k,), a2.dtype)
+  new_b = np.zeros((b2.shape[0], k, b2.shape[-1]), b2.dtype)
+  for layer, keep in enumerate(active):
+    idx = np.flatnonzero(keep)
+    new_a[layer, :, :idx.size] = a2[layer][:, idx]
+    new_b[layer, :idx.size] = b2[layer][idx]
+  out[rec.a] = jnp.asarray(new_a.reshape(a.shape[:-1] + (k,)), a.dtype)
+  out[rec.b] = jnp.asarray(new_b.reshape(b.shape[:lead] + (k,) + b.shape[lead + 1:]), b.dtype)
 
 
 class RankRow(NamedTuple):
@@ -410,33 +510,49 @@ def _row_name(row: RankRow) -> str:
   return row.path if row.layer is None else f"{row.path}[{row.layer}]"
 
 
-def rank_report(params: PyTree, config: SoraConfig) -> RankReport:
-  """Per-module (per-layer when stacked) active rank before (`rank_max`) and now (`rank`), retained params.
+def rank_report(params: PyTree, config: Config) -> RankReport:
+  """Per-module (per-layer when stacked, per batch entry for batched qwix weights) active rank before (`rank_max`)
+  and now (`rank`), and the retained adapter parameters.
 
-  The active rank counts nonzero gates, or nonzero rows of B when the gate is folded in (after `prune`).
-  A kernel matched by `config.targets` without adapter leaves (pruned to rank 0) is reported with rank 0.
+  The active rank counts nonzero gates with a nonzero row of B (after `prune`: the kept ranks). `config` gives
+  rank_max: a SoraConfig, or the SoraProvider / rules (first matching module_path). With a SoraConfig, a kernel
+  matched by its targets without adapter leaves (linen layout pruned to rank 0) is reported with rank 0; a qwix
+  module at rank 0 keeps zero-size leaves and is reported from them. Rows of the qwix layout are named by the weight
+  path (`.../kernel`, `.../w`); for a batched einsum, whose B the entries share, counts are per entry.
   """
-  flat = _flat(params)
+  flat, _ = leaves.flatten(params)
+  vals = _values(flat)
   rows = []
-  adapted = set(_adapted_modules(flat))
-  for path, kernel in flat.items():
-    module = path[:-1]
-    if module in adapted and path[-1] == "kernel":
-      ranks, _, fan_in, fan_out = _module_ranks(flat, module)
-      stacked = _lead(kernel, flat[module + (A,)], flat[module + (B,)]) > 0
-    elif path[-1] == "kernel" and any(re.fullmatch(t, path_str(path)) for t in config.targets):
-      # Targeted but without adapter leaves: pruned to rank 0.
-      lead = int(config.stacked is not None and re.fullmatch(config.stacked, path_str(path)) is not None)
-      fan_in = math.prod(kernel.shape[lead:lead + config.in_axes])
-      fan_out = math.prod(kernel.shape[lead + config.in_axes:])
-      ranks = np.zeros(math.prod(kernel.shape[:lead]), int)
-      stacked = lead > 0
+  records = leaves.find_adapters(vals)
+  adapted = {rec.weight for rec in records}
+  for rec in records:
+    a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+    _, rank_max = _scale_rank(config, rec.weight)
+    if rec.layout == "linen":
+      ranks, _, fan_in, fan_out = _module_ranks(vals, rec.module)
+      stacked = _lead(vals[rec.weight], a, b) > 0
+      name = path_str(rec.module)
     else:
-      continue
+      batching = layout.batching(path_str(rec.weight), a.shape, b.shape, None if gate is None else gate.shape,
+                                 _recorded_roles(config, rec.weight))
+      active = layout.active_ranks(None if gate is None else np.asarray(gate), np.asarray(b), batching)
+      ranks = active.sum(axis=-1)
+      fan_in, fan_out = layout.fans(a.shape, b.shape, batching)
+      stacked = batching.nb > 0
+      name = path_str(rec.weight)
     for layer, rank in enumerate(ranks):
-      rows.append(RankRow(path_str(module), layer if stacked else None, config.rank, int(rank), fan_in, fan_out,
+      rows.append(RankRow(name, layer if stacked else None, rank_max, int(rank), fan_in, fan_out,
                           int(rank) * (fan_in + fan_out)))
+  if isinstance(config, SoraConfig):
+    for path, kernel in vals.items():
+      if (path[-1] == "kernel" and path not in adapted and any(re.fullmatch(t, path_str(path)) for t in config.targets)):
+        # Targeted but without adapter leaves: pruned to rank 0.
+        lead = int(config.stacked is not None and re.fullmatch(config.stacked, path_str(path)) is not None)
+        fan_in = math.prod(kernel.shape[lead:lead + config.in_axes])
+        fan_out = math.prod(kernel.shape[lead + config.in_axes:])
+        for layer in range(math.prod(kernel.shape[:lead])):
+          rows.append(RankRow(path_str(path[:-1]), layer if lead else None, config.rank, 0, fan_in, fan_out, 0))
   rows.sort(key=lambda row: (row.path, row.layer or 0))
-  base = sum(int(np.size(v)) for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES)
+  base = sum(int(np.size(v)) for p, v in vals.items() if not leaves.is_adapter(p))
   return RankReport(tuple(rows), sum(r.retained_params for r in rows),
                     sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base)

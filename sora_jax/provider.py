@@ -37,6 +37,7 @@ import qwix
 from flax import nnx
 
 from sora_jax import _qwix
+from sora_jax.layout import WeightRoles
 from sora_jax.leaves import QWIX_A, QWIX_B, QWIX_GATE, SoraGate
 
 _GATE_INITS = ("ones", "normal")
@@ -106,11 +107,17 @@ class SoraProvider(qwix.LoraProvider):
                        f"SoraRule, not both (got rules and {sorted(rule_kwargs)}).")
     super().__init__(list(rules), disable_jit=disable_jit)
     self._creating = False
+    self._roles: dict[tuple[Any, ...], WeightRoles] = {}
 
   @property
   def rules(self) -> tuple[qwix.QuantizationRule, ...]:
     """The rules, in order of precedence."""
     return tuple(self._rules)
+
+  def roles_of(self, weight_path: Sequence[Any]) -> WeightRoles | None:
+    """The axis roles of the weight at `weight_path` (module path + weight name, as in the param tree), recorded
+    when this provider ran its op; None when it has not. `merge` and `prune` use them to place the delta."""
+    return self._roles.get(tuple(weight_path))
 
   # --- intercepted ops ---------------------------------------------------------------------------------------------
 
@@ -136,7 +143,7 @@ class SoraProvider(qwix.LoraProvider):
         a=(*batch, math.prod(contract), rule.rank), b=(*batch, rule.rank, math.prod(remain)),
         gate=(*batch, rule.rank), a_axes=(*rhs_ba, rhs_ca[0] if rhs_ca else None, None),
         b_axes=(*rhs_ba, None, rhs_ra[0] if rhs_ra else None), gate_axes=(*rhs_ba, None), b_rank_axis=len(batch))
-    leaves = self._leaves(weight, rule, shapes)
+    leaves = self._leaves(weight, rule, shapes, WeightRoles("dot", rhs_ba, rhs_ca, rhs_ra))
     if leaves is None:
       return res
     a, b, gate = leaves
@@ -174,7 +181,8 @@ class SoraProvider(qwix.LoraProvider):
         a=(*(rhs.shape[i] for i in a_idx), rule.rank), b=(rule.rank, *(rhs.shape[i] for i in b_idx)),
         gate=(*(rhs.shape[i] for i in g_idx), rule.rank), a_axes=(*a_idx, None), b_axes=(None, *b_idx),
         gate_axes=(*g_idx, None), b_rank_axis=0)
-    leaves = self._leaves(weight, rule, shapes)
+    roles = WeightRoles("einsum", tuple(g_idx), tuple(i for i in a_idx if i not in g_idx), tuple(b_idx))
+    leaves = self._leaves(weight, rule, shapes, roles)
     if leaves is None:
       return res
     a, b, gate = leaves
@@ -198,18 +206,21 @@ class SoraProvider(qwix.LoraProvider):
 
   # --- leaves ------------------------------------------------------------------------------------------------------
 
-  def _leaves(self, weight: str, rule: SoraRule, shapes: _Shapes) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+  def _leaves(self, weight: str, rule: SoraRule, shapes: _Shapes, roles: WeightRoles
+              ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     """(A, B, gate) of `weight` in the current module: read, created (initialising only), or None (no adapter)."""
     module = _qwix.current_module()
     names = (weight + QWIX_A, weight + QWIX_B, weight + QWIX_GATE)
     if isinstance(module, nn.Module):
       get = lambda n: module.get_variable("params", n) if module.has_variable("params", n) else None
       creating = module.is_initializing()
-      where = "/".join(map(str, module.path))
+      module_path = tuple(module.path)
     else:
       get = lambda n: getattr(module, n, None)
       creating = self._creating or not _qwix.initial_run_complete(self)
-      where = "/".join(map(str, getattr(module, "qwix_path", ())))
+      module_path = tuple(getattr(module, "qwix_path", ()))
+    where = "/".join(map(str, module_path))
+    self._roles[module_path + (weight,)] = roles
     a, b, gate = (get(n) for n in names)
     if a is None or b is None:
       if not creating:

@@ -1,0 +1,281 @@
+"""SoraProvider on flax.nnx models (Linear, multi-axis LinearGeneral, Einsum incl. a batched one) and on linen.
+
+References: qwix's own LoraProvider (gates at 1, same A and B), a NumPy float64 formula (random gates), and for the
+tree functions the adapted model itself (prune / merge must not change its outputs).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import qwix
+from flax import linen as nn
+from flax import nnx
+
+import sora_jax
+
+RANK, ALPHA = 3, 6.0
+SCALE = ALPHA / RANK
+_NORMAL = jax.nn.initializers.normal(0.5)
+
+
+class Tiny(nnx.Module):
+  """x (b, 6) -> Linear -> LinearGeneral (5,) -> (2, 3) -> LinearGeneral (2, 3) -> (7,) -> Einsum 'bnd,ndh->bnh'."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.lin = nnx.Linear(6, 5, rngs=rngs)
+    self.split = nnx.LinearGeneral((5,), (2, 3), axis=-1, rngs=rngs)
+    self.join = nnx.LinearGeneral((2, 3), (7,), axis=(-2, -1), rngs=rngs)
+    self.heads = nnx.Einsum("bnd,ndh->bnh", (3, 7, 4), rngs=rngs)
+
+  def __call__(self, x):
+    h = self.join(self.split(self.lin(x)))
+    return self.heads(jnp.broadcast_to(h[:, None, :], (h.shape[0], 3, 7)))
+
+
+def _x(batch=2):
+  return jax.random.normal(jax.random.key(7), (batch, 6))
+
+
+def _sora(base=None, **rule):
+  rule = {"module_path": ".*", "rank": RANK, "alpha": ALPHA, "lora_b_initializer": _NORMAL, **rule}
+  provider = sora_jax.SoraProvider(**rule)
+  model = sora_jax.apply_sora(base if base is not None else Tiny(nnx.Rngs(0)), provider, _x(), rngs=nnx.Rngs(1))
+  return model, provider
+
+
+def _set_gates(model, gates):
+  for name, gate in gates.items():
+    getattr(model, name).kernel_lora_gate[...] = jnp.asarray(gate, jnp.float32)
+
+
+MIXED_GATES = {"lin": [0.0, 0.0, 0.0], "split": [0.5, 0.0, -2.0], "join": [1.5, 0.3, -1.0],
+               "heads": [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.5]]}
+
+
+def test_leaf_shapes_types_and_names():
+  model, _ = _sora()
+  shapes = jax.tree.map(lambda v: (type(v).__name__, v.shape), nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
+  shapes = {m: {k: v for k, v in leaves.items()} for m, leaves in shapes.items()}
+  # nnx.to_pure_dict drops the types; check them from the state.
+  types = {tuple(str(k) for k in p): type(v).__name__ for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+  assert {p[-1]: t for p, t in types.items()} == {
+      "kernel_lora_a": "LoRAParam", "kernel_lora_b": "LoRAParam", "kernel_lora_gate": "SoraGate"}
+  got = {m: {k: v[1] for k, v in d.items()} for m, d in shapes.items()}
+  assert got == {
+      # dot_general: A (*batch, prod(contract), r), B (*batch, r, prod(remain)), gate (*batch, r)
+      "lin": {"kernel_lora_a": (6, 3), "kernel_lora_b": (3, 5), "kernel_lora_gate": (3,)},
+      "split": {"kernel_lora_a": (5, 3), "kernel_lora_b": (3, 6), "kernel_lora_gate": (3,)},
+      "join": {"kernel_lora_a": (6, 3), "kernel_lora_b": (3, 7), "kernel_lora_gate": (3,)},
+      # einsum 'bnd,ndh': A (n, d, r), B (r, h), gate (n, r)
+      "heads": {"kernel_lora_a": (3, 7, 3), "kernel_lora_b": (3, 4), "kernel_lora_gate": (3, 3)},
+  }
+  # The gate is selected by its type, and also trained by wrt=nnx.LoRAParam.
+  assert len(jax.tree.leaves(nnx.state(model, sora_jax.SoraGate))) == 4
+
+
+def test_gates_at_one_equal_qwix_lora():
+  base = Tiny(nnx.Rngs(0))
+  lora = qwix.apply_lora_to_model(
+      base, qwix.LoraProvider(module_path=".*", rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL), _x(),
+      rngs=nnx.Rngs(1))
+  sora, _ = _sora(base)
+  # Same rngs: same A and B (a ones gate draws no key).
+  chex_leaves = nnx.to_pure_dict(nnx.state(lora, nnx.LoRAParam))
+  ours = nnx.to_pure_dict(nnx.state(sora, nnx.LoRAParam))
+  for module, leaves in chex_leaves.items():
+    for name, value in leaves.items():
+      np.testing.assert_array_equal(ours[module][name], value)
+  x = _x(4)
+  assert float(jnp.abs(lora(x) - base(x)).max()) > 1e-2  # the adapters do something
+  np.testing.assert_allclose(sora(x), lora(x), atol=1e-6, rtol=0)
+
+
+def _numpy_forward(model, x):
+  """float64 NumPy: each layer W x + b + s * ((x A) * g) B, written out per op kind."""
+  f = lambda v: np.asarray(v[...], np.float64)
+  x = np.asarray(x, np.float64)
+  lin, split, join, heads = model.lin, model.split, model.join, model.heads
+  h = x @ f(lin.kernel) + f(lin.bias) + SCALE * ((x @ f(lin.kernel_lora_a)) * f(lin.kernel_lora_gate)) @ f(
+      lin.kernel_lora_b)
+  h = (np.einsum("bi,ijk->bjk", h, f(split.kernel)) + f(split.bias)
+       + SCALE * (((h @ f(split.kernel_lora_a)) * f(split.kernel_lora_gate)) @ f(split.kernel_lora_b)).reshape(-1, 2, 3))
+  flat = h.reshape(-1, 6)
+  h = (np.einsum("bjk,jko->bo", h, f(join.kernel)) + f(join.bias)
+       + SCALE * ((flat @ f(join.kernel_lora_a)) * f(join.kernel_lora_gate)) @ f(join.kernel_lora_b))
+  h = np.broadcast_to(h[:, None, :], (h.shape[0], 3, 7))
+  return (np.einsum("bnd,ndh->bnh", h, f(heads.kernel))
+          + SCALE * np.einsum("bnd,ndr,nr,rh->bnh", h, f(heads.kernel_lora_a), f(heads.kernel_lora_gate),
+                              f(heads.kernel_lora_b)))
+
+
+def test_random_gates_match_numpy_formula():
+  model, _ = _sora()
+  rng = np.random.default_rng(0)
+  _set_gates(model, {"lin": rng.normal(size=3), "split": rng.normal(size=3), "join": rng.normal(size=3),
+                     "heads": rng.normal(size=(3, 3))})
+  x = _x(4)
+  np.testing.assert_allclose(model(x), _numpy_forward(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_prune_and_merge_keep_outputs_nnx_state_and_pure_dict():
+  model, provider = _sora()
+  _set_gates(model, MIXED_GATES)
+  x = _x(4)
+  y = model(x)
+  graphdef, state = nnx.split(model)
+
+  pruned = sora_jax.prune(state)
+  assert isinstance(pruned, nnx.State)
+  ranks = {m: pruned[m]["kernel_lora_a"][...].shape[-1] for m in MIXED_GATES}
+  assert ranks == {"lin": 0, "split": 2, "join": 3, "heads": 3}   # heads: union over its 3 batch entries
+  assert type(nnx.to_flat_state(pruned.filter(sora_jax.SoraGate))[0][1]) is sora_jax.SoraGate
+  np.testing.assert_allclose(nnx.merge(graphdef, pruned)(x), y, atol=1e-5, rtol=0)
+
+  pruned_dict = sora_jax.prune(nnx.to_pure_dict(state))
+  assert pruned_dict["lin"]["kernel_lora_a"].shape == (6, 0)        # rank 0: zero-size leaves, structure kept
+  updated = nnx.merge(graphdef, state)
+  nnx.update(updated, pruned_dict)
+  np.testing.assert_allclose(updated(x), y, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(updated(x), nnx.merge(graphdef, pruned)(x), atol=1e-5, rtol=0)
+
+  # merge: adapter leaves gone, the base model's graph runs it; from the unpruned and the pruned tree.
+  base_graphdef, _ = nnx.split(Tiny(nnx.Rngs(0)))
+  for tree in (state, pruned):
+    merged = sora_jax.merge(tree, provider)
+    assert not any(sora_jax.adapter_mask(nnx.to_pure_dict(merged)).values().__iter__().__next__().values())
+    np.testing.assert_allclose(nnx.merge(base_graphdef, merged)(x), y, atol=1e-5, rtol=0)
+  base = Tiny(nnx.Rngs(0))
+  nnx.update(base, sora_jax.merge(pruned_dict, sora_jax.SoraRule(rank=RANK, alpha=ALPHA)))
+  np.testing.assert_allclose(base(x), y, atol=1e-5, rtol=0)
+
+  report = sora_jax.rank_report(pruned, provider)
+  assert [(r.path, r.layer, r.rank) for r in report.rows] == [
+      ("heads/kernel", 0, 1), ("heads/kernel", 1, 0), ("heads/kernel", 2, 2), ("join/kernel", None, 3),
+      ("lin/kernel", None, 0), ("split/kernel", None, 2)]
+  assert report == sora_jax.rank_report(state, provider)
+
+
+def test_pruned_model_runs_under_nnx_jit_and_does_not_regrow_adapters():
+  model, _ = _sora()
+  _set_gates(model, MIXED_GATES)
+  x = _x(3)
+  y = model(x)
+  nnx.update(model, sora_jax.prune(nnx.state(model)))
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), y, atol=1e-5, rtol=0)
+  assert model.lin.kernel_lora_a[...].shape == (6, 0)
+
+
+class TinyLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(5)(x)
+    h = nn.DenseGeneral((2, 3))(h)
+    h = nn.Einsum((2, 3, 4), "bnd,ndh->bnh", use_bias=False)(h.reshape(-1, 2, 3))
+    return h
+
+
+def test_linen_model_prune_and_merge():
+  provider = sora_jax.SoraProvider(module_path=".*", rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL)
+  model = sora_jax.apply_sora(TinyLinen(), provider)
+  x = _x(4)
+  params = model.init(jax.random.key(0), x)["params"]
+  assert params["Dense_0"]["kernel_lora_gate"].shape == (RANK,)
+  assert params["Einsum_0"]["kernel_lora_gate"].shape == (2, RANK)
+  flat = {k: dict(v) for k, v in params.items()}
+  flat["Dense_0"]["kernel_lora_gate"] = jnp.asarray([0.0, 0.0, 0.0])
+  flat["DenseGeneral_0"]["kernel_lora_gate"] = jnp.asarray([1.0, 0.0, 2.0])
+  flat["Einsum_0"]["kernel_lora_gate"] = jnp.asarray([[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+  y = model.apply({"params": flat}, x)
+  pruned = sora_jax.prune(flat)
+  assert pruned["Dense_0"]["kernel_lora_a"].shape == (6, 0)
+  assert pruned["Einsum_0"]["kernel_lora_a"].shape == (2, 3, 2)     # ranks 0 and 1 kept, gate folded into A
+  np.testing.assert_allclose(model.apply({"params": pruned}, x), y, atol=1e-5, rtol=0)
+  merged = sora_jax.merge(pruned, provider)
+  np.testing.assert_allclose(TinyLinen().apply({"params": merged}, x), y, atol=1e-5, rtol=0)
+  # A missing adapter outside init means "no adapter", not a fresh one.
+  no_dense = {k: dict(v) for k, v in flat.items()}
+  for name in ("kernel_lora_a", "kernel_lora_b", "kernel_lora_gate"):
+    del no_dense["Dense_0"][name]
+  ref = {k: dict(v) for k, v in flat.items()}
+  ref["Dense_0"]["kernel_lora_b"] = jnp.zeros_like(ref["Dense_0"]["kernel_lora_b"])
+  np.testing.assert_allclose(model.apply({"params": no_dense}, x), model.apply({"params": ref}, x), atol=1e-6)
+
+
+def test_optimizer_loop_zeroes_gates_trains_factors_freezes_base():
+  model, _ = _sora(lora_b_initializer=jax.nn.initializers.zeros)
+  x = jax.random.normal(jax.random.key(1), (16, 6))
+  target = jax.random.normal(jax.random.key(2), (16, 3, 4))
+  lr = 0.05
+  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  tx = optax.chain(optax.adamw(lr, weight_decay=0.0, mask=not_gate), sora_jax.sora_proximal(1.3, learning_rate=lr))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+  base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  factors_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss = lambda m: jnp.mean((m(x) - target) ** 2)
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(40):
+    step(model, optimizer)
+  gates = np.concatenate([np.ravel(g) for g in jax.tree.leaves(nnx.state(model, sora_jax.SoraGate))])
+  assert np.sum(gates == 0.0) >= 3 and np.sum(gates != 0.0) >= 3   # 9 and 9 when written
+  after = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+  assert not np.allclose(after["lin"]["kernel_lora_b"], factors_before["lin"]["kernel_lora_b"])
+  assert not np.allclose(after["heads"]["kernel_lora_a"], factors_before["heads"]["kernel_lora_a"])
+  base_after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  base_params = {m: {k: v for k, v in d.items() if not k.startswith("kernel_lora")} for m, d in base_after.items()}
+  for m, d in base_params.items():
+    for k, v in d.items():
+      np.testing.assert_array_equal(v, base_before[m][k])
+
+
+def test_errors_are_one_clear_line():
+  with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
+    sora_jax.apply_sora(Tiny(nnx.Rngs(0)), sora_jax.SoraProvider(rank=2, alpha=2.0), _x())
+  with pytest.raises(TypeError, match="SoraProvider"):
+    sora_jax.apply_sora(Tiny(nnx.Rngs(0)), qwix.LoraProvider(rank=2, alpha=2.0), _x(), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="gate_init"):
+    sora_jax.SoraRule(rank=2, alpha=2.0, gate_init="zeros")
+  tx = sora_jax.sora_proximal(0.1)
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="no gate"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_square_kernel_needs_the_provider_to_merge():
+  class Square(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0, lora_b_initializer=_NORMAL)
+  x = jnp.ones((2, 4))
+  model = sora_jax.apply_sora(Square(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
+  state = nnx.state(model)
+  with pytest.raises(ValueError, match="readings"):
+    sora_jax.merge(state, sora_jax.SoraRule(rank=2, alpha=2.0))   # (in, out) or (out, in)?
+  graphdef, _ = nnx.split(Square(nnx.Rngs(0)))
+  np.testing.assert_allclose(nnx.merge(graphdef, sora_jax.merge(state, provider))(x), model(x), atol=1e-6)
+
+
+def test_quantized_base_merge_is_refused():
+  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0, weight_qtype="int8")
+  model = sora_jax.apply_sora(Tiny(nnx.Rngs(0)), provider, _x(), rngs=nnx.Rngs(1))
+  assert model(_x()).shape == (2, 3, 4)
+  with pytest.raises(ValueError, match="quantized"):
+    sora_jax.merge(nnx.state(model), provider)
+
+
+def test_shape_contract_with_eval_shape():
+  """qwix-style: the abstract adapted model has the documented leaf shapes, without running any FLOPs."""
+  provider = sora_jax.SoraProvider(module_path=".*", rank=4, alpha=4.0)
+  abstract = nnx.eval_shape(lambda: sora_jax.apply_sora(Tiny(nnx.Rngs(0)), provider, _x(), rngs=nnx.Rngs(1)))
+  state = nnx.state(abstract, sora_jax.SoraGate)
+  assert {m: state[m]["kernel_lora_gate"].shape for m in ("lin", "split", "join", "heads")} == {
+      "lin": (4,), "split": (4,), "join": (4,), "heads": (3, 4)}

@@ -354,8 +354,12 @@ def merge(params: PyTree, config: Config) -> PyTree:
     elif a.shape[-1] == 0:
       continue
     else:
-      roles = _recorded_roles(config, rec.weight) or layout.infer_roles(
-          path_str(rec.weight), w.shape, a.shape, b.shape, None if gate is None else gate.shape)
+      roles = _recorded_roles(config, rec.weight)
+      if roles is None:
+        roles = layout.infer_roles(path_str(rec.weight), w.shape, a.shape, b.shape,
+                                   None if gate is None else gate.shape)
+      else:
+        roles = layout.with_lead(path_str(rec.weight), roles, a.ndim)
       d = layout.delta(roles, w.shape, a, b, gate, scale)
     out[rec.weight] = leaves.rewrap(flat[rec.weight], (w + d.astype(w.dtype)).astype(w.dtype))
   return rebuild(out)

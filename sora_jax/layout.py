@@ -58,6 +58,25 @@ class WeightRoles(NamedTuple):
     return keep(self.a_axes()), keep(self.b_axes()), keep(self.batch) if with_gate else ()
 
 
+def with_lead(name: str, roles: WeightRoles, a_ndim: int) -> WeightRoles:
+  """`roles` recorded on one layer, for leaves that carry `lead` stacked-layer axes in front (a model whose layers
+  were created with `nnx.vmap` and run with `nnx.scan`: the provider saw one slice). The stacked axes act as batch
+  axes of a dot_general; stacked einsum weights are not supported.
+
+  Raises:
+    NotImplementedError: a stacked einsum weight.
+  """
+  a_ndim_one = len(roles.batch) + 2 if roles.kind == "dot" else len(roles.a_axes()) + 1
+  lead = a_ndim - a_ndim_one
+  if lead <= 0:
+    return roles
+  if roles.kind != "dot":
+    raise NotImplementedError(f"{name}: a stacked (nnx.scan) einsum weight is not supported by the tree functions; "
+                              "unstack the layers first.")
+  shift = lambda axes: tuple(i + lead for i in axes)
+  return WeightRoles("dot", tuple(range(lead)) + shift(roles.batch), shift(roles.contract), shift(roles.remain))
+
+
 def infer_roles(name: str, w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
                 gate_shape: Sequence[int] | None) -> WeightRoles:
   """The one reading of W's axes that the leaf shapes allow (each role's axes taken in W order).
@@ -126,6 +145,7 @@ def batching(name: str, a_shape, b_shape, gate_shape, roles: WeightRoles | None)
       dot_general's and einsum's reading differently.
   """
   if roles is not None:
+    roles = with_lead(name, roles, len(a_shape))
     nb = len(roles.batch)
     if roles.kind == "dot" or nb == 0:
       return Batching(nb, True, tuple(range(nb)))

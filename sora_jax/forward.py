@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from sora_jax.adapters import A, B, GATE, SoraConfig
+from sora_jax.adapters import SoraConfig
+from sora_jax.leaves import A, B, GATE
 
 _DENSE = (nn.Dense, nn.DenseGeneral)
 

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sora_jax.adapters import A, ADAPTER_LEAVES, B, GATE, SoraConfig, path_str, prune
+from sora_jax.adapters import SoraConfig, prune
+from sora_jax.leaves import A, B, GATE, path_str
+from sora_jax.leaves import LINEN_LEAVES as ADAPTER_LEAVES
 
 logger = logging.getLogger(__name__)
 

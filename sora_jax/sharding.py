@@ -22,9 +22,10 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sora_jax.leaves import A, B, KERNEL, LINEN_LEAVES
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-_ADAPTER_LEAVES = ("sora_a", "sora_b", "sora_gate")
 
 PyTree = Any
 
@@ -78,9 +79,9 @@ def _adapter_spec(name: str, leaf_shape, kernel_shape, kernel_spec: P, a_ndim: i
   kspec = tuple(kernel_spec) + (None,) * (len(kernel_shape) - len(kernel_spec))
   lead = a_ndim + b_ndim - 2 - len(kernel_shape)
   n_out = b_ndim - 1 - lead
-  if name == "sora_a":
+  if name == A:
     return P(*kspec[:a_ndim - 1], None)
-  if name == "sora_b":
+  if name == B:
     return P(*kspec[:lead], None, *kspec[len(kernel_shape) - n_out:])
   return P(*kspec[:lead], None)
 
@@ -100,10 +101,10 @@ def param_specs(params: PyTree, mesh: Mesh, min_size: int = 2**14, reference: Op
   specs = {}
   for path, leaf in flat.items():
     name = path[-1]
-    if name in _ADAPTER_LEAVES:
+    if name in LINEN_LEAVES:
       module = path[:-1]
-      kernel = ref.get(module + ("kernel",))
-      a, b = ref.get(module + ("sora_a",)), ref.get(module + ("sora_b",))
+      kernel = ref.get(module + (KERNEL,))
+      a, b = ref.get(module + (A,)), ref.get(module + (B,))
       if kernel is None or a is None or b is None:
         raise ValueError(f"{'/'.join(path)}: its base kernel and both factors are needed to derive its sharding")
       kspec = frozen_spec(kernel.shape, mesh, min_size)

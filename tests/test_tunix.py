@@ -13,6 +13,7 @@ Tunix has no scanned-layer (`nnx.scan`) variant of these models; under `nnx.scan
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -247,6 +248,60 @@ def test_prune_and_merge_give_the_trained_logits(family, trained):
   plain = nnx.clone(base)
   nnx.update(plain, merged)
   np.testing.assert_allclose(np.asarray(logits(plain, inputs)), want, atol=1e-5, rtol=1e-5)
+
+
+# --- SoRA on a quantized base (qwix's QLoRA) ------------------------------------------------------------------------
+
+QUANTIZED = {  # (family, qtype) -> the rules. Tunix's Qwen3 Einsum casts its weight with jnp.astype, which fails on
+  # qwix's quantized weight (TypeError: astype requires ndarray ... got WithAux), so on Qwen3 only the MLP (nnx.Linear)
+  # is quantized; Llama3's Einsum does not cast, so all seven projections are.
+    ("qwen3", "int8"): [(r".*/mlp/(gate_proj|up_proj|down_proj)", True), (r".*/attn/(q_proj|k_proj|v_proj|o_proj)", False)],
+    ("qwen3", "nf4"): [(r".*/mlp/(gate_proj|up_proj|down_proj)", True), (r".*/attn/(q_proj|k_proj|v_proj|o_proj)", False)],
+    ("llama3", "int8"): [(TARGETS, True)],
+}
+
+
+def base_weight_bytes(model: nnx.Module, module_path: str) -> int:
+  """Bytes of the base weights of the projections that `module_path` matches, as stored (quantized: values and
+  scales; JAX counts a 4-bit value as one byte)."""
+  total = 0
+  for key, value in flat_arrays(model).items():
+    parts = key.split("/")
+    for i, part in enumerate(parts):
+      weight_here = part in WEIGHTS and parts[i + 1:i + 2] == [WEIGHTS[part][0]]
+      if weight_here and re.fullmatch(module_path, "/".join(parts[:i + 1])):
+        total += value.nbytes
+  return total
+
+
+@pytest.mark.parametrize("family,qtype", sorted(QUANTIZED))
+def test_sora_on_a_quantized_base_trains_zeroes_gates_and_prunes(family, qtype):
+  rules = [sora_jax.SoraRule(module_path=path, rank=RANK, alpha=ALPHA, weight_qtype=qtype if quantized else None)
+           for path, quantized in QUANTIZED[family, qtype]]
+  provider = sora_jax.SoraProvider(rules)
+  base = tiny_model(family)
+  model = with_sora(base, provider)
+  stored = {k: v.dtype for k, v in flat_arrays(model).items() if k.endswith("/qvalue")}
+  want_dtype = {"int8": jnp.int8, "nf4": jnp.uint4}[qtype]
+  assert len(stored) == 2 * sum(len(path.split("|")) for path, q in QUANTIZED[family, qtype] if q) and all(
+      dtype == want_dtype for dtype in stored.values()), stored
+  for path, quantized in QUANTIZED[family, qtype]:  # int8 values and float32 scales: ~0.27 of float32
+    assert (base_weight_bytes(model, path) < 0.3 * base_weight_bytes(base, path)) == quantized, path
+  inputs = lm_inputs(seed=5)
+  # gates at one and B = 0: the quantized model is qwix's own quantized base (PTQ) to the last bit
+  ptq = qwix.quantize_model(base, qwix.PtqProvider([qwix.QuantizationRule(module_path=path, weight_qtype=qtype)
+                                                   for path, q in QUANTIZED[family, qtype] if q]),
+                            **lm_inputs(batch=1, seq=4))
+  np.testing.assert_array_equal(np.asarray(logits(model, inputs)), np.asarray(logits(ptq, inputs)))
+  before = flat_arrays(model)
+  optimizer = sora_optimizer(model, 2e-2, 2.0)
+  losses = [float(train_step(model, optimizer, inputs)) for _ in range(30)]
+  _check_trained(model, before, losses)  # quantized values and scales bitwise unchanged
+  want = np.asarray(logits(model, inputs))
+  pruned = nnx.merge(nnx.graphdef(model), sora_jax.prune(nnx.state(model), provider))
+  np.testing.assert_allclose(np.asarray(logits(pruned, inputs)), want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="quantized"):
+    sora_jax.merge(nnx.state(model), provider)
 
 
 # --- (d) 8-device mesh, Tunix's fsdp x tp sharding -----------------------------------------------------------------

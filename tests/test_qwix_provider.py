@@ -373,3 +373,48 @@ def test_scanned_layers_limit_and_workaround():
   np.testing.assert_allclose(pruned(x), y, atol=1e-5, rtol=0)
   graphdef, _ = nnx.split(_Scanned(nnx.Rngs(0)))
   np.testing.assert_allclose(nnx.merge(graphdef, sora_jax.merge(nnx.state(model), provider))(x), y, atol=1e-5)
+
+
+_SHARDING_SCRIPT = r'''
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, jax, jax.numpy as jnp
+from flax import nnx
+import sora_jax
+mesh = jax.make_mesh((4, 2), ("fsdp", "tp"))
+part = lambda *names: nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+class M(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 6, kernel_init=part("fsdp", "tp"), rngs=rngs)
+    self.ein = nnx.Einsum("bnd,ndh->bnh", (2, 8, 4), kernel_init=part("tp", "fsdp", None), rngs=rngs)
+  def __call__(self, x):
+    return self.lin(x).sum() + self.ein(jnp.broadcast_to(x[:, None, :], (x.shape[0], 2, 8)))
+with jax.set_mesh(mesh):
+  model = sora_jax.apply_sora(M(nnx.Rngs(0)), sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0),
+                              jnp.ones((4, 8)), rngs=nnx.Rngs(1))
+  out = {"/".join(map(str, p)): [list(v[...].sharding.spec), list(v.get_metadata().get("out_sharding", ()) or ())]
+         for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+print(json.dumps(out))
+'''
+
+
+def test_adapter_shardings_follow_the_weight_on_a_host_mesh():
+  """8 host devices (a fresh process, as XLA_FLAGS must be set before jax starts): A, B and gate take the weight's
+  mesh axes where their axes come from it (qwix's rule: batch axes, the first contracting / remaining axis), the
+  rank axis replicated; the axis names in the Variable's metadata follow too."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], capture_output=True, text=True, env=env, check=True)
+  specs = json.loads(out.stdout.strip().splitlines()[-1])
+  assert specs == {
+      "lin/kernel_lora_a": [["fsdp", None], ["fsdp", None]],        # kernel (in: fsdp, out: tp)
+      "lin/kernel_lora_b": [[None, "tp"], [None, "tp"]],
+      "lin/kernel_lora_gate": [[None], [None]],
+      "ein/kernel_lora_a": [["tp", "fsdp", None], ["tp", "fsdp", None]],   # kernel (n: tp, d: fsdp, h)
+      "ein/kernel_lora_b": [[None, None], [None, None]],
+      "ein/kernel_lora_gate": [["tp", None], ["tp", None]],          # the batch axis n keeps its mesh axis
+  }

@@ -52,7 +52,10 @@ class SoraRule(qwix.LoraRule):
     rank: r_max, the rank every adapter starts with; the scale is s = alpha / rank, also after pruning.
     alpha: see rank.
     gate_init: "ones", or "normal" for N(0, 1) as the official SoRA code.
-    dropout: dropout rate on the adapter input (qwix's LoRA dropout; the base op sees none).
+    dropout: dropout rate on the adapter input, applied on every call as qwix's LoRA dropout (the base op sees
+      none): linen draws from the 'dropout' rng stream (`apply(..., rngs={"dropout": key})`); NNX from the module's
+      `qwix_rngs`, which `apply_sora` unsets after its first call, so set
+      `model.set_attributes(qwix_rngs=nnx.Rngs(dropout=...))` before training.
     lora_a_initializer, lora_b_initializer: as qwix (he_uniform, zeros).
   """
 

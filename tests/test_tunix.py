@@ -447,6 +447,28 @@ def test_nnx_scan_is_not_supported_by_qwix():
     sora_jax.apply_sora(model, sora_jax.SoraProvider(module_path=".*proj", rank=2, alpha=2.0), x, rngs=nnx.Rngs(1))
 
 
+# --- the example ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_example_nnx_qwen3_sora_runs_as_written(tmp_path, capsys):
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "nnx_qwen3_sora.py")
+  spec = importlib.util.spec_from_file_location("nnx_qwen3_sora", path)
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  result = example.main(["--output_dir", str(tmp_path)])
+  printed = capsys.readouterr().out
+  zero = int(re.search(r"gates exactly zero: (\d+) of 112", printed).group(1))
+  assert 0 < zero < 112 and zero == result["gates_zero"], printed
+  diff = float(re.search(r"pruned vs merged ([0-9.e+-]+),", printed).group(1))
+  assert diff <= 1e-5 and result["pruned_vs_trained"] <= 1e-5 and result["reloaded_vs_trained"] <= 1e-5, printed
+  losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+)", printed)]
+  assert len(losses) == 7 and losses[-1] < losses[0] - 1.0, printed
+  assert "total:" in printed and sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+
+
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--mesh"]:
     print(json.dumps(_mesh_check(sys.argv[2:] or sorted(FAMILIES))))

@@ -52,6 +52,19 @@ class WeightRoles(NamedTuple):
               (*dims(self.batch), rank, math.prod(dims(self.remain))), (*dims(self.batch), rank))
     return (*dims(self.a_axes()), rank), (rank, *dims(self.remain)), (*dims(self.batch), rank)
 
+  def leaf_axes(self) -> tuple[tuple[int | None, ...], tuple[int | None, ...], tuple[int | None, ...]]:
+    """For each of A, B, gate: the W axis whose sharding each leaf axis takes (None: replicated), as qwix derives
+    LoRA shardings (a flattened group takes its first axis's; the rank axis is replicated)."""
+    if self.kind == "dot":
+      return ((*self.batch, self.contract[0] if self.contract else None, None),
+              (*self.batch, None, self.remain[0] if self.remain else None), (*self.batch, None))
+    return (*self.a_axes(), None), (None, *self.remain), (*self.batch, None)
+
+  @property
+  def b_rank_axis(self) -> int:
+    """Position of the rank axis in B."""
+    return len(self.batch) if self.kind == "dot" else 0
+
   def canonical(self, w_shape: Sequence[int], with_gate: bool) -> tuple:
     """What the delta depends on: the axis sequences of A, B and the gate, size-1 axes dropped (they index nothing)."""
     keep = lambda axes: tuple(i for i in axes if i == "r" or w_shape[i] != 1)

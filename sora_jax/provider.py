@@ -26,9 +26,8 @@ as ones (a plain qwix LoRA tree).
 from __future__ import annotations
 
 import dataclasses
-import math
 import string
-from typing import Any, Callable, Collection, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import flax.linen as nn
 import jax
@@ -75,17 +74,6 @@ class SoraRule(qwix.LoraRule):
   def scale(self) -> float:
     """s = alpha / rank (rank = r_max)."""
     return self.alpha / self.rank
-
-
-class _Shapes(NamedTuple):
-  """Leaf shapes at rank `r` and how each leaf's axes map to the weight's (None: the rank axis, replicated)."""
-  a: tuple[int, ...]
-  b: tuple[int, ...]
-  gate: tuple[int, ...]
-  a_axes: tuple[int | None, ...]
-  b_axes: tuple[int | None, ...]
-  gate_axes: tuple[int | None, ...]
-  b_rank_axis: int
 
 
 class SoraProvider(qwix.LoraProvider):
@@ -142,11 +130,7 @@ class SoraProvider(qwix.LoraProvider):
     batch = tuple(rhs.shape[i] for i in rhs_ba)
     contract = tuple(rhs.shape[i] for i in rhs_ca)
     remain = tuple(rhs.shape[i] for i in rhs_ra)
-    shapes = _Shapes(
-        a=(*batch, math.prod(contract), rule.rank), b=(*batch, rule.rank, math.prod(remain)),
-        gate=(*batch, rule.rank), a_axes=(*rhs_ba, rhs_ca[0] if rhs_ca else None, None),
-        b_axes=(*rhs_ba, None, rhs_ra[0] if rhs_ra else None), gate_axes=(*rhs_ba, None), b_rank_axis=len(batch))
-    leaves = self._leaves(weight, rule, shapes, WeightRoles("dot", rhs_ba, rhs_ca, rhs_ra))
+    leaves = self._leaves(weight, rhs.shape, rule, WeightRoles("dot", rhs_ba, rhs_ca, rhs_ra))
     if leaves is None:
       return res
     a, b, gate = leaves
@@ -180,12 +164,8 @@ class SoraProvider(qwix.LoraProvider):
     a_idx = [i for i, c in enumerate(rhs_sub) if c in lhs_sub]
     b_idx = [i for i, c in enumerate(rhs_sub) if c not in lhs_sub]
     g_idx = [i for i, c in enumerate(rhs_sub) if c in lhs_sub and c in out_sub]
-    shapes = _Shapes(
-        a=(*(rhs.shape[i] for i in a_idx), rule.rank), b=(rule.rank, *(rhs.shape[i] for i in b_idx)),
-        gate=(*(rhs.shape[i] for i in g_idx), rule.rank), a_axes=(*a_idx, None), b_axes=(None, *b_idx),
-        gate_axes=(*g_idx, None), b_rank_axis=0)
     roles = WeightRoles("einsum", tuple(g_idx), tuple(i for i in a_idx if i not in g_idx), tuple(b_idx))
-    leaves = self._leaves(weight, rule, shapes, roles)
+    leaves = self._leaves(weight, rhs.shape, rule, roles)
     if leaves is None:
       return res
     a, b, gate = leaves
@@ -209,9 +189,12 @@ class SoraProvider(qwix.LoraProvider):
 
   # --- leaves ------------------------------------------------------------------------------------------------------
 
-  def _leaves(self, weight: str, rule: SoraRule, shapes: _Shapes, roles: WeightRoles
+  def _leaves(self, weight: str, weight_shape: tuple[int, ...], rule: SoraRule, roles: WeightRoles
               ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     """(A, B, gate) of `weight` in the current module: read, created (initialising only), or None (no adapter)."""
+    a_shape, b_shape, gate_shape = roles.shapes(weight_shape, rule.rank)
+    a_axes, b_axes, gate_axes = roles.leaf_axes()
+    rank_axis = roles.b_rank_axis
     module = _qwix.current_module()
     names = (weight + QWIX_A, weight + QWIX_B, weight + QWIX_GATE)
     if isinstance(module, nn.Module):
@@ -229,24 +212,23 @@ class SoraProvider(qwix.LoraProvider):
       if not creating:
         return None
       base = get(weight)
-      a = _create(names[0], base, rule.lora_a_initializer, shapes.a, shapes.a_axes, nnx.LoRAParam)
-      b = _create(names[1], base, rule.lora_b_initializer, shapes.b, shapes.b_axes, nnx.LoRAParam)
+      a = _create(names[0], base, rule.lora_a_initializer, a_shape, a_axes, nnx.LoRAParam)
+      b = _create(names[1], base, rule.lora_b_initializer, b_shape, b_axes, nnx.LoRAParam)
       gate = None
     if gate is None and creating:
       # A ones gate draws no key, so on NNX the same rngs give the same A and B as qwix's LoRA.
-      gate = _create(names[2], get(weight), _gate_initializer(rule.gate_init), shapes.gate, shapes.gate_axes,
-                     SoraGate, need_rng=rule.gate_init != "ones")
+      gate = _create(names[2], get(weight), _gate_initializer(rule.gate_init), gate_shape, gate_axes, SoraGate,
+                     need_rng=rule.gate_init != "ones")
     a, b = _qwix.unbox(a), _qwix.unbox(b)
     rank = a.shape[-1]
-    gate = jnp.ones(shapes.gate[:-1] + (rank,), a.dtype) if gate is None else _qwix.unbox(gate)
-    b_rest = b.shape[:shapes.b_rank_axis] + b.shape[shapes.b_rank_axis + 1:]
-    want_b_rest = shapes.b[:shapes.b_rank_axis] + shapes.b[shapes.b_rank_axis + 1:]
-    if (a.shape[:-1] != shapes.a[:-1] or b_rest != want_b_rest or b.shape[shapes.b_rank_axis] != rank
-        or gate.shape != shapes.gate[:-1] + (rank,)):
+    gate = jnp.ones(gate_shape[:-1] + (rank,), a.dtype) if gate is None else _qwix.unbox(gate)
+    without_rank = lambda shape: shape[:rank_axis] + shape[rank_axis + 1:]
+    if (a.shape[:-1] != a_shape[:-1] or without_rank(b.shape) != without_rank(b_shape)
+        or b.shape[rank_axis] != rank or gate.shape != gate_shape[:-1] + (rank,)):
       raise ValueError(
           f"SoRA leaves of {where}/{weight} have shapes A {a.shape}, B {b.shape}, gate {gate.shape}, but this op "
-          f"needs A {shapes.a[:-1] + ('r',)}, B {_with_r(shapes.b, shapes.b_rank_axis)}, gate "
-          f"{shapes.gate[:-1] + ('r',)} with one rank r; the tree does not belong to this model (or was edited).")
+          f"needs A {a_shape[:-1] + ('r',)}, B {_with_r(b_shape, rank_axis)}, gate {gate_shape[:-1] + ('r',)} with "
+          "one rank r; the tree does not belong to this model (or was edited).")
     if rank == 0:
       return None
     return a, b, gate

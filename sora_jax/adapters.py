@@ -13,8 +13,13 @@ shapes, lead = a.ndim + b.ndim - 2 - kernel.ndim, so no function after `init` ne
 After `prune`, the gate is folded into `sora_b` and `sora_gate` is gone; code that reads adapters treats a missing
 gate as ones. A module whose rank reaches 0 has no adapter leaves at all.
 
-All functions are pure: they take a tree (nested dicts, as `model.init(...)["params"]`) and return a new one.
-Regular expressions (`targets`, `stacked`, `trainable`) are matched with `re.fullmatch` against '/'-joined paths.
+The same functions read the qwix layout that `sora_jax.SoraProvider` makes (`<w>_lora_a`, `<w>_lora_b`,
+`<w>_lora_gate` beside any weight; shapes in `sora_jax.layout`), in the same tree or another; `sora_jax.leaves` is
+where both layouts' names live.
+
+All functions are pure: they take a tree (linen params as `model.init(...)["params"]`, an `nnx.State`, or the pure
+dict of `nnx.to_pure_dict`) and return a new one of the same kind. Regular expressions (`targets`, `stacked`,
+`trainable`, rules' `module_path`) are matched with `re.fullmatch` against '/'-joined paths.
 """
 from __future__ import annotations
 

@@ -4,9 +4,10 @@ the qwix path: `sora_jax.apply_sora` with a `sora_jax.SoraProvider` on the atten
 The models are tiny and random-weight (2 layers, embed 64, 4 query heads of 24, 2 key/value heads, MLP 96), so every
 weight axis has its own length and no shape can be read two ways. Tunix initialises the MLP kernels to zeros; with
 LoRA's B also zero every MLP adapter would start with zero gradients, so the tests draw those kernels at random.
-References: qwix's own LoRA for the forward (gates at one), the untouched base model for the frozen weights, the
-1-device run for the 8-device mesh. The mesh check runs in a subprocess (`python tests/test_tunix.py --mesh`),
-because XLA's host device count must be set before JAX starts.
+References: qwix's own LoRA for the forward with gates at one, qwix's own PTQ model for a quantized base (int8, nf4),
+the untouched variables before training for the frozen weights, the 1-device step for the 8-device mesh. Training runs
+through `nnx.Optimizer(..., wrt=nnx.LoRAParam)` and through Tunix's `PeftTrainer`. The mesh check runs in a subprocess
+(`python tests/test_tunix.py --mesh`), because XLA's host device count must be set before JAX starts.
 
 Tunix has no scanned-layer (`nnx.scan`) variant of these models; under `nnx.scan` qwix cannot create adapter leaves
 (see `test_nnx_scan_is_not_supported_by_qwix`).
@@ -252,11 +253,14 @@ def test_prune_and_merge_give_the_trained_logits(family, trained):
 
 # --- SoRA on a quantized base (qwix's QLoRA) ------------------------------------------------------------------------
 
-QUANTIZED = {  # (family, qtype) -> the rules. Tunix's Qwen3 Einsum casts its weight with jnp.astype, which fails on
-  # qwix's quantized weight (TypeError: astype requires ndarray ... got WithAux), so on Qwen3 only the MLP (nnx.Linear)
-  # is quantized; Llama3's Einsum does not cast, so all seven projections are.
-    ("qwen3", "int8"): [(r".*/mlp/(gate_proj|up_proj|down_proj)", True), (r".*/attn/(q_proj|k_proj|v_proj|o_proj)", False)],
-    ("qwen3", "nf4"): [(r".*/mlp/(gate_proj|up_proj|down_proj)", True), (r".*/attn/(q_proj|k_proj|v_proj|o_proj)", False)],
+MLP, ATTENTION = r".*/mlp/(gate_proj|up_proj|down_proj)", r".*/attn/(q_proj|k_proj|v_proj|o_proj)"
+# (family, qtype) -> rules as (module_path, quantized). Tunix's Qwen3 Einsum casts its weight with jnp.astype, which
+# fails on qwix's quantized weight (TypeError: astype requires ndarray or scalar arguments, got <class
+# 'qwix._src.providers.ptq.WithAux'>), so on Qwen3 only the MLP (nnx.Linear) is quantized; Llama3's Einsum does not
+# cast, so all seven of its projections are.
+QUANTIZED = {
+    ("qwen3", "int8"): [(MLP, True), (ATTENTION, False)],
+    ("qwen3", "nf4"): [(MLP, True), (ATTENTION, False)],
     ("llama3", "int8"): [(TARGETS, True)],
 }
 
@@ -376,8 +380,8 @@ def test_fsdp_tp_mesh_shards_adapters_like_their_weights_and_matches_one_device(
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--mesh", "qwen3"], env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--mesh", "qwen3"], env=env, capture_output=True,
+                       text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   for family, r in report.items():

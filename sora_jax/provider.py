@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+import traceback
 from typing import Any, Callable, Collection, Sequence
 
 import flax.linen as nn
@@ -299,6 +300,7 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
   Raises:
     TypeError: `provider` is not a `SoraProvider`.
     ValueError: an NNX model without `rngs`, or a linen model with inputs or rngs.
+    IndexError: the NNX model runs its layers under `nnx.scan`, inside which no leaf can be created.
   """
   if not isinstance(provider, SoraProvider):
     raise TypeError(f"apply_sora needs a sora_jax.SoraProvider, got {type(provider).__name__}; for plain LoRA call "
@@ -314,5 +316,13 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
   provider._creating = True  # pylint: disable=protected-access
   try:
     return _qwix.quantize_model(model, provider, *sample_inputs, methods=tuple(methods), **sample_kwargs)
+  except IndexError as e:
+    if not any("nnx/transforms/iteration" in frame.filename.replace("\\", "/")
+               for frame in traceback.extract_tb(e.__traceback__)):
+      raise
+    raise IndexError(
+        f"apply_sora: adapter leaves cannot be created inside nnx.scan (qwix's LoRA fails the same way; nnx.scan "
+        f"said: {e}); create them beforehand with a leading layer axis after apply_sora(..., skip_nnx_init=True), "
+        "as docs/design.md shows.") from e
   finally:
     provider._creating = False  # pylint: disable=protected-access

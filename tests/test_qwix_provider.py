@@ -348,7 +348,7 @@ def test_scanned_layers_limit_and_workaround():
   leaves created beforehand with a leading layer axis run under scan, and prune / merge / rank_report handle them."""
   x = jnp.ones((2, 4))
   provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
-  with pytest.raises(IndexError):
+  with pytest.raises(IndexError, match="cannot be created inside nnx.scan"):
     sora_jax.apply_sora(_Scanned(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
   with pytest.raises(IndexError):
     qwix.apply_lora_to_model(_Scanned(nnx.Rngs(0)), qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0), x,

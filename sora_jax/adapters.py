@@ -554,7 +554,8 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
                           int(rank) * (fan_in + fan_out)))
   if isinstance(config, SoraConfig):
     for path, kernel in vals.items():
-      if (path[-1] == "kernel" and path not in adapted and any(re.fullmatch(t, path_str(path)) for t in config.targets)):
+      targeted = any(re.fullmatch(t, path_str(path)) for t in config.targets)
+      if path[-1] == "kernel" and path not in adapted and targeted:
         # Targeted but without adapter leaves: pruned to rank 0.
         lead = int(config.stacked is not None and re.fullmatch(config.stacked, path_str(path)) is not None)
         fan_in = math.prod(kernel.shape[lead:lead + config.in_axes])

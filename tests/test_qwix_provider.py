@@ -99,7 +99,8 @@ def _numpy_forward(model, x):
   h = x @ f(lin.kernel) + f(lin.bias) + SCALE * ((x @ f(lin.kernel_lora_a)) * f(lin.kernel_lora_gate)) @ f(
       lin.kernel_lora_b)
   h = (np.einsum("bi,ijk->bjk", h, f(split.kernel)) + f(split.bias)
-       + SCALE * (((h @ f(split.kernel_lora_a)) * f(split.kernel_lora_gate)) @ f(split.kernel_lora_b)).reshape(-1, 2, 3))
+       + SCALE * (((h @ f(split.kernel_lora_a)) * f(split.kernel_lora_gate)) @ f(split.kernel_lora_b)
+                  ).reshape(-1, 2, 3))
   flat = h.reshape(-1, 6)
   h = (np.einsum("bjk,jko->bo", h, f(join.kernel)) + f(join.bias)
        + SCALE * ((flat @ f(join.kernel_lora_a)) * f(join.kernel_lora_gate)) @ f(join.kernel_lora_b))

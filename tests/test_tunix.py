@@ -9,8 +9,8 @@ the untouched variables before training for the frozen weights, the 1-device ste
 through `nnx.Optimizer(..., wrt=nnx.LoRAParam)` and through Tunix's `PeftTrainer`. The mesh check runs in a subprocess
 (`python tests/test_tunix.py --mesh`), because XLA's host device count must be set before JAX starts.
 
-Tunix has no scanned-layer (`nnx.scan`) variant of these models; under `nnx.scan` qwix cannot create adapter leaves
-(see `test_nnx_scan_is_not_supported_by_qwix`).
+Tunix has no scanned-layer (`nnx.scan`) variant of these models; SoRA under `nnx.scan` is tested on a pure NNX stack
+in `tests/test_qwix_provider.py`.
 """
 import json
 import os
@@ -390,7 +390,7 @@ def test_fsdp_tp_mesh_shards_adapters_like_their_weights_and_matches_one_device(
     assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5, (family, r)
 
 
-# --- (e) nnx.jit and nnx.scan --------------------------------------------------------------------------------------
+# --- (e) nnx.jit (nnx.scan: tests/test_qwix_provider.py) ---------------------------------------------------------
 
 
 def test_jitted_forward_equals_eager_and_the_train_step_traces_once():
@@ -412,43 +412,6 @@ def test_jitted_forward_equals_eager_and_the_train_step_traces_once():
   for _ in range(3):
     step(model, optimizer, inputs)
   assert len(traces) == 1
-
-
-class _Block(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.proj = nnx.Linear(8, 8, rngs=rngs)
-
-  def __call__(self, x):
-    return x + jnp.tanh(self.proj(x))
-
-
-class _ScannedStack(nnx.Module):
-  """Three `_Block`s made with nnx.vmap and run with nnx.scan (kernels (3, 8, 8)), as scanned NNX decoders do."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    @nnx.split_rngs(splits=3)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-      return _Block(rngs)
-
-    self.blocks = make(rngs)
-
-  def __call__(self, x):
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-    def body(x, block):
-      return block(x)
-
-    return body(x, self.blocks)
-
-
-def test_nnx_scan_is_not_supported_by_qwix():
-  """Tunix's Qwen3 / Llama3 have no nnx.scan variant. Under nnx.scan, qwix 0.1.8 creates adapter leaves inside the
-  scan body, which nnx.scan cannot carry out: qwix's own LoRA and SoRA fail alike, as README states."""
-  model, x = _ScannedStack(nnx.Rngs(0)), jnp.ones((2, 8))
-  with pytest.raises(IndexError):
-    qwix.apply_lora_to_model(model, qwix.LoraProvider(module_path=".*proj", rank=2, alpha=2.0), x, rngs=nnx.Rngs(1))
-  with pytest.raises(IndexError):
-    sora_jax.apply_sora(model, sora_jax.SoraProvider(module_path=".*proj", rank=2, alpha=2.0), x, rngs=nnx.Rngs(1))
 
 
 # --- the example ---------------------------------------------------------------------------------------------------

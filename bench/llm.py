@@ -185,7 +185,6 @@ def base_memory(args) -> list[list[object]]:
   """Rows: model, quantized projections, weight type, MiB of the adapted projections' base weights (values and
   scales as stored; JAX stores a 4-bit value in a byte, the packed size is given beside it)."""
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
   from tunix.models.llama3 import model as llama3
   from tunix.models.qwen3 import model as qwen3
@@ -210,7 +209,7 @@ def base_memory(args) -> list[list[object]]:
         keys = [str(k) for k in path]
         if "_lora_" in keys[-1] or not any(k in projections for k in keys):
           continue
-        value = np.asarray(var.get_value()) if var.get_value().dtype != jnp.uint4 else var.get_value()
+        value = var.get_value()
         stored += value.nbytes
         bits = jnp.iinfo(value.dtype).bits if jnp.issubdtype(value.dtype, jnp.integer) else 8 * value.dtype.itemsize
         packed += value.size * bits // 8

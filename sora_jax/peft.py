@@ -25,14 +25,16 @@ import logging
 import math
 import os
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sora_jax.adapters import SoraConfig, prune
+from sora_jax import layout
+from sora_jax import leaves
+from sora_jax.adapters import SoraConfig, _recorded_roles, _scale_rank, merge, prune
 from sora_jax.leaves import A, B, GATE, path_str
 from sora_jax.leaves import LINEN_LEAVES as ADAPTER_LEAVES
 
@@ -48,6 +50,31 @@ _UNSUPPORTED_KEY = re.compile(r".*\.(lora_embedding_[AB]|lora_magnitude_vector|l
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 Flat = dict[tuple[str, ...], Any]
+
+
+class PeftNaming(Protocol):
+    """What the model side tells the PEFT code about a model in the qwix layout (e.g. `sora_jax.models.tunix.TunixNaming`).
+
+    model_type: transformers' `config.model_type` the names belong to ('qwen3', 'llama').
+    module_name(weight): the transformers Linear module name of our weight path (`model.layers.0.self_attn.q_proj`),
+      or None when the weight is not such a Linear.
+    in_axes(weight): k such that the weight's first k axes are the Linear's input features and the rest its outputs.
+    weight_path(module_name): the inverse of `module_name` (None: no such module).
+    hf_tensor(weight, array): (transformers key, tensor) of any base weight, for merged checkpoints.
+    hf_config(): config.json of the transformers model.
+    """
+
+    model_type: str
+
+    def module_name(self, weight: tuple) -> str | None: ...
+
+    def in_axes(self, weight: tuple) -> int: ...
+
+    def weight_path(self, module_name: str) -> tuple | None: ...
+
+    def hf_tensor(self, weight: tuple, array: np.ndarray) -> tuple[str, np.ndarray]: ...
+
+    def hf_config(self) -> dict: ...
 
 
 class LoadedPeft(NamedTuple):
@@ -130,12 +157,14 @@ def _saved_modules(flat: Flat, patterns: Sequence[str]) -> list[tuple[str, ...]]
 def save_peft(
     directory: str | os.PathLike,
     params,
-    config: SoraConfig,
+    config: SoraConfig | Any,
     *,
-    model_config,
+    model_config=None,
+    naming: PeftNaming | None = None,
     base_model_name_or_path: str | None = None,
     modules_to_save: Sequence[str] | None = None,
-    task_type: str | None = "SEQ_CLS",
+    task_type: str | None = None,
+    uniform_rank: bool = False,
 ) -> dict[str, int]:
     """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
 
@@ -167,6 +196,13 @@ def save_peft(
       save_peft("out/peft", params, sora_config, model_config=pre.config, base_model_name_or_path="bert-base-uncased")
       # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
     """
+    if naming is not None:
+        return _save_peft_qwix(directory, params, config, naming, base_model_name_or_path=base_model_name_or_path,
+                               task_type=task_type or "CAUSAL_LM", uniform_rank=uniform_rank)
+    if model_config is None:
+        raise ValueError("save_peft: pass model_config= (our encoders' transformers config) or naming= (e.g. "
+                         "sora_jax.models.tunix.TunixNaming(model) for a Tunix model).")
+    task_type = task_type or "SEQ_CLS"
     family = _family(model_config)
     flat, _ = _unstacked_flat(params)
     if any(path[-1] == GATE for path in flat):
@@ -216,7 +252,30 @@ def save_peft(
         raise ValueError(f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
                          "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`.")
     _check_patterns(ranks_written, flat, family)
-    counts = collections.Counter(ranks_written.values())
+    _write_adapter(directory, tensors, ranks_written, task_type=task_type,
+                   base_model_name_or_path=base_model_name_or_path, modules_to_save=saved_names or None,
+                   uniform_rank=uniform_rank)
+    return ranks
+
+
+def _write_adapter(directory, tensors: dict[str, np.ndarray], ranks: dict[str, int], *, task_type: str | None,
+                   base_model_name_or_path: str | None, modules_to_save: list[str] | None, uniform_rank: bool) -> None:
+    """Writes adapter_config.json and adapter_model.safetensors.
+
+    Every module has alpha_m = r_m (PEFT scale 1): `r` = `lora_alpha` = the most common rank, the others in
+    `rank_pattern` = `alpha_pattern` under full module names. With `uniform_rank`, every module is padded to the largest
+    rank R with zero rows of lora_A and zero columns of lora_B (they add nothing), and r = lora_alpha = R with no
+    patterns, for servers that read one global rank (vLLM).
+    """
+    ranks = dict(ranks)
+    if uniform_rank:
+        top = max(ranks.values())
+        for name, k in ranks.items():
+            a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+            tensors[a_key] = np.pad(tensors[a_key], ((0, top - k), (0, 0)))
+            tensors[b_key] = np.pad(tensors[b_key], ((0, 0), (0, top - k)))
+            ranks[name] = top
+    counts = collections.Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k))  # most common rank; ties to the larger
     adapter_config = {
         "peft_type": "LORA",
@@ -224,10 +283,10 @@ def save_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(r),
         "lora_alpha": int(r),
-        "target_modules": sorted(ranks_written),
-        "rank_pattern": {n: int(k) for n, k in sorted(ranks_written.items()) if k != r},
-        "alpha_pattern": {n: int(k) for n, k in sorted(ranks_written.items()) if k != r},
-        "modules_to_save": saved_names or None,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
+        "alpha_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
+        "modules_to_save": modules_to_save,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -243,7 +302,6 @@ def save_peft(
               os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(adapter_config, f, indent=2, sort_keys=True)
-    return ranks
 
 
 def _placeholder_module(flat: Flat, config: SoraConfig, family, saved) -> tuple[str, ...]:
@@ -430,3 +488,127 @@ def load_peft(
 
         tree = stack_layers(tree)
     return LoadedPeft(tree, config, ranks)
+
+
+# --- qwix layout (SoraProvider / qwix LoRA on NNX models) with a naming object -------------------------------------
+
+
+def _linear_roles(rec: leaves.AdapterPaths, w_shape, a, b, gate, config, naming) -> layout.WeightRoles:
+    """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
+    weight's first `naming.in_axes` axes in order, the remaining ones the rest."""
+    name = path_str(rec.weight)
+    roles = _recorded_roles(config, rec.weight)
+    if roles is None:
+        roles = layout.infer_roles(name, w_shape, a.shape, b.shape, None if gate is None else gate.shape)
+    k = naming.in_axes(rec.weight)
+    contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
+    if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
+        raise ValueError(f"{name}: its adapter contracts weight axes {roles.contract} (batch {roles.batch}); the "
+                         f"transformers Linear {naming.module_name(rec.weight)!r} takes axes {tuple(range(k))} as "
+                         "inputs, so the adapter has no PEFT LoRA equivalent.")
+    return roles
+
+
+def _qwix_records(flat: Flat, naming, fn: str) -> list[leaves.AdapterPaths]:
+    records = [rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"]
+    if not records:
+        raise ValueError(f"{fn}: the tree has no adapters (no <w>_lora_a leaves); apply SoRA first "
+                         "(sora_jax.apply_sora) and pass nnx.state(model).")
+    for rec in records:
+        if naming.module_name(rec.weight) is None:
+            raise ValueError(f"{fn}: the adapter of {path_str(rec.weight)!r} maps to no transformers Linear of "
+                             f"{naming!r}; was the tree made for another model?")
+    return records
+
+
+def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path, task_type, uniform_rank):
+    """save_peft for qwix-layout trees: see `save_peft`."""
+    if config is None:
+        raise ValueError("save_peft: pass the SoraProvider (or rules) that made the adapters as `config`; its "
+                         "alpha / rank is folded into lora_B.")
+    flat, _ = leaves.flatten(tree)
+    _qwix_records(flat, naming, "save_peft")
+    vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for rec in _qwix_records(vals, naming, "save_peft"):
+        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+        rank = a.shape[-1]
+        if rank == 0:
+            continue
+        w_shape = leaves.value(flat[rec.weight]).shape
+        _linear_roles(rec, w_shape, a, b, gate, config, naming)
+        scale, _ = _scale_rank(config, rec.weight)
+        a2 = a.reshape(-1, rank).astype(np.float32)
+        b2 = b.reshape(rank, -1).astype(np.float32) * scale
+        if gate is not None:
+            b2 = b2 * gate.reshape(rank, 1)
+        name = naming.module_name(rec.weight)
+        ranks[name] = rank
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a2.T
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+    if not ranks:
+        raise ValueError("save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the "
+                         "base model).")
+    _write_adapter(directory, tensors, ranks, task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+                   modules_to_save=None, uniform_rank=uniform_rank)
+    return ranks
+
+
+def save_merged(
+    directory: str | os.PathLike,
+    tree,
+    config: Any,
+    *,
+    naming: PeftNaming,
+    max_shard_size: int = 5 * 2**30,
+) -> list[str]:
+    """Writes the base weights with the adapters merged in as a transformers checkpoint: config.json and
+    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above `max_shard_size`.
+
+    W <- W + s * A diag(gate) B on every adapted weight (`sora_jax.merge`), then every weight is written under its
+    transformers name in transformers' layout (`naming.hf_tensor`). `AutoModelForCausalLM.from_pretrained(directory)`
+    loads it.
+
+    Args:
+      directory: created if missing.
+      tree: `nnx.State` (or pure dict) of the adapted model, pruned or not.
+      config: the SoraProvider / rules that made the adapters (their scale, and the weights' recorded axis roles).
+      naming: the model's naming object (`sora_jax.models.tunix.TunixNaming(model)`).
+      max_shard_size: bytes per safetensors file (float32).
+
+    Returns:
+      the safetensors file names written.
+    """
+    flat, _ = leaves.flatten(tree)
+    _qwix_records(flat, naming, "save_merged")
+    merged, _ = leaves.flatten(merge(tree, config))
+    tensors: dict[str, np.ndarray] = {}
+    for path, leaf in merged.items():
+        name, tensor = naming.hf_tensor(path, np.asarray(jax.device_get(leaves.value(leaf)), np.float32))
+        tensors[name] = np.ascontiguousarray(tensor)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    for file, shard in zip(files, shards):
+        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
+    return files

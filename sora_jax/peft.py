@@ -376,12 +376,58 @@ def _read_tensors(directory: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {_BIN_WEIGHTS_NAME} in {directory}")
 
 
+class _Adapter(NamedTuple):
+    """A PEFT LoRA adapter as read from disk: its config, {module: {"A": lora_A, "B": lora_B}}, whole weights."""
+    peft_config: dict
+    factors: dict[str, dict[str, np.ndarray]]
+    plain: dict[str, np.ndarray]
+
+    def scale(self, name: str, rank: int) -> float:
+        """PEFT's scale of one module: alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora), alpha_m from
+        `alpha_pattern` by PEFT's matching rule, else `lora_alpha`."""
+        alpha = _pattern_value(self.peft_config.get("alpha_pattern") or {}, name,
+                               self.peft_config.get("lora_alpha", 8))
+        return alpha / (math.sqrt(rank) if self.peft_config.get("use_rslora", False) else rank)
+
+
+def _read_adapter(directory: str) -> _Adapter:
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
+    with open(config_path) as f:
+        peft_config = json.load(f)
+    if peft_config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be read")
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if peft_config.get(flag):
+            raise ValueError(f"{directory}: {flag}=true is not supported by load_peft")
+    if peft_config.get("layer_replication"):
+        raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
+    factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    plain: dict[str, np.ndarray] = {}
+    for key, value in _read_tensors(directory).items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if _UNSUPPORTED_KEY.match(name):
+            raise ValueError(f"{directory}: {key} is not a plain LoRA weight (embedding LoRA, DoRA or LoRA bias); "
+                             "load_peft reads LoRA on Linear layers only")
+        lora = _LORA_KEY.fullmatch(name)
+        if lora:
+            factors[lora["module"]][lora["factor"]] = np.asarray(value, np.float32)
+        else:
+            plain[_MODULES_TO_SAVE.sub(".", name)] = np.asarray(value, np.float32)
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both lora_A and lora_B")
+    return _Adapter(peft_config, dict(factors), plain)
+
+
 def load_peft(
     directory: str | os.PathLike,
     params,
-    model_config,
+    model_config=None,
     *,
-    config: SoraConfig | None = None,
+    config: SoraConfig | Any | None = None,
+    naming: PeftNaming | None = None,
 ) -> LoadedPeft:
     """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
 
@@ -403,46 +449,21 @@ def load_peft(
     Returns:
       `LoadedPeft(params, config, ranks)`.
     """
-    family = _family(model_config)
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
-    with open(config_path) as f:
-        peft_config = json.load(f)
-    if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be read")
-    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
-        if peft_config.get(flag):
-            raise ValueError(f"{directory}: {flag}=true is not supported by load_peft")
-    if peft_config.get("layer_replication"):
-        raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
-    use_rslora = bool(peft_config.get("use_rslora", False))
-    lora_alpha = peft_config.get("lora_alpha", 8)
-    alpha_pattern = peft_config.get("alpha_pattern") or {}
-
-    factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    plain: dict[str, np.ndarray] = {}
-    for key, value in _read_tensors(directory).items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if _UNSUPPORTED_KEY.match(name):
-            raise ValueError(f"{directory}: {key} is not a plain LoRA weight (embedding LoRA, DoRA or LoRA bias); "
-                             "load_peft reads LoRA on Linear layers only")
-        lora = _LORA_KEY.fullmatch(name)
-        if lora:
-            factors[lora["module"]][lora["factor"]] = np.asarray(value, np.float32)
-        else:
-            plain[_MODULES_TO_SAVE.sub(".", name)] = np.asarray(value, np.float32)
+    if naming is not None:
+        return _load_peft_qwix(directory, params, naming, config)
+    if model_config is None or not hasattr(model_config, "model_type"):
+        raise ValueError("load_peft: pass model_config (our encoders' transformers config) or naming= (e.g. "
+                         "sora_jax.models.tunix.TunixNaming(model) for a Tunix model).")
+    family = _family(model_config)
+    adapter = _read_adapter(directory)
+    peft_config, factors, plain = adapter
 
     flat, stacked = _unstacked_flat(params)
     flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
     kernel_modules = {family.hf_module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
 
-    ranks = {}
-    for name, pair in factors.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both lora_A and lora_B")
-        ranks[name] = pair["A"].shape[0]
+    ranks = {name: pair["A"].shape[0] for name, pair in factors.items()}
     if config is None:
         r_max = max(ranks.values(), default=1)
         config = SoraConfig(rank=r_max, alpha=float(r_max), targets=family.TARGETS,
@@ -461,8 +482,7 @@ def load_peft(
         if kernel.ndim != 2 or lora_a.shape != (rank, kernel.shape[0]) or lora_b.shape != (kernel.shape[1], rank):
             raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the "
                              f"kernel {tuple(kernel.shape)} (in, out) of {path_str(module)}")
-        alpha = _pattern_value(alpha_pattern, name, lora_alpha)
-        scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+        scale = adapter.scale(name, rank)
         dtype = kernel.dtype
         flat[module + (A,)] = np.asarray(lora_a.T, dtype)
         flat[module + (B,)] = np.asarray((scale / config.scale) * lora_b.T, dtype)
@@ -612,3 +632,74 @@ def save_merged(
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
     return files
+
+
+def _check_architecture(directory: str, adapter: _Adapter, naming) -> None:
+    """An adapter whose base model (a local directory with config.json) is of another model_type is refused."""
+    base = adapter.peft_config.get("base_model_name_or_path")
+    path = os.path.join(base, "config.json") if base else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type and model_type != naming.model_type:
+            raise ValueError(f"{directory}: the adapter was made for a {model_type!r} model ({base}); this model is "
+                             f"{naming.model_type!r}. Load it onto a {model_type} model.")
+
+
+def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
+    """load_peft for qwix-layout trees: see `load_peft`."""
+    if config is None:
+        raise ValueError("load_peft: pass the SoraProvider (or rules) of the adapted model as `config`; lora_B is "
+                         "folded against its alpha / rank.")
+    adapter = _read_adapter(directory)
+    _check_architecture(directory, adapter, naming)
+    if adapter.plain:
+        raise ValueError(f"{directory}: whole weights {sorted(adapter.plain)[:3]} (modules_to_save) cannot be read "
+                         "onto a Tunix model; load_peft reads the LoRA factors only.")
+    flat, rebuild = leaves.flatten(tree)
+    records = {rec.weight: rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"}
+    if not records:
+        raise ValueError("load_peft: the tree has no adapters to fill (no <w>_lora_a leaves); apply SoRA first "
+                         "(sora_jax.apply_sora with rules matching the adapter's modules) and pass nnx.state(model).")
+    out = dict(flat)
+    ranks: dict[str, int] = {}
+    loaded = set()
+    for name, pair in sorted(adapter.factors.items()):
+        weight = naming.weight_path(name)
+        if weight is None:
+            raise ValueError(f"{directory}: the adapter's module {name!r} maps to no weight of {naming!r}; was the "
+                             f"adapter made for base model {adapter.peft_config.get('base_model_name_or_path')!r}?")
+        if weight not in records:
+            raise ValueError(f"load_peft: {name!r} ({path_str(weight)}) has no adapter leaves in the tree; apply SoRA "
+                             "with a rule whose module_path matches it.")
+        rec = records[weight]
+        w_shape = leaves.value(flat[rec.weight]).shape
+        a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
+        roles = _linear_roles(rec, w_shape, a, b, gate, config, naming)
+        k = naming.in_axes(weight)
+        lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
+        fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
+        if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
+            raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
+                             f"{tuple(w_shape)} of {path_str(weight)} (a Linear {fan_in} -> {fan_out}); was the "
+                             "adapter made for another model size?")
+        scale, _ = _scale_rank(config, weight)
+        a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
+        new_b = (adapter.scale(name, rank) / scale) * lora_b.T
+        values = (lora_a.T.reshape(a_shape), new_b.reshape(b_shape), np.ones(g_shape))
+        for path, old, value in zip(rec.leaves, (a, b, gate), values):
+            if old is not None:
+                out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
+        ranks[name] = rank
+        loaded.add(weight)
+    for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
+        if weight in loaded:
+            continue
+        w_shape = leaves.value(flat[rec.weight]).shape
+        a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
+        roles = _recorded_roles(config, rec.weight) or layout.infer_roles(
+            path_str(rec.weight), w_shape, a.shape, b.shape, None if gate is None else gate.shape)
+        for path, old, shape in zip(rec.leaves, (a, b, gate), roles.shapes(w_shape, 0)):
+            if old is not None:
+                out[path] = leaves.rewrap(flat[path], jnp.zeros(shape, old.dtype))
+    return LoadedPeft(rebuild(out), config, ranks)

@@ -173,3 +173,39 @@ def test_save_merged_loads_in_transformers_with_equal_logits(family, tied, check
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
   assert type(merged).__name__ == TunixNaming(model).architecture
   np.testing.assert_allclose(_torch_logits(merged, ids), want, atol=TOL, rtol=0)
+
+
+# --- import: any PEFT LoRA onto the Tunix model ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,tied", [("qwen3", False), ("llama3", True)])
+def test_peft_lora_with_patterns_and_rslora_loads_with_equal_logits(family, tied, checkpoints, tmp_path):
+  directory = checkpoints[family, tied]
+  torch.manual_seed(3)
+  lora = peft.LoraConfig(
+      r=4, lora_alpha=8, use_rslora=True, task_type="CAUSAL_LM",
+      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+      rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
+      alpha_pattern={"o_proj": 3, "model.layers.1.mlp.up_proj": 20})
+  torch_model = peft.get_peft_model(_torch_base(directory), lora).eval()
+  with torch.no_grad():
+    for name, param in torch_model.named_parameters():
+      if "lora_B" in name:
+        param.copy_(0.3 * torch.randn_like(param))
+  torch_model.save_pretrained(tmp_path)
+  ids = _ids(4)
+  want = _torch_logits(torch_model, ids)
+
+  model, provider = _sora_model(family, tied, directory)  # adapters at r_max 8 with random values, overwritten
+  naming = TunixNaming(model)
+  loaded = sora_jax.load_peft(tmp_path, nnx.state(model), config=provider, naming=naming)
+  assert loaded.ranks["model.layers.0.self_attn.q_proj"] == 2 and loaded.ranks["model.layers.1.mlp.down_proj"] == 6
+  assert loaded.ranks["model.layers.1.self_attn.q_proj"] == 4 and len(loaded.ranks) == 14
+  nnx.update(model, loaded.params)
+  gates = [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(model, sora_jax.SoraGate))]
+  assert all(np.all(g == 1.0) for g in gates)
+  np.testing.assert_allclose(_tunix_logits(model, ids), want, atol=TOL, rtol=0)
+  # and back out: the exported adapter gives PEFT the same logits
+  sora_jax.save_peft(tmp_path / "again", nnx.state(model), provider, naming=naming, base_model_name_or_path=directory)
+  again = peft.PeftModel.from_pretrained(_torch_base(directory), str(tmp_path / "again")).eval()
+  np.testing.assert_allclose(_torch_logits(again, ids), want, atol=TOL, rtol=0)

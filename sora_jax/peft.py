@@ -13,9 +13,17 @@ its PEFT scale is exactly 1 whichever of `lora_alpha` / `alpha_pattern` a reader
 On import every module's own scale c_m is folded into B relative to the returned config's scale s:
 sora_b = (c_m / s) * lora_B^T, sora_a = lora_A^T, sora_gate = ones(r_m).
 
-Module names are transformers' (`bert.encoder.layer.0.attention.self.query`); the family module of the model
-(`sora_jax.models.<family>.hf_module_name`, `convert`, `HEAD`) maps them to and from our parameter paths. This is the
-one place in the core that reaches into `sora_jax.models`, lazily, because the names are per family.
+Both tree layouts are handled. linen (`sora_a (in, r)`, `sora_b (r, out)` beside a 2-D kernel): the factors are the
+Linear's as they are. qwix (`<w>_lora_a`, `<w>_lora_b`, `<w>_lora_gate` beside any weight, e.g. Tunix's einsum weight
+q_proj (d, n, h) or o_proj (n, h, d)): the weight's first k axes are the Linear's inputs, so A (*W[:k], r) and
+B (r, *W[k:]) flatten to (in, r) and (r, out) in W's order, which is how Tunix reshapes transformers' (out, in) weight.
+
+This module knows no model family. Module names (`bert.encoder.layer.0.attention.self.query`,
+`model.layers.3.self_attn.q_proj`) and weight layouts come from a naming object that the model side provides:
+`sora_jax.models.EncoderNaming(hf_config)` for our linen encoders (`module_name(module path)`, `convert`, `head`,
+`targets`, `stack`/`unstack`), `sora_jax.models.TunixNaming(model)` for Tunix's Qwen3 and Llama3 (the `PeftNaming`
+protocol below: `module_name(weight path)`, `in_axes`, `weight_path`, `hf_tensor`, `hf_config`). A naming object
+with `in_axes` selects the qwix path.
 """
 from __future__ import annotations
 
@@ -53,7 +61,7 @@ Flat = dict[tuple[str, ...], Any]
 
 
 class PeftNaming(Protocol):
-    """What the model side tells the PEFT code about a model in the qwix layout (e.g. `sora_jax.models.tunix.TunixNaming`).
+    """What the model side tells the PEFT code about a qwix-layout model (e.g. `sora_jax.models.TunixNaming`).
 
     model_type: transformers' `config.model_type` the names belong to ('qwen3', 'llama').
     module_name(weight): the transformers Linear module name of our weight path (`model.layers.0.self_attn.q_proj`),
@@ -91,23 +99,18 @@ class LoadedPeft(NamedTuple):
     ranks: dict[str, int]
 
 
-def _family(model_config):
-    from sora_jax.models.loading import family_module  # the core imports models only here (names are per family)
-
-    return family_module(getattr(model_config, "model_type", None))
-
-
-def _is_stacked(flat: Flat) -> bool:
-    return any("layer" in path for path in flat)
+def _unstacked_flat(params, naming) -> tuple[Flat, bool]:
+    if naming.is_stacked(params):
+        return traverse_util.flatten_dict(naming.unstack(params)), True
+    return traverse_util.flatten_dict(params), False
 
 
-def _unstacked_flat(params) -> tuple[Flat, bool]:
-    from sora_jax.models.loading import unstack_layers
-
-    flat = traverse_util.flatten_dict(params)
-    if _is_stacked(flat):
-        return traverse_util.flatten_dict(unstack_layers(params)), True
-    return flat, False
+def _check_naming(naming, fn: str) -> None:
+    if naming is None or not hasattr(naming, "module_name"):
+        got = "a transformers config" if hasattr(naming, "model_type") else repr(naming)
+        raise TypeError(f"{fn}: `naming` must be a naming object, got {got}; pass "
+                        "sora_jax.models.EncoderNaming(hf_config) for our encoders or "
+                        "sora_jax.models.TunixNaming(model) for a Tunix model.")
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
@@ -159,8 +162,7 @@ def save_peft(
     params,
     config: SoraConfig | Any,
     *,
-    model_config=None,
-    naming: PeftNaming | None = None,
+    naming=None,
     base_model_name_or_path: str | None = None,
     modules_to_save: Sequence[str] | None = None,
     task_type: str | None = None,
@@ -168,24 +170,35 @@ def save_peft(
 ) -> dict[str, int]:
     """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
 
-    The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates) first, so every module
+    The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates: `sora_jax.prune` with
+    `config`) first, so every module
     gets its own rank r_m = its number of nonzero gates. Modules at rank 0 are left out: PEFT requires r > 0.
     `lora_A = A^T (r_m, in)`, `lora_B = (s * diag(gate) B)^T (out, r_m)`, alpha_m = r_m, so PEFT's scale is 1 per
     module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
     their full module names, each of which matches exactly one module by PEFT's rules.
 
-    When every module is pruned, the adapter is still written, as a zero rank-1 LoRA on the first targeted kernel
-    (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a warning is logged.
+    qwix layout (a Tunix model: `nnx.state(model)` after `sora_jax.apply_sora`): each adapted weight must be a
+    transformers Linear by `naming` (no batch axes; contracted axes = the weight's first `naming.in_axes`), else a
+    ValueError names it; A (*W[:k], r) -> lora_A (r, in), B (r, *W[k:]) -> lora_B (out, r); s per module from the
+    provider's rule. A tree without adapters, or with every module at rank 0, is an error (there is no LoRA).
+
+    linen layout (our encoders): when every module is pruned, the adapter is still written, as a zero rank-1 LoRA on
+    the first targeted kernel (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a
+    warning is logged.
 
     Args:
       directory: created if missing; existing adapter files are overwritten.
-      params: the model's tree with SoRA adapters (pruned or not, unrolled or stacked).
-      config: the SoRA config the adapters were trained with (its scale alpha / rank is folded into B).
-      model_config: the transformers config (`Pretrained.config`); picks the family's module names.
+      params: the model's tree with SoRA adapters (pruned or not; linen unrolled or stacked, or an nnx.State / pure
+        dict of the qwix layout).
+      config: the SoraConfig (linen), or the SoraProvider / rules (qwix) the adapters were made with; its scale
+        alpha / rank is folded into B.
+      naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
       base_model_name_or_path: recorded in adapter_config.json; PEFT and servers load the base model from it.
-      modules_to_save: regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as PEFT
-        `modules_to_save`; default the family's `HEAD` (classifier, pooler). `()` writes none.
-      task_type: PEFT task type; "SEQ_CLS" for our sequence classifiers.
+      modules_to_save: (linen) regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as
+        PEFT `modules_to_save`; default the naming's `head` (classifier, pooler). `()` writes none.
+      task_type: PEFT task type; default "SEQ_CLS" (linen encoders) / "CAUSAL_LM" (qwix).
+      uniform_rank: pad every module to the largest written rank R with zero rows of lora_A / columns of lora_B
+        (r = lora_alpha = R, no patterns), for servers that read one rank (vLLM); the outputs are identical.
 
     Returns:
       transformers module name -> rank written (absent: pruned to 0).
@@ -193,18 +206,16 @@ def save_peft(
     Example:
       pre = from_pretrained("bert-base-uncased", num_labels=2)
       ... train ...
-      save_peft("out/peft", params, sora_config, model_config=pre.config, base_model_name_or_path="bert-base-uncased")
+      save_peft("out/peft", params, sora_config, naming=EncoderNaming(pre.config),
+                base_model_name_or_path="bert-base-uncased")
       # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
     """
-    if naming is not None:
+    _check_naming(naming, "save_peft")
+    if hasattr(naming, "in_axes"):
         return _save_peft_qwix(directory, params, config, naming, base_model_name_or_path=base_model_name_or_path,
                                task_type=task_type or "CAUSAL_LM", uniform_rank=uniform_rank)
-    if model_config is None:
-        raise ValueError("save_peft: pass model_config= (our encoders' transformers config) or naming= (e.g. "
-                         "sora_jax.models.tunix.TunixNaming(model) for a Tunix model).")
     task_type = task_type or "SEQ_CLS"
-    family = _family(model_config)
-    flat, _ = _unstacked_flat(params)
+    flat, _ = _unstacked_flat(params, naming)
     if any(path[-1] == GATE for path in flat):
         flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
     flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
@@ -221,26 +232,26 @@ def save_peft(
         if rank == 0:
             continue
         folded_b = config.scale * b * (1.0 if gate is None else gate[:, None])
-        name = family.hf_module_name(module)
+        name = naming.module_name(module)
         ranks[name] = rank
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.T
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_b.T
 
     # modules_to_save: the head, written whole; checked against the family's own converter.
-    saved = _saved_modules(flat, family.HEAD if modules_to_save is None else tuple(modules_to_save))
-    saved_names = [family.hf_module_name(module) for module in saved]
+    saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
+    saved_names = [naming.module_name(module) for module in saved]
     head: dict[str, np.ndarray] = {}
     for path, leaf in flat.items():
         if path[-1] not in ADAPTER_LEAVES and any(path[:len(m)] == m for m in saved):
             hf_leaf, value = _to_hf(path[-1], leaf)
-            head[f"{family.hf_module_name(path[:-1])}.{hf_leaf}"] = value
-    _check_inverse(head, flat, family, model_config)
+            head[f"{naming.module_name(path[:-1])}.{hf_leaf}"] = value
+    _check_inverse(head, flat, naming)
     tensors.update({_PREFIX + key: value for key, value in head.items()})
 
     ranks_written = dict(ranks)
     if not ranks:
-        module = _placeholder_module(flat, config, family, saved)
-        name = family.hf_module_name(module)
+        module = _placeholder_module(flat, config, naming, saved)
+        name = naming.module_name(module)
         fan_in, fan_out = flat[module + ("kernel",)].shape
         logger.warning("save_peft: every SoRA module is pruned to rank 0; writing a zero rank-1 LoRA on %s so that "
                        "the adapter stays loadable (it adds nothing).", name)
@@ -251,7 +262,7 @@ def save_peft(
     if overlap:
         raise ValueError(f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
                          "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`.")
-    _check_patterns(ranks_written, flat, family)
+    _check_patterns(ranks_written, flat, naming)
     _write_adapter(directory, tensors, ranks_written, task_type=task_type,
                    base_model_name_or_path=base_model_name_or_path, modules_to_save=saved_names or None,
                    uniform_rank=uniform_rank)
@@ -304,9 +315,9 @@ def _write_adapter(directory, tensors: dict[str, np.ndarray], ranks: dict[str, i
         json.dump(adapter_config, f, indent=2, sort_keys=True)
 
 
-def _placeholder_module(flat: Flat, config: SoraConfig, family, saved) -> tuple[str, ...]:
-    """The first 2-D kernel of the family's targets (else of the config's) outside the saved head."""
-    for targets in (family.TARGETS, config.targets):
+def _placeholder_module(flat: Flat, config: SoraConfig, naming, saved) -> tuple[str, ...]:
+    """The first 2-D kernel of the naming's targets (else of the config's) outside the saved head."""
+    for targets in (naming.targets, config.targets):
         kernels = [p for p in flat if p[-1] == "kernel" and flat[p].ndim == 2
                    and not any(p[:len(m)] == m for m in saved)
                    and any(re.fullmatch(t, path_str(p)) for t in targets)]
@@ -344,18 +355,18 @@ def _pad_for_stacking(flat: Flat) -> Flat:
     return out
 
 
-def _check_inverse(head: dict[str, np.ndarray], flat: Flat, family, model_config) -> None:
+def _check_inverse(head: dict[str, np.ndarray], flat: Flat, naming) -> None:
     """The head written under transformers names must convert back to exactly our leaves."""
-    back, unexpected = family.convert(head, model_config)
+    back, unexpected = naming.convert(head)
     wrong = sorted(unexpected) + [path_str(p) for p, v in back.items()
                                   if p not in flat or np.shape(v) != flat[p].shape or not np.array_equal(v, flat[p])]
     if wrong or len(back) != len(head):
         raise ValueError(f"save_peft: the head's transformers names do not map back onto our parameters: {wrong}")
 
 
-def _check_patterns(ranks: dict[str, int], flat: Flat, family) -> None:
+def _check_patterns(ranks: dict[str, int], flat: Flat, naming) -> None:
     """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules."""
-    modules = {family.hf_module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
+    modules = {naming.module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
     for name in ranks:
         hits = [m for m in modules if m == name or m.endswith("." + name) or _pattern_matches(name, m)]
         if hits != [name]:
@@ -424,10 +435,9 @@ def _read_adapter(directory: str) -> _Adapter:
 def load_peft(
     directory: str | os.PathLike,
     params,
-    model_config=None,
+    naming=None,
     *,
     config: SoraConfig | Any | None = None,
-    naming: PeftNaming | None = None,
 ) -> LoadedPeft:
     """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
 
@@ -437,43 +447,50 @@ def load_peft(
     config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
     differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
     result holds exactly this adapter. In a stacked (`nn.scan`) tree a module has one rank for all layers: layers
-    with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of `modules_to_save` (the head) and any saved biases replace ours.
+    with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of
+    `modules_to_save` (the head) and any saved biases replace ours.
+
+    qwix layout (a Tunix model): `params` is `nnx.State` of the model after `sora_jax.apply_sora` with rules that
+    match every module of the adapter, and `config` that provider (required: B is folded against each rule's s).
+    Each adapted weight gets A = lora_A^T as (*W[:k], r_m), B = (c_m / s) lora_B^T as (r_m, *W[k:]), gate = ones;
+    adapted weights the adapter leaves out get rank 0 (as `prune` leaves them). `nnx.update(model, loaded.params)`
+    puts it in. Whole weights (`modules_to_save`) are refused, as are modules that map to no weight, and an adapter
+    whose base model (a local directory) is of another `model_type`.
 
     Args:
       directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
-      params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given).
-      model_config: the transformers config of that model.
-      config: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=family TARGETS)`
-        (s = 1; `stacked=".*/layer/.*"` for a stacked tree). With a given config only its scale matters here.
+      params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given); or the
+        adapted Tunix model's `nnx.State`.
+      naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
+      config: linen: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=naming
+        targets)` (s = 1; `stacked=".*/layer/.*"` for a stacked tree); with a given config only its scale matters.
+        qwix: the SoraProvider (or rules) of the adapted model.
 
     Returns:
       `LoadedPeft(params, config, ranks)`.
     """
     directory = os.fspath(directory)
-    if naming is not None:
+    _check_naming(naming, "load_peft")
+    if hasattr(naming, "in_axes"):
         return _load_peft_qwix(directory, params, naming, config)
-    if model_config is None or not hasattr(model_config, "model_type"):
-        raise ValueError("load_peft: pass model_config (our encoders' transformers config) or naming= (e.g. "
-                         "sora_jax.models.tunix.TunixNaming(model) for a Tunix model).")
-    family = _family(model_config)
     adapter = _read_adapter(directory)
     peft_config, factors, plain = adapter
 
-    flat, stacked = _unstacked_flat(params)
+    flat, stacked = _unstacked_flat(params, naming)
     flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
-    kernel_modules = {family.hf_module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
+    kernel_modules = {naming.module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
 
     ranks = {name: pair["A"].shape[0] for name, pair in factors.items()}
     if config is None:
         r_max = max(ranks.values(), default=1)
-        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=family.TARGETS,
-                            stacked=r".*/layer/.*" if stacked else None)
+        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=naming.targets,
+                            stacked=naming.stacked if stacked else None)
 
     unknown = sorted(set(factors) - set(kernel_modules))
     if unknown:
         raise ValueError(
             f"{directory}: the adapter's modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not dense "
-            f"layers of this {model_config.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
+            f"layers of this {naming.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
             f"made for base model {peft_config.get('base_model_name_or_path')!r}?")
     for name, pair in sorted(factors.items()):
         module = kernel_modules[name]
@@ -489,11 +506,11 @@ def load_peft(
         flat[module + (GATE,)] = np.ones((rank,), dtype)
 
     if plain:
-        converted, unexpected = family.convert(plain, model_config)
+        converted, unexpected = naming.convert(plain)
         unexpected = sorted(set(unexpected) | {path_str(p) for p in converted if p not in flat})
         if unexpected:
             raise ValueError(f"{directory}: saved weights {unexpected} are not parameters of this "
-                             f"{model_config.model_type} model")
+                             f"{naming.model_type} model")
         for path, value in converted.items():
             if np.shape(value) != flat[path].shape:
                 raise ValueError(f"{directory}: {path_str(path)} has shape {np.shape(value)}, the model "
@@ -504,9 +521,7 @@ def load_peft(
         flat = _pad_for_stacking(flat)
     tree = traverse_util.unflatten_dict({path: jnp.asarray(leaf) for path, leaf in flat.items()})
     if stacked:
-        from sora_jax.models.loading import stack_layers
-
-        tree = stack_layers(tree)
+        tree = naming.stack(tree)
     return LoadedPeft(tree, config, ranks)
 
 

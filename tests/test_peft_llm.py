@@ -209,3 +209,35 @@ def test_peft_lora_with_patterns_and_rslora_loads_with_equal_logits(family, tied
   sora_jax.save_peft(tmp_path / "again", nnx.state(model), provider, naming=naming, base_model_name_or_path=directory)
   again = peft.PeftModel.from_pretrained(_torch_base(directory), str(tmp_path / "again")).eval()
   np.testing.assert_allclose(_torch_logits(again, ids), want, atol=TOL, rtol=0)
+
+
+# --- clear errors ---------------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem(checkpoints, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  directory = checkpoints["qwen3", True]
+  base = _tunix_from_safetensors("qwen3", True, directory)
+  model, provider = _sora_model("qwen3", True, directory)
+  naming = TunixNaming(model)
+  with pytest.raises(ValueError, match="no adapters"):
+    sora_jax.save_peft(tmp_path / "none", nnx.state(base), provider, naming=naming)
+  with pytest.raises(ValueError, match="no adapters"):
+    sora_jax.save_merged(tmp_path / "none", nnx.state(base), provider, naming=naming)
+  with pytest.raises(ValueError, match="not a supported Tunix model"):
+    TunixNaming(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match="naming object"):
+    sora_jax.save_peft(tmp_path / "x", nnx.state(model), provider, naming=None)
+
+  adapter = tmp_path / "qwen3"
+  sora_jax.save_peft(adapter, nnx.state(model), provider, naming=naming, base_model_name_or_path=directory)
+  llama, llama_provider = _sora_model("llama3", False, checkpoints["llama3", False])
+  with pytest.raises(ValueError, match="made for a 'qwen3' model"):
+    sora_jax.load_peft(adapter, nnx.state(llama), TunixNaming(llama), config=llama_provider)
+
+  tensors = load_file(adapter / "adapter_model.safetensors")
+  save_file({k.replace(".layers.1.", ".layers.7."): v for k, v in tensors.items()},
+            str(adapter / "adapter_model.safetensors"))
+  with pytest.raises(ValueError, match=r"model\.layers\.7\..* maps to no weight"):
+    sora_jax.load_peft(adapter, nnx.state(model), naming, config=provider)

@@ -134,6 +134,13 @@ def test_export_mixed_ranks_matches_peft(checkpoints, tmp_path, model_type, scan
     again = _logits(pretrained.model, loaded.params, ids, mask, loaded.config)
     np.testing.assert_allclose(np.asarray(again), ours, atol=TOL, rtol=0)
 
+    if model_type == "roberta":  # uniform_rank: one rank for every module, zero-padded, the same function
+        save_peft(tmp_path / "uniform", params, config, naming=EncoderNaming(pretrained.config), uniform_rank=True)
+        uniform = json.loads((tmp_path / "uniform" / "adapter_config.json").read_text())
+        assert uniform["r"] == uniform["lora_alpha"] == max(ranks.values()) and not uniform["rank_pattern"]
+        padded = peft.PeftModel.from_pretrained(_torch_base(directory), str(tmp_path / "uniform")).eval()
+        np.testing.assert_allclose(_torch_logits(padded, ids, mask), ours, atol=TOL, rtol=0)
+
 
 @pytest.mark.parametrize("model_type, use_rslora, scan_layers", [
     ("bert", False, False), ("bert", True, True), ("roberta", False, False), ("deberta-v2", True, False)])

@@ -7,7 +7,6 @@ tied and untied output heads. Tunix's Qwen3/Llama3 apply RoPE with theta 1e6 wha
 so the transformers configs use 1e6.
 """
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402

@@ -125,6 +125,7 @@ class TunixNaming:
       self._entries.append(_Entry(torch_regex, _template_regex(template, torch_regex),
                                   tuple(permute) if permute else None, tuple(reshape) if reshape else None))
     self._in_axes: dict[Path, int] = {}
+    self._weights: dict[str, Path] | None = None
     for path, module in nnx.iter_modules(model):
       einsum_str = getattr(module, "einsum_str", None)
       if isinstance(einsum_str, str) and hasattr(module, "w"):
@@ -173,10 +174,9 @@ class TunixNaming:
 
   def weight_path(self, module_name: str) -> Path | None:
     """The Tunix weight path of a transformers Linear module name (inverse of `module_name`)."""
-    for weight in self._in_axes:
-      if self.module_name(weight) == module_name:
-        return weight
-    return None
+    if self._weights is None:
+      self._weights = {self.module_name(w): w for w in self._in_axes if self.module_name(w) is not None}
+    return self._weights.get(module_name)
 
   def hf_tensor(self, weight: Path, array: np.ndarray) -> tuple[str, np.ndarray]:
     """(transformers key, tensor) of one Tunix weight: the inverse of Tunix's load transform."""

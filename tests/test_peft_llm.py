@@ -157,6 +157,12 @@ def test_save_peft_loads_in_peft_with_equal_logits(family, tied, checkpoints, tm
           3 if config["r"] == 8 else 8}
     torch_model = peft.PeftModel.from_pretrained(_torch_base(directory), str(out)).eval()
     np.testing.assert_allclose(_torch_logits(torch_model, ids), want, atol=TOL, rtol=0)
+  # the pure-dict view of the same state writes the same tensors
+  from safetensors.numpy import load_file
+
+  sora_jax.save_peft(tmp_path / "pure", nnx.to_pure_dict(nnx.state(model)), provider, naming=naming)
+  pure, state = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("pure", "uniform_False"))
+  assert pure.keys() == state.keys() and all(np.array_equal(pure[k], state[k]) for k in pure)
 
 
 @pytest.mark.parametrize("family,tied", [("qwen3", False), ("llama3", True)])

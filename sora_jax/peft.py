@@ -544,6 +544,17 @@ def _linear_roles(rec: leaves.AdapterPaths, w_shape, a, b, gate, config, naming)
     return roles
 
 
+def _weight_shape(flat: Flat, weight: tuple) -> tuple[int, ...]:
+    """The shape of a base weight; a quantized (QLoRA) weight is a subtree whose `qvalue` has the weight's shape."""
+    if weight in flat:
+        return tuple(leaves.value(flat[weight]).shape)
+    for path, leaf in flat.items():
+        if path[:len(weight)] == weight and path[-1] == "qvalue":
+            return tuple(leaves.value(leaf).shape)
+    raise ValueError(f"{path_str(weight)!r}, the base weight of an adapter, is not in the tree; pass the full "
+                     "nnx.state(model).")
+
+
 def _qwix_records(flat: Flat, naming, fn: str) -> list[leaves.AdapterPaths]:
     records = [rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"]
     if not records:
@@ -571,7 +582,7 @@ def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path,
         rank = a.shape[-1]
         if rank == 0:
             continue
-        w_shape = leaves.value(flat[rec.weight]).shape
+        w_shape = _weight_shape(flat, rec.weight)
         _linear_roles(rec, w_shape, a, b, gate, config, naming)
         scale, _ = _scale_rank(config, rec.weight)
         a2 = a.reshape(-1, rank).astype(np.float32)
@@ -688,7 +699,7 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
             raise ValueError(f"load_peft: {name!r} ({path_str(weight)}) has no adapter leaves in the tree; apply SoRA "
                              "with a rule whose module_path matches it.")
         rec = records[weight]
-        w_shape = leaves.value(flat[rec.weight]).shape
+        w_shape = _weight_shape(flat, rec.weight)
         a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
         roles = _linear_roles(rec, w_shape, a, b, gate, config, naming)
         k = naming.in_axes(weight)
@@ -710,7 +721,7 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
     for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
         if weight in loaded:
             continue
-        w_shape = leaves.value(flat[rec.weight]).shape
+        w_shape = _weight_shape(flat, rec.weight)
         a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
         roles = _recorded_roles(config, rec.weight) or layout.infer_roles(
             path_str(rec.weight), w_shape, a.shape, b.shape, None if gate is None else gate.shape)

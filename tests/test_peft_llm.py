@@ -245,3 +245,31 @@ def test_errors_name_the_problem(checkpoints, tmp_path):
             str(adapter / "adapter_model.safetensors"))
   with pytest.raises(ValueError, match=r"model\.layers\.7\..* maps to no weight"):
     sora_jax.load_peft(adapter, nnx.state(model), naming, config=provider)
+
+
+def test_adapter_trained_on_a_quantized_base_exports_like_on_the_float_base(checkpoints, tmp_path):
+  """QLoRA (qwix int8 base weights): the adapter alone goes to PEFT, to be served on the float base; the tensors are
+  those of the same adapter on the float model."""
+  directory = checkpoints["llama3", False]
+  model, provider = _sora_model("llama3", False, directory)
+  quantized_provider = sora_jax.SoraProvider([sora_jax.SoraRule(module_path=TARGETS, rank=R_MAX, alpha=ALPHA,
+                                                                weight_qtype="int8")])
+  base = _tunix_from_safetensors("llama3", False, directory)
+  ids = _ids()[:1, :4]
+  quantized = sora_jax.apply_sora(base, quantized_provider, jnp.asarray(ids, jnp.int32),
+                                  jnp.broadcast_to(jnp.arange(4), (1, 4)), None, jnp.ones((1, 4, 4), bool),
+                                  rngs=nnx.Rngs(0))
+  adapters = {k: v for k, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+  state = nnx.state(quantized)
+  for path, var in nnx.to_flat_state(state):
+    if path in adapters:
+      var.set_value(adapters[path].get_value())
+  assert any(str(p[-1]) == "qvalue" for p, _ in nnx.to_flat_state(state))
+  from safetensors.numpy import load_file
+
+  sora_jax.save_peft(tmp_path / "float", nnx.state(model), provider, naming=TunixNaming(model))
+  sora_jax.save_peft(tmp_path / "int8", state, quantized_provider, naming=TunixNaming(quantized))
+  want, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("float", "int8"))
+  assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+  with pytest.raises(ValueError, match="quantized"):
+    sora_jax.save_merged(tmp_path / "merged", state, quantized_provider, naming=TunixNaming(quantized))

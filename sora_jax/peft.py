@@ -167,6 +167,7 @@ def save_peft(
     modules_to_save: Sequence[str] | None = None,
     task_type: str | None = None,
     uniform_rank: bool = False,
+    model_config=None,
 ) -> dict[str, int]:
     """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
 
@@ -199,6 +200,7 @@ def save_peft(
       task_type: PEFT task type; default "SEQ_CLS" (linen encoders) / "CAUSAL_LM" (qwix).
       uniform_rank: pad every module to the largest written rank R with zero rows of lora_A / columns of lora_B
         (r = lora_alpha = R, no patterns), for servers that read one rank (vLLM); the outputs are identical.
+      model_config: no longer taken (raises TypeError naming the replacement, `naming=EncoderNaming(...)`).
 
     Returns:
       transformers module name -> rank written (absent: pruned to 0).
@@ -210,6 +212,8 @@ def save_peft(
                 base_model_name_or_path="bert-base-uncased")
       # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
     """
+    if model_config is not None:
+        raise TypeError("save_peft: model_config= is replaced by naming=sora_jax.models.EncoderNaming(model_config).")
     _check_naming(naming, "save_peft")
     if hasattr(naming, "in_axes"):
         return _save_peft_qwix(directory, params, config, naming, base_model_name_or_path=base_model_name_or_path,

@@ -212,6 +212,8 @@ def test_errors(checkpoints, tmp_path):
         save_peft(tmp_path / "gpt", params, config, naming=EncoderNaming(transformers.GPT2Config()))
     with pytest.raises(TypeError, match="naming object, got a transformers config"):
         save_peft(tmp_path / "old", params, config, naming=bert.config)
+    with pytest.raises(TypeError, match="replaced by naming="):
+        save_peft(tmp_path / "old", params, config, model_config=bert.config)
 
     fewer_labels = from_pretrained(checkpoints["bert"], num_labels=2)
     with pytest.raises(ValueError, match="num_labels"):

@@ -23,6 +23,8 @@ from sora_jax.optim import soft_threshold as soft_threshold
 from sora_jax.optim import sora_proximal as sora_proximal
 from sora_jax.peft import LoadedPeft as LoadedPeft
 from sora_jax.peft import load_peft as load_peft
+from sora_jax.peft import PeftNaming as PeftNaming
+from sora_jax.peft import save_merged as save_merged
 from sora_jax.peft import save_peft as save_peft
 from sora_jax.provider import SoraProvider as SoraProvider
 from sora_jax.provider import SoraRule as SoraRule
@@ -34,6 +36,7 @@ from sora_jax.schedules import lambda_stages as lambda_stages
 __all__ = [
     "LAMBDA_SHAPES",
     "LoadedPeft",
+    "PeftNaming",
     "RankReport",
     "RankRow",
     "SoraConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "param_labels",
     "prune",
     "rank_report",
+    "save_merged",
     "save_peft",
     "soft_threshold",
     "sora_proximal",

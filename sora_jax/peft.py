@@ -13,9 +13,17 @@ its PEFT scale is exactly 1 whichever of `lora_alpha` / `alpha_pattern` a reader
 On import every module's own scale c_m is folded into B relative to the returned config's scale s:
 sora_b = (c_m / s) * lora_B^T, sora_a = lora_A^T, sora_gate = ones(r_m).
 
-Module names are transformers' (`bert.encoder.layer.0.attention.self.query`); the family module of the model
-(`sora_jax.models.<family>.hf_module_name`, `convert`, `HEAD`) maps them to and from our parameter paths. This is the
-one place in the core that reaches into `sora_jax.models`, lazily, because the names are per family.
+Both tree layouts are handled. linen (`sora_a (in, r)`, `sora_b (r, out)` beside a 2-D kernel): the factors are the
+Linear's as they are. qwix (`<w>_lora_a`, `<w>_lora_b`, `<w>_lora_gate` beside any weight, e.g. Tunix's einsum weight
+q_proj (d, n, h) or o_proj (n, h, d)): the weight's first k axes are the Linear's inputs, so A (*W[:k], r) and
+B (r, *W[k:]) flatten to (in, r) and (r, out) in W's order, which is how Tunix reshapes transformers' (out, in) weight.
+
+This module knows no model family. Module names (`bert.encoder.layer.0.attention.self.query`,
+`model.layers.3.self_attn.q_proj`) and weight layouts come from a naming object that the model side provides:
+`sora_jax.models.EncoderNaming(hf_config)` for our linen encoders (`module_name(module path)`, `convert`, `head`,
+`targets`, `stack`/`unstack`), `sora_jax.models.TunixNaming(model)` for Tunix's Qwen3 and Llama3 (the `PeftNaming`
+protocol below: `module_name(weight path)`, `in_axes`, `weight_path`, `hf_tensor`, `hf_config`). A naming object
+with `in_axes` selects the qwix path.
 """
 from __future__ import annotations
 
@@ -25,14 +33,16 @@ import logging
 import math
 import os
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sora_jax.adapters import SoraConfig, prune
+from sora_jax import layout
+from sora_jax import leaves
+from sora_jax.adapters import SoraConfig, _recorded_roles, _scale_rank, merge, prune
 from sora_jax.leaves import A, B, GATE, path_str
 from sora_jax.leaves import LINEN_LEAVES as ADAPTER_LEAVES
 
@@ -50,6 +60,31 @@ _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
 Flat = dict[tuple[str, ...], Any]
 
 
+class PeftNaming(Protocol):
+    """What the model side tells the PEFT code about a qwix-layout model (e.g. `sora_jax.models.TunixNaming`).
+
+    model_type: transformers' `config.model_type` the names belong to ('qwen3', 'llama').
+    module_name(weight): the transformers Linear module name of our weight path (`model.layers.0.self_attn.q_proj`),
+      or None when the weight is not such a Linear.
+    in_axes(weight): k such that the weight's first k axes are the Linear's input features and the rest its outputs.
+    weight_path(module_name): the inverse of `module_name` (None: no such module).
+    hf_tensor(weight, array): (transformers key, tensor) of any base weight, for merged checkpoints.
+    hf_config(): config.json of the transformers model.
+    """
+
+    model_type: str
+
+    def module_name(self, weight: tuple) -> str | None: ...
+
+    def in_axes(self, weight: tuple) -> int: ...
+
+    def weight_path(self, module_name: str) -> tuple | None: ...
+
+    def hf_tensor(self, weight: tuple, array: np.ndarray) -> tuple[str, np.ndarray]: ...
+
+    def hf_config(self) -> dict: ...
+
+
 class LoadedPeft(NamedTuple):
     """What `load_peft` returns.
 
@@ -64,23 +99,18 @@ class LoadedPeft(NamedTuple):
     ranks: dict[str, int]
 
 
-def _family(model_config):
-    from sora_jax.models.loading import family_module  # the core imports models only here (names are per family)
-
-    return family_module(getattr(model_config, "model_type", None))
-
-
-def _is_stacked(flat: Flat) -> bool:
-    return any("layer" in path for path in flat)
+def _unstacked_flat(params, naming) -> tuple[Flat, bool]:
+    if naming.is_stacked(params):
+        return traverse_util.flatten_dict(naming.unstack(params)), True
+    return traverse_util.flatten_dict(params), False
 
 
-def _unstacked_flat(params) -> tuple[Flat, bool]:
-    from sora_jax.models.loading import unstack_layers
-
-    flat = traverse_util.flatten_dict(params)
-    if _is_stacked(flat):
-        return traverse_util.flatten_dict(unstack_layers(params)), True
-    return flat, False
+def _check_naming(naming, fn: str) -> None:
+    if naming is None or not hasattr(naming, "module_name"):
+        got = "a transformers config" if hasattr(naming, "model_type") else repr(naming)
+        raise TypeError(f"{fn}: `naming` must be a naming object, got {got}; pass "
+                        "sora_jax.models.EncoderNaming(hf_config) for our encoders or "
+                        "sora_jax.models.TunixNaming(model) for a Tunix model.")
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
@@ -130,33 +160,47 @@ def _saved_modules(flat: Flat, patterns: Sequence[str]) -> list[tuple[str, ...]]
 def save_peft(
     directory: str | os.PathLike,
     params,
-    config: SoraConfig,
+    config: SoraConfig | Any,
     *,
-    model_config,
+    naming=None,
     base_model_name_or_path: str | None = None,
     modules_to_save: Sequence[str] | None = None,
-    task_type: str | None = "SEQ_CLS",
+    task_type: str | None = None,
+    uniform_rank: bool = False,
+    model_config=None,
 ) -> dict[str, int]:
     """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
 
-    The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates) first, so every module
+    The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates: `sora_jax.prune` with
+    `config`) first, so every module
     gets its own rank r_m = its number of nonzero gates. Modules at rank 0 are left out: PEFT requires r > 0.
     `lora_A = A^T (r_m, in)`, `lora_B = (s * diag(gate) B)^T (out, r_m)`, alpha_m = r_m, so PEFT's scale is 1 per
     module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
     their full module names, each of which matches exactly one module by PEFT's rules.
 
-    When every module is pruned, the adapter is still written, as a zero rank-1 LoRA on the first targeted kernel
-    (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a warning is logged.
+    qwix layout (a Tunix model: `nnx.state(model)` after `sora_jax.apply_sora`): each adapted weight must be a
+    transformers Linear by `naming` (no batch axes; contracted axes = the weight's first `naming.in_axes`), else a
+    ValueError names it; A (*W[:k], r) -> lora_A (r, in), B (r, *W[k:]) -> lora_B (out, r); s per module from the
+    provider's rule. A tree without adapters, or with every module at rank 0, is an error (there is no LoRA).
+
+    linen layout (our encoders): when every module is pruned, the adapter is still written, as a zero rank-1 LoRA on
+    the first targeted kernel (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a
+    warning is logged.
 
     Args:
       directory: created if missing; existing adapter files are overwritten.
-      params: the model's tree with SoRA adapters (pruned or not, unrolled or stacked).
-      config: the SoRA config the adapters were trained with (its scale alpha / rank is folded into B).
-      model_config: the transformers config (`Pretrained.config`); picks the family's module names.
+      params: the model's tree with SoRA adapters (pruned or not; linen unrolled or stacked, or an nnx.State / pure
+        dict of the qwix layout).
+      config: the SoraConfig (linen), or the SoraProvider / rules (qwix) the adapters were made with; its scale
+        alpha / rank is folded into B.
+      naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
       base_model_name_or_path: recorded in adapter_config.json; PEFT and servers load the base model from it.
-      modules_to_save: regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as PEFT
-        `modules_to_save`; default the family's `HEAD` (classifier, pooler). `()` writes none.
-      task_type: PEFT task type; "SEQ_CLS" for our sequence classifiers.
+      modules_to_save: (linen) regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as
+        PEFT `modules_to_save`; default the naming's `head` (classifier, pooler). `()` writes none.
+      task_type: PEFT task type; default "SEQ_CLS" (linen encoders) / "CAUSAL_LM" (qwix).
+      uniform_rank: pad every module to the largest written rank R with zero rows of lora_A / columns of lora_B
+        (r = lora_alpha = R, no patterns), for servers that read one rank (vLLM); the outputs are identical.
+      model_config: no longer taken (raises TypeError naming the replacement, `naming=EncoderNaming(...)`).
 
     Returns:
       transformers module name -> rank written (absent: pruned to 0).
@@ -164,11 +208,18 @@ def save_peft(
     Example:
       pre = from_pretrained("bert-base-uncased", num_labels=2)
       ... train ...
-      save_peft("out/peft", params, sora_config, model_config=pre.config, base_model_name_or_path="bert-base-uncased")
+      save_peft("out/peft", params, sora_config, naming=EncoderNaming(pre.config),
+                base_model_name_or_path="bert-base-uncased")
       # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
     """
-    family = _family(model_config)
-    flat, _ = _unstacked_flat(params)
+    if model_config is not None:
+        raise TypeError("save_peft: model_config= is replaced by naming=sora_jax.models.EncoderNaming(model_config).")
+    _check_naming(naming, "save_peft")
+    if hasattr(naming, "in_axes"):
+        return _save_peft_qwix(directory, params, config, naming, base_model_name_or_path=base_model_name_or_path,
+                               task_type=task_type or "CAUSAL_LM", uniform_rank=uniform_rank)
+    task_type = task_type or "SEQ_CLS"
+    flat, _ = _unstacked_flat(params, naming)
     if any(path[-1] == GATE for path in flat):
         flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
     flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
@@ -185,26 +236,26 @@ def save_peft(
         if rank == 0:
             continue
         folded_b = config.scale * b * (1.0 if gate is None else gate[:, None])
-        name = family.hf_module_name(module)
+        name = naming.module_name(module)
         ranks[name] = rank
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.T
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_b.T
 
     # modules_to_save: the head, written whole; checked against the family's own converter.
-    saved = _saved_modules(flat, family.HEAD if modules_to_save is None else tuple(modules_to_save))
-    saved_names = [family.hf_module_name(module) for module in saved]
+    saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
+    saved_names = [naming.module_name(module) for module in saved]
     head: dict[str, np.ndarray] = {}
     for path, leaf in flat.items():
         if path[-1] not in ADAPTER_LEAVES and any(path[:len(m)] == m for m in saved):
             hf_leaf, value = _to_hf(path[-1], leaf)
-            head[f"{family.hf_module_name(path[:-1])}.{hf_leaf}"] = value
-    _check_inverse(head, flat, family, model_config)
+            head[f"{naming.module_name(path[:-1])}.{hf_leaf}"] = value
+    _check_inverse(head, flat, naming)
     tensors.update({_PREFIX + key: value for key, value in head.items()})
 
     ranks_written = dict(ranks)
     if not ranks:
-        module = _placeholder_module(flat, config, family, saved)
-        name = family.hf_module_name(module)
+        module = _placeholder_module(flat, config, naming, saved)
+        name = naming.module_name(module)
         fan_in, fan_out = flat[module + ("kernel",)].shape
         logger.warning("save_peft: every SoRA module is pruned to rank 0; writing a zero rank-1 LoRA on %s so that "
                        "the adapter stays loadable (it adds nothing).", name)
@@ -215,8 +266,31 @@ def save_peft(
     if overlap:
         raise ValueError(f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
                          "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`.")
-    _check_patterns(ranks_written, flat, family)
-    counts = collections.Counter(ranks_written.values())
+    _check_patterns(ranks_written, flat, naming)
+    _write_adapter(directory, tensors, ranks_written, task_type=task_type,
+                   base_model_name_or_path=base_model_name_or_path, modules_to_save=saved_names or None,
+                   uniform_rank=uniform_rank)
+    return ranks
+
+
+def _write_adapter(directory, tensors: dict[str, np.ndarray], ranks: dict[str, int], *, task_type: str | None,
+                   base_model_name_or_path: str | None, modules_to_save: list[str] | None, uniform_rank: bool) -> None:
+    """Writes adapter_config.json and adapter_model.safetensors.
+
+    Every module has alpha_m = r_m (PEFT scale 1): `r` = `lora_alpha` = the most common rank, the others in
+    `rank_pattern` = `alpha_pattern` under full module names. With `uniform_rank`, every module is padded to the largest
+    rank R with zero rows of lora_A and zero columns of lora_B (they add nothing), and r = lora_alpha = R with no
+    patterns, for servers that read one global rank (vLLM).
+    """
+    ranks = dict(ranks)
+    if uniform_rank:
+        top = max(ranks.values())
+        for name, k in ranks.items():
+            a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+            tensors[a_key] = np.pad(tensors[a_key], ((0, top - k), (0, 0)))
+            tensors[b_key] = np.pad(tensors[b_key], ((0, 0), (0, top - k)))
+            ranks[name] = top
+    counts = collections.Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k))  # most common rank; ties to the larger
     adapter_config = {
         "peft_type": "LORA",
@@ -224,10 +298,10 @@ def save_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(r),
         "lora_alpha": int(r),
-        "target_modules": sorted(ranks_written),
-        "rank_pattern": {n: int(k) for n, k in sorted(ranks_written.items()) if k != r},
-        "alpha_pattern": {n: int(k) for n, k in sorted(ranks_written.items()) if k != r},
-        "modules_to_save": saved_names or None,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
+        "alpha_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
+        "modules_to_save": modules_to_save,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -243,12 +317,11 @@ def save_peft(
               os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(adapter_config, f, indent=2, sort_keys=True)
-    return ranks
 
 
-def _placeholder_module(flat: Flat, config: SoraConfig, family, saved) -> tuple[str, ...]:
-    """The first 2-D kernel of the family's targets (else of the config's) outside the saved head."""
-    for targets in (family.TARGETS, config.targets):
+def _placeholder_module(flat: Flat, config: SoraConfig, naming, saved) -> tuple[str, ...]:
+    """The first 2-D kernel of the naming's targets (else of the config's) outside the saved head."""
+    for targets in (naming.targets, config.targets):
         kernels = [p for p in flat if p[-1] == "kernel" and flat[p].ndim == 2
                    and not any(p[:len(m)] == m for m in saved)
                    and any(re.fullmatch(t, path_str(p)) for t in targets)]
@@ -286,18 +359,18 @@ def _pad_for_stacking(flat: Flat) -> Flat:
     return out
 
 
-def _check_inverse(head: dict[str, np.ndarray], flat: Flat, family, model_config) -> None:
+def _check_inverse(head: dict[str, np.ndarray], flat: Flat, naming) -> None:
     """The head written under transformers names must convert back to exactly our leaves."""
-    back, unexpected = family.convert(head, model_config)
+    back, unexpected = naming.convert(head)
     wrong = sorted(unexpected) + [path_str(p) for p, v in back.items()
                                   if p not in flat or np.shape(v) != flat[p].shape or not np.array_equal(v, flat[p])]
     if wrong or len(back) != len(head):
         raise ValueError(f"save_peft: the head's transformers names do not map back onto our parameters: {wrong}")
 
 
-def _check_patterns(ranks: dict[str, int], flat: Flat, family) -> None:
+def _check_patterns(ranks: dict[str, int], flat: Flat, naming) -> None:
     """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules."""
-    modules = {family.hf_module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
+    modules = {naming.module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
     for name in ranks:
         hits = [m for m in modules if m == name or m.endswith("." + name) or _pattern_matches(name, m)]
         if hits != [name]:
@@ -318,35 +391,21 @@ def _read_tensors(directory: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {_BIN_WEIGHTS_NAME} in {directory}")
 
 
-def load_peft(
-    directory: str | os.PathLike,
-    params,
-    model_config,
-    *,
-    config: SoraConfig | None = None,
-) -> LoadedPeft:
-    """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
+class _Adapter(NamedTuple):
+    """A PEFT LoRA adapter as read from disk: its config, {module: {"A": lora_A, "B": lora_B}}, whole weights."""
+    peft_config: dict
+    factors: dict[str, dict[str, np.ndarray]]
+    plain: dict[str, np.ndarray]
 
-    Every adapted module gets `sora_a = lora_A^T (in, r_m)`, `sora_b = (c_m / s) lora_B^T (r_m, out)` and
-    `sora_gate = ones(r_m)`, where c_m is the module's PEFT scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with
-    `use_rslora`; alpha_m from `alpha_pattern` by PEFT's matching rule, else `lora_alpha`) and s the returned
-    config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
-    differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
-    result holds exactly this adapter. In a stacked (`nn.scan`) tree a module has one rank for all layers: layers
-    with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of `modules_to_save` (the head) and any saved biases replace ours.
+    def scale(self, name: str, rank: int) -> float:
+        """PEFT's scale of one module: alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora), alpha_m from
+        `alpha_pattern` by PEFT's matching rule, else `lora_alpha`."""
+        alpha = _pattern_value(self.peft_config.get("alpha_pattern") or {}, name,
+                               self.peft_config.get("lora_alpha", 8))
+        return alpha / (math.sqrt(rank) if self.peft_config.get("use_rslora", False) else rank)
 
-    Args:
-      directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
-      params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given).
-      model_config: the transformers config of that model.
-      config: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=family TARGETS)`
-        (s = 1; `stacked=".*/layer/.*"` for a stacked tree). With a given config only its scale matters here.
 
-    Returns:
-      `LoadedPeft(params, config, ranks)`.
-    """
-    family = _family(model_config)
-    directory = os.fspath(directory)
+def _read_adapter(directory: str) -> _Adapter:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
@@ -359,10 +418,6 @@ def load_peft(
             raise ValueError(f"{directory}: {flag}=true is not supported by load_peft")
     if peft_config.get("layer_replication"):
         raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
-    use_rslora = bool(peft_config.get("use_rslora", False))
-    lora_alpha = peft_config.get("lora_alpha", 8)
-    alpha_pattern = peft_config.get("alpha_pattern") or {}
-
     factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     plain: dict[str, np.ndarray] = {}
     for key, value in _read_tensors(directory).items():
@@ -375,26 +430,71 @@ def load_peft(
             factors[lora["module"]][lora["factor"]] = np.asarray(value, np.float32)
         else:
             plain[_MODULES_TO_SAVE.sub(".", name)] = np.asarray(value, np.float32)
-
-    flat, stacked = _unstacked_flat(params)
-    flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
-    kernel_modules = {family.hf_module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
-
-    ranks = {}
     for name, pair in factors.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both lora_A and lora_B")
-        ranks[name] = pair["A"].shape[0]
+    return _Adapter(peft_config, dict(factors), plain)
+
+
+def load_peft(
+    directory: str | os.PathLike,
+    params,
+    naming=None,
+    *,
+    config: SoraConfig | Any | None = None,
+) -> LoadedPeft:
+    """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
+
+    Every adapted module gets `sora_a = lora_A^T (in, r_m)`, `sora_b = (c_m / s) lora_B^T (r_m, out)` and
+    `sora_gate = ones(r_m)`, where c_m is the module's PEFT scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with
+    `use_rslora`; alpha_m from `alpha_pattern` by PEFT's matching rule, else `lora_alpha`) and s the returned
+    config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
+    differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
+    result holds exactly this adapter. In a stacked (`nn.scan`) tree a module has one rank for all layers: layers
+    with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of
+    `modules_to_save` (the head) and any saved biases replace ours.
+
+    qwix layout (a Tunix model): `params` is `nnx.State` of the model after `sora_jax.apply_sora` with rules that
+    match every module of the adapter, and `config` that provider (required: B is folded against each rule's s).
+    Each adapted weight gets A = lora_A^T as (*W[:k], r_m), B = (c_m / s) lora_B^T as (r_m, *W[k:]), gate = ones;
+    adapted weights the adapter leaves out get rank 0 (as `prune` leaves them). `nnx.update(model, loaded.params)`
+    puts it in. Whole weights (`modules_to_save`) are refused, as are modules that map to no weight, and an adapter
+    whose base model (a local directory) is of another `model_type`.
+
+    Args:
+      directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
+      params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given); or the
+        adapted Tunix model's `nnx.State`.
+      naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
+      config: linen: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=naming
+        targets)` (s = 1; `stacked=".*/layer/.*"` for a stacked tree); with a given config only its scale matters.
+        qwix: the SoraProvider (or rules) of the adapted model.
+
+    Returns:
+      `LoadedPeft(params, config, ranks)`.
+    """
+    directory = os.fspath(directory)
+    _check_naming(naming, "load_peft")
+    if hasattr(naming, "in_axes"):
+        return _load_peft_qwix(directory, params, naming, config)
+    adapter = _read_adapter(directory)
+    peft_config, factors, plain = adapter
+
+    flat, stacked = _unstacked_flat(params, naming)
+    flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
+    kernel_modules = {naming.module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
+
+    ranks = {name: pair["A"].shape[0] for name, pair in factors.items()}
     if config is None:
         r_max = max(ranks.values(), default=1)
-        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=family.TARGETS,
-                            stacked=r".*/layer/.*" if stacked else None)
+        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=naming.targets,
+                            stacked=naming.stacked if stacked else None)
 
     unknown = sorted(set(factors) - set(kernel_modules))
     if unknown:
         raise ValueError(
             f"{directory}: the adapter's modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not dense "
-            f"layers of this {model_config.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
+            f"layers of this {naming.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
             f"made for base model {peft_config.get('base_model_name_or_path')!r}?")
     for name, pair in sorted(factors.items()):
         module = kernel_modules[name]
@@ -403,19 +503,18 @@ def load_peft(
         if kernel.ndim != 2 or lora_a.shape != (rank, kernel.shape[0]) or lora_b.shape != (kernel.shape[1], rank):
             raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the "
                              f"kernel {tuple(kernel.shape)} (in, out) of {path_str(module)}")
-        alpha = _pattern_value(alpha_pattern, name, lora_alpha)
-        scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+        scale = adapter.scale(name, rank)
         dtype = kernel.dtype
         flat[module + (A,)] = np.asarray(lora_a.T, dtype)
         flat[module + (B,)] = np.asarray((scale / config.scale) * lora_b.T, dtype)
         flat[module + (GATE,)] = np.ones((rank,), dtype)
 
     if plain:
-        converted, unexpected = family.convert(plain, model_config)
+        converted, unexpected = naming.convert(plain)
         unexpected = sorted(set(unexpected) | {path_str(p) for p in converted if p not in flat})
         if unexpected:
             raise ValueError(f"{directory}: saved weights {unexpected} are not parameters of this "
-                             f"{model_config.model_type} model")
+                             f"{naming.model_type} model")
         for path, value in converted.items():
             if np.shape(value) != flat[path].shape:
                 raise ValueError(f"{directory}: {path_str(path)} has shape {np.shape(value)}, the model "
@@ -426,7 +525,211 @@ def load_peft(
         flat = _pad_for_stacking(flat)
     tree = traverse_util.unflatten_dict({path: jnp.asarray(leaf) for path, leaf in flat.items()})
     if stacked:
-        from sora_jax.models.loading import stack_layers
-
-        tree = stack_layers(tree)
+        tree = naming.stack(tree)
     return LoadedPeft(tree, config, ranks)
+
+
+# --- qwix layout (SoraProvider / qwix LoRA on NNX models) with a naming object -------------------------------------
+
+
+def _linear_roles(rec: leaves.AdapterPaths, w_shape, a, b, gate, config, naming) -> layout.WeightRoles:
+    """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
+    weight's first `naming.in_axes` axes in order, the remaining ones the rest."""
+    name = path_str(rec.weight)
+    roles = _recorded_roles(config, rec.weight)
+    if roles is None:
+        roles = layout.infer_roles(name, w_shape, a.shape, b.shape, None if gate is None else gate.shape)
+    k = naming.in_axes(rec.weight)
+    contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
+    if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
+        raise ValueError(f"{name}: its adapter contracts weight axes {roles.contract} (batch {roles.batch}); the "
+                         f"transformers Linear {naming.module_name(rec.weight)!r} takes axes {tuple(range(k))} as "
+                         "inputs, so the adapter has no PEFT LoRA equivalent.")
+    return roles
+
+
+def _weight_shape(flat: Flat, weight: tuple) -> tuple[int, ...]:
+    """The shape of a base weight; a quantized (QLoRA) weight is a subtree whose `qvalue` has the weight's shape."""
+    if weight in flat:
+        return tuple(leaves.value(flat[weight]).shape)
+    for path, leaf in flat.items():
+        if path[:len(weight)] == weight and path[-1] == "qvalue":
+            return tuple(leaves.value(leaf).shape)
+    raise ValueError(f"{path_str(weight)!r}, the base weight of an adapter, is not in the tree; pass the full "
+                     "nnx.state(model).")
+
+
+def _qwix_records(flat: Flat, naming, fn: str) -> list[leaves.AdapterPaths]:
+    records = [rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"]
+    if not records:
+        raise ValueError(f"{fn}: the tree has no adapters (no <w>_lora_a leaves); apply SoRA first "
+                         "(sora_jax.apply_sora) and pass nnx.state(model).")
+    for rec in records:
+        if naming.module_name(rec.weight) is None:
+            raise ValueError(f"{fn}: the adapter of {path_str(rec.weight)!r} maps to no transformers Linear of "
+                             f"{naming!r}; was the tree made for another model?")
+    return records
+
+
+def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path, task_type, uniform_rank):
+    """save_peft for qwix-layout trees: see `save_peft`."""
+    if config is None:
+        raise ValueError("save_peft: pass the SoraProvider (or rules) that made the adapters as `config`; its "
+                         "alpha / rank is folded into lora_B.")
+    flat, _ = leaves.flatten(tree)
+    _qwix_records(flat, naming, "save_peft")
+    vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for rec in _qwix_records(vals, naming, "save_peft"):
+        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+        rank = a.shape[-1]
+        if rank == 0:
+            continue
+        w_shape = _weight_shape(flat, rec.weight)
+        _linear_roles(rec, w_shape, a, b, gate, config, naming)
+        scale, _ = _scale_rank(config, rec.weight)
+        a2 = a.reshape(-1, rank).astype(np.float32)
+        b2 = b.reshape(rank, -1).astype(np.float32) * scale
+        if gate is not None:
+            b2 = b2 * gate.reshape(rank, 1)
+        name = naming.module_name(rec.weight)
+        ranks[name] = rank
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a2.T
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+    if not ranks:
+        raise ValueError("save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the "
+                         "base model).")
+    _write_adapter(directory, tensors, ranks, task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+                   modules_to_save=None, uniform_rank=uniform_rank)
+    return ranks
+
+
+def save_merged(
+    directory: str | os.PathLike,
+    tree,
+    config: Any,
+    *,
+    naming: PeftNaming,
+    max_shard_size: int = 5 * 2**30,
+) -> list[str]:
+    """Writes the base weights with the adapters merged in as a transformers checkpoint: config.json and
+    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above `max_shard_size`.
+
+    W <- W + s * A diag(gate) B on every adapted weight (`sora_jax.merge`), then every weight is written under its
+    transformers name in transformers' layout (`naming.hf_tensor`). `AutoModelForCausalLM.from_pretrained(directory)`
+    loads it.
+
+    Args:
+      directory: created if missing.
+      tree: `nnx.State` (or pure dict) of the adapted model, pruned or not.
+      config: the SoraProvider / rules that made the adapters (their scale, and the weights' recorded axis roles).
+      naming: the model's naming object (`sora_jax.models.tunix.TunixNaming(model)`).
+      max_shard_size: bytes per safetensors file (float32).
+
+    Returns:
+      the safetensors file names written.
+    """
+    flat, _ = leaves.flatten(tree)
+    _qwix_records(flat, naming, "save_merged")
+    merged, _ = leaves.flatten(merge(tree, config))
+    tensors: dict[str, np.ndarray] = {}
+    for path, leaf in merged.items():
+        name, tensor = naming.hf_tensor(path, np.asarray(jax.device_get(leaves.value(leaf)), np.float32))
+        tensors[name] = np.ascontiguousarray(tensor)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    for file, shard in zip(files, shards):
+        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
+    return files
+
+
+def _check_architecture(directory: str, adapter: _Adapter, naming) -> None:
+    """An adapter whose base model (a local directory with config.json) is of another model_type is refused."""
+    base = adapter.peft_config.get("base_model_name_or_path")
+    path = os.path.join(base, "config.json") if base else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type and model_type != naming.model_type:
+            raise ValueError(f"{directory}: the adapter was made for a {model_type!r} model ({base}); this model is "
+                             f"{naming.model_type!r}. Load it onto a {model_type} model.")
+
+
+def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
+    """load_peft for qwix-layout trees: see `load_peft`."""
+    if config is None:
+        raise ValueError("load_peft: pass the SoraProvider (or rules) of the adapted model as `config`; lora_B is "
+                         "folded against its alpha / rank.")
+    adapter = _read_adapter(directory)
+    _check_architecture(directory, adapter, naming)
+    if adapter.plain:
+        raise ValueError(f"{directory}: whole weights {sorted(adapter.plain)[:3]} (modules_to_save) cannot be read "
+                         "onto a Tunix model; load_peft reads the LoRA factors only.")
+    flat, rebuild = leaves.flatten(tree)
+    records = {rec.weight: rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"}
+    if not records:
+        raise ValueError("load_peft: the tree has no adapters to fill (no <w>_lora_a leaves); apply SoRA first "
+                         "(sora_jax.apply_sora with rules matching the adapter's modules) and pass nnx.state(model).")
+    out = dict(flat)
+    ranks: dict[str, int] = {}
+    loaded = set()
+    for name, pair in sorted(adapter.factors.items()):
+        weight = naming.weight_path(name)
+        if weight is None:
+            raise ValueError(f"{directory}: the adapter's module {name!r} maps to no weight of {naming!r}; was the "
+                             f"adapter made for base model {adapter.peft_config.get('base_model_name_or_path')!r}?")
+        if weight not in records:
+            raise ValueError(f"load_peft: {name!r} ({path_str(weight)}) has no adapter leaves in the tree; apply SoRA "
+                             "with a rule whose module_path matches it.")
+        rec = records[weight]
+        w_shape = _weight_shape(flat, rec.weight)
+        a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
+        roles = _linear_roles(rec, w_shape, a, b, gate, config, naming)
+        k = naming.in_axes(weight)
+        lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
+        fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
+        if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
+            raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
+                             f"{tuple(w_shape)} of {path_str(weight)} (a Linear {fan_in} -> {fan_out}); was the "
+                             "adapter made for another model size?")
+        scale, _ = _scale_rank(config, weight)
+        a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
+        new_b = (adapter.scale(name, rank) / scale) * lora_b.T
+        values = (lora_a.T.reshape(a_shape), new_b.reshape(b_shape), np.ones(g_shape))
+        for path, old, value in zip(rec.leaves, (a, b, gate), values):
+            if old is not None:
+                out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
+        ranks[name] = rank
+        loaded.add(weight)
+    for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
+        if weight in loaded:
+            continue
+        w_shape = _weight_shape(flat, rec.weight)
+        a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
+        roles = _recorded_roles(config, rec.weight) or layout.infer_roles(
+            path_str(rec.weight), w_shape, a.shape, b.shape, None if gate is None else gate.shape)
+        for path, old, shape in zip(rec.leaves, (a, b, gate), roles.shapes(w_shape, 0)):
+            if old is not None:
+                out[path] = leaves.rewrap(flat[path], jnp.zeros(shape, old.dtype))
+    return LoadedPeft(rebuild(out), config, ranks)

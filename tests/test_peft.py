@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 from flax import traverse_util  # noqa: E402
 
 from sora_jax import SoraConfig, apply_factored, init, merge, prune  # noqa: E402
-from sora_jax.models import family_module, from_pretrained  # noqa: E402
+from sora_jax.models import EncoderNaming, family_module, from_pretrained  # noqa: E402
 from sora_jax.peft import load_peft, save_peft  # noqa: E402
 
 TOL = 1e-4
@@ -110,7 +110,8 @@ def test_export_mixed_ranks_matches_peft(checkpoints, tmp_path, model_type, scan
     ours = _logits(pretrained.model, params, ids, mask, config)
     merged = _logits(pretrained.model, merge(params, config), ids, mask)
 
-    ranks = save_peft(tmp_path, params, config, model_config=pretrained.config, base_model_name_or_path=directory)
+    ranks = save_peft(tmp_path, params, config, naming=EncoderNaming(pretrained.config),
+                      base_model_name_or_path=directory)
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(set(ranks.values())) == [1, 2, 3, 4]  # mixed ranks; the rank-0 modules are left out
     assert len(ranks) < 12 and len(adapter_config["target_modules"]) == len(ranks)
@@ -129,9 +130,16 @@ def test_export_mixed_ranks_matches_peft(checkpoints, tmp_path, model_type, scan
     np.testing.assert_allclose(theirs, merged, atol=TOL, rtol=0)
 
     # Our own reader gives the same function back.
-    loaded = load_peft(tmp_path, pretrained.params, pretrained.config)
+    loaded = load_peft(tmp_path, pretrained.params, EncoderNaming(pretrained.config))
     again = _logits(pretrained.model, loaded.params, ids, mask, loaded.config)
     np.testing.assert_allclose(np.asarray(again), ours, atol=TOL, rtol=0)
+
+    if model_type == "roberta":  # uniform_rank: one rank for every module, zero-padded, the same function
+        save_peft(tmp_path / "uniform", params, config, naming=EncoderNaming(pretrained.config), uniform_rank=True)
+        uniform = json.loads((tmp_path / "uniform" / "adapter_config.json").read_text())
+        assert uniform["r"] == uniform["lora_alpha"] == max(ranks.values()) and not uniform["rank_pattern"]
+        padded = peft.PeftModel.from_pretrained(_torch_base(directory), str(tmp_path / "uniform")).eval()
+        np.testing.assert_allclose(_torch_logits(padded, ids, mask), ours, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("model_type, use_rslora, scan_layers", [
@@ -153,7 +161,7 @@ def test_import_peft_lora(checkpoints, tmp_path, model_type, use_rslora, scan_la
     theirs = _torch_logits(model, ids, mask)
 
     pretrained = from_pretrained(directory, scan_layers=scan_layers)
-    loaded = load_peft(tmp_path, pretrained.params, pretrained.config)
+    loaded = load_peft(tmp_path, pretrained.params, EncoderNaming(pretrained.config))
     assert sorted(loaded.ranks.values()) == [2] + [3] * 3 + [4] * 8
     ours = np.asarray(_logits(pretrained.model, loaded.params, ids, mask, loaded.config))
     merged = _logits(pretrained.model, merge(loaded.params, loaded.config), ids, mask)
@@ -162,7 +170,8 @@ def test_import_peft_lora(checkpoints, tmp_path, model_type, use_rslora, scan_la
     np.testing.assert_allclose(merged, theirs, atol=TOL, rtol=0)
 
     # Continuing with another SoRA config (other scale) keeps the function.
-    other = load_peft(tmp_path, pretrained.params, pretrained.config, config=SoraConfig(rank=8, alpha=32.0))
+    other = load_peft(tmp_path, pretrained.params, EncoderNaming(pretrained.config),
+                      config=SoraConfig(rank=8, alpha=32.0))
     again = _logits(pretrained.model, other.params, ids, mask, other.config)
     np.testing.assert_allclose(np.asarray(again), theirs, atol=TOL, rtol=0)
 
@@ -176,7 +185,7 @@ def test_every_module_pruned(checkpoints, tmp_path, caplog):
     ours = _logits(pretrained.model, params, ids, mask, config)
 
     with caplog.at_level(logging.WARNING, logger="sora_jax.peft"):
-        ranks = save_peft(tmp_path, params, config, model_config=pretrained.config)
+        ranks = save_peft(tmp_path, params, config, naming=EncoderNaming(pretrained.config))
     assert ranks == {}
     assert "every SoRA module is pruned" in caplog.text
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -184,7 +193,7 @@ def test_every_module_pruned(checkpoints, tmp_path, caplog):
 
     with_adapter = peft.PeftModel.from_pretrained(_torch_base(directory), str(tmp_path)).eval()
     np.testing.assert_allclose(_torch_logits(with_adapter, ids, mask), ours, atol=TOL, rtol=0)
-    loaded = load_peft(tmp_path, pretrained.params, pretrained.config)
+    loaded = load_peft(tmp_path, pretrained.params, EncoderNaming(pretrained.config))
     again = _logits(pretrained.model, loaded.params, ids, mask, loaded.config)
     np.testing.assert_allclose(np.asarray(again), ours, atol=TOL, rtol=0)
 
@@ -193,26 +202,30 @@ def test_errors(checkpoints, tmp_path):
     bert = from_pretrained(checkpoints["bert"])
     deberta = from_pretrained(checkpoints["deberta-v2"])
     params, config = _sora(bert.params, "bert")
-    save_peft(tmp_path, params, config, model_config=bert.config)
+    save_peft(tmp_path, params, config, naming=EncoderNaming(bert.config))
 
     with pytest.raises(ValueError, match="not dense layers of this deberta-v2 model"):
-        load_peft(tmp_path, deberta.params, deberta.config)
+        load_peft(tmp_path, deberta.params, EncoderNaming(deberta.config))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        load_peft(tmp_path / "missing", bert.params, bert.config)
+        load_peft(tmp_path / "missing", bert.params, EncoderNaming(bert.config))
     with pytest.raises(ValueError, match="not supported"):
-        save_peft(tmp_path / "gpt", params, config, model_config=transformers.GPT2Config())
+        save_peft(tmp_path / "gpt", params, config, naming=EncoderNaming(transformers.GPT2Config()))
+    with pytest.raises(TypeError, match="naming object, got a transformers config"):
+        save_peft(tmp_path / "old", params, config, naming=bert.config)
+    with pytest.raises(TypeError, match="replaced by naming="):
+        save_peft(tmp_path / "old", params, config, model_config=bert.config)
 
     fewer_labels = from_pretrained(checkpoints["bert"], num_labels=2)
     with pytest.raises(ValueError, match="num_labels"):
-        load_peft(tmp_path, fewer_labels.params, fewer_labels.config)
+        load_peft(tmp_path, fewer_labels.params, EncoderNaming(fewer_labels.config))
 
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**adapter_config, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
-        load_peft(tmp_path, bert.params, bert.config)
+        load_peft(tmp_path, bert.params, EncoderNaming(bert.config))
     (tmp_path / "adapter_config.json").write_text(json.dumps({**adapter_config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="only LORA"):
-        load_peft(tmp_path, bert.params, bert.config)
+        load_peft(tmp_path, bert.params, EncoderNaming(bert.config))
     with pytest.raises(ValueError, match="would select|modules_to_save"):
-        save_peft(tmp_path / "overlap", params, config, model_config=bert.config,
+        save_peft(tmp_path / "overlap", params, config, naming=EncoderNaming(bert.config),
                   modules_to_save=(r"bert/encoder/layer_0/attention/",))

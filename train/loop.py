@@ -533,13 +533,14 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
 
 def _export_peft(experiment: Experiment, pruned, output_dir: str) -> dict:
     """Writes the pruned adapters and the head as a PEFT LoRA adapter (per-module ranks) to <output_dir>/peft."""
+    from sora_jax.models import EncoderNaming
     from sora_jax.peft import save_peft
     config = experiment.config
     if config.adapter.train_layernorm:
         print("WARNING: the trained LayerNorms are not part of the PEFT export (adapters and head only)")
     directory = os.path.join(output_dir, "peft")
     base = HUB_NAMES.get(config.model.name.lower(), config.model.name)
-    ranks = save_peft(directory, pruned, experiment.sora, model_config=experiment.model_config,
+    ranks = save_peft(directory, pruned, experiment.sora, naming=EncoderNaming(experiment.model_config),
                       base_model_name_or_path=base)
     print(f"PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values(), default=0)}-"
           f"{max(ranks.values(), default=0)}) written to {directory}")

@@ -108,6 +108,14 @@ def _adapted_modules(flat: dict[Path, Any]) -> list[Path]:
   return sorted(path[:-1] for path in flat if path[-1] == A)
 
 
+def _check_finite_adapters(flat: dict[Path, Any], action: str) -> None:
+  """A NaN or inf gate or factor is a diverged run, not a switched-off rank: refuse to count or cut it."""
+  for path, value in flat.items():
+    if path[-1] in ADAPTER_LEAVES and not np.isfinite(np.asarray(value)).all():
+      raise ValueError(f"{path_str(path)} holds NaN or inf values, so no {action} (a non-finite gate is not a "
+                       "pruned rank); the training diverged: lower the learning rate")
+
+
 def _lead(kernel, a, b) -> int:
   """Number of leading layer axes shared by kernel, sora_a and sora_b."""
   return a.ndim + b.ndim - 2 - kernel.ndim
@@ -276,6 +284,7 @@ def merge(params: PyTree, config: SoraConfig) -> dict:
   Differentiable: `jax.grad(lambda t: f(merge(combine(t, frozen), config)))` gives adapter gradients.
   """
   flat = _flat(params)
+  _check_finite_adapters(flat, "pruning")
   out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
   for module in _adapted_modules(flat):
     kernel, a, b, gate, lead = _adapter(flat, module)
@@ -340,6 +349,7 @@ def prune(params: PyTree) -> dict:
   Runs on host (the output shapes depend on the gate values), so call it outside `jax.jit`.
   """
   flat = _flat(params)
+  _check_finite_adapters(flat, "pruning")
   out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
   for module in _adapted_modules(flat):
     kernel, a, b, gate, lead = _adapter(flat, module)
@@ -413,6 +423,7 @@ def rank_report(params: PyTree, config: SoraConfig) -> RankReport:
   A kernel matched by `config.targets` without adapter leaves (pruned to rank 0) is reported with rank 0.
   """
   flat = _flat(params)
+  _check_finite_adapters(flat, "rank report")
   rows = []
   adapted = set(_adapted_modules(flat))
   for path, kernel in flat.items():

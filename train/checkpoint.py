@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -85,6 +86,7 @@ class Checkpoints:
                 if int(meta["step"]) != step:
                     raise ValueError(f"meta says step {meta['step']}")
             except Exception as e:  # orbax/tensorstore/json raise many types for a damaged file
+                _drop_closed_loop_reports()
                 moved.append(self._move_aside(step, e))
                 continue
             self._keep_newest()
@@ -142,6 +144,29 @@ class _quiet_orbax:
     def __exit__(self, *exc):
         for n, level in self._levels.items():
             logging.getLogger(n).setLevel(level)
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed restore, reads of the abandoned attempt still finish and call back into the asyncio loop that
+    orbax has closed; each callback prints "RuntimeError: Event loop is closed" with a traceback (dozens of them).
+    From then on, exactly those reports are dropped; every other exception is reported as before."""
+    closed = lambda kind, value: kind is RuntimeError and str(value) == "Event loop is closed"
+    if not getattr(sys.excepthook, "drops_closed_loop", False):
+        previous = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            if not closed(kind, value):
+                previous(kind, value, tb)
+        excepthook.drops_closed_loop = True
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "drops_closed_loop", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisablehook(args):
+            if not closed(args.exc_type, args.exc_value):
+                previous_unraisable(args)
+        unraisablehook.drops_closed_loop = True
+        sys.unraisablehook = unraisablehook
 
 
 def _sync(name: str) -> None:

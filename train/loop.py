@@ -11,7 +11,9 @@ The parts are separate functions so other programs (the staged sparsifying sched
 a staged run is one `fit` call. One optimizer step is `train.batch_size` examples split into `train.grad_accum`
 micro-batches whose gradients are averaged inside the jitted step (a `lax.scan`), so the schedules count optimizer
 steps. The dropout key of step t is fold_in(seed, t) and batches are a pure function of the step, so a resumed run
-repeats an uninterrupted one exactly.
+repeats an uninterrupted one exactly. A step whose loss, gradients or updated params are not finite leaves the state
+unchanged; `train.on_nonfinite` then stops the run (`NonFiniteError`, nothing saved from that step) or counts the
+step as skipped.
 """
 from __future__ import annotations
 

@@ -112,6 +112,14 @@ def _adapted_modules(flat: dict[Path, Any]) -> list[Path]:
   return sorted(path[:-1] for path in flat if path[-1] == A)
 
 
+def _check_finite_adapters(flat: dict[Path, Any], action: str) -> None:
+  """A NaN or inf gate or factor is a diverged run, not a switched-off rank: refuse to count or cut it."""
+  for path, value in flat.items():
+    if leaves.is_adapter(path) and not np.isfinite(np.asarray(leaves.value(value))).all():
+      raise ValueError(f"{path_str(path)} holds NaN or inf values, so no {action} (a non-finite gate is not a "
+                       "pruned rank); the training diverged: lower the learning rate")
+
+
 def _lead(kernel, a, b) -> int:
   """Number of leading layer axes shared by kernel, sora_a and sora_b."""
   return a.ndim + b.ndim - 2 - kernel.ndim
@@ -438,6 +446,7 @@ def prune(params: PyTree, config: Config | None = None) -> PyTree:
   """
   flat, rebuild = leaves.flatten(params)
   vals = _values(flat)
+  _check_finite_adapters(vals, "pruning")
   out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
   for rec in leaves.find_adapters(flat):
     a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
@@ -531,6 +540,7 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
   """
   flat, _ = leaves.flatten(params)
   vals = _values(flat)
+  _check_finite_adapters(vals, "rank report")
   rows = []
   records = leaves.find_adapters(vals)
   adapted = {rec.weight for rec in records}

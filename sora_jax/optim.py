@@ -34,9 +34,10 @@ class SoraProximalState(NamedTuple):
 
 
 def soft_threshold(z: jax.Array, threshold: jax.Array | float) -> jax.Array:
-  """S_tau(z) = sign(z) * max(|z| - tau, 0), with exact zeros (+0.0) where |z| <= tau."""
+  """S_tau(z) = sign(z) * max(|z| - tau, 0), with exact zeros (+0.0) where |z| <= tau; NaN stays NaN (a diverged
+  gate must not look like a pruned one)."""
   threshold = jnp.asarray(threshold, z.dtype)
-  return jnp.where(jnp.abs(z) > threshold, z - jnp.sign(z) * threshold, jnp.zeros_like(z))
+  return jnp.where(jnp.abs(z) <= threshold, jnp.zeros_like(z), z - jnp.sign(z) * threshold)
 
 
 def _value(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:

@@ -136,17 +136,41 @@ def _multi_host_env() -> bool:
   return "," in hosts
 
 
-def maybe_initialize_distributed() -> bool:
-  """Calls `jax.distributed.initialize()` when the environment describes several hosts; returns whether it did.
+def _explicit_env() -> dict:
+  """initialize()'s arguments from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, when set.
 
-  `initialize()` reads the coordinator, process count and id from the cluster (TPU pod metadata, SLURM, Open MPI,
-  or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), so one command runs on every host.
+  JAX reads only the address from the environment; without the other two it stops with "Number of processes must be
+  defined", so all three are read here and passed explicitly.
+  """
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return {}
+  values = {}
+  for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    raw = os.environ.get(key, "")
+    try:
+      values[name] = int(raw)
+    except ValueError:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {key} is {raw!r}; set {key} to an integer on every "
+                       "process (or unset JAX_COORDINATOR_ADDRESS to use the cluster's own detection)") from None
+  if values["num_processes"] < 1 or not 0 <= values["process_id"] < values["num_processes"]:
+    raise ValueError(f"JAX_PROCESS_ID={values['process_id']} must be in [0, JAX_NUM_PROCESSES="
+                     f"{values['num_processes']}); number the processes 0, 1, ...")
+  return {"coordinator_address": address, **values}
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize` when the environment describes several hosts; returns whether it did.
+
+  With JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, those three are
+  passed explicitly; otherwise `initialize()` detects the cluster itself (TPU pod metadata, SLURM, Open MPI). So one
+  command runs on every host. An incomplete JAX_* environment raises `ValueError` naming the missing variable.
   """
   if not _multi_host_env():
     return False
   if jax.distributed.is_initialized():
     return True
-  jax.distributed.initialize()
+  jax.distributed.initialize(**_explicit_env())
   return True
 
 

@@ -70,3 +70,29 @@ def test_no_distributed_init_on_one_host(monkeypatch):
     assert sharding.maybe_initialize_distributed() is False
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert sharding._multi_host_env()
+
+
+def test_jax_env_is_passed_to_initialize_explicitly(monkeypatch):
+    """JAX reads only the coordinator address from the environment; the process count and id must be passed."""
+    for key in ("COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert sharding.maybe_initialize_distributed() is True
+    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        sharding.maybe_initialize_distributed()
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"JAX_PROCESS_ID=2 must be in \[0, JAX_NUM_PROCESSES=2\)"):
+        sharding.maybe_initialize_distributed()
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    assert sharding.maybe_initialize_distributed() is True
+    assert calls[-1] == {}  # the cluster (SLURM here) is detected by JAX itself

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import scipy.stats
 import pytest
 
 from train import metrics
@@ -40,3 +41,13 @@ def test_predictions_and_main_metric():
     np.testing.assert_array_equal(metrics.predictions(logits, regression=True), [0.1, 2.0])
     assert metrics.main_metric("cola") == "mcc" and metrics.main_metric("stsb") == "pearson"
     assert metrics.main_metric("mnli") == "accuracy"
+
+
+def test_regression_tasks_use_correlations():
+    """A local task with num_labels=1 is scored like STS-B (Pearson, Spearman), not with accuracy."""
+    rng = np.random.default_rng(0)
+    preds, labels = rng.normal(size=20), rng.normal(size=20)
+    out = metrics.compute("local", preds, labels, regression=True)
+    assert out == pytest.approx({"pearson": scipy.stats.pearsonr(preds, labels)[0],
+                                 "spearman": scipy.stats.spearmanr(preds, labels)[0]})
+    assert metrics.main_metric("local", regression=True) == "pearson"

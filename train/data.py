@@ -10,6 +10,10 @@ Split protocols:
   "official":   the SoRA code's protocol. CoLA/RTE/MRPC/STS-B/MNLI: GLUE validation shuffled (seed 42) and halved
                 into validation and test; QQP/QNLI/SST-2: 1000 training examples (shuffled, seed 42) held out as
                 validation, GLUE validation used as test.
+Labels are checked when a split is loaded: class labels must be integers in [0, num_labels), or names listed in
+`data.label_names` / labels.json; -1 or an empty label marks an unlabelled row (GLUE's test rows), which is dropped
+from training and metrics, and a split with no labelled row is skipped with a note. Regression labels must be finite
+numbers (empty: unlabelled; -1 also in STS-B). Anything else is a `DataError` naming the file, column, row and value.
 Batches are a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import os
 from typing import Optional
 
@@ -38,6 +43,11 @@ GLUE_KEYS = {
 GLUE_NUM_LABELS = {"cola": 2, "sst2": 2, "mrpc": 2, "qqp": 2, "stsb": 1, "mnli": 3, "qnli": 2, "rte": 2}
 _HALVE_VALIDATION = ("cola", "rte", "mrpc", "stsb", "mnli")
 _EXTENSIONS = ("jsonl", "json", "csv", "tsv", "parquet")
+UNLABELLED = -1  # GLUE's label of its test rows
+
+
+class DataError(ValueError):
+    """A data file or its content cannot be used: unreadable, empty, missing columns, or labels out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +71,7 @@ class TaskSpec:
 
     @property
     def main_metric(self) -> str:
-        return metrics.main_metric(self.name)
+        return metrics.main_metric(self.name, self.regression)
 
 
 def builtin_data_dir(name: str) -> str:
@@ -73,22 +83,29 @@ def task_spec(config: DataConfig) -> TaskSpec:
     if name in GLUE_KEYS:
         s1, s2 = GLUE_KEYS[name]
         evals = ("validation_matched", "validation_mismatched") if name == "mnli" else ("validation",)
-        return TaskSpec(name, s1, s2, GLUE_NUM_LABELS[name], evals, data_dir=config.data_dir)
+        return TaskSpec(name, s1, s2, GLUE_NUM_LABELS[name], evals, label_names=config.label_names,
+                        data_dir=config.data_dir)
     if name in ("wordnet", "local"):
         data_dir = config.data_dir or (builtin_data_dir("wordnet") if name == "wordnet" else None)
         if data_dir is None:
-            raise ValueError("task 'local' needs data.data_dir (files <split>.jsonl/csv/tsv/parquet)")
-        label_names = None
+            raise DataError("task 'local' needs data.data_dir (files <split>.jsonl/csv/tsv/parquet)")
+        if not os.path.isdir(data_dir):
+            raise DataError(f"data.data_dir {data_dir!r} is not a folder; give the folder of <split>.<ext> files")
+        label_names = config.label_names
         labels_path = os.path.join(data_dir, "labels.json")
-        if os.path.exists(labels_path):
+        if label_names is None and os.path.exists(labels_path):
             with open(labels_path) as f:
                 label_names = tuple(json.load(f))
         num_labels = config.num_labels or (len(label_names) if label_names else None)
         if num_labels is None:
-            raise ValueError(f"task {name!r}: set data.num_labels or put labels.json in {data_dir}")
+            raise DataError(f"task {name!r}: set data.num_labels or data.label_names, or put labels.json in "
+                            f"{data_dir}")
+        if label_names and num_labels != 1 and len(label_names) != num_labels:
+            raise DataError(f"data.num_labels={num_labels} but {len(label_names)} label names are given; make them "
+                            "agree")
         return TaskSpec(name, config.sentence1_key, config.sentence2_key, num_labels, ("validation",),
                         label_names=label_names, data_dir=data_dir)
-    raise ValueError(f"unknown task {config.task!r}; known: {', '.join(sorted(GLUE_KEYS))}, wordnet, local")
+    raise DataError(f"unknown task {config.task!r}; known: {', '.join(sorted(GLUE_KEYS))}, wordnet, local")
 
 
 def _find_file(data_dir: str, split: str) -> Optional[str]:
@@ -104,13 +121,96 @@ def _load_file(path: str):
     ext = path.rsplit(".", 1)[-1]
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[ext]
     kwargs = {"delimiter": "\t", "quoting": 3} if ext == "tsv" else {}
-    return datasets.load_dataset(builder, data_files={"data": path}, split="data", **kwargs)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty; put a header and at least one row in it")
+    try:
+        if builder != "parquet":
+            with open(path, "rb") as f:
+                lines = [line for line in f.read().decode("utf-8").splitlines() if line.strip()]
+            if len(lines) <= (1 if builder == "csv" else 0):
+                raise DataError(f"{path}: no rows{' below the header' if lines else ''}; add examples")
+        dataset = datasets.load_dataset(builder, data_files={"data": path}, split="data", **kwargs)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        line = _line_of(path, e.start)
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.object[e.start:e.start + 4]!r}); "
+                        "re-save the file as UTF-8") from None
+    except Exception as e:  # datasets/pandas/pyarrow wrap a malformed file in many types, each with a long traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot be read as {ext} ({type(e).__name__}: {reason}); check its format") from None
+    if len(dataset) == 0:
+        raise DataError(f"{path}: no rows (columns {dataset.column_names}); add examples or remove the file")
+    return dataset
+
+
+def _line_of(path: str, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def check_labels(dataset, spec: TaskSpec, where: str):
+    """Returns `dataset` with numeric labels and its unlabelled rows dropped, and the number dropped.
+
+    Raises `DataError` for a label that is neither a class in [0, num_labels), a name in `spec.label_names`, nor
+    unlabelled (-1 or empty); for regression, for a label that is not a finite number.
+    """
+    raw = list(dataset["label"])
+    values, keep = [], []
+    names = {n: i for i, n in enumerate(spec.label_names or ())}
+    for row, label in enumerate(raw):
+        if isinstance(label, str) and label.strip() != "":
+            text = label.strip()
+            if text in names and not spec.regression:
+                label = names[text]
+            else:
+                try:
+                    label = float(text)
+                except ValueError:
+                    known = f"one of {sorted(names)}" if names else "a number"
+                    raise DataError(f"{where}: column 'label', row {row + 1}: {label!r} is not {known}; use "
+                                    f"numeric labels or list the class names in data.label_names") from None
+        if _is_missing(label):
+            keep.append(False)
+            values.append(0)
+            continue
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            raise DataError(f"{where}: column 'label', row {row + 1}: {label!r} is not a number; use numeric labels")
+        if spec.regression:
+            if not math.isfinite(label):
+                raise DataError(f"{where}: column 'label', row {row + 1}: {label!r} is not a finite number")
+            unlabelled = spec.name == "stsb" and label == UNLABELLED
+            keep.append(not unlabelled)
+            values.append(float(label))
+            continue
+        if label == UNLABELLED:
+            keep.append(False)
+            values.append(0)
+            continue
+        if not math.isfinite(label) or label != int(label):
+            raise DataError(f"{where}: column 'label', row {row + 1}: {label!r} is not a class index; use integers "
+                            f"0..{spec.num_labels - 1} (-1: unlabelled)")
+        if not 0 <= label < spec.num_labels:
+            raise DataError(f"{where}: column 'label', row {row + 1}: {int(label)} is outside [0, {spec.num_labels}) "
+                            f"of task {spec.name!r}; fix the label, mark the row unlabelled with -1, or set "
+                            f"data.num_labels")
+        keep.append(True)
+        values.append(int(label))
+    dataset = dataset.remove_columns("label").add_column("label", values)
+    dropped = len(keep) - sum(keep)
+    if dropped:
+        dataset = dataset.select([i for i, k in enumerate(keep) if k])
+    return dataset, dropped
 
 
 def _check_columns(dataset, spec: TaskSpec, where: str) -> None:
     missing = [c for c in spec.columns if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing} needed by task {spec.name!r} "
+        raise DataError(f"{where}: missing column(s) {missing} needed by task {spec.name!r} "
                          f"(needs {list(spec.columns)}, found {dataset.column_names})")
 
 
@@ -124,19 +224,39 @@ def load_raw(spec: TaskSpec, config: DataConfig) -> dict:
             if path is None:
                 if split == "test":
                     continue
-                raise FileNotFoundError(f"no {split}.{{{','.join(_EXTENSIONS)}}} in {spec.data_dir}")
+                raise DataError(f"no {split}.{{{','.join(_EXTENSIONS)}}} in {spec.data_dir}; add that file")
             raw[split] = _load_file(path)
             _check_columns(raw[split], spec, path)
+            raw[split] = _labelled(raw[split], spec, path, split)
     else:
         import datasets
         for split in wanted:
+            where = f"nyu-mll/glue/{spec.name}:{split}"
             raw[split] = datasets.load_dataset("nyu-mll/glue", spec.name, split=split)
-            _check_columns(raw[split], spec, f"nyu-mll/glue/{spec.name}:{split}")
+            _check_columns(raw[split], spec, where)
+            raw[split] = _labelled(raw[split], spec, where, split)
+    raw = {split: dataset for split, dataset in raw.items() if dataset is not None}
+    if not any(split in raw for split in spec.eval_splits):
+        raise DataError(f"task {spec.name!r}: no labelled validation rows; give the validation split labels")
     if config.split_protocol == "official":
         raw = _official_splits(spec, raw)
     elif config.split_protocol != "validation":
-        raise ValueError(f"data.split_protocol must be 'validation' or 'official', got {config.split_protocol!r}")
+        raise DataError(f"data.split_protocol must be 'validation' or 'official', got {config.split_protocol!r}")
     return raw
+
+
+def _labelled(dataset, spec: TaskSpec, where: str, split: str):
+    """`check_labels` with a note for dropped rows; None (and a note) when no row of an eval or test split is
+    labelled, as in GLUE's test splits."""
+    dataset, dropped = check_labels(dataset, spec, where)
+    if len(dataset) == 0 and split == "train":
+        raise DataError(f"{where}: all {dropped} training rows are unlabelled (-1 or empty); give them labels")
+    if dropped and len(dataset) == 0:
+        print(f"note: {where}: all {dropped} rows are unlabelled (-1 or empty); split {split!r} is skipped")
+        return None
+    if dropped:
+        print(f"note: {where}: {dropped} unlabelled rows (-1 or empty) are left out of training and metrics")
+    return dataset
 
 
 def _official_splits(spec: TaskSpec, raw: dict) -> dict:
@@ -191,7 +311,7 @@ def pad_length(config: DataConfig, longest: int) -> int:
     if config.padding == "fixed":
         return config.max_length
     if config.padding != "bucket":
-        raise ValueError(f"data.padding must be 'fixed' or 'bucket', got {config.padding!r}")
+        raise DataError(f"data.padding must be 'fixed' or 'bucket', got {config.padding!r}")
     for bucket in sorted(config.buckets):
         if longest <= bucket <= config.max_length:
             return bucket
@@ -203,9 +323,10 @@ class TrainBatches:
 
     def __init__(self, data: Encoded, config: DataConfig, batch_size: int, grad_accum: int, seed: int):
         if batch_size % grad_accum:
-            raise ValueError(f"train.batch_size {batch_size} must divide by train.grad_accum {grad_accum}")
+            raise DataError(f"train.batch_size {batch_size} must divide by train.grad_accum {grad_accum}")
         if len(data) < batch_size:
-            raise ValueError(f"{len(data)} training examples are fewer than one batch of {batch_size}")
+            raise DataError(f"{len(data)} training examples are fewer than one batch of {batch_size}; lower "
+                            "train.batch_size")
         self.data, self.config = data, config
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.steps_per_epoch = len(data) // batch_size  # the last partial batch of an epoch is dropped

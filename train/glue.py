@@ -6,35 +6,38 @@ Examples:
   python -m train.glue
   python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
   python -m train.glue configs/glue/wordnet_lora.yaml resume=true
+Errors in the configuration or the data are one line on stderr with exit code 2.
 """
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-from train.config import ConfigError, load_config, valid_keys
+from train import cli
+from train.config import ConfigError, help_text, load_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("config keys: " + ", ".join(valid_keys()))
+        print("config keys (key=value, or the bare key where unique):\n" + help_text())
         return 0
+    cli.quiet_libraries()
     path = argv.pop(0) if argv and "=" not in argv[0] else None
     try:
         config = load_config(path, argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
 
-    from train.allocator import configure
-    configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
-    from sora_jax.sharding import maybe_initialize_distributed
-    maybe_initialize_distributed()  # before any other JAX call, when several hosts are described
-    from train.loop import run
-    results = run(config)
-    return 0 if results is not None or config.train.abort_at_step is not None else 1
+    def start() -> int:
+        from train.allocator import configure
+        configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
+        cli.initialize_distributed()  # before any other JAX call, when several hosts are described
+        from train.loop import run
+        results = run(config)
+        return 0 if results is not None or config.train.abort_at_step is not None else 1
+    return cli.run_guarded(start)
 
 
 if __name__ == "__main__":

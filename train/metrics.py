@@ -1,6 +1,7 @@
 """GLUE metrics from predictions, computed with scikit-learn and SciPy.
 
-CoLA: Matthews correlation; STS-B: Pearson and Spearman; MRPC and QQP: accuracy and F1; the rest: accuracy.
+CoLA: Matthews correlation; STS-B and any regression task: Pearson and Spearman; MRPC and QQP: accuracy and F1; the
+rest: accuracy.
 Each task's `main` metric (the one used to keep the best checkpoint) follows the SoRA paper's tables.
 """
 from __future__ import annotations
@@ -17,12 +18,12 @@ METRICS = {
 }
 
 
-def metric_names(task: str) -> tuple[str, ...]:
-    return METRICS.get(task, ("accuracy",))
+def metric_names(task: str, regression: bool = False) -> tuple[str, ...]:
+    return METRICS["stsb"] if regression else METRICS.get(task, ("accuracy",))
 
 
-def main_metric(task: str) -> str:
-    return {"cola": "mcc", "stsb": "pearson"}.get(task, "accuracy")
+def main_metric(task: str, regression: bool = False) -> str:
+    return "pearson" if regression else {"cola": "mcc", "stsb": "pearson"}.get(task, "accuracy")
 
 
 def predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
@@ -31,11 +32,11 @@ def predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
     return logits[:, 0] if regression else logits.argmax(-1)
 
 
-def compute(task: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def compute(task: str, preds: np.ndarray, labels: np.ndarray, regression: bool = False) -> dict[str, float]:
     """preds: class ids or scores (n,); labels: (n,). Returns {metric name: value}."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     out = {}
-    for name in metric_names(task):
+    for name in metric_names(task, regression):
         if name == "mcc":
             out[name] = matthews_corrcoef(labels, preds)
         elif name == "pearson":

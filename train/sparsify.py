@@ -46,9 +46,10 @@ import typing
 from typing import Optional, Sequence
 
 import numpy as np
-import yaml
 
-from train.config import ConfigError, RunConfig, apply_overrides, coerce, parse_override, to_dict, valid_keys
+from train import cli
+from train.config import (ConfigError, RunConfig, apply_overrides, check as check_ranges, coerce, help_text,
+                          parse_override, read_yaml, setting, to_dict, valid_keys)
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -56,17 +57,18 @@ MEMORIZATION_SPLIT = "train_memorization"
 
 @dataclasses.dataclass(frozen=True)
 class SparsifyConfig:
-    shape: str = "linear"  # official lambda_schedule: linear, log_linear, exp_linear
-    start: float = 0.0  # lambda_0 (official sparse_lambda_2); stage 0 trains at it; exp_linear needs > 0
-    max_lambda: float = 1.5e-2  # the last lambda
-    lambda_num: int = 4  # number of stages, stage 0 included
-    stage_schedule: str = "fresh"  # "fresh" or "official" (see the module docstring)
-    stage_steps: int = 20  # optimizer steps of each stage k > 0
-    stage_epochs: Optional[float] = None  # when set, stages k > 0 last this many epochs instead (official: 15)
-    memorization_examples: int = 500  # training subset evaluated for memorization (official: 1000)
-    memorization_seed: int = 42  # its shuffle seed (official: 42, as datasets' shuffle)
-    evaluate_test: bool = False  # also evaluate the test split(s) after each stage (official: do_predict)
-
+    shape: str = setting("linear", "official lambda_schedule: linear, log_linear or exp_linear")
+    start: float = setting(0.0, "lambda_0 (official sparse_lambda_2); stage 0 trains at it; exp_linear needs > 0",
+                           ">=0")
+    max_lambda: float = setting(1.5e-2, "the last lambda", ">=0")
+    lambda_num: int = setting(4, "number of stages, stage 0 included", ">0")
+    stage_schedule: str = setting("fresh", "fresh or official (see the module docstring)")
+    stage_steps: int = setting(20, "optimizer steps of each stage k > 0", ">0")
+    stage_epochs: Optional[float] = setting(None, "when set, stages k > 0 last this many epochs instead "
+                                            "(official: 15)", ">0")
+    memorization_examples: int = setting(500, "training subset evaluated for memorization (official: 1000)", ">0")
+    memorization_seed: int = setting(42, "its shuffle seed (official: 42, as datasets' shuffle)")
+    evaluate_test: bool = setting(False, "also evaluate the test split(s) after each stage (official: do_predict)")
 
 DEFAULT_OUTPUT_DIR = "runs/sparsify"
 # The built-in staged run: the trainer's built-in model and data (MiniLM-L6 + WordNet), sized so that four trainings
@@ -89,12 +91,7 @@ def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> t
 
     Keys of the sparsify section are `sparsify.<name>` or the bare name; every other key goes to the trainer config.
     """
-    file_values: dict = {}
-    if path is not None:
-        with open(path) as f:
-            file_values = yaml.safe_load(f) or {}
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
+    file_values = read_yaml(path) if path is not None else {}
     run_values = dict(file_values)
     sparsify_values = dict(run_values.pop("sparsify", None) or {})
     for text in overrides:
@@ -111,6 +108,8 @@ def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> t
                           f"trainer keys: {', '.join(valid_keys())}")
     sparsify = SparsifyConfig(**{k: coerce(f"sparsify.{k}", v, hints[k]) for k, v in sparsify_values.items()})
     config = apply_overrides(apply_overrides(RunConfig(), RUN_DEFAULTS), run_values)
+    check_ranges(config)
+    check_ranges(sparsify, "sparsify.")
     return config, sparsify
 
 
@@ -387,22 +386,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("sparsify keys: " + ", ".join(_sparsify_keys()))
-        print("trainer keys: " + ", ".join(valid_keys()))
+        print("sparsify keys (sparsify.<key> or the bare key):\n" + help_text(SparsifyConfig))
+        print("trainer keys (the staged run's defaults differ: " + ", ".join(f"{k}={v}" for k, v in RUN_DEFAULTS.items())
+              + "):\n" + help_text())
         return 0
+    cli.quiet_libraries()
     path = argv.pop(0) if argv and "=" not in argv[0] else None
     try:
         config, sparsify = load_configs(path, argv)
         check(config, sparsify)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from train.allocator import configure
-    configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
-    from sora_jax.sharding import maybe_initialize_distributed
-    maybe_initialize_distributed()
-    table = run_stages(config, sparsify)
-    return 0 if table is not None or config.train.abort_at_step is not None else 1
+        return cli.fail(e)
+
+    def start():
+        from train.allocator import configure
+        configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
+        cli.initialize_distributed()
+        table = run_stages(config, sparsify)
+        return 0 if table is not None or config.train.abort_at_step is not None else 1
+    return cli.run_guarded(start)
 
 
 if __name__ == "__main__":

@@ -248,17 +248,40 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# Defaults that depend on adapter.method, applied below the YAML file and the overrides. Full fine-tuning moves every
+# pretrained weight, so it takes a far smaller learning rate than the adapters' 2e-3 (the sweep in README: 1e-4 on
+# the default task); it has no gates, so no gate learning rate or threshold.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"optim.learning_rate": 1e-4, "optim.gate_learning_rate": None, "adapter.sparse_lambda": 0.0},
+}
+FULL_LEARNING_RATE_WARN_ABOVE = 1e-3
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides."""
-    config = RunConfig()
+    """Defaults (those of `METHOD_DEFAULTS` for the chosen method first), the YAML file at `path`, then overrides."""
+    values: dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
-        config = apply_overrides(config, values)
     parsed = dict(parse_override(o) for o in overrides)
-    return apply_overrides(config, parsed)
+    config = apply_overrides(apply_overrides(RunConfig(), values), parsed)
+    method_defaults = METHOD_DEFAULTS.get(config.adapter.method)
+    if method_defaults:
+        config = apply_overrides(apply_overrides(apply_overrides(RunConfig(), method_defaults), values), parsed)
+    return config
+
+
+def config_warnings(config: RunConfig) -> list[str]:
+    """One line per setting that runs but is likely a mistake (printed by `python -m train.glue`)."""
+    warnings = []
+    if config.adapter.method == "full" and config.optim.learning_rate > FULL_LEARNING_RATE_WARN_ABOVE:
+        warnings.append(
+            f"adapter.method=full with optim.learning_rate={config.optim.learning_rate:g} (above "
+            f"{FULL_LEARNING_RATE_WARN_ABOVE:g}) trains every weight at an adapter's rate and usually wrecks the "
+            f"pretrained model; full fine-tuning's default is {METHOD_DEFAULTS['full']['optim.learning_rate']:g}")
+    return warnings
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

@@ -6,13 +6,14 @@ Examples:
   python -m train.glue
   python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
   python -m train.glue configs/glue/wordnet_lora.yaml resume=true
+  python -m train.glue configs/glue/wordnet_full.yaml   # full fine-tuning (adapter.method=full: learning rate 1e-4)
 """
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-from train.config import ConfigError, load_config, valid_keys
+from train.config import ConfigError, config_warnings, load_config, valid_keys
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,6 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
 
     from train.allocator import configure
     configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)

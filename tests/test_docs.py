@@ -119,6 +119,6 @@ def test_linen_example_runs_and_checks_what_it_prints(tmp_path):
     for what in ("pruned", "merged"):
         diff = float(re.search(rf"max \|logit difference\| {what} vs trained: (\S+)", printed).group(1))
         assert diff < 1e-4, (what, diff)
-    assert float(re.search(r"validation accuracy \(merged\): (\S+)", printed).group(1)) > 0.5
+    assert float(re.search(r"validation accuracy \(merged\): (\S+)", printed).group(1)) > 0.8
     assert "FAIL" not in printed and printed.count("\nok ") == 5, printed
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

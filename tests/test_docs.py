@@ -72,7 +72,8 @@ def run_block(name: str, line: int, code: str, timeout_s: float = BLOCK_TIMEOUT_
             return f"{name}:{line}: the sketch points to {match.group(1)}, which does not exist"
         return None
     try:
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(), capture_output=True,
+        # Blank lines up to the fence, so that a traceback's line numbers are the markdown file's.
+        done = subprocess.run([sys.executable, "-c", "\n" * line + code], cwd=ROOT, env=offline_env(), capture_output=True,
                               text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return f"{name}:{line}: the python block did not finish within {timeout_s} s"
@@ -101,6 +102,7 @@ def test_block_extraction_and_failures_name_file_and_line(tmp_path):
     assert blocks[1][1] == "import sys\nsys.exit(3)\n" and blocks[2][1] == "print('```')\n"
     assert run_block("doc.md", 2, blocks[0][1]) is None
     assert run_block("doc.md", 6, blocks[1][1]).startswith("doc.md:6: the python block exits with 3")
+    assert 'line 8, in <module>' in run_block("doc.md", 6, "x = 1\nundefined_name\n")  # the markdown's line
     assert "did not finish within 0.5 s" in run_block("doc.md", 9, "import time\ntime.sleep(30)\n", timeout_s=0.5)
     assert run_block("doc.md", 1, "# sketch: see examples/linen_sora.py\nundefined_name\n") is None
     assert "does not exist" in run_block("doc.md", 1, "# sketch: see examples/nothing_here.py\n")

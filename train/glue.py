@@ -6,6 +6,7 @@ Examples:
   python -m train.glue
   python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
   python -m train.glue configs/glue/wordnet_lora.yaml resume=true
+  python -m train.glue configs/glue/wordnet_full.yaml   # full fine-tuning (adapter.method=full: learning rate 2e-4)
 Errors in the configuration or the data are one line on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from train import cli
-from train.config import ConfigError, help_text, load_config
+from train.config import ConfigError, config_warnings, help_text, load_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -29,6 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = load_config(path, argv)
     except ConfigError as e:
         return cli.fail(e)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
 
     def start() -> int:
         from train.allocator import configure

@@ -2,6 +2,7 @@
 import glob
 import os
 
+import numpy as np
 import pytest
 
 from train.config import METHOD_DEFAULTS, ConfigError, RunConfig, config_warnings, load_config, valid_keys
@@ -81,6 +82,7 @@ def test_full_fine_tuning_has_its_own_defaults(tmp_path):
     full = load_config(None, ["adapter.method=full"])
     assert full.optim.learning_rate == METHOD_DEFAULTS["full"]["optim.learning_rate"] < 1e-3
     assert full.optim.gate_learning_rate is None and full.adapter.sparse_lambda == 0.0
+    assert full.optim.head_learning_rate == METHOD_DEFAULTS["full"]["optim.head_learning_rate"] == 2e-3
     assert full.optim.weight_decay == RunConfig().optim.weight_decay  # the other defaults are the built-in run's
     assert load_config(None, ["adapter.method=full", "learning_rate=3e-5"]).optim.learning_rate == 3e-5
     path = tmp_path / "full.yaml"
@@ -108,3 +110,19 @@ def test_full_fine_tuning_at_an_adapter_learning_rate_warns(capsys, monkeypatch)
     assert capsys.readouterr().err == f"warning: {line}\n"
     assert glue.main(["adapter.method=full"]) == 0 and capsys.readouterr().err == ""
     assert [c.optim.learning_rate for c in runs] == [2e-3, METHOD_DEFAULTS["full"]["optim.learning_rate"]]
+
+
+def test_full_fine_tuning_moves_the_head_at_its_own_rate():
+    import jax.numpy as jnp
+    import optax
+    from train.loop import make_optimizer
+
+    config = load_config(None, ["adapter.method=full", "optim.weight_decay=0", "optim.warmup_ratio=0"])
+    params = {"bert": {"dense": {"kernel": jnp.zeros((3, 2))}}, "classifier": {"kernel": jnp.zeros((2, 4))}}
+    grads = {"bert": {"dense": {"kernel": jnp.ones((3, 2))}}, "classifier": {"kernel": jnp.ones((2, 4))}}
+    tx, schedule = make_optimizer(config, params, total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    body, head = updates["bert"]["dense"]["kernel"], updates["classifier"]["kernel"]
+    # One Adam step on equal gradients moves every entry by the learning rate: 2e-4 for the body, 2e-3 for the head.
+    np.testing.assert_allclose(body, -schedule(0), rtol=1e-5)
+    np.testing.assert_allclose(head, -10 * schedule(0), rtol=1e-5)

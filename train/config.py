@@ -101,6 +101,8 @@ class OptimConfig:
     learning_rate: float = setting(2e-3, "peak AdamW learning rate of A, B and the head", ">0")
     gate_learning_rate: Optional[float] = setting(5e-2, "gates' learning rate; None: learning_rate (official code: "
                                                   "its own sparse_lr)", ">0")
+    head_learning_rate: Optional[float] = setting(None, "learning rate of the head (adapter.trainable) under "
+                                                  "method=full; None: learning_rate", ">0")
     weight_decay: float = setting(0.1, "on A, B and head kernels; never on gates, biases, LayerNorms", ">=0")
     warmup_ratio: float = setting(0.06, "fraction of steps of linear warmup, then linear decay to 0", "0..1")
     max_grad_norm: float = setting(1.0, "clip gradients to this global norm", ">0")
@@ -334,9 +336,11 @@ _RANGE_HINTS = {
 
 # Defaults that depend on adapter.method, applied below the YAML file and the overrides. Full fine-tuning moves every
 # pretrained weight, so it takes a far smaller learning rate than the adapters' 2e-3 (the sweep in README: 2e-4 on
-# the default task); it has no gates, so no gate learning rate or threshold.
+# the default task) while the fresh head keeps the adapters' 2e-3 (3-seed runs in README); it has no gates, so no
+# gate learning rate or threshold.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {"optim.learning_rate": 2e-4, "optim.gate_learning_rate": None, "adapter.sparse_lambda": 0.0},
+    "full": {"optim.learning_rate": 2e-4, "optim.head_learning_rate": 2e-3, "optim.gate_learning_rate": None,
+             "adapter.sparse_lambda": 0.0},
 }
 FULL_LEARNING_RATE_WARN_ABOVE = 1e-3
 

@@ -207,6 +207,13 @@ def make_optimizer(config: RunConfig, trainable, total_steps: int, sparse_lambda
                                    mask=gates))
     elif method == "lora":
         chain.append(optax.masked(optax.set_to_zero(), gates))
+    elif opt.head_learning_rate is not None and opt.head_learning_rate != opt.learning_rate:
+        # Full fine-tuning: the fresh head (adapter.trainable) keeps an adapter-sized rate while the pretrained
+        # weights take the small one.
+        head = traverse_util.unflatten_dict({
+            p: any(re.fullmatch(t, "/".join(map(str, p))) for t in config.adapter.trainable)
+            for p in _flat_paths(trainable)})
+        chain.append(optax.masked(optax.scale(opt.head_learning_rate / opt.learning_rate), head))
     return optax.chain(*chain), schedule
 
 

@@ -211,7 +211,7 @@ def make_optimizer(config: RunConfig, trainable, total_steps: int, sparse_lambda
         # Full fine-tuning: the fresh head (adapter.trainable) keeps an adapter-sized rate while the pretrained
         # weights take the small one.
         head = traverse_util.unflatten_dict({
-            p: any(re.fullmatch(t, "/".join(map(str, p))) for t in config.adapter.trainable)
+            p: any(re.fullmatch(t, adapters.path_str(p)) for t in config.adapter.trainable)
             for p in _flat_paths(trainable)})
         chain.append(optax.masked(optax.scale(opt.head_learning_rate / opt.learning_rate), head))
     return optax.chain(*chain), schedule

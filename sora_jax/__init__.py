@@ -13,6 +13,13 @@ from sora_jax.adapters import prune as prune
 from sora_jax.adapters import rank_report as rank_report
 from sora_jax.adapters import split as split
 from sora_jax.adapters import unmerge as unmerge
+from sora_jax.budget import BudgetCut as BudgetCut
+from sora_jax.budget import SoraBudgetState as SoraBudgetState
+from sora_jax.budget import adapter_params as adapter_params
+from sora_jax.budget import budget_schedule as budget_schedule
+from sora_jax.budget import cut_to_budget as cut_to_budget
+from sora_jax.budget import retained_fraction as retained_fraction
+from sora_jax.budget import sora_budget as sora_budget
 from sora_jax.forward import apply_factored as apply_factored
 from sora_jax.forward import factored as factored
 from sora_jax.forward import low_rank_product as low_rank_product
@@ -34,20 +41,25 @@ from sora_jax.schedules import lambda_schedule as lambda_schedule
 from sora_jax.schedules import lambda_stages as lambda_stages
 
 __all__ = [
+    "BudgetCut",
     "LAMBDA_SHAPES",
     "LoadedPeft",
     "PeftNaming",
     "RankReport",
     "RankRow",
+    "SoraBudgetState",
     "SoraConfig",
     "SoraGate",
     "SoraProvider",
     "SoraProximalState",
     "SoraRule",
     "adapter_mask",
+    "adapter_params",
     "apply_factored",
     "apply_sora",
+    "budget_schedule",
     "combine",
+    "cut_to_budget",
     "delta_kernel",
     "factored",
     "gate_l1_penalty",
@@ -61,9 +73,11 @@ __all__ = [
     "param_labels",
     "prune",
     "rank_report",
+    "retained_fraction",
     "save_merged",
     "save_peft",
     "soft_threshold",
+    "sora_budget",
     "sora_proximal",
     "split",
     "unmerge",

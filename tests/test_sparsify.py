@@ -1,4 +1,5 @@
-"""The staged sparsifying run on a tiny random BERT and tiny jsonl data; its parts against closed forms."""
+"""The staged sparsifying run on a tiny random BERT and tiny jsonl data (the `tiny` fixture of conftest.py); its parts
+against closed forms."""
 import contextlib
 import io
 import json
@@ -12,38 +13,6 @@ import pytest
 
 from train import sparsify
 from train.config import ConfigError
-
-WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sits", "flies", "big", "small", "old", "new",
-         "tree", "house", "river", "the", "a", "and", "near"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random 2-layer BERT with its WordPiece tokenizer, and a two-class jsonl task ("is there an animal?")."""
-    torch = pytest.importorskip("torch")
-    import transformers
-
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir, data_dir = root / "model", root / "data"
-    model_dir.mkdir()
-    data_dir.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("validation", 32)):
-        with open(data_dir / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                words = list(rng.choice(WORDS, size=int(rng.integers(3, 8))))
-                label = int(any(w in ("cat", "dog", "bird") for w in words))
-                f.write(json.dumps({"sentence": " ".join(words), "label": label}) + "\n")
-    return str(model_dir), str(data_dir)
-
 
 def _args(tiny, output_dir, *extra):
     model_dir, data_dir = tiny
@@ -240,3 +209,17 @@ def test_plots_from_a_single_run_log(tmp_path):
     assert (tmp_path / "rank_over_steps.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         plots.main([str(tmp_path / "missing")])
+
+
+@pytest.mark.slow
+def test_stages_share_one_compiled_training_step(tiny, tmp_path, caplog):
+    """lambda, the stage's length and its learning-rate schedule enter the jitted step as arrays: a staged run of
+    three stages (two lambdas, two lengths) compiles the training step once."""
+    import logging
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        table = _run(tiny, tmp_path / "run")
+    assert [s["lambda"] for s in table["stages"]] == [0.0, 0.05, 0.1]
+    assert [s["steps"] for s in table["stages"]] == [6, 4, 4]
+    compiled = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    steps = [r for r in compiled if r.getMessage().startswith("Compiling jit(step)")]
+    assert len(compiled) > 1 and len(steps) == 1  # the log does see compilations; the step's happens once

@@ -90,6 +90,18 @@ class AdapterConfig:
     # with a consistent gradient hold up and noisy ones are cut.
     sparse_lambda: float = setting(6.0, "L1 strength lambda of the gates' proximal step", ">=0")
     lambda_scaled_by_lr: bool = setting(True, "threshold tau = lr_t * lambda (paper); false: tau = lambda (official)")
+    # Budget mode (sora_jax.sora_budget): lambda starts at sparse_lambda and a controller moves it so the retained
+    # adapter parameters follow a cubic schedule from all of them (at budget_start of the steps) to the budget (at
+    # budget_reach); there the largest gates that fit the budget are kept, the rest cut, and the kept ranks train on
+    # without threshold.
+    target_fraction: Optional[float] = setting(None, "budget mode: retained adapter params / params at full rank "
+                                               "(e.g. 0.5); None: lambda alone decides", "0..1")
+    target_params: Optional[int] = setting(None, "budget mode: retained adapter params (instead of target_fraction)",
+                                           ">0")
+    budget_start: float = setting(0.1, "budget mode: fraction of the steps before the budget starts to tighten",
+                                  "0..1")
+    budget_reach: float = setting(0.7, "budget mode: fraction of the steps by which the budget is reached", "0..1")
+    budget_gain: float = setting(1.0, "budget mode: change of log lambda per step per unit of fraction error", ">0")
     # Regexes (full match on '/'-joined paths) of extra leaves that train with the adapters: the head.
     trainable: tuple[str, ...] = setting((r"(.*/)?classifier/.*", r"(.*/)?pooler/.*"),
                                          "regexes of extra leaves that train with the adapters (the head)")
@@ -311,11 +323,36 @@ def read_yaml(path: str) -> dict:
 
 
 def check(config: Any, prefix: str = "") -> None:
-    """Raises `ConfigError` for the first field outside its declared range (`setting(check=...)`)."""
+    """Raises `ConfigError` for the first field outside its declared range (`setting(check=...)`), or for settings
+    that cannot go together."""
+    _check_fields(config, prefix)
+    if isinstance(config, RunConfig):
+        _check_budget(config.adapter)
+
+
+def _check_budget(adapter: "AdapterConfig") -> None:
+    if adapter.target_fraction is None and adapter.target_params is None:
+        return
+    if adapter.target_fraction is not None and adapter.target_params is not None:
+        raise ConfigError("give one budget: adapter.target_fraction or adapter.target_params, not both")
+    if adapter.method != "sora":
+        raise ConfigError(f"a parameter budget steers SoRA's gates: adapter.method must be sora, got "
+                          f"{adapter.method!r} (LoRA's budget is its rank)")
+    if adapter.target_fraction == 0:
+        raise ConfigError("adapter.target_fraction=0 keeps no adapter; give a fraction in (0, 1]")
+    if adapter.sparse_lambda <= 0:
+        raise ConfigError("budget mode starts the controller at adapter.sparse_lambda and moves log(lambda): give a "
+                          f"positive sparse_lambda (e.g. 6), got {adapter.sparse_lambda}")
+    if adapter.budget_start >= adapter.budget_reach:
+        raise ConfigError(f"adapter.budget_start ({adapter.budget_start}) must be below adapter.budget_reach "
+                          f"({adapter.budget_reach})")
+
+
+def _check_fields(config: Any, prefix: str) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            check(value, prefix + f.name + ".")
+            _check_fields(value, prefix + f.name + ".")
             continue
         rule = f.metadata.get("check")
         if rule is None or value is None:

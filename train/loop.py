@@ -179,32 +179,103 @@ def _decay_mask(trainable) -> dict:
         for p in _flat_paths(trainable)})
 
 
+class Hyper(NamedTuple):
+    """The values of one `fit` that enter the jitted step as arrays, so stages, budgets, learning rates and seeds that
+    differ only in them share one compiled step (the optimizer is rebuilt from them inside the trace)."""
+    learning_rate: jax.Array  # peak learning rate of A, B and the head
+    gate_learning_rate: jax.Array  # peak learning rate of the gates (SoRA)
+    warmup_steps: jax.Array
+    total_steps: jax.Array
+    lam: jax.Array  # the proximal lambda; in budget mode the controller's first value
+    target_fraction: jax.Array  # budget mode: retained adapter parameters / parameters at full rank
+    dropout_key: jax.Array
+
+
+def _lr_at(count, peak, warmup, total):
+    """Linear warmup from 0 to `peak` over `warmup` steps, then linear decay to 0 at `total` (transformers' linear
+    schedule); works on Python numbers and on (traced) arrays."""
+    count = jnp.asarray(count, jnp.float32)
+    warmup = jnp.asarray(warmup, jnp.float32)
+    up = peak * jnp.clip(count / jnp.maximum(warmup, 1.0), 0.0, 1.0)
+    down = peak * (1.0 - jnp.clip((count - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0))
+    return jnp.where(count < warmup, up, down)
+
+
+def _warmup_steps(config: RunConfig, total_steps: int) -> int:
+    return int(math.ceil(config.optim.warmup_ratio * total_steps))
+
+
 def lr_schedule(config: RunConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup over `warmup_ratio` of the steps, then linear decay to 0 (transformers' linear schedule)."""
-    warmup = int(math.ceil(config.optim.warmup_ratio * total_steps))
-    peak = config.optim.learning_rate
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                 optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))], [warmup])
+    warmup = _warmup_steps(config, total_steps)
+    return lambda count: _lr_at(count, config.optim.learning_rate, warmup, total_steps)
 
 
-def make_optimizer(config: RunConfig, trainable, total_steps: int, sparse_lambda: Optional[float] = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """optax.chain(clip_by_global_norm, adamw, gate step): the gate step is SoRA's proximal L1 step for "sora",
-    a zero update (gates fixed at their init) for "lora", nothing for "full"."""
+def budget_mode(config: RunConfig) -> bool:
+    """True when the run steers lambda to a parameter budget (`adapter.target_fraction` or `target_params`)."""
+    return config.adapter.target_fraction is not None or config.adapter.target_params is not None
+
+
+def hyper_for(config: RunConfig, total_steps: int, sparse_lambda: Optional[float] = None,
+              target_fraction: Optional[float] = None) -> Hyper:
+    """The `Hyper` arrays of a fit of `total_steps` steps at `sparse_lambda` (default `adapter.sparse_lambda`)."""
+    opt = config.optim
+    lam = config.adapter.sparse_lambda if sparse_lambda is None else sparse_lambda
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    return Hyper(f32(opt.learning_rate), f32(opt.gate_learning_rate or opt.learning_rate),
+                 f32(_warmup_steps(config, total_steps)), f32(total_steps), f32(lam),
+                 f32(1.0 if target_fraction is None else target_fraction),
+                 jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 2)))
+
+
+def budget_params(experiment: Experiment) -> Optional[int]:
+    """The budget in adapter parameters (`adapter.target_params`, or `target_fraction` of the parameters at full
+    rank, rounded down); None outside budget mode."""
+    from sora_jax.budget import adapter_params
+    a = experiment.config.adapter
+    if not budget_mode(experiment.config):
+        return None
+    full = adapter_params(experiment.trainable)
+    if a.target_params is not None:
+        if a.target_params > full:
+            raise ConfigError(f"adapter.target_params={a.target_params} is above the {full} adapter parameters at "
+                              f"rank {a.rank}; give at most {full}, or a larger adapter.rank")
+        return a.target_params
+    return int(math.floor(a.target_fraction * full))
+
+
+def target_fraction(experiment: Experiment) -> Optional[float]:
+    """The budget as a fraction of the adapter parameters at full rank; None outside budget mode."""
+    from sora_jax.budget import adapter_params
+    budget = budget_params(experiment)
+    return None if budget is None else budget / adapter_params(experiment.trainable)
+
+
+def _optimizer(config: RunConfig, trainable, hyper: Hyper) -> optax.GradientTransformation:
+    """optax.chain(clip_by_global_norm, adamw, gate step) from `hyper`'s (possibly traced) values: the gate step is
+    SoRA's proximal L1 step for "sora" (steered to a budget in budget mode), a zero update (gates fixed at their init)
+    for "lora", nothing for "full"."""
+    from sora_jax.budget import sora_budget
     from sora_jax.optim import sora_proximal
 
     opt, method = config.optim, config.adapter.method
-    schedule = lr_schedule(config, total_steps)
+    schedule = functools.partial(_lr_at, peak=hyper.learning_rate, warmup=hyper.warmup_steps,
+                                 total=hyper.total_steps)
     chain = [optax.clip_by_global_norm(opt.max_grad_norm),
              optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                          mask=_decay_mask(trainable))]
     gates = adapters.gate_mask(trainable)
     if method == "sora":
-        if opt.gate_learning_rate is not None and opt.gate_learning_rate != opt.learning_rate:
-            chain.append(optax.masked(optax.scale(opt.gate_learning_rate / opt.learning_rate), gates))
-        lam = config.adapter.sparse_lambda if sparse_lambda is None else sparse_lambda
-        chain.append(sora_proximal(lam, learning_rate=schedule if config.adapter.lambda_scaled_by_lr else None,
-                                   mask=gates))
+        if opt.gate_learning_rate is not None:
+            chain.append(optax.masked(optax.scale(hyper.gate_learning_rate / hyper.learning_rate), gates))
+        scaled = schedule if config.adapter.lambda_scaled_by_lr else None
+        if budget_mode(config):
+            a = config.adapter
+            chain.append(sora_budget(hyper.target_fraction, hyper.total_steps, lam_init=hyper.lam,
+                                     learning_rate=scaled, gain=a.budget_gain, start=a.budget_start,
+                                     reach=a.budget_reach, mask=gates))
+        else:
+            chain.append(sora_proximal(hyper.lam, learning_rate=scaled, mask=gates))
     elif method == "lora":
         chain.append(optax.masked(optax.set_to_zero(), gates))
     elif opt.head_learning_rate is not None and opt.head_learning_rate != opt.learning_rate:
@@ -214,7 +285,14 @@ def make_optimizer(config: RunConfig, trainable, total_steps: int, sparse_lambda
             p: any(re.fullmatch(t, adapters.path_str(p)) for t in config.adapter.trainable)
             for p in _flat_paths(trainable)})
         chain.append(optax.masked(optax.scale(opt.head_learning_rate / opt.learning_rate), head))
-    return optax.chain(*chain), schedule
+    return optax.chain(*chain)
+
+
+def make_optimizer(config: RunConfig, trainable, total_steps: int, sparse_lambda: Optional[float] = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The run's optimizer for `total_steps` steps at `sparse_lambda`, and its learning-rate schedule."""
+    tx = _optimizer(config, trainable, hyper_for(config, total_steps, sparse_lambda))
+    return tx, lr_schedule(config, total_steps)
 
 
 def _opt_state_specs(opt_state, trainable_specs) -> Any:
@@ -271,23 +349,40 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(experiment: Experiment, tx: optax.GradientTransformation, state_shardings, frozen_shardings):
-    """jit(step(state, frozen, batch) -> (state, metrics)) with explicit shardings; the state is donated.
+def _sparsity_metrics(config: RunConfig, opt_state, params, hyper: Hyper) -> dict:
+    """lambda of the step and the retained fraction of the adapter parameters after it (SoRA and LoRA)."""
+    from sora_jax.budget import retained_fraction
+    if config.adapter.method == "full":
+        return {}
+    if config.adapter.method == "sora" and budget_mode(config):
+        lam = optax.tree_utils.tree_get(opt_state, "lam")
+        target = optax.tree_utils.tree_get(opt_state, "target_fraction")
+        return {"lambda": lam, "active_fraction": optax.tree_utils.tree_get(opt_state, "active_fraction"),
+                "target_fraction": target}
+    lam = hyper.lam if config.adapter.method == "sora" else jnp.zeros([], jnp.float32)
+    return {"lambda": lam, "active_fraction": retained_fraction(params, adapters.gate_mask(params))}
 
+
+def make_train_step(experiment: Experiment, state_shardings, frozen_shardings):
+    """jit(step(state, frozen, batch, hyper) -> (state, metrics)) with explicit shardings; the state is donated.
+
+    The optimizer is built inside the step from `hyper` (`Hyper`: learning rates, warmup, length, lambda, budget,
+    dropout key as arrays), so one compiled step serves every stage of a staged run and every run of the same shapes.
     `metrics["finite"]` says whether the loss, the gradients and the updated params are all finite; when they are not,
     the returned params and optimizer state are the incoming ones (only the step counter moves on), so a non-finite
     step never reaches the state, whatever `train.on_nonfinite` then does with the run.
     """
-    accum = experiment.config.train.grad_accum
-    base_key = jax.random.fold_in(jax.random.key(experiment.config.seed), 2)
+    config = experiment.config
+    accum = config.train.grad_accum
 
     def loss_fn(trainable, frozen, batch, rng):
         params = adapters.combine(trainable, frozen)
         logits = logits_fn(experiment, params, batch, adapted=True, deterministic=False, rng=rng)
         return _loss(experiment, logits, batch["labels"])
 
-    def step(state: TrainState, frozen, batch):
-        rng = jax.random.fold_in(base_key, state.step)
+    def step(state: TrainState, frozen, batch, hyper: Hyper):
+        tx = _optimizer(config, state.params, hyper)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(hyper.dropout_key), state.step)
 
         def micro(carry, xs):
             micro_batch, index = xs
@@ -305,12 +400,13 @@ def make_train_step(experiment: Experiment, tx: optax.GradientTransformation, st
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "active_ranks": _active_ranks(params),
-                   "finite": finite}
+                   "finite": finite, **_sparsity_metrics(config, opt_state, params, hyper)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     batch_sharding = shd.NamedSharding(experiment.mesh, shd.batch_spec(leading=1))
-    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-                   out_shardings=(state_shardings, shd.replicated(experiment.mesh)), donate_argnums=(0,))
+    replicated = shd.replicated(experiment.mesh)
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def _predict_fn(experiment: Experiment, adapted: bool):
@@ -431,14 +527,22 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
     mesh = experiment.mesh
     started = time.time()
 
-    tx, schedule = make_optimizer(config, trainable, total, sparse_lambda)
-    trainable_shardings = shd.named(experiment.trainable_specs, mesh)
-    frozen_shardings = shd.named(experiment.frozen_specs, mesh)
-    abstract_opt = jax.eval_shape(tx.init, trainable)
-    opt_shardings = shd.named(_opt_state_specs(abstract_opt, experiment.trainable_specs), mesh)
-    state_shardings = TrainState(shd.replicated(mesh), trainable_shardings, opt_shardings)
-    init = jax.jit(lambda t: TrainState(jnp.zeros((), jnp.int32), t, tx.init(t)), out_shardings=state_shardings)
-    state = init(trainable)
+    schedule = lr_schedule(config, total)
+    hyper = hyper_for(config, total, sparse_lambda, target_fraction(experiment))
+    tx = _optimizer(config, trainable, hyper)
+    if "train_step" not in experiment.jitted:
+        trainable_shardings = shd.named(experiment.trainable_specs, mesh)
+        abstract_opt = jax.eval_shape(tx.init, trainable)
+        opt_shardings = shd.named(_opt_state_specs(abstract_opt, experiment.trainable_specs), mesh)
+        state_shardings = TrainState(shd.replicated(mesh), trainable_shardings, opt_shardings)
+        experiment.jitted["init_state"] = jax.jit(
+            lambda t, h: TrainState(jnp.zeros((), jnp.int32), t, _optimizer(config, t, h).init(t)),
+            out_shardings=state_shardings)
+        experiment.jitted["train_step"] = make_train_step(experiment, state_shardings,
+                                                          shd.named(experiment.frozen_specs, mesh))
+    hyper = jax.device_put(hyper, shd.replicated(mesh))
+    state = experiment.jitted["init_state"](trainable, hyper)
+    step_fn = experiment.jitted["train_step"]
 
     checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints)
     best = {"step": None, "score": -math.inf, "metrics": None}
@@ -450,8 +554,12 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
         best["score"] = -math.inf if best["score"] is None else best["score"]
         print(f"resumed from {output_dir} at step {start} (data position {meta['data_position']})")
     log = RunLog(output_dir, start)
-    step_fn = make_train_step(experiment, tx, state_shardings, frozen_shardings)
     key = score_key(experiment)
+    # Budget mode: the best evaluation is chosen among those after the cut to the budget (sora_jax.sora_budget).
+    best_from = 0
+    if budget_mode(config):
+        a = config.adapter
+        best_from = max(math.ceil(a.budget_reach * total), math.floor(a.budget_start * total) + 1) + 1
 
     bar = None
     if config.train.progress and jax.process_index() == 0:
@@ -463,7 +571,7 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
     try:
         for step in range(start, total):
             batch = shd.put_batch(experiment.batches(step), mesh, leading=1)
-            state, step_metrics = step_fn(state, experiment.frozen, batch)
+            state, step_metrics = step_fn(state, experiment.frozen, batch, hyper)
             done = step + 1
             pending.append((done, step_metrics))
             log_now = done % config.train.log_every == 0 or done == total
@@ -487,7 +595,9 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
                           "active_ranks": int(window[-1]["active_ranks"]),
                           "lr": float(schedule(done - 1)),
                           "steps_per_s": (done - last_step) / max(now - last_time, 1e-9),
-                          "skipped_steps": skipped}
+                          "skipped_steps": skipped,
+                          **{k: float(window[-1][k]) for k in ("lambda", "active_fraction", "target_fraction")
+                             if k in window[-1]}}
                 window, last_time, last_step = [], now, done
                 history.append({"step": done, **record})
                 log.write(done, {f"train/{k}": v for k, v in record.items()})
@@ -502,7 +612,7 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
                 log.write(done, {f"eval/{k}": v for k, v in results.items()})
                 if bar is not None:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-                if results[key] > best["score"]:
+                if results[key] > best["score"] and done >= best_from:
                     best = {"step": done, "score": results[key], "metrics": results}
                     checkpoints.save_best(done, state.params, {"step": done, "metrics": results}, results[key])
             if save_now:
@@ -556,7 +666,8 @@ def _gather(tree):
 def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -> dict:
     """Final evaluation, rank report, pruned+merged evaluation (checked equal) and `results.json`."""
     config = experiment.config
-    params = adapters.combine(outcome.params, experiment.frozen)
+    trainable, budget = _meet_budget(experiment, outcome.params)
+    params = adapters.combine(trainable, experiment.frozen)
     splits = experiment.eval_splits + experiment.test_splits
     final, logits = evaluate(experiment, params, splits, return_logits=True)
     broken = [split for split, values in logits.items() if not np.isfinite(values).all()]
@@ -593,6 +704,13 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
                   f"metrics {merged_metrics} vs {final}")
     else:
         results["retained_params"] = sum(int(np.size(x)) for x in jax.tree.leaves(outcome.params))
+    trace = [{k: r[k] for k in ("step", "lambda", "active_fraction", "target_fraction") if k in r}
+             for r in outcome.history if "lambda" in r]
+    if trace:
+        results["sparsity_trace"] = trace  # per logged step: lambda, retained fraction (and the budget's target)
+        results["lambda_final"] = trace[-1]["lambda"]
+    if budget is not None:
+        results["budget"] = budget
     results["skipped_steps"] = outcome.skipped_steps
     results["config"] = to_dict(config)
     print("final metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
@@ -606,6 +724,28 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
         with open(os.path.join(outcome.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
     return results
+
+
+def _meet_budget(experiment: Experiment, trainable) -> tuple[Any, Optional[dict]]:
+    """Budget mode: `trainable` with the smallest-|gate| ranks above the budget cut (`sora_jax.cut_to_budget`), and
+    the record for results.json; otherwise `trainable` unchanged and None."""
+    budget = budget_params(experiment)
+    if budget is None:
+        return trainable, None
+    from sora_jax.budget import cut_to_budget
+    cut_params, cut = cut_to_budget(_gather(trainable), budget)
+    trainable = jax.device_put(cut_params, shd.named(experiment.trainable_specs, experiment.mesh))
+    record = {"target_params": cut.budget_params, "target_fraction": cut.budget_params / cut.max_params,
+              "max_params": cut.max_params, "retained_before_cut": cut.retained_before,
+              "retained_params": cut.retained_after, "cut_ranks": cut.cut_ranks,
+              "within_2_percent": cut.retained_after <= cut.budget_params
+              and cut.budget_params - cut.retained_after <= 0.02 * cut.max_params}
+    print(f"budget {cut.budget_params} of {cut.max_params} adapter params: {cut.retained_before} retained at the "
+          f"end of training, {cut.cut_ranks} ranks of smallest |gate| cut, {cut.retained_after} kept")
+    if not record["within_2_percent"]:
+        print(f"WARNING: {cut.retained_after} retained adapter params is more than 2% of {cut.max_params} below the "
+              f"budget {cut.budget_params}: the controller overshot; lower adapter.budget_gain or train longer")
+    return trainable, record
 
 
 def _export_peft(experiment: Experiment, pruned, output_dir: str) -> dict:

@@ -5,6 +5,8 @@
     rank_heatmap.png                 active rank per layer (rows) and module type (columns), one panel per stage end.
     rank_over_steps.png              a single run: active rank per layer (rows) over training steps (columns), one panel
                                                                       per module type.
+    pareto.png                       `train.pareto`: test (or validation) metric against retained adapter parameters,
+                                     one line per method, error bars of one standard deviation over seeds.
 
 Ranks come as {module name: rank}, with the module names of `sora_jax.rank_report` rows: the '/'-joined module path
 (`bert/encoder/layer_3/attention/self/query`), or `path[layer]` for a stacked (nn.scan) module.
@@ -169,6 +171,34 @@ def plot_rank_over_steps(records: Sequence[tuple[int, Mapping[str, int]]], path:
         fig.colorbar(image, ax=axes, label="active rank", shrink=0.8)
     fig.suptitle(title or "active rank over training steps", fontsize=10)
     fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(rows: Sequence[Mapping], path: str, title: Optional[str] = None) -> str:
+    """Metric against retained adapter parameters: one line per `family` (LoRA ranks, SoRA budgets), a lone point
+    for a family with one row (SoRA at its lambda); x and y error bars are one standard deviation over seeds. Uses
+    the test metric where every row has one, else validation."""
+    split = "test" if all(r.get("test") is not None for r in rows) else "validation"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"lora": "o", "sora budget": "s", "sora lambda": "*"}
+    for family in dict.fromkeys(r["family"] for r in rows):
+        group = sorted((r for r in rows if r["family"] == family), key=lambda r: r["retained_params"])
+        x = [r["retained_params"] for r in group]
+        y = [r[split] for r in group]
+        ax.errorbar(x, y, xerr=[r["retained_params_std"] for r in group], yerr=[r[f"{split}_std"] for r in group],
+                    marker=markers.get(family, "o"), markersize=9 if family == "sora lambda" else 6, capsize=3,
+                    linestyle="-" if len(group) > 1 else "none", label=family)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("retained adapter parameters (mean over seeds)")
+    metric = rows[0]["metric"] if rows else ""
+    ax.set_ylabel(f"{split} {metric} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

@@ -199,3 +199,10 @@ def test_budget_settings_that_cannot_work_are_one_clear_error(overrides, words):
   with pytest.raises(ConfigError) as error:
     load_config(None, overrides)
   assert all(w in str(error.value) for w in words) and "\n" not in str(error.value)
+
+
+def test_staged_run_refuses_a_budget():
+  from train import sparsify
+  config, settings = sparsify.load_configs(None, ["adapter.target_fraction=0.5"])
+  with pytest.raises(ValueError, match="parameter budget"):
+    sparsify.check(config, settings)

@@ -602,8 +602,10 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
                 history.append({"step": done, **record})
                 log.write(done, {f"train/{k}": v for k, v in record.items()})
                 if bar is not None:
+                    sparsity = ({"lam": f"{record['lambda']:.3g}", "kept": f"{record['active_fraction']:.3f}"}
+                                if config.adapter.method == "sora" else {})
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    ranks=record["active_ranks"], it_s=f"{record['steps_per_s']:.2f}",
+                                    ranks=record["active_ranks"], **sparsity, it_s=f"{record['steps_per_s']:.2f}",
                                     **({"skipped": skipped} if skipped else {}))
             if bar is not None:
                 bar.update(1)

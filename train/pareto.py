@@ -15,7 +15,7 @@ mean and standard deviation over seeds, for the final step's parameters (no best
 the validation set once more). Output under `output_dir` (default runs/pareto):
 
   runs/<method>_lr<rate>_seed<seed>/   each run's trainer output (results.json: a finished run, skipped on a rerun;
-                                       without it the run resumes from its checkpoint)
+                                       without it the run resumes from its checkpoint) and printout (run.log)
   pareto.json   every run and the table        pareto.md   the table as markdown        pareto.png   the picture
 
 Runs share one compiled training step per adapter shape (learning rates, lambda, budget and the dropout key enter the
@@ -27,6 +27,7 @@ step as arrays) through JAX's persistent compilation cache in `<output_dir>/jax_
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,7 +144,9 @@ def _run_one(config: RunConfig, method: Method, learning_rate: float, seed: int,
                           "output_dir or delete it")
     if results is None:
         started = time.time()
-        results = loop.run(run_config)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "run.log"), "a") as log, contextlib.redirect_stdout(log):
+            results = loop.run(run_config)  # its printout (rank report, metrics) goes to run.log
         if results is None:
             raise RuntimeError(f"run {directory} was aborted (train.abort_at_step); rerun to continue")
         with open(record_path, "w") as f:

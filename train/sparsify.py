@@ -122,6 +122,9 @@ def check(config: RunConfig, sparsify: SparsifyConfig) -> None:
     if config.adapter.method != "sora":
         raise ValueError(f"the staged run sparsifies SoRA gates: adapter.method must be 'sora', "
                          f"got {config.adapter.method!r}")
+    if config.adapter.target_fraction is not None or config.adapter.target_params is not None:
+        raise ValueError("the staged run sets lambda stage by stage; a parameter budget (adapter.target_fraction / "
+                         "target_params) is for python -m train.glue: drop it here")
     if sparsify.stage_schedule not in STAGE_SCHEDULES:
         raise ValueError(f"stage_schedule must be one of {STAGE_SCHEDULES}, got {sparsify.stage_schedule!r}")
     if sparsify.stage_schedule == "official" and config.adapter.lambda_scaled_by_lr:

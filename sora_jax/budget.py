@@ -36,8 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flax import nnx
-
 from sora_jax import leaves
 from sora_jax.optim import _gate_leaves, _is_variable, _key_name, _value, soft_threshold
 

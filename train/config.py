@@ -395,6 +395,38 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     return config
 
 
+def load_with_section(path: Optional[str], overrides: Sequence[str], section: str, cls: type,
+                      run_defaults: dict[str, Any], section_defaults: Optional[dict[str, Any]] = None
+                      ) -> tuple[RunConfig, Any]:
+    """A trainer config and the config of a program's own section (`train.sparsify`, `train.pareto`).
+
+    Defaults (`run_defaults` for the trainer, `section_defaults` for the section), the YAML file (trainer sections plus
+    a `<section>:` mapping), then `key=value` overrides: a key `<section>.<name>`, or a bare name of `cls`, goes to
+    the section, every other key to the trainer. Both are checked with `check`.
+    """
+    run_values = dict(read_yaml(path)) if path is not None else {}
+    section_values = dict(section_defaults or {})
+    section_values.update(run_values.pop(section, None) or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for text in overrides:
+        key, value = parse_override(text)
+        name = key.removeprefix(section + ".")
+        if key.startswith(section + ".") or name in names:
+            section_values[name] = value
+        else:
+            run_values[key] = value
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(section_values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown {section} key(s) {unknown}; valid: {', '.join(names)}; trainer keys: "
+                          f"{', '.join(valid_keys())}")
+    settings = cls(**{k: coerce(f"{section}.{k}", v, hints[k]) for k, v in section_values.items()})
+    config = apply_overrides(apply_overrides(RunConfig(), run_defaults), run_values)
+    check(config)
+    check(settings, section + ".")
+    return config, settings
+
+
 def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default as YAML, description) for every leaf field, in declaration order."""
     rows = []
@@ -415,6 +447,13 @@ def help_text(cls=RunConfig) -> str:
     rows = describe(cls)
     width = max(len(k) for k, _, _ in rows)
     return "\n".join(f"  {key:<{width}}  {text}  [default: {default}]" for key, default, text in rows)
+
+
+def section_help_text(section: str, cls: type, run_defaults: dict[str, Any], program: str) -> str:
+    """`--help` of a program with a section of its own: the section's keys, then the trainer's with its defaults."""
+    changed = ", ".join(f"{k}={v}" for k, v in run_defaults.items())
+    return (f"{section} keys ({section}.<key> or the bare key):\n{help_text(cls)}\n"
+            f"trainer keys ({program}'s defaults differ: {changed}):\n{help_text()}")
 
 
 def config_warnings(config: RunConfig) -> list[str]:

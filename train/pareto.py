@@ -33,14 +33,13 @@ import json
 import os
 import sys
 import time
-import typing
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from train import cli
-from train.config import (ConfigError, RunConfig, apply_overrides, check as check_ranges, coerce, help_text,
-                          parse_override, read_yaml, setting, to_dict, valid_keys)
+from train.config import (ConfigError, RunConfig, apply_overrides, check as check_ranges, load_with_section,
+                          section_help_text, setting, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,34 +65,12 @@ QUICK = {"seeds": (0,), "learning_rates": (2e-3,), "lora_ranks": (1, 8), "budget
 QUICK_RUN = {"train.max_steps": 100, "data.max_eval_examples": 500}
 
 
-def _study_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(StudyConfig)]
-
-
 def load_configs(path: Optional[str] = None, overrides: Sequence[str] = (), quick: bool = False
                  ) -> tuple[RunConfig, StudyConfig]:
     """Defaults (`--quick`'s on top), the YAML file (trainer sections plus a `study:` section), then `key=value`
     overrides; keys of the study are `study.<name>` or the bare name, every other key goes to the trainer."""
-    run_values = dict(read_yaml(path)) if path is not None else {}
-    study_values = dict(QUICK) if quick else {}
-    study_values.update(run_values.pop("study", None) or {})
-    for text in overrides:
-        key, value = parse_override(text)
-        name = key.removeprefix("study.")
-        if key.startswith("study.") or name in _study_keys():
-            study_values[name] = value
-        else:
-            run_values[key] = value
-    hints = typing.get_type_hints(StudyConfig)
-    unknown = sorted(set(study_values) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown study key(s) {unknown}; valid: {', '.join(_study_keys())}; trainer keys: "
-                          f"{', '.join(valid_keys())}")
-    study = StudyConfig(**{k: coerce(f"study.{k}", v, hints[k]) for k, v in study_values.items()})
-    defaults = dict(RUN_DEFAULTS, **(QUICK_RUN if quick else {}))
-    config = apply_overrides(apply_overrides(RunConfig(), defaults), run_values)
-    check_ranges(config)
-    check_ranges(study, "study.")
+    config, study = load_with_section(path, overrides, "study", StudyConfig,
+                                      dict(RUN_DEFAULTS, **(QUICK_RUN if quick else {})), QUICK if quick else None)
     if not study.seeds or not study.learning_rates:
         raise ConfigError("the study needs at least one seed and one learning rate")
     if any(b == 0 for b in study.budgets):
@@ -103,7 +80,7 @@ def load_configs(path: Optional[str] = None, overrides: Sequence[str] = (), quic
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One line of the study: a name, its trainer overrides, and its x position for the picture."""
+    """One method of the study: its name, its family (one line of the picture) and its trainer overrides."""
     name: str
     family: str  # "lora", "sora budget" or "sora lambda": one line (or point) of the picture per family
     overrides: dict
@@ -286,9 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("study keys (study.<key> or the bare key):\n" + help_text(StudyConfig))
-        print("trainer keys (the study's defaults differ: " + ", ".join(f"{k}={v}" for k, v in RUN_DEFAULTS.items())
-              + "):\n" + help_text())
+        print(section_help_text("study", StudyConfig, RUN_DEFAULTS, "the study"))
         return 0
     quick = "--quick" in argv
     argv = [a for a in argv if a != "--quick"]

@@ -42,14 +42,12 @@ import math
 import os
 import sys
 import time
-import typing
 from typing import Optional, Sequence
 
 import numpy as np
 
 from train import cli
-from train.config import (ConfigError, RunConfig, apply_overrides, check as check_ranges, coerce, help_text,
-                          parse_override, read_yaml, setting, to_dict, valid_keys)
+from train.config import ConfigError, RunConfig, load_with_section, section_help_text, setting, to_dict
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -82,35 +80,12 @@ RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR, "adapter.gate_init": "normal",
                 "data.max_eval_examples": 500}
 
 
-def _sparsify_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(SparsifyConfig)]
-
-
 def load_configs(path: Optional[str] = None, overrides: Sequence[str] = ()) -> tuple[RunConfig, SparsifyConfig]:
     """Defaults, then the YAML file (trainer sections plus a `sparsify:` section), then `key=value` overrides.
 
     Keys of the sparsify section are `sparsify.<name>` or the bare name; every other key goes to the trainer config.
     """
-    file_values = read_yaml(path) if path is not None else {}
-    run_values = dict(file_values)
-    sparsify_values = dict(run_values.pop("sparsify", None) or {})
-    for text in overrides:
-        key, value = parse_override(text)
-        name = key.removeprefix("sparsify.")
-        if key.startswith("sparsify.") or name in _sparsify_keys():
-            sparsify_values[name] = value
-        else:
-            run_values[key] = value
-    hints = typing.get_type_hints(SparsifyConfig)
-    unknown = sorted(set(sparsify_values) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown sparsify key(s) {unknown}; valid: {', '.join(_sparsify_keys())}; "
-                          f"trainer keys: {', '.join(valid_keys())}")
-    sparsify = SparsifyConfig(**{k: coerce(f"sparsify.{k}", v, hints[k]) for k, v in sparsify_values.items()})
-    config = apply_overrides(apply_overrides(RunConfig(), RUN_DEFAULTS), run_values)
-    check_ranges(config)
-    check_ranges(sparsify, "sparsify.")
-    return config, sparsify
+    return load_with_section(path, overrides, "sparsify", SparsifyConfig, RUN_DEFAULTS)
 
 
 def stage_lambdas(sparsify: SparsifyConfig) -> np.ndarray:
@@ -389,9 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("sparsify keys (sparsify.<key> or the bare key):\n" + help_text(SparsifyConfig))
-        print("trainer keys (the staged run's defaults differ: " + ", ".join(f"{k}={v}" for k, v in RUN_DEFAULTS.items())
-              + "):\n" + help_text())
+        print(section_help_text("sparsify", SparsifyConfig, RUN_DEFAULTS, "the staged run"))
         return 0
     cli.quiet_libraries()
     path = argv.pop(0) if argv and "=" not in argv[0] else None

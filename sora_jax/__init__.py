@@ -16,6 +16,7 @@ from sora_jax.adapters import unmerge as unmerge
 from sora_jax.budget import BudgetCut as BudgetCut
 from sora_jax.budget import SoraBudgetState as SoraBudgetState
 from sora_jax.budget import adapter_params as adapter_params
+from sora_jax.budget import budget_phases as budget_phases
 from sora_jax.budget import budget_schedule as budget_schedule
 from sora_jax.budget import cut_to_budget as cut_to_budget
 from sora_jax.budget import retained_fraction as retained_fraction
@@ -57,6 +58,7 @@ __all__ = [
     "adapter_params",
     "apply_factored",
     "apply_sora",
+    "budget_phases",
     "budget_schedule",
     "combine",
     "cut_to_budget",

@@ -71,7 +71,7 @@ def budget_schedule(target_fraction: float | jax.Array, total_steps: int | jax.A
   """
 
   def schedule(count):
-    t0, t1 = _phase_steps(total_steps, start, reach)
+    t0, t1 = budget_phases(total_steps, start, reach)
     u = jnp.clip((jnp.asarray(count, jnp.float32) - t0) / (t1 - t0), 0.0, 1.0)
     target = jnp.asarray(target_fraction, jnp.float32)
     return target + (1.0 - target) * (1.0 - u) ** 3
@@ -79,8 +79,13 @@ def budget_schedule(target_fraction: float | jax.Array, total_steps: int | jax.A
   return schedule
 
 
-def _phase_steps(total_steps, start: float, reach: float) -> tuple[jax.Array, jax.Array]:
-  """(first step of the descent, first step of the hold), as float32 (the hold at least one step later)."""
+def budget_phases(total_steps: int | jax.Array, start: float = 0.1, reach: float = 0.7
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(step where the schedule starts to fall, step count at which `sora_budget` cuts to the budget), float32.
+
+  The cut comes at `ceil(reach * total_steps)`, at least one step after the start; the update at that count is the
+  cut, so the params after `cut + 1` steps are on budget.
+  """
   total = jnp.asarray(total_steps, jnp.float32)
   t0 = start * total
   return t0, jnp.maximum(jnp.ceil(reach * total), jnp.floor(t0) + 1.0)
@@ -192,7 +197,7 @@ def sora_budget(
     old = [leaves.value(flat_params[i]) for i in where]
     moved = [p + leaves.value(flat_updates[i]).astype(p.dtype) for i, p in zip(where, old)]
 
-    _, hold_from = _phase_steps(total_steps, start, reach)
+    _, hold_from = budget_phases(total_steps, start, reach)
     count = state.count.astype(jnp.float32)
     tau = state.lam if learning_rate is None else state.lam * _value(learning_rate, state.count)
     descent = [soft_threshold(z, tau.astype(z.dtype)) for z in moved]

@@ -529,10 +529,9 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
 
     schedule = lr_schedule(config, total)
     hyper = hyper_for(config, total, sparse_lambda, target_fraction(experiment))
-    tx = _optimizer(config, trainable, hyper)
     if "train_step" not in experiment.jitted:
         trainable_shardings = shd.named(experiment.trainable_specs, mesh)
-        abstract_opt = jax.eval_shape(tx.init, trainable)
+        abstract_opt = jax.eval_shape(_optimizer(config, trainable, hyper).init, trainable)
         opt_shardings = shd.named(_opt_state_specs(abstract_opt, experiment.trainable_specs), mesh)
         state_shardings = TrainState(shd.replicated(mesh), trainable_shardings, opt_shardings)
         experiment.jitted["init_state"] = jax.jit(
@@ -558,8 +557,8 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
     # Budget mode: the best evaluation is chosen among those after the cut to the budget (sora_jax.sora_budget).
     best_from = 0
     if budget_mode(config):
-        a = config.adapter
-        best_from = max(math.ceil(a.budget_reach * total), math.floor(a.budget_start * total) + 1) + 1
+        from sora_jax.budget import budget_phases
+        best_from = int(budget_phases(total, config.adapter.budget_start, config.adapter.budget_reach)[1]) + 1
 
     bar = None
     if config.train.progress and jax.process_index() == 0:

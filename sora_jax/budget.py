@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from sora_jax import leaves
-from sora_jax.optim import _gate_leaves, _is_variable, _key_name, _value, soft_threshold
+from sora_jax.optim import _gate_leaves, _is_variable, _key_name, _resolve_gates, _value, soft_threshold
 
 PyTree = Any
 
@@ -120,14 +120,15 @@ def retained_fraction(params: PyTree, mask: PyTree | None = None) -> jax.Array:
   """
   gates = _gate_leaves(params) if mask is None else mask
   costs = _rank_costs(params, gates)
-  active, total = jnp.zeros([], jnp.float32), 0.0
-  for leaf, cost in zip(jax.tree.leaves(params, is_leaf=_is_variable), costs):
-    if cost is None:
-      continue
-    g = leaves.value(leaf)
-    active = active + cost * jnp.sum(g != 0).astype(jnp.float32)
-    total += cost * g.size
-  return active / max(total, 1e-30)
+  found = [(leaves.value(leaf), cost) for leaf, cost in zip(jax.tree.leaves(params, is_leaf=_is_variable), costs)
+           if cost is not None]
+  return _active_fraction([g for g, _ in found], [c for _, c in found])
+
+
+def _active_fraction(gates: list[jax.Array], costs: list[float]) -> jax.Array:
+  """sum_g cost_g [g != 0] / sum_g cost_g over the entries of `gates` (each leaf's entries cost its `costs` item)."""
+  active = sum((c * jnp.sum(g != 0).astype(jnp.float32) for g, c in zip(gates, costs)), jnp.zeros([], jnp.float32))
+  return active / max(sum(c * g.size for g, c in zip(gates, costs)), 1e-30)
 
 
 def sora_budget(
@@ -182,13 +183,7 @@ def sora_budget(
     del extra_args
     if params is None:
       raise ValueError("sora_budget needs params: call update(updates, state, params)")
-    if mask is None:
-      gates = _gate_leaves(params)
-      if not any(jax.tree.leaves(gates)):
-        raise ValueError("sora_budget found no gate in params (no 'sora_gate', '<weight>_lora_gate' or "
-                         "sora_jax.SoraGate); adapt the model first, or pass mask=...")
-    else:
-      gates = mask(params) if callable(mask) else mask
+    gates = _resolve_gates(params, mask, "sora_budget")
     costs = _rank_costs(params, gates)
     treedef = jax.tree.structure(params, is_leaf=_is_variable)
     flat_updates = treedef.flatten_up_to(updates)
@@ -208,13 +203,9 @@ def sora_budget(
     new_gates = [jax.lax.select_n(phase, d, c, h) for d, c, h in zip(descent, cut, held)]
 
     new_updates = list(flat_updates)
-    active, total = jnp.zeros([], jnp.float32), 0.0
     for i, p, gate in zip(where, old, new_gates):
-      u = flat_updates[i]
-      new_updates[i] = leaves.rewrap(u, (gate - p).astype(leaves.value(u).dtype))
-      active = active + costs[i] * jnp.sum(gate != 0).astype(jnp.float32)
-      total += costs[i] * gate.size
-    fraction = active / max(total, 1e-30)
+      new_updates[i] = leaves.rewrap(flat_updates[i], (gate - p).astype(leaves.value(flat_updates[i]).dtype))
+    fraction = _active_fraction(new_gates, [costs[i] for i in where])
     target = schedule(state.count)
     log_lam = jnp.log(state.lam) + jnp.where(count < hold_from, gain * (fraction - target), 0.0)
     log_lam = jnp.clip(log_lam, jnp.log(lam_init) + log_lo, jnp.log(lam_init) + log_hi)

@@ -63,6 +63,20 @@ def _gate_leaves(params: PyTree) -> PyTree:
       treedef, [leaves.is_gate(tuple(_key_name(k) for k in path), leaf) for path, leaf in flat])
 
 
+def _resolve_gates(params: PyTree, mask: PyTree | Callable[[PyTree], PyTree] | None, name: str) -> PyTree:
+  """The bool gate tree of a gate step's `mask` argument: the given tree, `mask(params)`, or (None) every gate leaf
+  of `params`, where finding none is an error."""
+  if mask is not None:
+    return mask(params) if callable(mask) else mask
+  gates = _gate_leaves(params)
+  if not any(jax.tree.leaves(gates)):
+    raise ValueError(
+        f"{name} found no gate in params (no leaf named 'sora_gate' or '<weight>_lora_gate', no "
+        "sora_jax.SoraGate): was the model adapted (sora_jax.init / sora_jax.apply_sora), and are the gates "
+        "among the optimised params (e.g. nnx.Optimizer(..., wrt=nnx.LoRAParam))? Or pass mask=...")
+  return gates
+
+
 def sora_proximal(
     lam: ScalarOrSchedule,
     learning_rate: ScalarOrSchedule | None = None,
@@ -97,17 +111,7 @@ def sora_proximal(
     del extra_args
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    if mask is None:
-      gates = _gate_leaves(params)
-      if not any(jax.tree.leaves(gates)):
-        raise ValueError(
-            "sora_proximal found no gate in params (no leaf named 'sora_gate' or '<weight>_lora_gate', no "
-            "sora_jax.SoraGate): was the model adapted (sora_jax.init / sora_jax.apply_sora), and are the gates "
-            "among the optimised params (e.g. nnx.Optimizer(..., wrt=nnx.LoRAParam))? Or pass mask=...")
-    elif callable(mask):
-      gates = mask(params)
-    else:
-      gates = mask
+    gates = _resolve_gates(params, mask, "sora_proximal")
     tau = _value(lam, state.count)
     if learning_rate is not None:
       tau = tau * _value(learning_rate, state.count)

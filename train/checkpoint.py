@@ -5,15 +5,22 @@ optimizer state; step) and `meta` (JSON: data position, best score so far, confi
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 `<output_dir>/checkpoints/best/<step>/` keeps the trainable params of the best evaluation.
 
-Resume walks back: a latest checkpoint that cannot be restored (a truncated array file, an unreadable `meta`) is
-reported in one line and moved aside to `<step>.corrupt`, and the next older one is tried; with none left,
-`CheckpointError`. After a resume only the newest `keep` checkpoints remain.
+Resume walks back: a latest checkpoint that cannot be restored (a truncated array file, an unreadable `meta`, arrays
+whose checksum differs from the one saved in `meta`) is reported in one line and moved aside to `<step>.corrupt`, and
+the next older one is tried; with none left, `CheckpointError`. After a resume only the newest `keep` checkpoints
+remain.
+
+The checksum (`fingerprint`) is one uint32 per array, a position-weighted sum of the array's bits modulo 2^32 computed
+on the devices: integer sums are exact in any order, so it does not depend on the mesh the arrays are sharded over,
+and it needs no gather to one host. A save that fails (a full disk) raises `CheckpointError` naming the step and
+the last checkpoint that was written completely; orbax's own error logs are kept out of the output.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
 import sys
 from typing import Any, Optional
 
@@ -39,6 +46,8 @@ class Checkpoints:
     def __init__(self, directory: str, keep: int = 2):
         directory = os.path.abspath(directory)
         self.keep = keep
+        self.failed = False  # a save failed: later waits and closes stay silent
+        self._pending: Optional[int] = None  # the step of the save orbax may still be writing
         self.latest = ocp.CheckpointManager(
             os.path.join(directory, "latest"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -50,9 +59,54 @@ class Checkpoints:
             item_names=("params", "meta"))
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        meta = {**meta, "state_signature": _signature(state)}
-        self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
+        """Starts writing `state` and `meta` as checkpoint `step` (orbax finishes it in the background).
+
+        `meta` gains the state's layout signature, its checksum (`fingerprint`) and whether all of it is finite.
+        """
+        checksum, finite = fingerprint(state)
+        meta = {**meta, "state_signature": _signature(state), "state_checksum": checksum, "finite": finite}
+        self._guarded(step, lambda: self.latest.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True))
+        self._pending = step
+
+    def _guarded(self, step: Optional[int], write) -> None:
+        """Runs `write` (a save, or waiting for one); a failure becomes one `CheckpointError` line, and later waits
+        stay silent, so the run stops with that line alone."""
+        if self.failed:
+            return
+        try:
+            with _quiet_orbax():
+                write()
+        except Exception as e:  # orbax/tensorstore wrap an OSError (ENOSPC) in many types
+            self.failed = True
+            reason = _os_reason(e)
+            step = self._pending if step is None else step
+            last = self._complete_steps(excluding=step)
+            kept = (f"the last complete checkpoint is step {last[-1]} in {self.latest.directory} (resume=true "
+                    "restarts there)" if last else "no checkpoint was completed")
+            raise CheckpointError(f"saving checkpoint step {step} to {self.latest.directory} failed ({reason}); "
+                                  f"stopped training; {kept}; free disk space and rerun with resume=true") from None
+
+    def _complete_steps(self, excluding: Optional[int] = None) -> list[int]:
+        """Steps whose folder orbax has finalised (renamed from its temporary name), oldest first."""
+        directory = str(self.latest.directory)
+        found = []
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if name.isdigit() and int(name) != excluding and os.path.isdir(os.path.join(directory, name)):
+                found.append(int(name))
+        return sorted(found)
+
+    def last_finite_step(self) -> Optional[int]:
+        """The newest latest checkpoint whose `meta` says all of its state was finite when saved."""
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                with _quiet_orbax():
+                    meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception:  # unreadable: not a step to name
+                continue
+            if isinstance(meta, dict) and meta.get("finite", True):
+                return step
+        return None
 
     def save_best(self, step: int, params: Any, meta: dict, score: float) -> None:
         self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
@@ -100,6 +154,9 @@ class Checkpoints:
                 with _quiet_orbax():
                     restored = self.latest.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
+                saved = meta.get("state_checksum")
+                if saved is not None and fingerprint(restored.state)[0] != saved:
+                    raise ValueError("the arrays' checksum differs from the one saved with them (damaged data)")
             except Exception as e:  # orbax/tensorstore raise many types for a damaged file
                 _drop_closed_loop_reports()
                 moved.append(self._move_aside(step, e))
@@ -136,11 +193,22 @@ class Checkpoints:
             params=ocp.args.StandardRestore(_abstract(like_params)), meta=ocp.args.JsonRestore()))
         return restored.params, restored.meta
 
+    def check(self) -> None:
+        """Raises `CheckpointError` if a save running in the background has failed (does not wait for it)."""
+        self._guarded(None, self.latest.check_for_errors)
+
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        self._guarded(None, lambda: (self.latest.wait_until_finished(), self.best.wait_until_finished()))
 
     def close(self) -> None:
+        if self.failed:  # closing waits for the failed save again: its error is reported already
+            with _quiet_orbax():
+                for manager in (self.latest, self.best):
+                    try:
+                        manager.close()
+                    except Exception:
+                        pass
+            return
         self.latest.close()
         self.best.close()
 
@@ -159,6 +227,52 @@ class _quiet_orbax:
     def __exit__(self, *exc):
         for n, level in self._levels.items():
             logging.getLogger(n).setLevel(level)
+
+
+_OS_REASON = re.compile(r"\[OS error(?: \d+)?: ([^\]]+)\]|(No space left on device|Disk quota exceeded|File too large"
+                        r"|Read-only file system)")
+
+
+def _os_reason(error: Exception) -> str:
+    """The operating system's words for a failed write ("No space left on device"), else the error's first 200
+    characters: tensorstore wraps them in a long spec."""
+    text = " ".join(str(error).split())
+    match = _OS_REASON.search(text)
+    return (match.group(1) or match.group(2)) if match else f"{type(error).__name__}: {text[:200]}"
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """sum_i bits(x_i) * (2 i + 1) mod 2^32 over the flattened array (uint32): exact in any reduction order."""
+    import jax.numpy as jnp
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype.itemsize == 1:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    else:
+        raise ValueError(f"no checksum for {x.dtype} arrays")
+    weights = 2 * jax.lax.iota(jnp.uint32, x.size) + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(leaves):
+    import jax.numpy as jnp
+    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return [_leaf_fingerprint(x) for x in leaves], jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+
+
+def fingerprint(state: Any) -> tuple[str, bool]:
+    """A checksum of every array of `state` (hex, equal for equal arrays whatever their sharding) and whether all of
+    its floating-point values are finite."""
+    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
+    sums, finite = jax.device_get(_fingerprints(leaves))
+    digest = hashlib.sha256(b"".join(int(v).to_bytes(4, "little") for v in sums)).hexdigest()[:16]
+    return digest, bool(finite)
 
 
 def _signature(state: Any) -> str:

@@ -579,6 +579,7 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
             done = step + 1
             pending.append((done, step_metrics))
             stop_now = stop.agreed()
+            checkpoints.check()  # a checkpoint write that failed in the background stops the run here
             log_now = done % config.train.log_every == 0 or done == total
             eval_now = done % config.train.eval_every == 0 or done == total
             save_now = done % config.train.save_every == 0 or done == total or stop_now
@@ -663,7 +664,7 @@ def _check_resume_config(meta: dict, config: RunConfig, checkpoints: Checkpoints
 def _nonfinite_error(bad: tuple, checkpoints: Checkpoints, config: RunConfig) -> NonFiniteError:
     step, metrics = bad
     checkpoints.wait()
-    last = checkpoints.latest_step()
+    last = checkpoints.last_finite_step()
     where = (f"the last good checkpoint is step {last} in {checkpoints.latest.directory} (resume=true restarts "
              "there)" if last is not None else "no checkpoint was saved yet")
     return NonFiniteError(

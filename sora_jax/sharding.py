@@ -159,18 +159,19 @@ def _explicit_env() -> dict:
   return {"coordinator_address": address, **values}
 
 
-def maybe_initialize_distributed() -> bool:
+def maybe_initialize_distributed(initialization_timeout: int = 300) -> bool:
   """Calls `jax.distributed.initialize` when the environment describes several hosts; returns whether it did.
 
   With JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, those three are
   passed explicitly; otherwise `initialize()` detects the cluster itself (TPU pod metadata, SLURM, Open MPI). So one
   command runs on every host. An incomplete JAX_* environment raises `ValueError` naming the missing variable.
+  `initialization_timeout` (seconds) is how long JAX waits for every process to reach the coordinator.
   """
   if not _multi_host_env():
     return False
   if jax.distributed.is_initialized():
     return True
-  jax.distributed.initialize(**_explicit_env())
+  jax.distributed.initialize(**_explicit_env(), initialization_timeout=initialization_timeout)
   return True
 
 

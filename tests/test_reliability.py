@@ -373,3 +373,68 @@ def test_checkpoint_of_another_layout_is_not_moved_aside(tmp_path):
         reader.restore_latest({"a": jnp.zeros((4, 4))})
     reader.close()
     assert sorted(os.listdir(tmp_path / "latest")) == ["1", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data and start-up problems named in one line
+
+
+@pytest.mark.parametrize("value, problem", [("", "is empty"), ("   ", "is empty"), (None, "is null"),
+                                            (17, "is int 17, not text")])
+def test_a_text_field_that_is_not_text_names_file_row_and_column(tmp_path, value, problem):
+    from train.data import DataError
+    rows = ROWS[:3] + [{"sentence": value, "label": 0}] + ROWS[3:]
+    with pytest.raises(DataError) as e:
+        _local(tmp_path, rows, ROWS)
+    message = str(e.value)
+    assert "\n" not in message and "train.jsonl" in message and "column 'sentence', row 4" in message, message
+    assert problem in message
+
+
+def test_two_formats_of_one_split_are_an_error_naming_both(tmp_path):
+    from train.data import DataError
+    (tmp_path / "train.csv").write_text("sentence,label\nold,1\n")
+    with pytest.raises(DataError) as e:
+        _local(tmp_path, ROWS, ROWS)
+    assert f"{tmp_path}/train.jsonl" in str(e.value) and f"{tmp_path}/train.csv" in str(e.value)
+
+
+def test_max_length_above_the_model_s_positions_is_a_config_error():
+    import transformers
+    from train.config import ConfigError, load_config
+    from train.loop import _check_max_length
+    bert = transformers.BertConfig(max_position_embeddings=512)
+    _check_max_length(load_config(None, ["max_length=512"]), bert)
+    with pytest.raises(ConfigError, match=r"data.max_length=600 is above the 512 positions .*max_length=512 or less"):
+        _check_max_length(load_config(None, ["max_length=600"]), bert)
+    roberta = transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)  # positions start at 2
+    with pytest.raises(ConfigError, match="above the 512 positions"):
+        _check_max_length(load_config(None, ["max_length=513"]), roberta)
+    relative = transformers.DebertaV2Config(max_position_embeddings=512, position_biased_input=False)
+    _check_max_length(load_config(None, ["max_length=1024"]), relative)  # no absolute positions: no limit
+
+
+def test_metrics_log_drops_a_line_cut_short_on_resume(tmp_path, capsys):
+    from train.loop import _truncate_log
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.9}\n{"step": 3, "train/lo')
+    _truncate_log(str(path), 2)
+    assert path.read_text() == '{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.9}\n'
+    assert "dropped 1 unreadable line" in capsys.readouterr().out
+    _truncate_log(str(path), 1)
+    assert path.read_text() == '{"step": 1, "train/loss": 1.0}\n'
+
+
+def test_a_multi_host_start_missing_a_process_says_so_and_gives_up(tmp_path):
+    """Process 0 of 2 alone: a line within seconds says what it waits for; after SORA_JAX_INIT_TIMEOUT_S one error
+    line and exit 2 (not JAX's abort with a C++ stack trace after 300 s)."""
+    import time
+    env = dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0",
+               SORA_JAX_INIT_TIMEOUT_S="8")
+    started = time.time()
+    proc = _cli(f"output_dir={tmp_path}", env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("waiting for 2 processes at 127.0.0.1:") and "giving up after 8 s" in lines[0], lines
+    assert lines[-1].startswith("error: not every one of 2 processes") and len(lines) == 2, lines
+    assert time.time() - started < 60

@@ -23,14 +23,49 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+INIT_TIMEOUT_S = 300  # default wait for every process of a multi-host run; env SORA_JAX_INIT_TIMEOUT_S overrides
+INIT_NOTICE_S = 5  # after this long without all processes, say what the start is waiting for
+
+
 def initialize_distributed() -> None:
-    """`sora_jax.sharding.maybe_initialize_distributed`, with an incomplete JAX_* environment as a `ConfigError`."""
+    """`sora_jax.sharding.maybe_initialize_distributed`, with an incomplete JAX_* environment as a `ConfigError`.
+
+    A start that waits for missing processes says so on stderr after `INIT_NOTICE_S` seconds, and after the timeout
+    (`SORA_JAX_INIT_TIMEOUT_S`, default `INIT_TIMEOUT_S`) ends the process with one line and exit code 2; JAX's own
+    limit is set later, so its abort with a C++ stack trace is never reached.
+    """
+    import threading
     from sora_jax.sharding import maybe_initialize_distributed
     from train.config import ConfigError
+    raw = os.environ.get("SORA_JAX_INIT_TIMEOUT_S", str(INIT_TIMEOUT_S))
     try:
-        maybe_initialize_distributed()
+        timeout = int(raw)
+    except ValueError:
+        raise ConfigError(f"SORA_JAX_INIT_TIMEOUT_S={raw!r} must be a whole number of seconds") from None
+    where = (f"{os.environ.get('JAX_NUM_PROCESSES', 'all')} processes at {os.environ['JAX_COORDINATOR_ADDRESS']} "
+             f"(this is process {os.environ.get('JAX_PROCESS_ID', '?')})" if os.environ.get("JAX_COORDINATOR_ADDRESS")
+             else "the cluster's other processes")
+
+    def notice():
+        print(f"waiting for {where}; giving up after {timeout} s (SORA_JAX_INIT_TIMEOUT_S): start every process",
+              file=sys.stderr, flush=True)
+
+    def give_up():
+        print(f"error: not every one of {where} started within {timeout} s; start all of them with the same "
+              "JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or raise SORA_JAX_INIT_TIMEOUT_S", file=sys.stderr,
+              flush=True)
+        os._exit(2)
+    timers = [threading.Timer(min(INIT_NOTICE_S, timeout), notice), threading.Timer(timeout, give_up)]
+    for timer in timers:
+        timer.daemon = True
+        timer.start()
+    try:
+        maybe_initialize_distributed(initialization_timeout=timeout + 60)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    finally:
+        for timer in timers:
+            timer.cancel()
 
 
 def fail(error: BaseException, code: int = 2) -> int:

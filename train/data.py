@@ -109,11 +109,29 @@ def task_spec(config: DataConfig) -> TaskSpec:
 
 
 def _find_file(data_dir: str, split: str) -> Optional[str]:
-    for ext in _EXTENSIONS:
-        path = os.path.join(data_dir, f"{split}.{ext}")
-        if os.path.exists(path):
-            return path
-    return None
+    """The one file of `split` in `data_dir` (None if there is none); two formats of one split are a `DataError`,
+    since which of them is stale cannot be told."""
+    found = [path for path in (os.path.join(data_dir, f"{split}.{ext}") for ext in _EXTENSIONS)
+             if os.path.exists(path)]
+    if len(found) > 1:
+        raise DataError(f"{data_dir} holds split {split!r} in {len(found)} formats ({', '.join(found)}); keep one "
+                        "and remove or rename the others")
+    return found[0] if found else None
+
+
+def _check_texts(dataset, spec: TaskSpec, where: str) -> None:
+    """Raises `DataError` naming the file, row and column of the first text field that is empty, null or not text
+    (a number, a list)."""
+    for column in (spec.sentence1_key, spec.sentence2_key):
+        if column is None:
+            continue
+        for row, value in enumerate(dataset[column]):
+            if isinstance(value, str) and value.strip():
+                continue
+            problem = ("is empty" if isinstance(value, str) else "is null" if value is None
+                       else f"is {type(value).__name__} {value!r}, not text")
+            raise DataError(f"{where}: column {column!r}, row {row + 1} {problem}; give every row a sentence, or "
+                            "drop the row")
 
 
 def _load_file(path: str):
@@ -227,6 +245,7 @@ def load_raw(spec: TaskSpec, config: DataConfig) -> dict:
                 raise DataError(f"no {split}.{{{','.join(_EXTENSIONS)}}} in {spec.data_dir}; add that file")
             raw[split] = _load_file(path)
             _check_columns(raw[split], spec, path)
+            _check_texts(raw[split], spec, path)
             raw[split] = _labelled(raw[split], spec, path, split)
     else:
         import datasets

@@ -100,6 +100,20 @@ def _family(model_config):
     return loading.family_module(model_config.model_type)
 
 
+def _check_max_length(config: RunConfig, model_config) -> None:
+    """`data.max_length` (and the padding buckets it allows) must fit the model's absolute positions: past them the
+    position embedding has no row and the activations turn NaN. RoBERTa's positions start after its padding index;
+    models without absolute positions (DeBERTa-v2 with position_biased_input=false) have no such limit."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is None or not getattr(model_config, "position_biased_input", True):
+        return
+    if model_config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+    if config.data.max_length > positions:
+        raise ConfigError(f"data.max_length={config.data.max_length} is above the {positions} positions of model "
+                          f"{config.model.name!r}; set data.max_length={positions} or less")
+
+
 def build(config: RunConfig) -> Experiment:
     """Loads the model, adds adapters, tokenises the data and lays params out on a mesh."""
     from transformers import AutoTokenizer
@@ -119,6 +133,7 @@ def build(config: RunConfig) -> Experiment:
                                  scan_layers=config.model.scan_layers, remat=config.model.remat, seed=config.seed,
                                  **overrides)
     params = pretrained.params
+    _check_max_length(config, pretrained.config)
 
     trainable_patterns = tuple(config.adapter.trainable) + ((LAYERNORM,) if config.adapter.train_layernorm else ())
     sora = None
@@ -453,6 +468,26 @@ def score_key(experiment: Experiment) -> str:
 # logs
 
 
+def _truncate_log(path: str, start_step: int) -> None:
+    """Keeps the records of `path` up to `start_step`; a line cut short by a kill (not JSON) is dropped with a note.
+    The file is rewritten beside itself and renamed, so a kill now loses nothing."""
+    kept, broken = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                broken += 1
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= start_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if broken:
+        print(f"note: {path}: dropped {broken} unreadable line(s) (cut short when the run was stopped)")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class RunLog:
     """metrics.jsonl and TensorBoard events in the output directory (process 0 only)."""
 
@@ -464,10 +499,7 @@ class RunLog:
             return
         os.makedirs(output_dir, exist_ok=True)
         if os.path.exists(self.path):  # drop records past the step we resume from
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            _truncate_log(self.path, start_step)
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step or None)
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -330,8 +331,9 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_from_jax_env_match_one_process(tiny_model, tiny_data, tmp_path):
-    """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID start 2 processes of 2 CPU devices each; their
-    loss curve and metrics equal those of 1 process with 4 devices."""
+    """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID start 2 processes of 2 CPU devices each; SIGTERM
+    to one of them stops both after the same step with a checkpoint; resumed, their loss curve and metrics equal those
+    of 1 process with 4 devices."""
     args = [f"model.name={tiny_model}", "data.task=local", f"data.data_dir={tiny_data}", "max_length=16",
             "batch_size=8", "eval_batch_size=16", "max_steps=4", "eval_every=4", "save_every=4", "log_every=1",
             "progress=false", "learning_rate=1e-2", "gate_init=normal", "sparse_lambda=0.05",
@@ -340,15 +342,38 @@ def test_two_processes_from_jax_env_match_one_process(tiny_model, tiny_data, tmp
                                         **extra)
     single = _cli(*args, f"output_dir={tmp_path}/one", env=env(4))
     assert single.returncode == 0, single.stderr[-3000:]
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "train.glue", *args, f"output_dir={tmp_path}/two"],
-                              env=env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                      JAX_PROCESS_ID=str(i)),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    def two(*extra, code=None):
+        port = _free_port()
+        start = ["-m", "train.glue"] if code is None else ["-c", code]
+        procs = [subprocess.Popen([sys.executable, *start, *args, f"output_dir={tmp_path}/two", *extra],
+                                  env=env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                          JAX_PROCESS_ID=str(i)),
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outputs = [p.communicate(timeout=300) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+    # Only process 1 receives SIGTERM, while its step 3 runs: both processes save step 3 and stop (exit 75).
+    preempt_process_1 = textwrap.dedent("""
+        import os, signal, sys
+        from train import data
+        call = data.TrainBatches.__call__
+        def batches(self, step):
+            if step == 2 and os.environ["JAX_PROCESS_ID"] == "1":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return call(self, step)
+        data.TrainBatches.__call__ = batches
+        from train.glue import main
+        sys.exit(main(sys.argv[1:]))
+        """)
+    stopped = two(code=preempt_process_1)
+    for _, _, err in stopped:
+        assert err.strip().splitlines()[-1].startswith("stopped by "), err[-3000:]
+        assert "after step 3;" in err.strip().splitlines()[-1]
+    assert [code for code, _, _ in stopped] == [75, 75]
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "latest")) == ["3"]
+    for code, _, err in two("resume=true"):
+        assert code == 0, err[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["metrics"] == pytest.approx(two["metrics"], abs=1e-6)

@@ -8,7 +8,7 @@ files; the staging folder is removed.
 
 `read_adapter_config` and `check_adapter_tensors` are `load_peft`'s checks of a PEFT LoRA adapter: each problem
 (malformed JSON, a non-numeric, non-finite or non-positive `lora_alpha` or `r`, an empty tensor file, a non-finite
-value, a rank-0 factor, a `modules_to_save` entry without weights) is one `ValueError` naming the file and the key.
+value, a rank-0 factor, `modules_to_save` without any of its weights) is one `ValueError` naming the file and the key.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def read_adapter_config(path: str) -> dict:
 
 def check_adapter_tensors(path: str, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
   """Raises `ValueError` for an adapter tensor file without LoRA factors, a non-finite value, a rank-0 factor
-  (lora_A: (r, in), lora_B: (out, r) with r = 0), or a `modules_to_save` entry of `config` with no weights."""
+  (lora_A: (r, in), lora_B: (out, r) with r = 0), or `modules_to_save` in `config` with none of its weights."""
   if not any(".lora_A" in key for key in tensors):
     raise ValueError(f"{path}: holds no LoRA factors ({len(tensors)} tensors, none named *.lora_A.*); the file is "
                      "empty or not a LoRA adapter")
@@ -115,8 +115,10 @@ def check_adapter_tensors(path: str, tensors: Mapping[str, np.ndarray], config: 
       bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
       raise ValueError(f"{path}: {key} holds {bad} NaN or infinite values; the adapter is broken, re-train or "
                        "re-export it")
+  # PEFT lists candidate names (a sequence classifier's `classifier` and `score`) and saves those the model has, so
+  # one listed module with weights is enough; none at all means the head is missing and would stay random.
   plain = ["." + key for key in tensors if ".lora_" not in key]
-  for module in config.get("modules_to_save") or ():
-    if not any(f".{module}." in key for key in plain):
-      raise ValueError(f"{path}: modules_to_save lists {module!r} but the file holds no weights of it; a missing "
-                       "head would be left random, re-export the adapter with its head")
+  listed = list(config.get("modules_to_save") or ())
+  if listed and not any(f".{module}." in key for module in listed for key in plain):
+    raise ValueError(f"{path}: modules_to_save lists {listed} but the file holds no weights of them; the head would "
+                     "be left random, re-export the adapter with its head")

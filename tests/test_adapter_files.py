@@ -118,7 +118,7 @@ def _nan(x):
    ["adapter_model.safetensors", "lora_B", "infinite"]),
   ("nan in the head", None, lambda t: _set(t, "classifier", _nan), ["classifier", "NaN"]),
   ("empty tensor file", None, lambda t: {}, ["adapter_model.safetensors", "no LoRA factors"]),
-  ("missing head", None, _without_head, ["modules_to_save", "'classifier'", "no weights"]),
+  ("missing head", None, _without_head, ["modules_to_save", "['classifier']", "no weights"]),
   ("rank 0", None, _rank_zero, ["lora_A", "rank 0"]),
   ("alpha nan", lambda c: {**c, "lora_alpha": float("nan")}, None, ["adapter_config.json", "lora_alpha", "nan"]),
   ("alpha string", lambda c: {**c, "lora_alpha": "8"}, None, ["adapter_config.json", "lora_alpha", "'8'"]),

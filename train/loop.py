@@ -779,8 +779,10 @@ def finish(experiment: Experiment, outcome: FitOutcome, *, write: bool = True) -
         results["peft"] = _export_peft(experiment, pruned, outcome.output_dir)
     if write and jax.process_index() == 0:
         os.makedirs(outcome.output_dir, exist_ok=True)
-        with open(os.path.join(outcome.output_dir, "results.json"), "w") as f:
+        path = os.path.join(outcome.output_dir, "results.json")
+        with open(path + ".tmp", "w") as f:  # renamed into place: a kill leaves the old file or the new, whole
             json.dump(results, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
     return results
 
 

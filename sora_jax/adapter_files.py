@@ -74,6 +74,9 @@ def _swap(staging: str, target: str, owned: Sequence[str]) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+_PEFT_HEAD_NAMES = ("classifier", "score", "qa_outputs")  # the heads PEFT adds to modules_to_save by task type
+
+
 def _number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -115,10 +118,15 @@ def check_adapter_tensors(path: str, tensors: Mapping[str, np.ndarray], config: 
       bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
       raise ValueError(f"{path}: {key} holds {bad} NaN or infinite values; the adapter is broken, re-train or "
                        "re-export it")
-  # PEFT lists candidate names (a sequence classifier's `classifier` and `score`) and saves those the model has, so
-  # one listed module with weights is enough; none at all means the head is missing and would stay random.
+  # PEFT adds its task's head names (`classifier` and `score` for a classifier) to modules_to_save and saves the one
+  # the model has, so of those one with weights is enough; every other listed module needs its weights.
   plain = ["." + key for key in tensors if ".lora_" not in key]
+  has = lambda module: any(f".{module}." in key for key in plain)  # noqa: E731
   listed = list(config.get("modules_to_save") or ())
-  if listed and not any(f".{module}." in key for module in listed for key in plain):
-    raise ValueError(f"{path}: modules_to_save lists {listed} but the file holds no weights of them; the head would "
-                     "be left random, re-export the adapter with its head")
+  alternatives = [m for m in listed if m in _PEFT_HEAD_NAMES]
+  missing = [m for m in listed if m not in _PEFT_HEAD_NAMES and not has(m)]
+  if alternatives and not any(has(m) for m in alternatives):
+    missing.append(" or ".join(repr(m) for m in alternatives))
+  if missing:
+    raise ValueError(f"{path}: modules_to_save lists {', '.join(map(str, missing))} but the file holds no weights "
+                     "of it; that head would be left random, re-export the adapter with its head")

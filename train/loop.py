@@ -13,7 +13,9 @@ micro-batches whose gradients are averaged inside the jitted step (a `lax.scan`)
 steps. The dropout key of step t is fold_in(seed, t) and batches are a pure function of the step, so a resumed run
 repeats an uninterrupted one exactly. A step whose loss, gradients or updated params are not finite leaves the state
 unchanged; `train.on_nonfinite` then stops the run (`NonFiniteError`, nothing saved from that step) or counts the
-step as skipped.
+step as skipped. SIGTERM or SIGINT during `fit` finishes the step, saves it and raises `train.preemption.Preempted`;
+checkpoints carry the run's config, and a resume with a changed key outside `train.config.RESUMABLE_KEYS` is a
+`CheckpointError`. `run` holds the output directory's lock (`train.rundir`) while it works.
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_full_fine_tuning_at_an_adapter_learning_rate_warns(capsys, monkeypatch)
     import sora_jax.sharding
     runs = []
     monkeypatch.setattr(allocator, "configure", lambda mode: None)  # the real one changes this process's malloc
-    monkeypatch.setattr(sora_jax.sharding, "maybe_initialize_distributed", lambda: None)
+    monkeypatch.setattr(sora_jax.sharding, "maybe_initialize_distributed", lambda **kwargs: None)
     monkeypatch.setattr(loop, "run", lambda config: runs.append(config) or {})
     assert glue.main(["adapter.method=full", "learning_rate=2e-3"]) == 0
     assert capsys.readouterr().err == f"warning: {line}\n"

@@ -455,11 +455,11 @@ def test_a_multi_host_start_missing_a_process_says_so_and_gives_up(tmp_path):
     line and exit 2 (not JAX's abort with a C++ stack trace after 300 s)."""
     import time
     env = dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0",
-               SORA_JAX_INIT_TIMEOUT_S="8")
+               SORA_JAX_INIT_TIMEOUT_S="4")
     started = time.time()
     proc = _cli(f"output_dir={tmp_path}", env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[0].startswith("waiting for 2 processes at 127.0.0.1:") and "giving up after 8 s" in lines[0], lines
+    assert lines[0].startswith("waiting for 2 processes at 127.0.0.1:") and "giving up after 4 s" in lines[0], lines
     assert lines[-1].startswith("error: not every one of 2 processes") and len(lines) == 2, lines
     assert time.time() - started < 60

@@ -55,7 +55,7 @@ def initialize_distributed() -> None:
               "JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or raise SORA_JAX_INIT_TIMEOUT_S", file=sys.stderr,
               flush=True)
         os._exit(2)
-    timers = [threading.Timer(min(INIT_NOTICE_S, timeout), notice), threading.Timer(timeout, give_up)]
+    timers = [threading.Timer(min(INIT_NOTICE_S, timeout / 2), notice), threading.Timer(timeout, give_up)]
     for timer in timers:
         timer.daemon = True
         timer.start()

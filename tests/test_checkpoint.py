@@ -85,3 +85,24 @@ def test_a_full_disk_stops_with_one_line_naming_the_last_complete_checkpoint(tmp
     line = proc.stdout.strip()
     assert line.startswith(f"error: saving checkpoint step 3 to {tmp_path}/latest failed (File too large)"), line
     assert "the last complete checkpoint is step 2" in line and "resume=true" in line
+
+
+def test_fingerprint_does_not_depend_on_the_sharding():
+    """Resume may land on another mesh: the checksum of arrays split over 4 devices equals that of one copy."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from train.checkpoint import fingerprint
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+        tree = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((8, 12)), jnp.float32),
+                "m": jnp.arange(16, dtype=jnp.bfloat16)}
+        split = {"w": jax.device_put(tree["w"], NamedSharding(mesh, P("data", "fsdp"))),
+                 "m": jax.device_put(tree["m"], NamedSharding(mesh, P(("data", "fsdp"))))}
+        assert len(split["w"].sharding.device_set) == 4
+        print(fingerprint(tree)[0] == fingerprint(split)[0])
+        """)
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"

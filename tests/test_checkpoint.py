@@ -106,3 +106,21 @@ def test_fingerprint_does_not_depend_on_the_sharding():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
+
+
+def test_a_damaged_best_checkpoint_is_an_error(tmp_path):
+    import jax.numpy as jnp
+    from train.checkpoint import CheckpointError, Checkpoints
+    writer = Checkpoints(str(tmp_path), keep=2)
+    writer.save_best(4, {"w": jnp.full((4, 4), 4.0)}, {"step": 4}, score=0.5)
+    writer.wait()
+    params, meta = writer.restore_best({"w": jnp.zeros((4, 4))})
+    assert meta["step"] == 4 and float(params["w"][0, 0]) == 4.0
+    writer.close()
+    path = _metadata(tmp_path / "best" / "4")
+    meta = json.loads(open(path).read())
+    open(path, "w").write(json.dumps({**meta, "params_checksum": "0" * 16}))
+    reader = Checkpoints(str(tmp_path), keep=2)
+    with pytest.raises(CheckpointError, match="kept-best checkpoint .*4 is damaged"):
+        reader.restore_best({"w": jnp.zeros((4, 4))})
+    reader.close()

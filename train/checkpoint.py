@@ -109,9 +109,10 @@ class Checkpoints:
         return None
 
     def save_best(self, step: int, params: Any, meta: dict, score: float) -> None:
-        self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                     meta=ocp.args.JsonSave(meta)),
-                       metrics={"score": float(score)}, force=True)
+        meta = {**meta, "params_checksum": fingerprint(params)[0]}
+        self._guarded(step, lambda: self.best.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), metrics={"score": float(score)},
+            force=True))
 
     def drop_after(self, step: int) -> None:
         """Deletes checkpoints past `step`: on resume, those are from the lost part of a killed run."""
@@ -191,6 +192,11 @@ class Checkpoints:
         step = self.best.best_step()
         restored = self.best.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(like_params)), meta=ocp.args.JsonRestore()))
+        saved = restored.meta.get("params_checksum")
+        if saved is not None and fingerprint(restored.params)[0] != saved:
+            raise CheckpointError(f"the kept-best checkpoint {self.best.directory}/{step} is damaged (its arrays' "
+                                  "checksum differs from the one saved with them); rerun with final_params=last, or "
+                                  "resume the run from its latest checkpoint")
         return restored.params, restored.meta
 
     def check(self) -> None:

@@ -246,7 +246,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     eval_split = experiment.eval_splits[0]
     splits = (MEMORIZATION_SPLIT,) + experiment.eval_splits + (experiment.test_splits if sparsify.evaluate_test else ())
 
-    params, stages, rank_records, offset = experiment.trainable, [], [], 0
+    params, stages = experiment.trainable, []
     for k, lam in enumerate(lambdas):
         lam = float(lam)
         stage_dir = _stage_dir(output_dir, k)
@@ -292,8 +292,6 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
             _save_params(os.path.join(stage_dir, "params"), params)
             _write_json(record_path, record)  # last: marks the stage complete
         stages.append(record)
-        rank_records += plots.read_rank_log(os.path.join(stage_dir, "metrics.jsonl"), offset)
-        offset += record["steps"]
 
     reference = {"source": "stage 0", "metric": main, "memorization_split": f"{n_memorize} training examples",
                  "generalization_split": eval_split, "train_metric": stages[0]["train_metric"],
@@ -314,10 +312,6 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     if jax.process_index() != 0:
         return table
     pictures = plots.plot_stage_table(table, output_dir)
-    if not rank_records:  # the trainer logs no per-module ranks: the stage ends are the steps we have
-        rank_records = [(sum(s["steps"] for s in stages[:i + 1]), s["ranks"]) for i, s in enumerate(stages)]
-    pictures.append(plots.plot_rank_over_steps(rank_records, os.path.join(output_dir, "rank_over_steps.png"),
-                                               table["rank_max"], title="active rank over the staged run's steps"))
     print_table(table)
     for path in [os.path.join(output_dir, "stages.json")] + pictures:
         print(f"wrote {path}")

@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from train import cli
-from train.config import ConfigError, RunConfig, load_with_section, section_help_text, setting, to_dict
+from train.config import RunConfig, load_with_section, section_help_text, setting, to_dict
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -354,27 +354,15 @@ def print_table(table: dict) -> None:
     console.print(ranks)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print(section_help_text("sparsify", SparsifyConfig, RUN_DEFAULTS, "the staged run"))
-        return 0
-    cli.quiet_libraries()
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    try:
-        config, sparsify = load_configs(path, argv)
-        check(config, sparsify)
-    except (ConfigError, ValueError) as e:
-        return cli.fail(e)
+def _load(path: Optional[str], overrides: list[str], _) -> tuple[RunConfig, SparsifyConfig]:
+    config, sparsify = load_configs(path, overrides)
+    check(config, sparsify)
+    return config, sparsify
 
-    def start():
-        from train.allocator import configure
-        configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
-        cli.initialize_distributed()
-        table = run_stages(config, sparsify)
-        return 0 if table is not None or config.train.abort_at_step is not None else 1
-    return cli.run_guarded(start)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.main(argv, doc=__doc__, load=_load, run=run_stages,
+                    help_text=lambda: section_help_text("sparsify", SparsifyConfig, RUN_DEFAULTS, "the staged run"))
 
 
 if __name__ == "__main__":

@@ -212,10 +212,6 @@ def main(spec: dict) -> dict:
     del params
     result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
     result["trainable"] = trainable
-  elif spec["kind"] == "huge_pages":  # the step with transparent huge pages allowed and forbidden, in turn
-    step, _ = train_step(spec["model"], spec["method"], module, params, inputs, labels)
-    del params
-    result.update(measure.time_huge_pages(step, warmup=warmup, rounds=spec.get("rounds", 4)))
   elif spec["kind"] == "train_interleaved":
     # Every method's step in this one process, timed in turn each round: ratios that survive a loaded machine.
     steps = {method: train_step(spec["model"], method, module, params, inputs, labels)[0]

@@ -17,8 +17,7 @@ PyTorch allocates and frees smaller blocks that glibc keeps in its heap. On a vi
 memory to its host (virtio-balloon free page reporting, as on these machines) a block that stays unmapped for more
 than a couple of seconds also has to be faulted in again on the host: a JAX step that waited while other cases ran
 spent 3.5 s of kernel time. `retain` keeps freed memory in the process (one arena, large blocks from the heap, no
-trimming), so a step reuses the pages of the one before. `python -m bench.page_faults` measures what huge pages alone
-do to each framework's step, the two settings timed in turn in one process (`time_huge_pages`).
+trimming), so a step reuses the pages of the one before.
 """
 import ctypes
 import gc
@@ -133,53 +132,6 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, warmup: int, rep
       call()
       times[name].append(time.perf_counter() - start)
   return {name: Timing(statistics.median(t), min(t), repeats) for name, t in times.items()}
-
-
-def set_transparent_huge_pages(enabled: bool) -> None:
-  """Allow (True) or forbid (False) transparent huge pages for this process from now on (Linux
-  `prctl(PR_SET_THP_DISABLE)`); memory already mapped keeps its pages. Raises OSError where the kernel refuses."""
-  libc = ctypes.CDLL("libc.so.6", use_errno=True)
-  if libc.prctl(41, 0 if enabled else 1, 0, 0, 0) != 0:  # 41: PR_SET_THP_DISABLE
-    errno = ctypes.get_errno()
-    raise OSError(errno, f"prctl(PR_SET_THP_DISABLE) failed: {os.strerror(errno)}")
-
-
-def time_huge_pages(step: Callable[[], object], *, warmup: int, rounds: int, steps_per_block: int = 2) -> dict:
-  """Time `step` with transparent huge pages allowed and forbidden, in one process, the two alternating in blocks.
-
-  For an effect to show, the process must have started with glibc's malloc asking for huge pages (`case_env()`);
-  forbidding them then gives back glibc's default behaviour of 4 KiB pages. Each round runs one block per setting, the
-  order alternating between rounds; a block is one untimed step (the first step after a switch still holds memory
-  mapped under the other setting) and `steps_per_block` timed ones. Returns, per setting ("on", "off"), the median
-  wall time per step and the mean minor page faults and kernel CPU seconds per timed step.
-  """
-  for _ in range(warmup):
-    step()
-  times = {"on": [], "off": []}
-  faults = {"on": 0, "off": 0}
-  system = {"on": 0.0, "off": 0.0}
-  try:
-    for round_index in range(rounds):
-      for setting in (("off", "on") if round_index % 2 == 0 else ("on", "off")):
-        set_transparent_huge_pages(setting == "on")
-        step()
-        for _ in range(steps_per_block):
-          before = resource.getrusage(resource.RUSAGE_SELF)
-          start = time.perf_counter()
-          step()
-          times[setting].append(time.perf_counter() - start)
-          after = resource.getrusage(resource.RUSAGE_SELF)
-          faults[setting] += after.ru_minflt - before.ru_minflt
-          system[setting] += after.ru_stime - before.ru_stime
-  finally:
-    set_transparent_huge_pages(True)
-  count = rounds * steps_per_block
-  return {
-      "time_s": {k: statistics.median(v) for k, v in times.items()},
-      "minor_faults": {k: v / count for k, v in faults.items()},
-      "system_s": {k: v / count for k, v in system.items()},
-      "steps": count,
-  }
 
 
 def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int, repeats: int) -> dict:

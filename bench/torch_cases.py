@@ -206,9 +206,6 @@ def main(spec: dict) -> dict:
     step, trainable = _step(spec, config, batch)
     result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
     result["trainable"] = trainable
-  elif spec["kind"] == "huge_pages":  # the step with transparent huge pages allowed and forbidden, in turn
-    step, _ = _step(spec, config, batch)
-    result.update(measure.time_huge_pages(step, warmup=warmup, rounds=spec.get("rounds", 4)))
   elif spec["kind"] == "inference":
     timings = measure.time_interleaved(inference_calls(spec["model"], config, batch), warmup=warmup,
                                        repeats=repeats)

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from bench import compare, measure, page_faults, torch_cases, train_step  # noqa: E402
+from bench import compare, measure, torch_cases, train_step  # noqa: E402
 
 
 def test_format_table_aligns_columns():
@@ -71,36 +71,6 @@ def test_retain_keeps_freed_blocks_so_later_steps_do_not_fault():
   assert faults["default"] >= 32 and faults["retain"] < 16, faults
 
 
-_HUGE_PAGES_OF_FRESH_BUFFERS = """
-import json, numpy as np
-from bench import measure
-step = lambda: np.ones(8 * 2**20).sum()  # 64 MiB, a fresh mmap each time
-print(json.dumps(measure.time_huge_pages(step, warmup=1, rounds=2)))
-"""
-
-
-def test_huge_pages_cut_the_page_faults_of_fresh_buffers():
-  import json
-  import platform
-  import subprocess
-  import sys
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      mode = f.read()
-  except OSError:
-    pytest.skip("no transparent huge pages on this system")
-  libc, version = platform.libc_ver()
-  if "[madvise]" not in mode or libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
-    pytest.skip(f"needs transparent_hugepage=madvise and glibc >= 2.35 (have {mode.strip()!r}, {libc} {version})")
-  out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_OF_FRESH_BUFFERS], env=measure.case_env(malloc="hugepages"),
-                       capture_output=True, text=True, check=True).stdout
-  result = json.loads(out.splitlines()[-1])
-  faults = result["minor_faults"]
-  # 64 MiB: 16,384 pages of 4 KiB, 32 of 2 MiB.
-  assert faults["off"] > 8000 and faults["on"] < faults["off"] / 10, result
-  assert result["steps"] == 4 and set(result["time_s"]) == {"on", "off"}
-
-
 def test_sora_linear_matches_formula():
   torch.manual_seed(0)
   base = torch.nn.Linear(6, 5)
@@ -145,24 +115,6 @@ def test_train_step_script_prints_table():
   text = train_step.main(["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,full,merge", "--cost",
                            "--interleave"])
   assert "| full" in text and "| merge" in text and "XLA GFLOP" in text and "error" not in text
-
-
-@pytest.mark.slow
-def test_page_faults_script_summarises_each_setting(monkeypatch):
-  # The cases' processes are replaced by canned results: this checks the table and the ratios, not the machine.
-  def fake_run_case(module, spec, *, timeout=None, progress=True, malloc="retain"):
-    assert spec["kind"] == "huge_pages" and malloc == "hugepages"
-    off = {("bench.jax_cases", "floor"): 2.0, ("bench.jax_cases", "sora"): 2.4,
-           ("bench.torch_cases", "floor"): 2.5, ("bench.torch_cases", "lora"): 4.0}[(module, spec["method"])]
-    on = off * (0.75 if module == "bench.jax_cases" else 1.0)
-    return {"time_s": {"off": off, "on": on}, "minor_faults": {"off": 5000.0, "on": 10.0},
-            "system_s": {"off": 0.5, "on": 0.1}, "steps": 8}
-
-  monkeypatch.setattr(measure, "run_case", fake_run_case)
-  text = page_faults.main([])
-  assert "ours SoRA / PEFT LoRA, both on 4 KiB pages: 0.60" in text
-  assert "ours SoRA / PEFT LoRA, both on huge pages: 0.45" in text
-  assert "| ours SoRA   | 2400          | 1800         | 0.75 " in text, text
 
 
 def test_round_robin_rotates_the_order_and_collects_each_cases_times():
@@ -244,21 +196,3 @@ def test_inference_cases_run_in_process(model):
   theirs = torch_cases.main(spec)["time_s"]
   assert set(ours) == {"base", "sora_merged", "sora_factored"}
   assert set(theirs) == {"base", "lora_merged", "lora_unmerged"}
-
-
-def test_matmul_script_prints_table():
-  from bench import matmul
-  text = matmul.main(["--repeats", "1"])
-  assert text.count("| (1024,") == len(matmul.SHAPES) and "JAX / torch" in text
-
-
-def test_gelu_script_prints_table():
-  from bench import gelu
-  text = gelu.main(["--no-step", "--rounds", "1"])
-  assert text.count("forward") == 4 and "erf (ours)" in text
-
-
-def test_relative_scores_script_prints_table():
-  from bench import relative_scores
-  text = relative_scores.main(["--seq", "8", "--repeats", "1"])
-  assert text.count("| 8 ") == 3 and "diagonals / gather" in text

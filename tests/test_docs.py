@@ -1,4 +1,5 @@
-"""Documentation that runs: every ```python block of README.md and docs/*.md, and the scripts in examples/.
+"""Documentation that runs: every ```python block of README.md and docs/*.md, and the scripts in examples/; and
+documentation that speaks of the product, not of how it was built (no issue numbers, sessions, stopped runs).
 
 A block runs in a fresh Python subprocess (offline, repository root as working directory and on the path) and must
 exit 0 within BLOCK_TIMEOUT_S. A block whose first line is exactly `# sketch: see examples/<file>.py` (or
@@ -17,6 +18,29 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "docs/*.md")
 BLOCK_TIMEOUT_S = 300
 SKETCH = re.compile(r"# sketch: see ((?:examples|tests)/[\w./-]+\.py)")
+
+
+# Product pages state results with their command, machine and date; these words tell the story of how the project
+# was built instead. Each is a regex, matched case-insensitively line by line.
+PRODUCT_PAGES = ("README.md", "docs/*.md", "bench/README.md")
+PROCESS_WORDS = (
+    r"\bissues? ?#?\d+",                      # "issue 7", "issues 2", "Issue #17"
+    r"(?<![\w&/])#\d+\b",                     # "#17" (not an HTML entity or a URL path)
+    r"\b(?:this|that|an? earlier|earlier|previous|founding|other|next|the same) sessions?\b",
+    r"\b(?:was|were) stopped\b|\bstopped (?:because|during|to keep)\b",
+    r"\bprevious main\b",
+    r"\bgit history\b",
+    r"\b(?:the default now|now the default)\b",
+    r"\bno longer\b",
+    r"\bfirst attempt\b",
+    r"\bas told below\b",
+)
+_PROCESS = re.compile("|".join(f"(?:{w})" for w in PROCESS_WORDS), re.IGNORECASE)
+
+
+def process_words(text: str) -> list[tuple[int, str]]:
+    """(line, 1-based; the word found) for every line of a markdown text that speaks of how the project was built."""
+    return [(i, m.group(0)) for i, line in enumerate(text.splitlines(), 1) for m in [_PROCESS.search(line)] if m]
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -41,8 +65,8 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     return blocks
 
 
-def _doc_files() -> list[pathlib.Path]:
-    return sorted({p for pattern in DOCS for p in ROOT.glob(pattern)})
+def _doc_files(patterns: tuple[str, ...] = DOCS) -> list[pathlib.Path]:
+    return sorted({p for pattern in patterns for p in ROOT.glob(pattern)})
 
 
 def _cases() -> list:
@@ -107,6 +131,32 @@ def test_block_extraction_and_failures_name_file_and_line(tmp_path):
     assert run_block("doc.md", 1, "# sketch: see examples/linen_sora.py\nundefined_name\n") is None
     assert "does not exist" in run_block("doc.md", 1, "# sketch: see examples/nothing_here.py\n")
     assert "must read exactly" in run_block("doc.md", 1, "# sketch: see the example\n")
+
+
+def test_product_pages_have_no_process_words():
+    pages = _doc_files(PRODUCT_PAGES)
+    assert {"README.md", "bench/README.md"} <= {p.relative_to(ROOT).as_posix() for p in pages}
+    found = [f"{p.relative_to(ROOT).as_posix()}:{line}: {word!r}" for p in pages
+             for line, word in process_words(p.read_text())]
+    assert not found, "product pages speak of how the project was built; state the result, its command, machine and " \
+                      "date instead:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("line,flagged", [
+    ("As issue 7 asked, the step is 0.75x.", True), ("see #17 for the fix", True), ("Issue #3", True),
+    ("measured in this session", True), ("an earlier session gave 0.88", True), ("the run was stopped at 3e-4", True),
+    ("on previous main", True), ("tables are in the git history", True), ("2e-4 (the default now)", True),
+    ("the floor is no longer in the table", True),
+    ("`python -m train.glue` on 2 CPU cores, 2026-12-01: 0.900", False), ("&#8212; a dash", False),
+    ("[docs](docs/results.md#the-default-run)", False), ("a session of Tunix's PeftTrainer", False),
+    ("ranks 2-8, 36 modules; issued a warning", False),
+    ("(run stopped during its final test evaluation)", True),
+    ("a run stopped by a non-finite step exits with 1", False),
+])
+def test_process_words_are_found_on_their_line(line, flagged):
+    assert bool(process_words("intro\n" + line)) is flagged
+    if flagged:
+        assert process_words("intro\n" + line)[0][0] == 2
 
 
 @pytest.mark.slow

@@ -194,20 +194,20 @@ def test_module_names_and_rank_grid():
     np.testing.assert_array_equal(grid, [[8, 7, np.nan], [np.nan, np.nan, 2]])
 
 
-def test_plots_from_a_single_run_log(tmp_path):
-    # A single run whose trainer logged per-module ranks: `python -m train.plots RUN_DIR` draws them over steps.
+def test_plots_redraw_a_staged_run_from_its_table(tmp_path):
+    # `python -m train.plots RUN_DIR` redraws the three pictures from stages.json; ranks over steps are the stage ends.
     from train import plots
     modules = [f"bert/encoder/layer_{i}/{m}" for i in range(2) for m in ("attention/self/query", "output/dense")]
-    with open(tmp_path / "metrics.jsonl", "w") as f:
-        for step in (10, 20, 30):
-            f.write(json.dumps({"step": step, "train/loss": 1.0,
-                                "train/ranks": {m: 8 - step // 10 - j for j, m in enumerate(modules)}}) + "\n")
-            f.write(json.dumps({"step": step, "eval/validation/accuracy": 0.5}) + "\n")
-    records = plots.read_rank_log(str(tmp_path / "metrics.jsonl"), offset=100)
-    assert [s for s, _ in records] == [110, 120, 130] and records[0][1][modules[3]] == 4
+    stages = [{"stage": k, "lambda": 0.01 * k, "steps": 10 if k == 0 else 5, "retained_params": 100 - 10 * k,
+               "fraction": 1 - 0.1 * k, "memorization": 100.0 - k, "generalization": 100.0 - 2 * k,
+               "ranks": {m: 8 - k - j for j, m in enumerate(modules)}} for k in range(3)]
+    table = {"stages": stages, "rank_max": 8}
+    assert [s for s, _ in plots.stage_rank_records(table)] == [10, 15, 20]
+    (tmp_path / "stages.json").write_text(json.dumps(table))
     plots.main([str(tmp_path)])
-    assert (tmp_path / "rank_over_steps.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit):
+    for name in ("memorization_generalization.png", "rank_heatmap.png", "rank_over_steps.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="stages.json"):
         plots.main([str(tmp_path / "missing")])
 
 

@@ -126,3 +126,29 @@ def test_full_fine_tuning_moves_the_head_at_its_own_rate():
     # One Adam step on equal gradients moves every entry by the learning rate: 2e-4 for the body, 2e-3 for the head.
     np.testing.assert_allclose(body, -schedule(0), rtol=1e-5)
     np.testing.assert_allclose(head, -10 * schedule(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("program", ["glue", "sparsify", "pareto"])
+def test_the_three_programs_share_one_main(program, capsys, monkeypatch):
+    """--help, an unknown option, a bad key, and the start order (malloc, jax.distributed, run) are the same for all."""
+    import importlib
+    from train import allocator, cli
+    module = importlib.import_module(f"train.{program}")
+    assert module.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__[:40]) and "keys" in out and "train.max_steps" in out
+    assert module.main(["--nonsense"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown option --nonsense")
+    assert module.main(["adapter.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    calls = []
+    monkeypatch.setattr(allocator, "configure", lambda mode: calls.append(("malloc", mode)))
+    monkeypatch.setattr(cli, "initialize_distributed", lambda: calls.append(("distributed",)))
+    runner = {"glue": ("loop", "run"), "sparsify": (module, "run_stages"), "pareto": (module, "run_study")}[program]
+    target = importlib.import_module("train.loop") if runner[0] == "loop" else runner[0]
+    monkeypatch.setattr(target, runner[1], lambda *a: calls.append(("run",)) or {})
+    assert module.main(["train.max_steps=3"]) == 0
+    assert calls == [("malloc", "retain"), ("distributed",), ("run",)]
+    monkeypatch.setattr(target, runner[1], lambda *a: None)  # a run that stopped without a result
+    assert module.main([]) == 1

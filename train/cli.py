@@ -1,5 +1,8 @@
-"""What `python -m train.glue` and `python -m train.sparsify` share around their run: quiet library banners and
-one-line errors.
+"""The one `main()` of the three programs `python -m train.glue`, `train.sparsify` and `train.pareto`.
+
+Each program hands `main` its docstring, its `--help` table, a loader and a runner; `main` does the rest in one order:
+`--help`, flags, the config (file and `key=value` overrides), warnings, malloc, `jax.distributed` (several hosts), the
+run, and the exit code.
 
 A configuration or data problem (`ConfigError`, `DataError`) or an output directory another run holds
 (`RunDirectoryError`) is printed as one line `error: ...` on stderr with exit code 2; a run stopped by a non-finite
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence
 
 
 def quiet_libraries() -> None:
@@ -99,3 +102,53 @@ def run_guarded(start: Callable[[], int]) -> int:
         if isinstance(e, (NonFiniteError, CheckpointError)):
             return fail(e, 1)
         raise
+
+
+def main(argv: Optional[Sequence[str]], *, doc: str, help_text: Callable[[], str],
+         load: Callable[[Optional[str], list[str], frozenset[str]], tuple[Any, Any]],
+         run: Callable[[Any, Any], Any], flags: Sequence[str] = ()) -> int:
+    """Runs one program: `python -m train.<program> [config.yaml] [key=value ...] [--flag ...]`.
+
+    Args:
+      argv: the arguments (default `sys.argv[1:]`).
+      doc: printed by `-h` / `--help`, followed by `help_text()` (the config keys).
+      help_text: the keys table, computed only when asked for.
+      load: `(yaml path or None, key=value overrides, flags given) -> (RunConfig, program settings)`; a
+        `ValueError` (`ConfigError` included) is one line `error: ...` and exit code 2.
+      run: `(RunConfig, program settings) -> result`, called after malloc is set up and, where the environment
+        describes several hosts, `jax.distributed` is started; a `None` result is exit code 1 (unless the run was
+        asked to abort, `train.abort_at_step`).
+      flags: the `--name` arguments the program accepts besides `--help`; any other `--name` is an error.
+
+    Returns:
+      The exit code: 0 done, 1 the run stopped (non-finite step, unreadable checkpoint), 2 bad config or data.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(doc)
+        print(help_text())
+        return 0
+    unknown = [a for a in argv if a.startswith("--") and a not in flags]
+    if unknown:
+        accepted = ", ".join(("--help",) + tuple(flags))
+        return fail(ValueError(f"unknown option {unknown[0]}; this program takes {accepted}, a config file and "
+                               "key=value overrides"))
+    given = frozenset(a for a in argv if a in flags)
+    argv = [a for a in argv if a not in flags]
+    quiet_libraries()
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    try:
+        config, settings = load(path, argv, given)
+    except ValueError as e:  # ConfigError, and the programs' own checks
+        return fail(e)
+    from train.config import config_warnings
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+
+    def start() -> int:
+        from train.allocator import configure
+        configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
+        initialize_distributed()  # before any other JAX call, when several hosts are described
+        result = run(config, settings)
+        return 0 if result is not None or config.train.abort_at_step is not None else 1
+    return run_guarded(start)

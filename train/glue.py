@@ -15,32 +15,17 @@ import sys
 from typing import Optional, Sequence
 
 from train import cli
-from train.config import ConfigError, config_warnings, help_text, load_config
+from train.config import help_text, load_config
+
+
+def _run(config, _):
+    from train.loop import run
+    return run(config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("config keys (key=value, or the bare key where unique):\n" + help_text())
-        return 0
-    cli.quiet_libraries()
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    try:
-        config = load_config(path, argv)
-    except ConfigError as e:
-        return cli.fail(e)
-    for warning in config_warnings(config):
-        print(f"warning: {warning}", file=sys.stderr)
-
-    def start() -> int:
-        from train.allocator import configure
-        configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
-        cli.initialize_distributed()  # before any other JAX call, when several hosts are described
-        from train.loop import run
-        results = run(config)
-        return 0 if results is not None or config.train.abort_at_step is not None else 1
-    return cli.run_guarded(start)
+    return cli.main(argv, doc=__doc__, help_text=lambda: "config keys (key=value, or the bare key where unique):\n"
+                    + help_text(), load=lambda path, overrides, _: (load_config(path, overrides), None), run=_run)
 
 
 if __name__ == "__main__":

@@ -260,26 +260,9 @@ def run_study(config: RunConfig, study: StudyConfig) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print(section_help_text("study", StudyConfig, RUN_DEFAULTS, "the study"))
-        return 0
-    quick = "--quick" in argv
-    argv = [a for a in argv if a != "--quick"]
-    cli.quiet_libraries()
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    try:
-        config, study = load_configs(path, argv, quick=quick)
-    except ConfigError as e:
-        return cli.fail(e)
-
-    def start() -> int:
-        from train.allocator import configure
-        configure(config.train.malloc)
-        run_study(config, study)
-        return 0
-    return cli.run_guarded(start)
+    return cli.main(argv, doc=__doc__, flags=("--quick",), run=run_study,
+                    load=lambda path, overrides, flags: load_configs(path, overrides, quick="--quick" in flags),
+                    help_text=lambda: section_help_text("study", StudyConfig, RUN_DEFAULTS, "the study"))
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
     memorization_generalization.png  memorization and generalization (% of the reference) against retained adapter
                                                                       parameters, one point per stage, labelled with its lambda.
     rank_heatmap.png                 active rank per layer (rows) and module type (columns), one panel per stage end.
-    rank_over_steps.png              a single run: active rank per layer (rows) over training steps (columns), one panel
-                                                                      per module type.
+    rank_over_steps.png              active rank per layer (rows) at each stage's last step (columns), one panel
+                                     per module type.
     pareto.png                       `train.pareto`: test (or validation) metric against retained adapter parameters,
                                      one line per method, error bars of one standard deviation over seeds.
 
 Ranks come as {module name: rank}, with the module names of `sora_jax.rank_report` rows: the '/'-joined module path
 (`bert/encoder/layer_3/attention/self/query`), or `path[layer]` for a stacked (nn.scan) module.
 
-    python -m train.plots RUN_DIR    # redraws the pictures from RUN_DIR/stages.json and/or RUN_DIR/metrics.jsonl
+    python -m train.plots RUN_DIR    # redraws a staged run's three pictures from RUN_DIR/stages.json
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def plot_rank_stages(stages: Sequence[Mapping], path: str, rank_max: int) -> str
 
 def plot_rank_over_steps(records: Sequence[tuple[int, Mapping[str, int]]], path: str, rank_max: int,
                                                   title: Optional[str] = None) -> str:
-    """A single run: active rank per layer over steps, one panel per module type. records: [(step, {module: rank})]."""
+    """Active rank per layer over steps, one panel per module type. records: [(step, {module: rank})]."""
     if not records:
         raise ValueError("no rank records to plot")
     records = sorted(records, key=lambda r: r[0])
@@ -203,48 +203,31 @@ def plot_pareto(rows: Sequence[Mapping], path: str, title: Optional[str] = None)
     return path
 
 
+def stage_rank_records(table: Mapping) -> list[tuple[int, dict]]:
+    """[(step, {module: rank})] at the end of each stage of a `stages.json` table, steps counted over the whole run."""
+    ends = np.cumsum([s["steps"] for s in table["stages"]])
+    return [(int(end), s["ranks"]) for end, s in zip(ends, table["stages"])]
+
+
 def plot_stage_table(table: Mapping, directory: str) -> list[str]:
-    """Writes both stage pictures of a `stages.json` table into `directory`; returns their paths."""
+    """Writes the three pictures of a `stages.json` table into `directory`; returns their paths."""
     stages = table["stages"]
     return [plot_memorization(stages, os.path.join(directory, "memorization_generalization.png")),
-                    plot_rank_stages(stages, os.path.join(directory, "rank_heatmap.png"), table["rank_max"])]
-
-
-def read_rank_log(path: str, offset: int = 0) -> list[tuple[int, dict]]:
-    """[(step + offset, {module: rank})] from a run's metrics.jsonl: the records holding a dict of per-module ranks
-    (under a key ending in "ranks"); empty when the trainer logged none."""
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                record = json.loads(line)
-                ranks = next((v for k, v in record.items() if k.endswith("ranks") and isinstance(v, dict)), None)
-                if ranks:
-                    out.append((offset + int(record["step"]), ranks))
-    return out
+            plot_rank_stages(stages, os.path.join(directory, "rank_heatmap.png"), table["rank_max"]),
+            plot_rank_over_steps(stage_rank_records(table), os.path.join(directory, "rank_over_steps.png"),
+                                 table["rank_max"], title="active rank over the staged run's steps")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) != 1:
-        raise SystemExit("usage: python -m train.plots RUN_DIR  (a staged run's directory with stages.json, or a "
-                         "single run's with metrics.jsonl holding per-module ranks)")
-    directory, written = argv[0], []
-    if os.path.exists(os.path.join(directory, "stages.json")):
-        with open(os.path.join(directory, "stages.json")) as f:
-            written += plot_stage_table(json.load(f), directory)
-    records = read_rank_log(os.path.join(directory, "metrics.jsonl"))
-    if records:
-        rank_max = None
-        if os.path.exists(os.path.join(directory, "results.json")):
-            with open(os.path.join(directory, "results.json")) as f:
-                rank_max = json.load(f).get("rank_max")
-        rank_max = rank_max or max(max(r.values()) for _, r in records)
-        written.append(plot_rank_over_steps(records, os.path.join(directory, "rank_over_steps.png"), rank_max))
-    if not written:
-        raise SystemExit(f"{directory}: neither stages.json nor per-module ranks in metrics.jsonl")
-    for path in written:
-        print(path)
+        raise SystemExit("usage: python -m train.plots RUN_DIR  (a staged run's directory, with stages.json)")
+    table_path = os.path.join(argv[0], "stages.json")
+    if not os.path.exists(table_path):
+        raise SystemExit(f"{table_path} does not exist: give the output_dir of a python -m train.sparsify run")
+    with open(table_path) as f:
+        for path in plot_stage_table(json.load(f), argv[0]):
+            print(path)
 
 
 if __name__ == "__main__":

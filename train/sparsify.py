@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from train import cli
-from train.config import ConfigError, RunConfig, load_with_section, section_help_text, setting, to_dict
+from train.config import RunConfig, load_with_section, section_help_text, setting, to_dict
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -248,7 +248,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     eval_split = experiment.eval_splits[0]
     splits = (MEMORIZATION_SPLIT,) + experiment.eval_splits + (experiment.test_splits if sparsify.evaluate_test else ())
 
-    params, stages, rank_records, offset = experiment.trainable, [], [], 0
+    params, stages = experiment.trainable, []
     for k, lam in enumerate(lambdas):
         lam = float(lam)
         stage_dir = _stage_dir(output_dir, k)
@@ -294,8 +294,6 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
             _save_params(os.path.join(stage_dir, "params"), params)
             _write_json(record_path, record)  # last: marks the stage complete
         stages.append(record)
-        rank_records += plots.read_rank_log(os.path.join(stage_dir, "metrics.jsonl"), offset)
-        offset += record["steps"]
 
     reference = {"source": "stage 0", "metric": main, "memorization_split": f"{n_memorize} training examples",
                  "generalization_split": eval_split, "train_metric": stages[0]["train_metric"],
@@ -316,10 +314,6 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     if jax.process_index() != 0:
         return table
     pictures = plots.plot_stage_table(table, output_dir)
-    if not rank_records:  # the trainer logs no per-module ranks: the stage ends are the steps we have
-        rank_records = [(sum(s["steps"] for s in stages[:i + 1]), s["ranks"]) for i, s in enumerate(stages)]
-    pictures.append(plots.plot_rank_over_steps(rank_records, os.path.join(output_dir, "rank_over_steps.png"),
-                                               table["rank_max"], title="active rank over the staged run's steps"))
     print_table(table)
     for path in [os.path.join(output_dir, "stages.json")] + pictures:
         print(f"wrote {path}")
@@ -362,27 +356,15 @@ def print_table(table: dict) -> None:
     console.print(ranks)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print(section_help_text("sparsify", SparsifyConfig, RUN_DEFAULTS, "the staged run"))
-        return 0
-    cli.quiet_libraries()
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    try:
-        config, sparsify = load_configs(path, argv)
-        check(config, sparsify)
-    except (ConfigError, ValueError) as e:
-        return cli.fail(e)
+def _load(path: Optional[str], overrides: list[str], _) -> tuple[RunConfig, SparsifyConfig]:
+    config, sparsify = load_configs(path, overrides)
+    check(config, sparsify)
+    return config, sparsify
 
-    def start():
-        from train.allocator import configure
-        configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
-        cli.initialize_distributed()
-        table = run_stages(config, sparsify)
-        return 0 if table is not None or config.train.abort_at_step is not None else 1
-    return cli.run_guarded(start)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.main(argv, doc=__doc__, load=_load, run=run_stages,
+                    help_text=lambda: section_help_text("sparsify", SparsifyConfig, RUN_DEFAULTS, "the staged run"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ transformers' "gelu" is the exact GELU, `x * Phi(x)` with Phi the standard norma
 which XLA's CPU backend expands into a piecewise approximation with an exponential and selects, where erf is one
 polynomial. `gelu` below writes PyTorch's erf form: the same formula as the reference the encoders are tested against,
 and on CPU 2.3x faster forward and 1.5x faster forward plus backward on a BERT-base intermediate activation (a small
-part of a train step: `python -m bench.gelu` times both).
+part of a train step; docs/results.md, the exact GELU).
 """
 from __future__ import annotations
 

@@ -234,7 +234,7 @@ def _toeplitz_scores_bwd(rows, k, residuals, cotangent):
     # Always through the diagonals: the transpose of _skew is a pad, where the gather's would be a scatter. The padded
     # (..., q, q + k - 1) cotangent is materialised (optimization_barrier) before the two products that read it.
     # Without the barrier XLA fuses the pad into them, and at seq 512 the gradient that reaches the position rows
-    # took 1.05x the gather's time instead of 0.92x (`python -m bench.relative_scores`).
+    # took 1.05x the gather's time instead of 0.92x (docs/results.md, position scores).
     content, pos = residuals
     q = content.shape[-2]
     diagonals = jax.ShapeDtypeStruct(

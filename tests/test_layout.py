@@ -1,0 +1,186 @@
+"""Self-describing adapters: every tree function reads an adapter from the tree plus the rules.
+
+Shape contract per op (qwix's LoRA layout, our gate), the convention and its recorded exceptions, and NNX models
+beyond a stack of Linears (an attention block, LinearGeneral with several feature axes and with a batch axis, Conv +
+Linear under mixed rules, nnx.List / nnx.Dict, a weight contracted on its last axis), each checked against qwix's own
+LoRA and run through every tree function with a provider built afresh.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qwix
+from flax import nnx
+
+import sora_jax
+from sora_jax import layout
+from sora_jax import sharding
+
+RANK, ALPHA = 2, 4.0
+_NORMAL = jax.nn.initializers.normal(0.5)
+
+
+@pytest.mark.parametrize("roles, w_shape, a, b, gate, recorded", [
+    # nnx.Linear (in, out): 'x @ W'
+    (layout.dot_roles((((1,), (0,)), ((), ())), 2), (6, 5), (6, 2), (2, 5), (2,), False),
+    # the same square kernel contracted on its last axis: 'x @ W.T' needs the record
+    (layout.dot_roles((((1,), (1,)), ((), ())), 2), (4, 4), (4, 2), (2, 4), (2,), True),
+    # LinearGeneral (2, 3) -> (7,): two contracting axes flattened in A
+    (layout.dot_roles((((1, 2), (0, 1)), ((), ())), 3), (2, 3, 7), (6, 2), (2, 7), (2,), False),
+    # LinearGeneral with a batch axis: kernel (n, in, out)
+    (layout.dot_roles((((2,), (1,)), ((1,), (0,))), 3), (3, 4, 5), (3, 4, 2), (3, 2, 5), (3, 2), False),
+    # einsum 'bnd,ndh->bnh': n batch, d contracting, h remaining
+    (layout.einsum_roles("bnd", "ndh", "bnh"), (3, 7, 4), (3, 7, 2), (2, 4), (3, 2), False),
+    # einsum '...d,vd->...v' with v = d (a tied output embedding)
+    (layout.einsum_roles("bd", "vd", "bv"), (5, 5), (5, 2), (2, 5), (2,), True),
+    # qwix's conv LoRA on a (width, in, out) kernel
+    (layout.conv_roles(3), (3, 2, 8), (3, 2, 2), (2, 8), (2,), False),
+])
+def test_shape_contract_and_record(roles, w_shape, a, b, gate, recorded):
+  assert roles.shapes(w_shape, RANK) == (a, b, gate)
+  assert layout.needs_record(roles, w_shape, RANK, gated=True) == recorded
+  read = layout.read_roles("w", w_shape, a, b, gate, layout.encode(roles) if recorded else None)
+  assert read.canonical(w_shape, True) == roles.canonical(w_shape, True)
+  assert layout.decode(layout.encode(roles)) == roles
+
+
+# --- models beyond a stack of Linears -------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.attn(x)
+
+
+class Features(nnx.Module):
+  """LinearGeneral over two input axes to two output axes, then one with a batch axis n: kernel (n, in, out)."""
+
+  def __init__(self, rngs):
+    self.multi = nnx.LinearGeneral((2, 4), (3, 5), axis=(-2, -1), rngs=rngs)
+    self.batched = nnx.LinearGeneral(5, 6, axis=-1, batch_axis={0: 2}, rngs=rngs)
+
+  def __call__(self, x):
+    return self.batched(self.multi(x))
+
+
+class ConvLinear(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 8, kernel_size=(3,), rngs=rngs)
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.lin(self.conv(x))
+
+
+class Containers(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 6, rngs=rngs)])
+    self.heads = nnx.Dict({"first": nnx.Linear(6, 4, rngs=rngs), "second": nnx.Linear(6, 4, rngs=rngs)})
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jnp.tanh(layer(x))
+    return self.heads["first"](x) * self.heads["second"](x)
+
+
+class Tied(nnx.Module):
+  """A square weight used as W (in, out) and as W.T: the second use contracts W's last axis (a recorded exception)."""
+
+  def __init__(self, rngs):
+    self.proj = nnx.Linear(8, 8, rngs=rngs)
+    self.unembed = nnx.Param(jax.random.normal(rngs.params(), (8, 8)) / 3)
+
+  def __call__(self, x):
+    return jnp.einsum("bd,vd->bv", jnp.tanh(self.proj(x)), self.unembed[...])
+
+
+def _rules(sora_path, lora_path=None):
+  rules = [sora_jax.SoraRule(module_path=sora_path, rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL)]
+  if lora_path:
+    rules.append(qwix.LoraRule(module_path=lora_path, rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL))
+  return rules
+
+
+MODELS = {
+    "attention": (Attention, (2, 5, 8), _rules(".*")),
+    "features": (Features, (2, 3, 2, 4), _rules(".*")),
+    "conv+linear": (ConvLinear, (2, 6, 2), _rules("lin", "conv")),
+    "containers": (Containers, (3, 8), _rules(".*")),
+    "tied": (Tied, (3, 8), _rules(".*")),
+}
+
+
+def _adapted(name):
+  cls, shape, rules = MODELS[name]
+  x = jax.random.normal(jax.random.key(3), shape)
+  model = sora_jax.apply_sora(cls(nnx.Rngs(0)), sora_jax.SoraProvider(rules), x, rngs=nnx.Rngs(1))
+  return cls, x, model, rules
+
+
+def _check_equals_qwix_lora(cls, x, model, rules):
+  """At gates one the adapted model equals qwix's own LoRA with the same rngs (same A and B)."""
+  lora_rules = [qwix.LoraRule(module_path=r.module_path, rank=r.rank, alpha=r.alpha,
+                              lora_b_initializer=r.lora_b_initializer) for r in rules]
+  lora = qwix.apply_lora_to_model(cls(nnx.Rngs(0)), qwix.LoraProvider(lora_rules), x, rngs=nnx.Rngs(1))
+  factors = lambda m: {p: v for p, v in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam))
+                       if not isinstance(v, sora_jax.SoraGate)}
+  assert jax.tree.map(jnp.shape, factors(model)) == jax.tree.map(jnp.shape, factors(lora))
+  np.testing.assert_allclose(model(x), lora(x), rtol=1e-5, atol=1e-5)
+
+
+def _set_gates(model, seed=5):
+  """Random gates with about half the entries exactly zero."""
+  gates = dict(nnx.to_flat_state(nnx.state(model, sora_jax.SoraGate)))
+  key = jax.random.key(seed)
+  for gate in gates.values():
+    key, k1, k2 = jax.random.split(key, 3)
+    gate.set_value(jax.random.normal(k1, gate.shape) * (jax.random.uniform(k2, gate.shape) < 0.5))
+  nnx.update(model, nnx.from_flat_state(gates))
+
+
+def _load(model, pure):
+  """`model` with the arrays of a pure dict (e.g. restored from a checkpoint) put in."""
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  return model
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_equals_qwix_lora_and_tree_functions_with_a_fresh_provider(name):
+  cls, x, model, rules = _adapted(name)
+  _check_equals_qwix_lora(cls, x, model, rules)
+  _set_gates(model)
+  y = model(x)
+  state = nnx.to_pure_dict(nnx.state(model))   # no metadata, no provider memory: only the tree
+  fresh = sora_jax.SoraProvider(_rules(*[r.module_path for r in rules]))
+  report = sora_jax.rank_report(state, fresh)
+  assert report.rows and report.retained_params < report.max_params
+  pruned = sora_jax.prune(state, fresh)
+  np.testing.assert_allclose(_load(nnx.clone(model), pruned)(x), y, rtol=1e-4, atol=1e-4)
+  assert sora_jax.rank_report(pruned, fresh).retained_params == report.retained_params
+  merged = sora_jax.merge(state, fresh)
+  np.testing.assert_allclose(_load(cls(nnx.Rngs(0)), merged)(x), y, rtol=1e-4, atol=1e-4)
+  restored = sora_jax.unmerge(merged, state, fresh)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), restored, state)
+  specs = sharding.param_specs(state, jax.make_mesh((1, 1, 1), sharding.AXES), min_size=0)
+  assert len(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))) == len(
+      jax.tree.leaves(state))
+
+
+def test_tied_weight_is_recorded_and_survives_a_pure_dict():
+  _, x, model, _ = _adapted("tied")
+  state = nnx.state(model)
+  assert isinstance(state["unembed_lora_axes"], sora_jax.SoraAxes)
+  assert "kernel_lora_axes" not in state["proj"]                    # the convention reads nnx.Linear
+  assert not any(isinstance(v, sora_jax.SoraAxes) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+  pure = nnx.to_pure_dict(state)
+  roles = layout.decode(pure["unembed_lora_axes"])
+  assert (roles.contract, roles.remain) == ((1,), (0,))
+  # Without the record the convention reads the weight as (in, out): a different (wrong) delta.
+  rule = sora_jax.SoraRule(rank=RANK, alpha=ALPHA)
+  without = {k: v for k, v in pure.items() if k != "unembed_lora_axes"}
+  assert not np.allclose(sora_jax.merge(pure, rule)["unembed"], sora_jax.merge(without, rule)["unembed"])

@@ -184,3 +184,105 @@ def test_tied_weight_is_recorded_and_survives_a_pure_dict():
   rule = sora_jax.SoraRule(rank=RANK, alpha=ALPHA)
   without = {k: v for k, v in pure.items() if k != "unembed_lora_axes"}
   assert not np.allclose(sora_jax.merge(pure, rule)["unembed"], sora_jax.merge(without, rule)["unembed"])
+
+
+# --- train, checkpoint with orbax, read back in a new process with a provider built afresh --------------------------
+
+
+class Square(nnx.Module):
+  """Square kernels: (in, out) or (out, in) cannot be told from the shapes, so the convention decides."""
+
+  def __init__(self, rngs):
+    self.up, self.down = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jnp.tanh(self.up(x)))
+
+
+class Naming:
+  """The least a qwix-layout `save_peft` needs: module names and input axes of the weights."""
+  model_type = "square"
+
+  def module_name(self, weight):
+    return f"model.{weight[0]}" if weight[-1] == "kernel" else None
+
+  def in_axes(self, weight):
+    return 1
+
+
+def tree_results(tree, provider, directory):
+  """What the tree functions say about `tree`: rank report, merged and pruned arrays, the PEFT file."""
+  from safetensors.numpy import load_file
+  report = sora_jax.rank_report(tree, provider)
+  merged = sora_jax.merge(tree, provider)
+  pruned = sora_jax.prune(tree, provider)
+  ranks = sora_jax.save_peft(directory, tree, provider, naming=Naming())
+  # An orbax dict without a target keeps its 'value' level in the results: compare without it.
+  flat = lambda t: {jax.tree_util.keystr(k, simple=True, separator="/").removesuffix("/value"): np.asarray(v)
+                    for k, v in jax.tree_util.tree_flatten_with_path(
+                        nnx.to_pure_dict(t) if isinstance(t, nnx.State) else t)[0]}
+  return (str(report), flat(merged), flat(pruned), ranks,
+          {k: np.asarray(v) for k, v in load_file(f"{directory}/adapter_model.safetensors").items()})
+
+
+_RESTORE_SCRIPT = r'''
+import json, sys
+import numpy as np, orbax.checkpoint as ocp, qwix
+sys.path.insert(0, sys.argv[3])
+import sora_jax
+from test_layout import tree_results
+restored = ocp.StandardCheckpointer().restore(sys.argv[1])    # no target: a plain dict with 'value' levels
+provider = sora_jax.SoraProvider(module_path="up|down", rank=2, alpha=4.0)
+report, merged, pruned, ranks, peft = tree_results(restored, provider, sys.argv[2] + "/peft")
+np.savez(sys.argv[2] + "/out.npz", **{"merged/" + k: v for k, v in merged.items()},
+         **{"pruned/" + k: v for k, v in pruned.items()}, **{"peft/" + k: v for k, v in peft.items()})
+json.dump({"report": report, "ranks": ranks}, open(sys.argv[2] + "/out.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_orbax_checkpoint_read_in_a_new_process_with_a_fresh_provider(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import optax
+  import orbax.checkpoint as ocp
+
+  x = jax.random.normal(jax.random.key(0), (32, 8))
+  y = jnp.sin(x)
+  provider = sora_jax.SoraProvider(module_path="up|down", rank=2, alpha=4.0)
+  model = sora_jax.apply_sora(Square(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
+  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  tx = optax.chain(optax.adamw(5e-2, mask=not_gate), sora_jax.sora_proximal(0.5, learning_rate=5e-2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: ((m(x) - y) ** 2).mean(), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(8):
+    step(model, optimizer)
+  model.up.kernel_lora_gate[...] = model.up.kernel_lora_gate[...].at[0].set(0.0)   # one rank switched off
+  state = nnx.state(model)
+  gates = np.concatenate([np.ravel(g[...]) for _, g in nnx.to_flat_state(nnx.state(model, sora_jax.SoraGate))])
+  assert (gates == 0).any() and (gates != 0).any()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  report, merged, pruned, ranks, peft = tree_results(state, provider, str(tmp_path / "peft_here"))
+
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  subprocess.run([sys.executable, "-c", _RESTORE_SCRIPT, str(tmp_path / "ckpt"), str(tmp_path), tests_dir],
+                 check=True, env=env, timeout=300)
+  other = json.load(open(tmp_path / "out.json"))
+  arrays = np.load(tmp_path / "out.npz")
+  assert other["report"] == report and other["ranks"] == ranks
+  for prefix, mine in (("merged/", merged), ("pruned/", pruned), ("peft/", peft)):
+    theirs = {k[len(prefix):]: arrays[k] for k in arrays.files if k.startswith(prefix)}
+    assert set(theirs) == set(mine), prefix
+    for k in mine:
+      np.testing.assert_array_equal(theirs[k], mine[k], err_msg=prefix + k)

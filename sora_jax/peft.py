@@ -220,26 +220,11 @@ def save_peft(
                                task_type=task_type or "CAUSAL_LM", uniform_rank=uniform_rank)
     task_type = task_type or "SEQ_CLS"
     flat, _ = _unstacked_flat(params, naming)
+    adapter_records(flat, "save_peft", config)
     if any(path[-1] == GATE for path in flat):
         flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
     flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
-
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for path in sorted(p for p in flat if p[-1] == A):
-        module = path[:-1]
-        a, b, gate = flat[module + (A,)], flat[module + (B,)], flat.get(module + (GATE,))
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(f"{path_str(module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), got "
-                             f"a {a.shape}, b {b.shape}")
-        rank = a.shape[1]
-        if rank == 0:
-            continue
-        folded_b = config.scale * b * (1.0 if gate is None else gate[:, None])
-        name = naming.module_name(module)
-        ranks[name] = rank
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.T
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_b.T
+    tensors, ranks = _lora_tensors(flat, config, naming)
 
     # modules_to_save: the head, written whole; checked against the family's own converter.
     saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
@@ -532,17 +517,43 @@ def load_peft(
 # --- qwix layout (SoraProvider / qwix LoRA on NNX models) with a naming object -------------------------------------
 
 
+def _lora_tensors(vals: Flat, config, naming) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """PEFT tensors and ranks of every adapter of a pruned flat tree of arrays (either layout), each a transformers
+    Linear: lora_A = A^T (r_m, in), lora_B = (s * diag(gate) B)^T (out, r_m), in float32; rank-0 modules left out."""
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for rec in leaves.find_adapters(vals):
+        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+        if rec.layout == "linen" and (a.ndim != 2 or b.ndim != 2):
+            raise ValueError(f"{path_str(rec.module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), "
+                             f"got a {a.shape}, b {b.shape}")
+        rank = a.shape[-1]
+        if rank == 0:
+            continue
+        _linear_roles(rec, vals, naming)
+        scale, _ = scale_and_rank(config, rec.weight)
+        b2 = b.reshape(rank, -1).astype(np.float32) * scale
+        if gate is not None:
+            b2 = b2 * gate.reshape(rank, 1)
+        name = naming.module_name(rec.module if rec.layout == "linen" else rec.weight)
+        ranks[name] = rank
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.reshape(-1, rank).astype(np.float32).T
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+    return tensors, ranks
+
+
 def _linear_roles(rec: leaves.AdapterPaths, vals: Flat, naming) -> layout.WeightRoles:
     """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
-    weight's first `naming.in_axes` axes in order, the remaining ones the rest."""
+    weight's first `naming.in_axes` axes in order (a linen naming: the kernel's input axes), the remaining ones the
+    rest."""
     name = path_str(rec.weight)
     w_shape = leaves.weight_shape(vals, rec.weight)
     roles = weight_roles(vals, rec)
-    k = naming.in_axes(rec.weight)
+    k = naming.in_axes(rec.weight) if hasattr(naming, "in_axes") else len(roles.contract)
     contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
     if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
         raise ValueError(f"{name}: its adapter contracts weight axes {roles.contract} (batch {roles.batch}); the "
-                         f"transformers Linear {naming.module_name(rec.weight)!r} takes axes {tuple(range(k))} as "
+                         f"transformers Linear of {name!r} takes axes {tuple(range(k))} as "
                          "inputs, so the adapter has no PEFT LoRA equivalent.")
     return roles
 
@@ -567,23 +578,7 @@ def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path,
     flat, _ = leaves.flatten(tree)
     _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_peft")
     vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for rec in _qwix_records(vals, naming, "save_peft"):
-        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
-        rank = a.shape[-1]
-        if rank == 0:
-            continue
-        _linear_roles(rec, vals, naming)
-        scale, _ = scale_and_rank(config, rec.weight)
-        a2 = a.reshape(-1, rank).astype(np.float32)
-        b2 = b.reshape(rank, -1).astype(np.float32) * scale
-        if gate is not None:
-            b2 = b2 * gate.reshape(rank, 1)
-        name = naming.module_name(rec.weight)
-        ranks[name] = rank
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a2.T
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+    tensors, ranks = _lora_tensors(vals, config, naming)
     if not ranks:
         raise ValueError("save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the "
                          "base model).")

@@ -389,7 +389,8 @@ def unmerge(merged: PyTree, adapters: PyTree, config: Config) -> PyTree:
 
   Args:
     merged: a plain tree from `merge` (either layout's weights; any kind of tree).
-    adapters: any tree holding the adapter leaves (the full adapted tree, or the trainable half of `split`).
+    adapters: any tree holding the adapter leaves (the full adapted tree, or the trainable half of `split`; a
+      `<w>_lora_axes` record sits in the frozen half, so for a weight that has one pass the full adapted tree).
     config: the config or provider / rules used to merge.
 
   Returns:

@@ -202,8 +202,6 @@ class SoraProvider(qwix.LoraProvider):
     names = (weight + QWIX_A, weight + QWIX_B, weight + QWIX_GATE)
     _, get, creating, where = _context(self)
     where = f"{where}/{weight}"
-    if not creating:
-      _check_not_merged(get(weight), where)
     a, b, gate = (get(n) for n in names)
     if a is None or b is None:
       if not creating:
@@ -229,6 +227,8 @@ class SoraProvider(qwix.LoraProvider):
           "one rank r; the tree does not belong to this model (or was edited).")
     if rank == 0:
       return None
+    if not creating:
+      _check_not_merged(get(weight), where)
     return a, b, gate
 
   @staticmethod
@@ -277,7 +277,9 @@ def _record_lora(provider: "SoraProvider", rule: Any, rhs: Any, roles: Callable[
     return
   _, get, creating, where = _context(provider)
   if not creating:
-    _check_not_merged(get(weight), f"{where}/{weight}")
+    a = get(weight + QWIX_A)
+    if a is not None and _qwix.unbox(a).shape[-1] > 0:
+      _check_not_merged(get(weight), f"{where}/{weight}")
     return
   _record_axes(weight, tuple(rhs.shape), rule.rank, roles(), gated=False)
 

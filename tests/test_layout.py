@@ -17,7 +17,6 @@ from sora_jax import layout
 from sora_jax import sharding
 
 RANK, ALPHA = 2, 4.0
-_NORMAL = jax.nn.initializers.normal(0.5)
 
 
 @pytest.mark.parametrize("roles, w_shape, a, b, gate, recorded", [
@@ -97,10 +96,17 @@ class Tied(nnx.Module):
     return jnp.einsum("bd,vd->bv", jnp.tanh(self.proj(x)), self.unembed[...])
 
 
+def _waves(phase):
+  """A deterministic initializer made on host: no random-bit kernels to compile per leaf shape (keeps tests fast)."""
+  return lambda key, shape, dtype=jnp.float32: jnp.asarray(
+      0.5 * np.sin(np.arange(int(np.prod(shape))) * 1.7 + phase).reshape(shape), dtype)
+
+
 def _rules(sora_path, lora_path=None):
-  rules = [sora_jax.SoraRule(module_path=sora_path, rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL)]
+  inits = dict(lora_a_initializer=_waves(0.0), lora_b_initializer=_waves(1.0))
+  rules = [sora_jax.SoraRule(module_path=sora_path, rank=RANK, alpha=ALPHA, **inits)]
   if lora_path:
-    rules.append(qwix.LoraRule(module_path=lora_path, rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL))
+    rules.append(qwix.LoraRule(module_path=lora_path, rank=RANK, alpha=ALPHA, **inits))
   return rules
 
 
@@ -123,7 +129,8 @@ def _adapted(name):
 def _check_equals_qwix_lora(cls, x, model, rules):
   """At gates one the adapted model equals qwix's own LoRA with the same rngs (same A and B)."""
   lora_rules = [qwix.LoraRule(module_path=r.module_path, rank=r.rank, alpha=r.alpha,
-                              lora_b_initializer=r.lora_b_initializer) for r in rules]
+                              lora_a_initializer=r.lora_a_initializer, lora_b_initializer=r.lora_b_initializer)
+                for r in rules]
   lora = qwix.apply_lora_to_model(cls(nnx.Rngs(0)), qwix.LoraProvider(lora_rules), x, rngs=nnx.Rngs(1))
   factors = lambda m: {p: v for p, v in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam))
                        if not isinstance(v, sora_jax.SoraGate)}
@@ -134,10 +141,12 @@ def _check_equals_qwix_lora(cls, x, model, rules):
 def _set_gates(model, seed=5):
   """Random gates with about half the entries exactly zero."""
   gates = dict(nnx.to_flat_state(nnx.state(model, sora_jax.SoraGate)))
-  key = jax.random.key(seed)
+  rng = np.random.default_rng(seed)
   for gate in gates.values():
-    key, k1, k2 = jax.random.split(key, 3)
-    gate.set_value(jax.random.normal(k1, gate.shape) * (jax.random.uniform(k2, gate.shape) < 0.5))
+    value = rng.normal(size=gate.shape) * (rng.uniform(size=gate.shape) < 0.5)
+    value.reshape(-1, gate.shape[-1])[:, 0] = 1.5   # per entry: the first rank on, the last off
+    value.reshape(-1, gate.shape[-1])[:, -1] = 0.0
+    gate.set_value(jnp.asarray(value, jnp.float32))
   nnx.update(model, nnx.from_flat_state(gates))
 
 

@@ -1,4 +1,4 @@
-"""Shapes of the qwix-layout adapter: the roles of a weight's axes, the delta in the weight's layout, pruning.
+"""Shapes of an adapter: the roles of a weight's axes, the delta in the weight's layout, pruning (both layouts).
 
 A weight W seen by `SoraProvider` has axes in three roles: batch (kept by the op, e.g. n in 'bnd,ndh->bnh'),
 contracting (summed with the input) and remaining (output-only). The leaves are laid out as

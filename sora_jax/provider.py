@@ -22,6 +22,10 @@ The rank used is read off the leaves (A.shape[-1]), so a pruned tree runs as it 
 model is being initialised (linen `init`; NNX inside `apply_sora`); later a missing A or B, or a rank-0 A, means "no
 adapter" for that op, so a module pruned to rank 0 stays off instead of getting a fresh adapter. A missing gate reads
 as ones (a plain qwix LoRA tree).
+
+The provider is configuration: nothing a later reader needs is kept on it. Where the convention of `sora_jax.layout`
+would misread a weight's axes from the shapes (a square weight contracted on its last axis), the adapter is created
+with the record `<w>_lora_axes` (`sora_jax.SoraAxes`) beside it, for SoRA rules and for plain `qwix.LoraRule`s alike.
 """
 from __future__ import annotations
 

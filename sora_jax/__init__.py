@@ -24,6 +24,7 @@ from sora_jax.budget import sora_budget as sora_budget
 from sora_jax.forward import apply_factored as apply_factored
 from sora_jax.forward import factored as factored
 from sora_jax.forward import low_rank_product as low_rank_product
+from sora_jax.leaves import SoraAxes as SoraAxes
 from sora_jax.leaves import SoraGate as SoraGate
 from sora_jax.optim import SoraProximalState as SoraProximalState
 from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
@@ -49,6 +50,7 @@ __all__ = [
     "RankReport",
     "RankRow",
     "SoraBudgetState",
+    "SoraAxes",
     "SoraConfig",
     "SoraGate",
     "SoraProvider",

@@ -33,10 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+import qwix
+from flax import nnx
+
 from sora_jax import _qwix
 from sora_jax import layout
 from sora_jax import leaves
 from sora_jax.leaves import A, B, GATE, path_str
+from sora_jax.provider import SoraProvider
 
 PyTree = Any
 Path = tuple[Any, ...]
@@ -107,33 +111,12 @@ def _unflat(flat: dict[Path, Any]) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def _adapted_modules(flat: dict[Path, Any]) -> list[Path]:
-  """Module paths that hold a `sora_a` leaf (sorted, deterministic)."""
-  return sorted(path[:-1] for path in flat if path[-1] == A)
-
-
 def _check_finite_adapters(flat: dict[Path, Any], action: str) -> None:
   """A NaN or inf gate or factor is a diverged run, not a switched-off rank: refuse to count or cut it."""
   for path, value in flat.items():
     if leaves.is_adapter(path) and not np.isfinite(np.asarray(leaves.value(value))).all():
       raise ValueError(f"{path_str(path)} holds NaN or inf values, so no {action} (a non-finite gate is not a "
                        "pruned rank); the training diverged: lower the learning rate")
-
-
-def _lead(kernel, a, b) -> int:
-  """Number of leading layer axes shared by kernel, sora_a and sora_b."""
-  return a.ndim + b.ndim - 2 - kernel.ndim
-
-
-def _fold(a, gate, b, lead: int):
-  """(a, b * gate) flattened to a: (L, in, r), b: (L, r, out), L = prod(lead shape), gate folded into b."""
-  lead_shape = a.shape[:lead]
-  r = a.shape[-1]
-  a2 = a.reshape(math.prod(lead_shape), -1, r)
-  b2 = b.reshape(math.prod(lead_shape), r, -1)
-  if gate is not None:
-    b2 = b2 * gate.reshape(-1, r, 1).astype(b2.dtype)
-  return a2, b2
 
 
 def delta_kernel(a, b, gate=None, *, scale: float, lead: int = 0):
@@ -149,9 +132,8 @@ def delta_kernel(a, b, gate=None, *, scale: float, lead: int = 0):
   Returns:
     (*lead, *in_shape, *out_shape).
   """
-  a2, b2 = _fold(a, gate, b, lead)
-  delta = jnp.einsum("lir,lro->lio", a2, b2, precision=jax.lax.Precision.HIGHEST)
-  return (scale * delta).reshape(a.shape[:-1] + b.shape[lead + 1:])
+  kernel_shape = a.shape[:-1] + b.shape[lead + 1:]
+  return layout.delta(layout.linen_roles(len(kernel_shape), a.ndim, b.ndim), kernel_shape, a, b, gate, scale)
 
 
 def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
@@ -282,46 +264,59 @@ def combine(*trees: PyTree) -> PyTree:
   return (rebuild or traverse_util.unflatten_dict)(flat)
 
 
-def _adapter(flat, module: Path):
-  kernel = flat[module + ("kernel",)]
-  a, b = flat[module + (A,)], flat[module + (B,)]
-  return kernel, a, b, flat.get(module + (GATE,)), _lead(kernel, a, b)
-
-
-Config = Any  # SoraConfig | SoraProvider | qwix.LoraRule | Sequence[qwix.LoraRule]
+Config = SoraConfig | SoraProvider | qwix.LoraRule | Sequence[qwix.LoraRule]
 
 
 def _rules(config: Config) -> list[Any] | None:
   """The rules of a provider / rule / sequence of rules; None for a SoraConfig."""
   if isinstance(config, SoraConfig):
     return None
-  if hasattr(config, "rules") and not hasattr(config, "rank"):  # a provider
+  if isinstance(config, SoraProvider):
     return list(config.rules)
-  if hasattr(config, "rank") and hasattr(config, "alpha"):  # one rule
+  if isinstance(config, qwix.LoraRule):
     return [config]
-  if isinstance(config, (list, tuple)):
+  if isinstance(config, (list, tuple)) and all(isinstance(rule, qwix.QuantizationRule) for rule in config):
     return list(config)
   raise TypeError(f"config must be a SoraConfig, a SoraProvider, a SoraRule (or qwix.LoraRule) or a sequence of "
                   f"rules, got {type(config).__name__}.")
 
 
-def _scale_rank(config: Config, weight: Path) -> tuple[float, int]:
-  """(s, r_max) for the adapter of `weight`: the SoraConfig's, or the first rule whose module_path fully matches the
-  '/'-joined module path (as qwix matches rules)."""
+def scale_and_rank(config: Config, weight: Path) -> tuple[float, int]:
+  """(s, r_max) for the adapter of `weight`: the SoraConfig's, or the first LoRA/SoRA rule whose module_path fully
+  matches the '/'-joined module path (as qwix matches rules)."""
   rules = _rules(config)
   if rules is None:
     return config.scale, config.rank
   module = path_str(weight[:-1])
   for rule in rules:
-    if hasattr(rule, "rank") and re.fullmatch(rule.module_path, module):
+    if isinstance(rule, qwix.LoraRule) and re.fullmatch(rule.module_path, module):
       return rule.alpha / rule.rank, rule.rank
   raise ValueError(f"no LoRA/SoRA rule's module_path matches {module!r} (adapter of {path_str(weight)!r}); pass the "
                    "provider or rules that created the adapters.")
 
 
-def _recorded_roles(config: Config, weight: Path) -> layout.WeightRoles | None:
-  roles_of = getattr(config, "roles_of", None)
-  return None if roles_of is None else roles_of(weight)
+def weight_roles(vals: dict[Path, Any], rec: leaves.AdapterPaths) -> layout.WeightRoles:
+  """The roles of an adapted weight's axes, read from the tree (`sora_jax.layout`): a linen kernel's from the ranks of
+  kernel, A and B; a qwix weight's from its `<w>_lora_axes` record, else the convention over the shapes."""
+  w_shape = leaves.weight_shape(vals, rec.weight)
+  a_shape, b_shape, gate = np.shape(vals[rec.a]), np.shape(vals[rec.b]), vals.get(rec.gate)
+  if rec.layout == "linen":
+    return layout.linen_roles(len(w_shape), len(a_shape), len(b_shape))
+  return layout.read_roles(path_str(rec.weight), w_shape, a_shape, b_shape, None if gate is None else np.shape(gate),
+                           vals.get(rec.axes))
+
+
+def adapter_records(vals: dict[Path, Any], fn: str, config: Config | None = None) -> list[leaves.AdapterPaths]:
+  """The adapters of a flat tree; a tree without any is an error (unless a SoraConfig's targets show a linen tree
+  whose every module was pruned to rank 0)."""
+  records = leaves.find_adapters(vals)
+  if records or (isinstance(config, SoraConfig) and any(
+      path[-1] == "kernel" and any(re.fullmatch(t, path_str(path)) for t in config.targets) for path in vals)):
+    return records
+  examples = ", ".join(path_str(p) for p in list(vals)[:4])
+  raise ValueError(f"{fn}: the tree has no adapters (no 'sora_a' or '<w>_lora_a' leaf among {len(vals)} leaves, e.g. "
+                   f"{examples or 'none'}); pass the adapted tree (params after sora_jax.init, or nnx.state(model) "
+                   "after sora_jax.apply_sora).")
 
 
 def _values(flat: dict[Path, Any]) -> dict[Path, Any]:
@@ -342,145 +337,126 @@ def _base_weight(flat: dict[Path, Any], weight: Path, fn: str) -> Any:
   return w
 
 
+def _f32(x):
+  return None if x is None else jnp.asarray(x, jnp.float32)
+
+
+def _delta(vals: dict[Path, Any], rec: leaves.AdapterPaths, config: Config, fn: str) -> tuple[Any, jax.Array]:
+  """(W, s * A diag(gate) B laid out like W in float32) for one adapter of either layout."""
+  w = _base_weight(vals, rec.weight, fn)
+  a, b, gate = _f32(vals[rec.a]), _f32(vals[rec.b]), _f32(vals.get(rec.gate))
+  scale, _ = scale_and_rank(config, rec.weight)
+  return w, layout.delta(weight_roles(vals, rec), w.shape, a, b, gate, scale)
+
+
+def _merged_leaf(like: Any, value: jax.Array, merged: bool) -> Any:
+  """`value` in `like`'s container; an NNX weight is marked as holding (or no longer holding) its adapter's delta,
+  which the adapted model refuses to run (`sora_jax.SoraProvider`)."""
+  if isinstance(like, nnx.Variable):
+    return like.replace(value, **{leaves.MERGED: merged})
+  return value
+
+
 def merge(params: PyTree, config: Config) -> PyTree:
   """Folds every adapter into its weight, W <- W + s * A diag(gate) B, and drops the adapter leaves.
 
   Both layouts: linen `sora_*` beside a kernel (delta laid out as (*lead, *in, *out)), and qwix `<w>_lora_*` beside
   any weight (delta placed on W's own axes, einsum-shaped weights such as (d, n, h) included). The scale s comes from
   `config`: a SoraConfig, or the SoraProvider / SoraRule / rules that made the adapters (first rule whose module_path
-  matches). A qwix-layout weight's axis roles come from the provider's record when `config` is the provider that ran
-  the model; otherwise they are read off the shapes, and shapes that allow two readings (a square kernel) raise.
+  matches); a qwix-layout weight's axis roles come from the tree (`sora_jax.layout`), so a provider built afresh
+  works. The sum is computed in float32 and cast once to W's dtype (bf16 W: one rounding of W + delta).
 
-  The result is a plain tree of the same kind (for NNX: `nnx.update(base_model, merged)` or
-  `nnx.merge(base_graphdef, merged_state)` with the model before `apply_sora`). Differentiable:
-  `jax.grad(lambda t: f(merge(combine(t, frozen), config)))` gives adapter gradients.
+  The result is a plain tree of the same kind, for the model before `apply_sora`: `nnx.update(base_model, merged)` or
+  `nnx.merge(base_graphdef, merged_state)` is the one way to a plain model. NNX weights in the result carry the
+  metadata `sora_merged=True`, so putting them back into the adapted model (which would add the delta twice) raises
+  when that model runs. Differentiable: `jax.grad(lambda t: f(merge(combine(t, frozen), config)))` gives adapter
+  gradients.
+
+  Raises:
+    ValueError: the tree has no adapters, a base weight is missing or quantized, or no rule matches an adapter.
   """
   flat, rebuild = leaves.flatten(params)
   vals = _values(flat)
-  out = {p: v for p, v in flat.items() if not leaves.is_adapter(p)}
-  for rec in leaves.find_adapters(flat):
-    w = _base_weight(vals, rec.weight, "merge")
-    a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
-    scale, _ = _scale_rank(config, rec.weight)
-    if rec.layout == "linen":
-      d = delta_kernel(a, b, gate, scale=scale, lead=_lead(w, a, b))
-    elif a.shape[-1] == 0:
-      continue
-    else:
-      roles = _recorded_roles(config, rec.weight)
-      if roles is None:
-        roles = layout.infer_roles(path_str(rec.weight), w.shape, a.shape, b.shape,
-                                   None if gate is None else gate.shape)
-      else:
-        roles = layout.with_lead(path_str(rec.weight), roles, a.ndim)
-      d = layout.delta(roles, w.shape, a, b, gate, scale)
-    out[rec.weight] = leaves.rewrap(flat[rec.weight], (w + d.astype(w.dtype)).astype(w.dtype))
+  out = {p: v for p, v in flat.items() if not leaves.is_adapter_leaf(p)}
+  for rec in adapter_records(vals, "merge", config):
+    w, d = _delta(vals, rec, config, "merge")
+    out[rec.weight] = _merged_leaf(flat[rec.weight], (_f32(w) + d).astype(w.dtype), True)
   return rebuild(out)
 
 
-def unmerge(merged: PyTree, adapters: PyTree, config: SoraConfig) -> dict:
+def unmerge(merged: PyTree, adapters: PyTree, config: Config) -> PyTree:
   """Inverse of `merge`: W <- W - s * A diag(gate) B for every adapter in `adapters`, which are added back.
 
   Args:
-    merged: a plain tree from `merge`.
-    adapters: any tree holding the adapter leaves (the full adapted tree, or the trainable half of `split`).
-    config: the config used to merge.
+    merged: a plain tree from `merge` (either layout's weights; any kind of tree).
+    adapters: any tree holding the adapter leaves (the full adapted tree, or the trainable half of `split`; a
+      `<w>_lora_axes` record sits in the frozen half, so for a weight that has one pass the full adapted tree).
+    config: the config or provider / rules used to merge.
 
   Returns:
-    The adapted tree; equal to the original up to float rounding of the kernels.
+    The adapted tree, of `merged`'s kind; equal to the original up to float rounding of the weights.
   """
-  flat = _flat(merged)
-  adapter_flat = {p: v for p, v in _flat(adapters).items() if p[-1] in ADAPTER_LEAVES}
+  flat, rebuild = leaves.flatten(merged)
   out = dict(flat)
-  out.update(adapter_flat)
-  for module in _adapted_modules(adapter_flat):
-    kernel_path = module + ("kernel",)
-    if kernel_path not in flat:
-      raise ValueError(f"unmerge: {path_str(kernel_path)!r} is not in the merged tree.")
-    kernel, a, b, gate, lead = _adapter(out, module)
-    delta = delta_kernel(a, b, gate, scale=config.scale, lead=lead)
-    out[kernel_path] = (kernel - delta.astype(kernel.dtype)).astype(kernel.dtype)
-  return _unflat(out)
-
-
-def _active(b_folded: np.ndarray) -> np.ndarray:
-  """(L, r) bool: ranks whose (gate-folded) B row is not all zero."""
-  return np.any(b_folded != 0, axis=-1)
-
-
-def _module_ranks(flat, module: Path) -> tuple[np.ndarray, int, int, int]:
-  """Active rank per layer (L,), stored rank, fan_in, fan_out of one adapted module."""
-  kernel, a, b, gate, lead = _adapter(flat, module)
-  r = a.shape[-1]
-  fan_in = math.prod(a.shape[lead:-1])
-  fan_out = math.prod(b.shape[lead + 1:])
-  if gate is not None:
-    active = np.asarray(gate).reshape(-1, r) != 0
-  else:
-    _, b2 = _fold(np.asarray(a), None, np.asarray(b), lead)
-    active = _active(b2)
-  return active.sum(axis=-1), r, fan_in, fan_out
+  out.update({p: v for p, v in leaves.flatten(adapters)[0].items() if leaves.is_adapter_leaf(p)})
+  vals = _values(out)
+  for rec in adapter_records({p: v for p, v in vals.items() if leaves.is_adapter_leaf(p)}, "unmerge"):
+    if rec.weight not in flat:
+      raise ValueError(f"unmerge: {path_str(rec.weight)!r} is not in the merged tree.")
+    w, d = _delta(vals, rec, config, "unmerge")
+    out[rec.weight] = _merged_leaf(flat[rec.weight], (_f32(w) - d).astype(w.dtype), False)
+  return rebuild(out)
 
 
 def prune(params: PyTree, config: Config | None = None) -> PyTree:
   """Cuts every rank whose gate is exactly zero and folds the gate in; returns the same kind of tree.
 
   The result computes the same function (up to float rounding of the folded product) with a variable rank per module.
-  Runs on host (the output shapes depend on the gate values), so call it outside `jax.jit`.
+  Runs on host (the output shapes depend on the gate values), so call it outside `jax.jit`. The fold is computed in
+  float32 and each leaf cast once to its dtype (bf16 leaves: one rounding of A and of the gate-scaled B).
+
+  Batch entries (a stacked linen module's layers, a qwix weight's batch axes: the gate's leading axes) share one rank:
+  gate folded into B, k the largest active rank over entries, each entry's active ranks first and the rest zero
+  columns of A and zero rows of B. A batched einsum's B is shared by the entries: the ranks active in any entry are
+  kept and the gate is folded into A.
 
   linen layout (`sora_*`): a (*lead, *in, k), b (*lead, k, *out), no `sora_gate`; a module with k = 0 loses all its
-  adapter leaves. A stacked module keeps one rank for all its layers: k is the largest active rank over layers; each
-  layer's active ranks come first and the rest are zero columns of A and zero rows of B.
+  adapter leaves.
 
   qwix layout (`<w>_lora_*`): the tree keeps its structure, only shapes change, so `nnx.merge(graphdef, pruned)` with
   the adapted model's graphdef and `nnx.update(model, pruned)` work (a dropped leaf would leave `nnx.update` running
-  the old A and B). Batch entries (the gate's leading axes) are handled like stacked layers: gate folded into B, k the
-  largest active rank over entries, zero padding. A batched einsum's B is shared by the entries: the ranks active in
-  any entry are kept and the gate is folded into A. The gate leaf stays, 1 at kept active ranks and 0 at padding; a
-  module at k = 0 keeps zero-size leaves, which `SoraProvider` reads as "no adapter". A qwix adapter without a gate
-  (plain LoRA) is kept as it is.
+  the old A and B). The gate leaf stays, 1 at kept active ranks and 0 at padding; a module at k = 0 keeps zero-size
+  leaves, which `SoraProvider` reads as "no adapter". A qwix adapter without a gate (plain LoRA) is kept as it is.
 
   Args:
-    params: linen params, an `nnx.State`, or a pure dict.
-    config: optional; the SoraProvider that ran the model resolves the batch layout of shapes that allow two.
+    params: linen params, an `nnx.State`, or a pure dict (the base weights included: they give the axes' roles).
+    config: not needed (everything is read from the tree); accepted so that `prune(tree, provider)` reads like the
+      other tree functions.
+
+  Raises:
+    ValueError: the tree has no adapters, or holds a non-finite adapter leaf.
   """
+  del config
   flat, rebuild = leaves.flatten(params)
   vals = _values(flat)
   _check_finite_adapters(vals, "pruning")
-  out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
-  for rec in leaves.find_adapters(flat):
+  out = dict(flat)
+  for rec in adapter_records(vals, "prune"):
     a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
-    if rec.layout == "linen":
-      _prune_linen(out, rec, vals)
+    if gate is None and rec.layout == "qwix":
       continue
-    if gate is None:
-      continue
-    batching = layout.batching(path_str(rec.weight), a.shape, b.shape, gate.shape,
-                               None if config is None else _recorded_roles(config, rec.weight))
-    new = layout.prune_one(np.asarray(a), np.asarray(b), np.asarray(gate), batching)
+    batching = layout.batching(weight_roles(vals, rec))
+    ones = np.ones(np.shape(b)[:batching.nb] + (np.shape(a)[-1],), np.float32)
+    new = layout.prune_one(*(np.asarray(x, np.float32) for x in (a, b, ones if gate is None else gate)), batching)
     for path, old, value in zip(rec.leaves, (a, b, gate), new):
-      out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
+      if old is not None:
+        out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
+    if rec.layout == "linen":  # the gate is folded in; at rank 0 the module has no adapter
+      out.pop(rec.gate, None)
+      if new[0].shape[-1] == 0:
+        out.pop(rec.a)
+        out.pop(rec.b)
   return rebuild(out)
-
-
-def _prune_linen(out: dict[Path, Any], rec: leaves.AdapterPaths, vals: dict[Path, Any]) -> None:
-  kernel, a, b, gate = vals[rec.weight], vals[rec.a], vals[rec.b], vals.get(rec.gate)
-  lead = _lead(kernel, a, b)
-  a2, b2 = _fold(np.asarray(a), None if gate is None else np.asarray(gate), np.asarray(b), lead)
-  active = _active(b2)
-  if gate is not None:
-    active &= np.asarray(gate).reshape(active.shape) != 0
-  k = int(active.sum(axis=-1).max(initial=0))
-  if k == 0:
-    return
-  new_a = np.zeros(a2.shape[:-1] + (k,), a2.dtype)
-  new_b = np.zeros((b2.shape[0], k, b2.shape[-1]), b2.dtype)
-  for layer, keep in enumerate(active):
-    idx = np.flatnonzero(keep)
-    new_a[layer, :, :idx.size] = a2[layer][:, idx]
-    new_b[layer, :idx.size] = b2[layer][idx]
-  out[rec.a] = jnp.asarray(new_a.reshape(a.shape[:-1] + (k,)), a.dtype)
-  out[rec.b] = jnp.asarray(new_b.reshape(b.shape[:lead] + (k,) + b.shape[lead + 1:]), b.dtype)
 
 
 class RankRow(NamedTuple):
@@ -542,25 +518,17 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
   vals = _values(flat)
   _check_finite_adapters(vals, "rank report")
   rows = []
-  records = leaves.find_adapters(vals)
+  records = adapter_records(vals, "rank_report", config)
   adapted = {rec.weight for rec in records}
   for rec in records:
-    a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
-    _, rank_max = _scale_rank(config, rec.weight)
-    if rec.layout == "linen":
-      ranks, _, fan_in, fan_out = _module_ranks(vals, rec.module)
-      stacked = _lead(vals[rec.weight], a, b) > 0
-      name = path_str(rec.module)
-    else:
-      batching = layout.batching(path_str(rec.weight), a.shape, b.shape, None if gate is None else gate.shape,
-                                 _recorded_roles(config, rec.weight))
-      active = layout.active_ranks(None if gate is None else np.asarray(gate), np.asarray(b), batching)
-      ranks = active.sum(axis=-1)
-      fan_in, fan_out = layout.fans(a.shape, b.shape, batching)
-      stacked = batching.nb > 0
-      name = path_str(rec.weight)
+    b, gate = vals[rec.b], vals.get(rec.gate)
+    _, rank_max = scale_and_rank(config, rec.weight)
+    batching = layout.batching(weight_roles(vals, rec))
+    ranks = layout.active_ranks(None if gate is None else np.asarray(gate), np.asarray(b), batching).sum(axis=-1)
+    fan_in, fan_out = layout.fans(np.shape(vals[rec.a]), np.shape(b), batching)
+    name = path_str(rec.module if rec.layout == "linen" else rec.weight)
     for layer, rank in enumerate(ranks):
-      rows.append(RankRow(name, layer if stacked else None, rank_max, int(rank), fan_in, fan_out,
+      rows.append(RankRow(name, layer if batching.nb > 0 else None, rank_max, int(rank), fan_in, fan_out,
                           int(rank) * (fan_in + fan_out)))
   if isinstance(config, SoraConfig):
     for path, kernel in vals.items():
@@ -573,6 +541,6 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
         for layer in range(math.prod(kernel.shape[:lead])):
           rows.append(RankRow(path_str(path[:-1]), layer if lead else None, config.rank, 0, fan_in, fan_out, 0))
   rows.sort(key=lambda row: (row.path, row.layer or 0))
-  base = sum(int(np.size(v)) for p, v in vals.items() if not leaves.is_adapter(p))
+  base = sum(int(np.size(v)) for p, v in vals.items() if not leaves.is_adapter_leaf(p))
   return RankReport(tuple(rows), sum(r.retained_params for r in rows),
                     sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base)

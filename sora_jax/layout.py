@@ -1,4 +1,4 @@
-"""Shapes of the qwix-layout adapter: the roles of a weight's axes, the delta in the weight's layout, pruning.
+"""Shapes of an adapter: the roles of a weight's axes, the delta in the weight's layout, pruning (both layouts).
 
 A weight W seen by `SoraProvider` has axes in three roles: batch (kept by the op, e.g. n in 'bnd,ndh->bnh'),
 contracting (summed with the input) and remaining (output-only). The leaves are laid out as
@@ -6,27 +6,37 @@ contracting (summed with the input) and remaining (output-only). The leaves are 
   dot_general:  A (*W[batch], prod W[contract], r),  B (*W[batch], r, prod W[remain]),  gate (*W[batch], r)
   einsum:       A (*W[batch + contract in W order], r),  B (r, *W[remain]),  gate (*W[batch], r)
 
-and delta W = s * sum_r A[..., r] gate[..., r] B[r, ...] placed back on W's axes. `SoraProvider` records each
-weight's roles when it runs the op (`roles_of`); without that record the roles are inferred from the shapes, and a
-shape that allows two readings with different results (a square (d, d) kernel: (in, out) or (out, in)?) is an
-error that asks for the provider, never a guess.
+and delta W = s * sum_r A[..., r] gate[..., r] B[r, ...] placed back on W's axes.
+
+The roles are read from the tree, never from a provider's memory: by convention, the reading of the leaf shapes
+with the fewest batch axes and, among those, W's axes in the order batch, contracting, remaining (an (in, out)
+kernel, `nnx.LinearGeneral`'s (*batch, *in, *out), an einsum 'bnd,ndh->bnh' weight (n, d, h), a conv kernel
+(*window, in, out)). An op whose weight does not follow it (`x @ W.T` on a square W, `'...d,vd->...v'` with v = d)
+gets its roles recorded beside the adapter when the adapter is created, as the int32 leaf `<w>_lora_axes`
+(`encode`); `read_roles` prefers that record. A leaf is an array, so the record survives `nnx.state`,
+`nnx.split`/`nnx.merge`, `nnx.to_pure_dict` and checkpoints.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import string
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Kind = Literal["dot", "einsum"]
+Kind = Literal["dot", "einsum", "linen"]
 
 
 class WeightRoles(NamedTuple):
-  """The roles of W's axes (indices into W.shape, in the order the op lists them)."""
+  """The roles of W's axes (indices into W.shape, in the order the op lists them).
+
+  kind: "dot" and "einsum" are qwix's layouts (module docstring); "linen" is `sora_jax.init`'s layout beside a
+  kernel (*lead, *in, *out): A (*W[batch], *W[contract], r), B (*W[batch], r, *W[remain]), gate (*W[batch], r), the
+  stacked-layer axes being the batch axes.
+  """
   kind: Kind
   batch: tuple[int, ...]
   contract: tuple[int, ...]
@@ -34,23 +44,25 @@ class WeightRoles(NamedTuple):
 
   def a_axes(self) -> tuple[int, ...]:
     """W axes along A's non-rank axes (dot_general: batch then the flattened contracting axes)."""
-    if self.kind == "dot":
-      return self.batch + self.contract
-    return tuple(sorted(self.batch + self.contract))
+    if self.kind == "einsum":
+      return tuple(sorted(self.batch + self.contract))
+    return self.batch + self.contract
 
   def b_axes(self) -> tuple[int | str, ...]:
     """W axes along B's axes, 'r' marking the rank axis."""
-    if self.kind == "dot":
-      return self.batch + ("r",) + self.remain
-    return ("r",) + self.remain
+    if self.kind == "einsum":
+      return ("r",) + self.remain
+    return self.batch + ("r",) + self.remain
 
   def shapes(self, w_shape: Sequence[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(A, B, gate) shapes at `rank`."""
     dims = lambda axes: tuple(w_shape[i] for i in axes)
+    gate = (*dims(self.batch), rank)
     if self.kind == "dot":
       return ((*dims(self.batch), math.prod(dims(self.contract)), rank),
-              (*dims(self.batch), rank, math.prod(dims(self.remain))), (*dims(self.batch), rank))
-    return (*dims(self.a_axes()), rank), (rank, *dims(self.remain)), (*dims(self.batch), rank)
+              (*dims(self.batch), rank, math.prod(dims(self.remain))), gate)
+    b = tuple(rank if i == "r" else w_shape[i] for i in self.b_axes())
+    return (*dims(self.a_axes()), rank), b, gate
 
   def leaf_axes(self) -> tuple[tuple[int | None, ...], tuple[int | None, ...], tuple[int | None, ...]]:
     """For each of A, B, gate: the W axis whose sharding each leaf axis takes (None: replicated), as qwix derives
@@ -58,12 +70,12 @@ class WeightRoles(NamedTuple):
     if self.kind == "dot":
       return ((*self.batch, self.contract[0] if self.contract else None, None),
               (*self.batch, None, self.remain[0] if self.remain else None), (*self.batch, None))
-    return (*self.a_axes(), None), (None, *self.remain), (*self.batch, None)
+    return ((*self.a_axes(), None), tuple(None if i == "r" else i for i in self.b_axes()), (*self.batch, None))
 
   @property
   def b_rank_axis(self) -> int:
     """Position of the rank axis in B."""
-    return len(self.batch) if self.kind == "dot" else 0
+    return self.b_axes().index("r")
 
   def canonical(self, w_shape: Sequence[int], with_gate: bool) -> tuple:
     """What the delta depends on: the axis sequences of A, B and the gate, size-1 axes dropped (they index nothing)."""
@@ -90,37 +102,96 @@ def with_lead(name: str, roles: WeightRoles, a_ndim: int) -> WeightRoles:
   return WeightRoles("dot", tuple(range(lead)) + shift(roles.batch), shift(roles.contract), shift(roles.remain))
 
 
-def infer_roles(name: str, w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
-                gate_shape: Sequence[int] | None) -> WeightRoles:
-  """The one reading of W's axes that the leaf shapes allow (each role's axes taken in W order).
+_KINDS: tuple[Kind, ...] = ("dot", "einsum", "linen")
+_QWIX_KINDS: tuple[Kind, ...] = ("dot", "einsum")
 
-  Raises:
-    ValueError: no reading fits, or two fit and give different deltas.
-  """
+
+def linen_roles(kernel_ndim: int, a_ndim: int, b_ndim: int) -> WeightRoles:
+  """The roles of a linen-layout kernel's axes, read off the ranks of the kernel, A and B: lead = a.ndim + b.ndim - 2
+  - kernel.ndim stacked-layer axes (batch), then the input axes (contracting), then the output axes."""
+  lead = a_ndim + b_ndim - 2 - kernel_ndim
+  n_in = a_ndim - 1 - lead
+  return WeightRoles("linen", tuple(range(lead)), tuple(range(lead, lead + n_in)),
+                     tuple(range(lead + n_in, kernel_ndim)))
+
+
+def dot_roles(dimension_numbers: Any, rhs_ndim: int) -> WeightRoles:
+  """The roles of the rhs weight's axes in `lax.dot_general(lhs, rhs, dimension_numbers)`."""
+  (_, rhs_ca), (_, rhs_ba) = dimension_numbers
+  rhs_ca, rhs_ba = tuple(rhs_ca), tuple(rhs_ba)
+  return WeightRoles("dot", rhs_ba, rhs_ca, tuple(i for i in range(rhs_ndim) if i not in rhs_ca + rhs_ba))
+
+
+def einsum_roles(lhs_sub: str, rhs_sub: str, out_sub: str) -> WeightRoles:
+  """The roles of the rhs weight's axes in a binary einsum 'lhs,rhs->out' (resolved subscripts)."""
+  batch = tuple(i for i, c in enumerate(rhs_sub) if c in lhs_sub and c in out_sub)
+  contract = tuple(i for i, c in enumerate(rhs_sub) if c in lhs_sub and i not in batch)
+  return WeightRoles("einsum", batch, contract, tuple(i for i, c in enumerate(rhs_sub) if c not in lhs_sub))
+
+
+def conv_roles(rhs_ndim: int) -> WeightRoles:
+  """qwix's LoRA on `conv_general_dilated` (out features last): A (*W[:-1], r), B (r, W[-1])."""
+  return WeightRoles("einsum", (), tuple(range(rhs_ndim - 1)), (rhs_ndim - 1,))
+
+
+def encode(roles: WeightRoles) -> np.ndarray:
+  """The record `<w>_lora_axes`: int32 [kind, #batch, #contract, *batch, *contract, *remain] (kind 0 dot, 1 einsum)."""
+  return np.asarray([_KINDS.index(roles.kind), len(roles.batch), len(roles.contract), *roles.batch,
+                     *roles.contract, *roles.remain], np.int32)
+
+
+def decode(record: Any) -> WeightRoles:
+  """Inverse of `encode`; a record with leading stacked-layer axes (every row the same) reads its first row."""
+  row = np.asarray(record).reshape(-1, np.shape(record)[-1])[0]
+  kind, nb, nc = (int(x) for x in row[:3])
+  axes = tuple(int(x) for x in row[3:])
+  return WeightRoles(_KINDS[kind], axes[:nb], axes[nb:nb + nc], axes[nb + nc:])
+
+
+def convention(w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
+               gate_shape: Sequence[int] | None) -> WeightRoles | None:
+  """The conventional reading of W's axes from the leaf shapes (see the module docstring); None when none fits."""
   w_shape, a_shape, b_shape = tuple(w_shape), tuple(a_shape), tuple(b_shape)
   rank = a_shape[-1] if a_shape else -1
-  found: dict[tuple, WeightRoles] = {}
+  best = None
   for assignment in itertools.product(range(3), repeat=len(w_shape)):
     groups = tuple(tuple(i for i, g in enumerate(assignment) if g == role) for role in range(3))
-    for kind in ("dot", "einsum"):
+    key = (len(groups[0]), assignment)
+    if best is not None and key >= best[0]:
+      continue
+    for kind in _QWIX_KINDS:
       roles = WeightRoles(kind, *groups)
       a, b, gate = roles.shapes(w_shape, rank)
       if a == a_shape and b == b_shape and (gate_shape is None or gate == tuple(gate_shape)):
-        found.setdefault(roles.canonical(w_shape, gate_shape is not None), roles)
-  shapes = f"weight {w_shape}, A {a_shape}, B {b_shape}, gate {None if gate_shape is None else tuple(gate_shape)}"
-  if not found:
-    raise ValueError(f"{name}: the adapter's shapes do not fit qwix's LoRA layout of this weight ({shapes}); "
-                     "was the tree edited, or does it come from another model?")
-  if len(found) > 1:
-    readings = "; ".join(_describe(r) for r in found.values())
-    raise ValueError(f"{name}: its shapes ({shapes}) allow {len(found)} readings of the weight's axes ({readings}), "
-                     "which give different results; pass the sora_jax.SoraProvider that ran the model (it records "
-                     "each weight's axes) instead of a rule.")
-  return next(iter(found.values()))
+        best = (key, roles)
+        break
+  return None if best is None else best[1]
 
 
-def _describe(roles: WeightRoles) -> str:
-  return f"{roles.kind}: batch {roles.batch}, contracting {roles.contract}, remaining {roles.remain}"
+def needs_record(roles: WeightRoles, w_shape: Sequence[int], rank: int, gated: bool) -> bool:
+  """Whether the convention misreads the leaves that `roles` create (then `<w>_lora_axes` must record them)."""
+  a, b, gate = roles.shapes(w_shape, rank)
+  found = convention(w_shape, a, b, gate if gated else None)
+  return found is None or found.canonical(w_shape, gated) != roles.canonical(w_shape, gated)
+
+
+def read_roles(name: str, w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
+               gate_shape: Sequence[int] | None, record: Any = None) -> WeightRoles:
+  """The roles of W's axes: the recorded `<w>_lora_axes` when given (stacked layers added), else the convention.
+
+  Raises:
+    ValueError: the leaf shapes fit no qwix LoRA layout of the weight.
+  """
+  if record is not None:
+    roles = with_lead(name, decode(record), len(a_shape))
+  else:
+    roles = convention(w_shape, a_shape, b_shape, gate_shape)
+  if roles is None or roles.shapes(w_shape, a_shape[-1])[:2] != (tuple(a_shape), tuple(b_shape)):
+    gate = None if gate_shape is None else tuple(gate_shape)
+    raise ValueError(f"{name}: the adapter's shapes do not fit qwix's LoRA layout of this weight (weight "
+                     f"{tuple(w_shape)}, A {tuple(a_shape)}, B {tuple(b_shape)}, gate {gate}); was the tree edited, or "
+                     "does it come from another model?")
+  return roles
 
 
 def delta(roles: WeightRoles, w_shape: Sequence[int], a: jax.Array, b: jax.Array, gate: jax.Array | None,
@@ -144,54 +215,23 @@ def delta(roles: WeightRoles, w_shape: Sequence[int], a: jax.Array, b: jax.Array
 
 class Batching(NamedTuple):
   """How the gate's batch axes sit in A and B: `nb` batch axes; `b_batched`: B carries them (dot_general, or no
-  batch); `a_positions`: where they are among A's non-rank axes (None: unknown)."""
+  batch); `a_positions`: where they are among A's non-rank axes."""
   nb: int
   b_batched: bool
-  a_positions: tuple[int, ...] | None
+  a_positions: tuple[int, ...]
 
 
-def batching(name: str, a_shape, b_shape, gate_shape, roles: WeightRoles | None) -> Batching:
-  """Reads the batch layout off the leaf shapes (or `roles`, when the provider recorded them).
-
-  Raises:
-    ValueError: no gate and no roles with more than a plain (in, r) / (r, out) pair, or a layout that fits both
-      dot_general's and einsum's reading differently.
-  """
-  if roles is not None:
-    roles = with_lead(name, roles, len(a_shape))
-    nb = len(roles.batch)
-    if roles.kind == "dot" or nb == 0:
-      return Batching(nb, True, tuple(range(nb)))
-    a_axes = roles.a_axes()
-    return Batching(nb, False, tuple(a_axes.index(i) for i in roles.batch))
-  if gate_shape is None:
-    if len(a_shape) == 2 and len(b_shape) == 2:
-      return Batching(0, True, ())
-    raise ValueError(f"{name}: a gate-less adapter with A {tuple(a_shape)}, B {tuple(b_shape)} has no unique batch "
-                     "layout; pass the sora_jax.SoraProvider that ran the model.")
-  nb = len(gate_shape) - 1
-  if nb == 0:
-    return Batching(0, True, ())
-  rank, batch = gate_shape[-1], tuple(gate_shape[:-1])
-  dot = (len(a_shape) == nb + 2 and len(b_shape) == nb + 2 and tuple(a_shape[:nb]) == batch
-         and tuple(b_shape[:nb]) == batch and b_shape[nb] == rank)
-  positions = [p for p in itertools.combinations(range(len(a_shape) - 1), nb)
-               if tuple(a_shape[i] for i in p) == batch]
-  einsum = b_shape[0] == rank and bool(positions)
-  if dot and einsum:
-    raise ValueError(f"{name}: A {tuple(a_shape)}, B {tuple(b_shape)}, gate {tuple(gate_shape)} fit both the "
-                     "dot_general and the einsum layout; pass the sora_jax.SoraProvider that ran the model.")
-  if dot:
+def batching(roles: WeightRoles) -> Batching:
+  """How the gate's batch axes sit in A and B, from the weight's roles."""
+  nb = len(roles.batch)
+  if roles.kind != "einsum" or nb == 0:
     return Batching(nb, True, tuple(range(nb)))
-  if einsum:
-    return Batching(nb, False, positions[0] if len(positions) == 1 else None)
-  raise ValueError(f"{name}: A {tuple(a_shape)}, B {tuple(b_shape)}, gate {tuple(gate_shape)} fit no qwix LoRA "
-                   "layout; was the tree edited?")
+  return Batching(nb, False, tuple(roles.a_axes().index(i) for i in roles.batch))
 
 
 def fans(a_shape, b_shape, layout: Batching) -> tuple[int, int]:
   """(fan_in, fan_out) of one batch entry."""
-  batch = math.prod(a_shape[i] for i in (layout.a_positions or range(layout.nb)))
+  batch = math.prod(a_shape[i] for i in layout.a_positions)
   fan_in = math.prod(a_shape[:-1]) // max(batch, 1)
   if layout.b_batched:
     return fan_in, math.prod(b_shape[layout.nb + 1:])
@@ -218,8 +258,8 @@ def prune_one(a: np.ndarray, b: np.ndarray, gate: np.ndarray, layout: Batching
 
   B carries the batch axes (dot_general, or no batch): k = the largest active count over batch entries, each entry's
   active ranks first, the rest zero columns of A / rows of B; gate folded into B. B shared by the batch entries
-  (batched einsum): the ranks active in any entry are kept, gate folded into A (left unfolded when the batch axes'
-  place in A is ambiguous). The new gate is 1 at kept-and-active entries and 0 elsewhere (or the unfolded gate), so
+  (batched einsum): the ranks active in any entry are kept, gate folded into A. The new gate is 1 at kept-and-active
+  entries and 0 elsewhere, so
   the function is unchanged and any reader that ignores the gate (qwix's LoRA) computes the same.
   """
   nb, r = layout.nb, gate.shape[-1]
@@ -241,8 +281,6 @@ def prune_one(a: np.ndarray, b: np.ndarray, gate: np.ndarray, layout: Batching
     return (new_a.reshape(a.shape[:-1] + (k,)), new_b.reshape(b.shape[:nb] + (k,) + b.shape[nb + 1:]),
             new_gate.reshape(batch_shape + (k,)))
   keep = np.flatnonzero(active.any(axis=0))
-  if layout.a_positions is None:  # batch axes' place in A unknown: keep the gate as it is, cut only
-    return a[..., keep], b[keep], gate[..., keep]
   g_shape = [1] * (a.ndim - 1) + [r]
   for pos, size in zip(layout.a_positions, batch_shape):
     g_shape[pos] = size

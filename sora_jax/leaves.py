@@ -6,12 +6,15 @@ This module is the one place that knows what SoRA leaves are called. Two layouts
     sora_a (*lead, *in, r),  sora_b (*lead, r, *out),  sora_gate (*lead, r)
   qwix (`sora_jax.SoraProvider` on NNX or linen models), beside any base weight `<w>` (`kernel`, `w`, `embedding`):
     <w>_lora_a,  <w>_lora_b,  <w>_lora_gate (*batch, r)   (shapes: see `sora_jax.provider`)
+    <w>_lora_axes (int32), only where the weight's axes break `sora_jax.layout`'s convention: their recorded roles
 
 A qwix tree with `<w>_lora_a` / `<w>_lora_b` and no gate (plain qwix LoRA) is read as an adapter whose gate is ones.
 
 Three kinds of tree are accepted, and each function returns the kind it was given:
   linen params (nested dicts, FrozenDict), `nnx.State` (leaves are `nnx.Variable`s, or arrays after `nnx.as_pure`;
-  paths may hold ints for list items), and the nested dict of `nnx.to_pure_dict`.
+  paths may hold ints for list items), and the nested dict of `nnx.to_pure_dict`. A dict whose every leaf sits under
+  a `value` key (orbax's restore of an `nnx.State` without a target) is read without that level and given back with
+  it.
 `flatten` gives {path tuple: leaf} and a function that rebuilds the same kind of tree from such a dict; `value` and
 `rewrap` read and replace a leaf's array while keeping an `nnx.Variable`'s type and metadata (e.g. sharding).
 """
@@ -32,11 +35,14 @@ KERNEL = "kernel"
 A, B, GATE = "sora_a", "sora_b", "sora_gate"
 LINEN_LEAVES = (A, B, GATE)
 # qwix layout: suffixes on the base weight's name (qwix's own `_lora_a`, `_lora_b`; ours `_lora_gate`).
-QWIX_A, QWIX_B, QWIX_GATE = "_lora_a", "_lora_b", "_lora_gate"
-_QWIX_SUFFIXES = (QWIX_A, QWIX_B, QWIX_GATE)
+QWIX_A, QWIX_B, QWIX_GATE, QWIX_AXES = "_lora_a", "_lora_b", "_lora_gate", "_lora_axes"
+# Metadata key that `sora_jax.merge` sets on an NNX weight holding its adapter's delta.
+MERGED = "sora_merged"
+# orbax's restore of an nnx.State without a target keeps each variable as {"value": array}.
+_ORBAX_VALUE = "value"
 
 Layout = Literal["linen", "qwix"]
-Role = Literal["a", "b", "gate"]
+Role = Literal["a", "b", "gate", "axes"]
 
 
 class SoraGate(nnx.LoRAParam):
@@ -47,19 +53,31 @@ class SoraGate(nnx.LoRAParam):
   """
 
 
+class SoraAxes(nnx.Variable):
+  """The NNX variable type of `<w>_lora_axes`, the recorded roles of a weight's axes (`sora_jax.layout.encode`).
+
+  Not an `nnx.Param`: no optimizer trains it, and `nnx.state(model)` / `nnx.to_pure_dict` carry it with the adapter.
+  """
+
+
 def role(path: Path) -> Role | None:
-  """'a', 'b' or 'gate' when `path` names an adapter leaf of either layout, else None."""
+  """'a', 'b', 'gate' or 'axes' when `path` names an adapter leaf of either layout, else None."""
   if not path or not isinstance(path[-1], str):
     return None
   name = path[-1]
-  for kind, linen, suffix in (("a", A, QWIX_A), ("b", B, QWIX_B), ("gate", GATE, QWIX_GATE)):
+  for kind, linen, suffix in (("a", A, QWIX_A), ("b", B, QWIX_B), ("gate", GATE, QWIX_GATE), ("axes", None, QWIX_AXES)):
     if name == linen or (name.endswith(suffix) and len(name) > len(suffix)):
       return kind
   return None
 
 
 def is_adapter(path: Path) -> bool:
-  """True at A, B and gate leaves of either layout."""
+  """True at A, B and gate leaves of either layout (what trains)."""
+  return role(path) in ("a", "b", "gate")
+
+
+def is_adapter_leaf(path: Path) -> bool:
+  """True at every leaf that belongs to an adapter: A, B, gate, and the axes record."""
   return role(path) is not None
 
 
@@ -70,12 +88,13 @@ def is_gate(path: Path, leaf: Any = None) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterPaths:
-  """Where one adapted weight and its leaves sit in a flat tree (the gate path is given even when it is absent)."""
+  """Where one adapted weight and its leaves sit in a flat tree (gate and axes paths are given even when absent)."""
   layout: Layout
   weight: Path
   a: Path
   b: Path
   gate: Path
+  axes: Path | None = None
 
   @property
   def module(self) -> Path:
@@ -92,7 +111,7 @@ def adapter_paths(weight: Path, layout: Layout) -> AdapterPaths:
   if layout == "linen":
     return AdapterPaths("linen", weight, module + (A,), module + (B,), module + (GATE,))
   return AdapterPaths("qwix", weight, module + (name + QWIX_A,), module + (name + QWIX_B,),
-                      module + (name + QWIX_GATE,))
+                      module + (name + QWIX_GATE,), module + (name + QWIX_AXES,))
 
 
 def find_adapters(paths: Iterable[Path]) -> list[AdapterPaths]:
@@ -111,6 +130,22 @@ def find_adapters(paths: Iterable[Path]) -> list[AdapterPaths]:
     elif name.endswith(QWIX_A) and len(name) > len(QWIX_A):
       out.append(adapter_paths(path[:-1] + (name[:-len(QWIX_A)],), "qwix"))
   return sorted(out, key=lambda rec: tuple(str(k) for k in rec.weight))
+
+
+def weight_shape(flat: Flat, weight: Path) -> tuple[int, ...]:
+  """The shape of a base weight in a flat tree of arrays; a quantized (QLoRA) weight is a subtree whose `qvalue` has
+  the weight's shape.
+
+  Raises:
+    ValueError: the weight is not in the tree.
+  """
+  if weight in flat:
+    return tuple(value(flat[weight]).shape)
+  for path, leaf in flat.items():
+    if path[:len(weight)] == weight and path[-1] == "qvalue":
+      return tuple(value(leaf).shape)
+  raise ValueError(f"{path_str(weight)!r}, the base weight of an adapter, is not in the tree; the tree functions read "
+                   "the weight's shape, so pass the full tree (nnx.state(model), or combine(trainable, frozen)).")
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -134,6 +169,9 @@ def flatten(tree: PyTree) -> tuple[Flat, Callable[[Flat], PyTree]]:
   if tree is None:
     return {}, lambda new: traverse_util.unflatten_dict(new)
   flat = traverse_util.flatten_dict(tree)
+  if flat and all(len(path) > 1 and path[-1] == _ORBAX_VALUE for path in flat):
+    return ({path[:-1]: leaf for path, leaf in flat.items()},
+            lambda new: traverse_util.unflatten_dict({path + (_ORBAX_VALUE,): leaf for path, leaf in new.items()}))
   return flat, traverse_util.unflatten_dict
 
 

@@ -43,7 +43,7 @@ from flax import traverse_util
 from sora_jax import adapter_files
 from sora_jax import layout
 from sora_jax import leaves
-from sora_jax.adapters import SoraConfig, _recorded_roles, _scale_rank, merge, prune
+from sora_jax.adapters import SoraConfig, adapter_records, merge, prune, scale_and_rank, weight_roles
 from sora_jax.leaves import A, B, GATE, path_str
 from sora_jax.leaves import LINEN_LEAVES as ADAPTER_LEAVES
 
@@ -222,26 +222,11 @@ def save_peft(
                                task_type=task_type or "CAUSAL_LM", uniform_rank=uniform_rank)
     task_type = task_type or "SEQ_CLS"
     flat, _ = _unstacked_flat(params, naming)
+    adapter_records(flat, "save_peft", config)
     if any(path[-1] == GATE for path in flat):
         flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
     flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
-
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for path in sorted(p for p in flat if p[-1] == A):
-        module = path[:-1]
-        a, b, gate = flat[module + (A,)], flat[module + (B,)], flat.get(module + (GATE,))
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(f"{path_str(module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), got "
-                             f"a {a.shape}, b {b.shape}")
-        rank = a.shape[1]
-        if rank == 0:
-            continue
-        folded_b = config.scale * b * (1.0 if gate is None else gate[:, None])
-        name = naming.module_name(module)
-        ranks[name] = rank
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.T
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_b.T
+    tensors, ranks = _lora_tensors(flat, config, naming)
 
     # modules_to_save: the head, written whole; checked against the family's own converter.
     saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
@@ -540,37 +525,51 @@ def load_peft(
 # --- qwix layout (SoraProvider / qwix LoRA on NNX models) with a naming object -------------------------------------
 
 
-def _linear_roles(rec: leaves.AdapterPaths, w_shape, a, b, gate, config, naming) -> layout.WeightRoles:
+def _lora_tensors(vals: Flat, config, naming) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """PEFT tensors and ranks of every adapter of a pruned flat tree of arrays (either layout), each a transformers
+    Linear: lora_A = A^T (r_m, in), lora_B = (s * diag(gate) B)^T (out, r_m), in float32; rank-0 modules left out."""
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for rec in leaves.find_adapters(vals):
+        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+        if rec.layout == "linen" and (a.ndim != 2 or b.ndim != 2):
+            raise ValueError(f"{path_str(rec.module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), "
+                             f"got a {a.shape}, b {b.shape}")
+        rank = a.shape[-1]
+        if rank == 0:
+            continue
+        _linear_roles(rec, vals, naming)
+        scale, _ = scale_and_rank(config, rec.weight)
+        b2 = b.reshape(rank, -1).astype(np.float32) * scale
+        if gate is not None:
+            b2 = b2 * gate.reshape(rank, 1)
+        name = naming.module_name(rec.module if rec.layout == "linen" else rec.weight)
+        ranks[name] = rank
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.reshape(-1, rank).astype(np.float32).T
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+    return tensors, ranks
+
+
+def _linear_roles(rec: leaves.AdapterPaths, vals: Flat, naming) -> layout.WeightRoles:
     """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
-    weight's first `naming.in_axes` axes in order, the remaining ones the rest."""
+    weight's first `naming.in_axes` axes in order (a linen naming: the kernel's input axes), the remaining ones the
+    rest."""
     name = path_str(rec.weight)
-    roles = _recorded_roles(config, rec.weight)
-    if roles is None:
-        roles = layout.infer_roles(name, w_shape, a.shape, b.shape, None if gate is None else gate.shape)
-    k = naming.in_axes(rec.weight)
+    w_shape = leaves.weight_shape(vals, rec.weight)
+    roles = weight_roles(vals, rec)
+    k = naming.in_axes(rec.weight) if hasattr(naming, "in_axes") else len(roles.contract)
     contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
     if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
         raise ValueError(f"{name}: its adapter contracts weight axes {roles.contract} (batch {roles.batch}); the "
-                         f"transformers Linear {naming.module_name(rec.weight)!r} takes axes {tuple(range(k))} as "
+                         f"transformers Linear of {name!r} takes axes {tuple(range(k))} as "
                          "inputs, so the adapter has no PEFT LoRA equivalent.")
     return roles
 
 
-def _weight_shape(flat: Flat, weight: tuple) -> tuple[int, ...]:
-    """The shape of a base weight; a quantized (QLoRA) weight is a subtree whose `qvalue` has the weight's shape."""
-    if weight in flat:
-        return tuple(leaves.value(flat[weight]).shape)
-    for path, leaf in flat.items():
-        if path[:len(weight)] == weight and path[-1] == "qvalue":
-            return tuple(leaves.value(leaf).shape)
-    raise ValueError(f"{path_str(weight)!r}, the base weight of an adapter, is not in the tree; pass the full "
-                     "nnx.state(model).")
-
-
 def _qwix_records(flat: Flat, naming, fn: str) -> list[leaves.AdapterPaths]:
-    records = [rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"]
+    records = [rec for rec in adapter_records(flat, fn) if rec.layout == "qwix"]
     if not records:
-        raise ValueError(f"{fn}: the tree has no adapters (no <w>_lora_a leaves); apply SoRA first "
+        raise ValueError(f"{fn}: the tree has no qwix-layout adapters (no <w>_lora_a leaves); apply SoRA first "
                          "(sora_jax.apply_sora) and pass nnx.state(model).")
     for rec in records:
         if naming.module_name(rec.weight) is None:
@@ -585,26 +584,9 @@ def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path,
         raise ValueError("save_peft: pass the SoraProvider (or rules) that made the adapters as `config`; its "
                          "alpha / rank is folded into lora_B.")
     flat, _ = leaves.flatten(tree)
-    _qwix_records(flat, naming, "save_peft")
+    _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_peft")
     vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for rec in _qwix_records(vals, naming, "save_peft"):
-        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
-        rank = a.shape[-1]
-        if rank == 0:
-            continue
-        w_shape = _weight_shape(flat, rec.weight)
-        _linear_roles(rec, w_shape, a, b, gate, config, naming)
-        scale, _ = _scale_rank(config, rec.weight)
-        a2 = a.reshape(-1, rank).astype(np.float32)
-        b2 = b.reshape(rank, -1).astype(np.float32) * scale
-        if gate is not None:
-            b2 = b2 * gate.reshape(rank, 1)
-        name = naming.module_name(rec.weight)
-        ranks[name] = rank
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a2.T
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+    tensors, ranks = _lora_tensors(vals, config, naming)
     if not ranks:
         raise ValueError("save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the "
                          "base model).")
@@ -640,7 +622,7 @@ def save_merged(
       the safetensors file names written.
     """
     flat, _ = leaves.flatten(tree)
-    _qwix_records(flat, naming, "save_merged")
+    _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_merged")
     merged, _ = leaves.flatten(merge(tree, config))
     tensors: dict[str, np.ndarray] = {}
     for path, leaf in merged.items():
@@ -713,9 +695,10 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
             raise ValueError(f"load_peft: {name!r} ({path_str(weight)}) has no adapter leaves in the tree; apply SoRA "
                              "with a rule whose module_path matches it.")
         rec = records[weight]
-        w_shape = _weight_shape(flat, rec.weight)
-        a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
-        roles = _linear_roles(rec, w_shape, a, b, gate, config, naming)
+        vals = {p: leaves.value(v) for p, v in flat.items()}
+        w_shape = leaves.weight_shape(vals, rec.weight)
+        a, b, gate = (vals.get(p) for p in rec.leaves)
+        roles = _linear_roles(rec, vals, naming)
         k = naming.in_axes(weight)
         lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
         fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
@@ -723,7 +706,7 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
             raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
                              f"{tuple(w_shape)} of {path_str(weight)} (a Linear {fan_in} -> {fan_out}); was the "
                              "adapter made for another model size?")
-        scale, _ = _scale_rank(config, weight)
+        scale, _ = scale_and_rank(config, weight)
         a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
         new_b = (adapter.scale(name, rank) / scale) * lora_b.T
         values = (lora_a.T.reshape(a_shape), new_b.reshape(b_shape), np.ones(g_shape))
@@ -735,10 +718,10 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
     for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
         if weight in loaded:
             continue
-        w_shape = _weight_shape(flat, rec.weight)
-        a, b, gate = (leaves.value(flat[p]) if p in flat else None for p in rec.leaves)
-        roles = _recorded_roles(config, rec.weight) or layout.infer_roles(
-            path_str(rec.weight), w_shape, a.shape, b.shape, None if gate is None else gate.shape)
+        vals = {p: leaves.value(v) for p, v in flat.items()}
+        w_shape = leaves.weight_shape(vals, rec.weight)
+        a, b, gate = (vals.get(p) for p in rec.leaves)
+        roles = weight_roles(vals, rec)
         for path, old, shape in zip(rec.leaves, (a, b, gate), roles.shapes(w_shape, 0)):
             if old is not None:
                 out[path] = leaves.rewrap(flat[path], jnp.zeros(shape, old.dtype))

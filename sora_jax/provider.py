@@ -22,10 +22,15 @@ The rank used is read off the leaves (A.shape[-1]), so a pruned tree runs as it 
 model is being initialised (linen `init`; NNX inside `apply_sora`); later a missing A or B, or a rank-0 A, means "no
 adapter" for that op, so a module pruned to rank 0 stays off instead of getting a fresh adapter. A missing gate reads
 as ones (a plain qwix LoRA tree).
+
+The provider is configuration: nothing a later reader needs is kept on it. Where the convention of `sora_jax.layout`
+would misread a weight's axes from the shapes (a square weight contracted on its last axis), the adapter is created
+with the record `<w>_lora_axes` (`sora_jax.SoraAxes`) beside it, for SoRA rules and for plain `qwix.LoraRule`s alike.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 import traceback
 from typing import Any, Callable, Collection, Sequence
@@ -37,8 +42,10 @@ import qwix
 from flax import nnx
 
 from sora_jax import _qwix
+from sora_jax import layout
+from sora_jax import leaves
 from sora_jax.layout import WeightRoles
-from sora_jax.leaves import QWIX_A, QWIX_B, QWIX_GATE, SoraGate
+from sora_jax.leaves import MERGED, QWIX_A, QWIX_B, QWIX_AXES, QWIX_GATE, SoraAxes, SoraGate
 
 _GATE_INITS = ("ones", "normal")
 
@@ -99,17 +106,11 @@ class SoraProvider(qwix.LoraProvider):
                        f"SoraRule, not both (got rules and {sorted(rule_kwargs)}).")
     super().__init__(list(rules), disable_jit=disable_jit)
     self._creating = False
-    self._roles: dict[tuple[Any, ...], WeightRoles] = {}
 
   @property
   def rules(self) -> tuple[qwix.QuantizationRule, ...]:
     """The rules, in order of precedence."""
     return tuple(self._rules)
-
-  def roles_of(self, weight_path: Sequence[Any]) -> WeightRoles | None:
-    """The axis roles of the weight at `weight_path` (module path + weight name, as in the param tree), recorded
-    when this provider ran its op; None when it has not. `merge` and `prune` use them to place the delta."""
-    return self._roles.get(tuple(weight_path))
 
   # --- intercepted ops ---------------------------------------------------------------------------------------------
 
@@ -118,23 +119,25 @@ class SoraProvider(qwix.LoraProvider):
     """SoRA `lax.dot_general`: qwix's PTQ base op plus the gated low-rank delta."""
     rule = _qwix.current_rule(self, "dot_general")
     if not isinstance(rule, SoraRule):
-      return super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                                 out_sharding=out_sharding)
+      res = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                out_sharding=out_sharding)
+      _record_lora(self, rule, rhs, lambda: layout.dot_roles(dimension_numbers, rhs.ndim))
+      return res
     res = _qwix.ptq_dot_general(self, lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                 out_sharding=out_sharding)
     weight = _qwix.find_param(rhs)
     if weight is None:  # rhs is an activation
       return res
-    (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
-    lhs_ca, rhs_ca, lhs_ba, rhs_ba = map(tuple, (lhs_ca, rhs_ca, lhs_ba, rhs_ba))
-    rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
-    batch = tuple(rhs.shape[i] for i in rhs_ba)
-    contract = tuple(rhs.shape[i] for i in rhs_ca)
-    remain = tuple(rhs.shape[i] for i in rhs_ra)
-    leaves = self._leaves(weight, rhs.shape, rule, WeightRoles("dot", rhs_ba, rhs_ca, rhs_ra))
-    if leaves is None:
+    roles = layout.dot_roles(dimension_numbers, rhs.ndim)
+    (lhs_ca, _), (lhs_ba, _) = dimension_numbers
+    lhs_ca, lhs_ba = tuple(lhs_ca), tuple(lhs_ba)
+    batch = tuple(rhs.shape[i] for i in roles.batch)
+    contract = tuple(rhs.shape[i] for i in roles.contract)
+    remain = tuple(rhs.shape[i] for i in roles.remain)
+    factors = self._leaves(weight, rhs.shape, rule, roles)
+    if factors is None:
       return res
-    a, b, gate = leaves
+    a, b, gate = factors
     rank, nb = a.shape[-1], len(batch)
     lhs = self._dropout(lhs, rule)
     # s * gate scales A's columns: O(|A|) work, then the two products are qwix's.
@@ -151,7 +154,11 @@ class SoraProvider(qwix.LoraProvider):
     """SoRA `jnp.einsum` (binary, weight as the second operand): qwix's PTQ base op plus the gated delta."""
     rule = _qwix.current_rule(self, "einsum")
     if not isinstance(rule, SoraRule):
-      return super().einsum(einsum_str, *operands, **kwargs)
+      res = super().einsum(einsum_str, *operands, **kwargs)
+      if len(operands) == 2:
+        _record_lora(self, rule, operands[1], lambda: layout.einsum_roles(
+            *_qwix.einsum_operands(einsum_str, operands[0].ndim, operands[1].ndim)))
+      return res
     res = _qwix.ptq_einsum(self, einsum_str, *operands, **kwargs)
     if len(operands) != 2:
       raise ValueError(f"SoraProvider adapts binary einsums only, got {einsum_str!r} with {len(operands)} operands; "
@@ -162,14 +169,12 @@ class SoraProvider(qwix.LoraProvider):
       return res
     lhs_sub, rhs_sub, out_sub = _qwix.einsum_operands(einsum_str, lhs.ndim, rhs.ndim)
     r = next(c for c in ("r",) + tuple(string.ascii_letters) if c not in lhs_sub + rhs_sub + out_sub)
-    a_idx = [i for i, c in enumerate(rhs_sub) if c in lhs_sub]
-    b_idx = [i for i, c in enumerate(rhs_sub) if c not in lhs_sub]
-    g_idx = [i for i, c in enumerate(rhs_sub) if c in lhs_sub and c in out_sub]
-    roles = WeightRoles("einsum", tuple(g_idx), tuple(i for i in a_idx if i not in g_idx), tuple(b_idx))
-    leaves = self._leaves(weight, rhs.shape, rule, roles)
-    if leaves is None:
+    roles = layout.einsum_roles(lhs_sub, rhs_sub, out_sub)
+    a_idx, b_idx, g_idx = roles.a_axes(), roles.remain, roles.batch
+    factors = self._leaves(weight, rhs.shape, rule, roles)
+    if factors is None:
       return res
-    a, b, gate = leaves
+    a, b, gate = factors
     rank = a.shape[-1]
     lhs = self._dropout(lhs, rule)
     # The gate's axes are a subsequence of A's (both in rhs order), so a reshape broadcasts it over A.
@@ -186,7 +191,9 @@ class SoraProvider(qwix.LoraProvider):
       raise NotImplementedError(
           f"SoraProvider does not adapt convolutions (rule {rule.module_path!r} matched a conv_general_dilated); "
           "restrict the rule with op_names=('dot_general', 'einsum') or a module_path that leaves convolutions out.")
-    return super().conv_general_dilated(lhs, rhs, *args, **kwargs)
+    res = super().conv_general_dilated(lhs, rhs, *args, **kwargs)
+    _record_lora(self, rule, rhs, lambda: layout.conv_roles(rhs.ndim))
+    return res
 
   # --- leaves ------------------------------------------------------------------------------------------------------
 
@@ -196,18 +203,9 @@ class SoraProvider(qwix.LoraProvider):
     a_shape, b_shape, gate_shape = roles.shapes(weight_shape, rule.rank)
     a_axes, b_axes, gate_axes = roles.leaf_axes()
     rank_axis = roles.b_rank_axis
-    module = _qwix.current_module()
     names = (weight + QWIX_A, weight + QWIX_B, weight + QWIX_GATE)
-    if isinstance(module, nn.Module):
-      get = lambda n: module.get_variable("params", n) if module.has_variable("params", n) else None
-      creating = module.is_initializing()
-      module_path = tuple(module.path)
-    else:
-      get = lambda n: getattr(module, n, None)
-      creating = self._creating or not _qwix.initial_run_complete(self)
-      module_path = tuple(getattr(module, "qwix_path", ()))
-    where = "/".join(map(str, module_path))
-    self._roles[module_path + (weight,)] = roles
+    _, get, creating, where = _context(self)
+    where = f"{where}/{weight}"
     a, b, gate = (get(n) for n in names)
     if a is None or b is None:
       if not creating:
@@ -215,6 +213,7 @@ class SoraProvider(qwix.LoraProvider):
       base = get(weight)
       a = _create(names[0], base, rule.lora_a_initializer, a_shape, a_axes, nnx.LoRAParam)
       b = _create(names[1], base, rule.lora_b_initializer, b_shape, b_axes, nnx.LoRAParam)
+      _record_axes(weight, weight_shape, rule.rank, roles, gated=True)
       gate = None
     if gate is None and creating:
       # A ones gate draws no key, so on NNX the same rngs give the same A and B as qwix's LoRA.
@@ -227,11 +226,13 @@ class SoraProvider(qwix.LoraProvider):
     if (a.shape[:-1] != a_shape[:-1] or without_rank(b.shape) != without_rank(b_shape)
         or b.shape[rank_axis] != rank or gate.shape != gate_shape[:-1] + (rank,)):
       raise ValueError(
-          f"SoRA leaves of {where}/{weight} have shapes A {a.shape}, B {b.shape}, gate {gate.shape}, but this op "
+          f"SoRA leaves of {where} have shapes A {a.shape}, B {b.shape}, gate {gate.shape}, but this op "
           f"needs A {a_shape[:-1] + ('r',)}, B {_with_r(b_shape, rank_axis)}, gate {gate_shape[:-1] + ('r',)} with "
           "one rank r; the tree does not belong to this model (or was edited).")
     if rank == 0:
       return None
+    if not creating:
+      _check_not_merged(get(weight), where)
     return a, b, gate
 
   @staticmethod
@@ -245,6 +246,48 @@ def _with_r(shape: tuple[int, ...], axis: int) -> tuple:
   return shape[:axis] + ("r",) + shape[axis + 1:]
 
 
+def _context(provider: "SoraProvider") -> tuple[Any, Callable[[str], Any], bool, str]:
+  """(current module, name -> its param or None, whether leaves may be created now, '/'-joined module path)."""
+  module = _qwix.current_module()
+  if isinstance(module, nn.Module):
+    get = lambda n: module.get_variable("params", n) if module.has_variable("params", n) else None
+    return module, get, module.is_initializing(), "/".join(map(str, module.path))
+  get = lambda n: getattr(module, n, None)
+  creating = provider._creating or not _qwix.initial_run_complete(provider)  # pylint: disable=protected-access
+  return module, get, creating, "/".join(map(str, getattr(module, "qwix_path", ())))
+
+
+def _check_not_merged(weight: Any, where: str) -> None:
+  """A weight that `sora_jax.merge` already holds the delta of must not get it again from the adapter."""
+  if isinstance(weight, nnx.Variable) and weight.get_metadata().get(MERGED, False):
+    raise ValueError(f"{where} holds weights merged by sora_jax.merge, and this model still runs its adapter, so the "
+                     "delta would count twice; load merged weights into the model before apply_sora "
+                     "(nnx.update(base_model, merged)).")
+
+
+def _record_axes(weight: str, weight_shape: tuple[int, ...], rank: int, roles: WeightRoles, gated: bool) -> None:
+  """Creates `<w>_lora_axes` when the convention of `sora_jax.layout` would misread this weight's adapter."""
+  if layout.needs_record(roles, weight_shape, rank, gated):
+    record = layout.encode(roles)
+    _qwix.get_or_create_param(weight + QWIX_AXES, lambda: jnp.asarray(record), SoraAxes, need_rng=False)
+
+
+def _record_lora(provider: "SoraProvider", rule: Any, rhs: Any, roles: Callable[[], WeightRoles]) -> None:
+  """After qwix's own LoRA op: record the weight's axes when qwix just created an adapter the convention misreads."""
+  if not isinstance(rule, qwix.LoraRule):
+    return
+  weight = _qwix.find_param(rhs)
+  if weight is None:
+    return
+  _, get, creating, where = _context(provider)
+  if not creating:
+    a = get(weight + QWIX_A)
+    if a is not None and _qwix.unbox(a).shape[-1] > 0:
+      _check_not_merged(get(weight), f"{where}/{weight}")
+    return
+  _record_axes(weight, tuple(rhs.shape), rule.rank, roles(), gated=False)
+
+
 def _gate_initializer(gate_init: str) -> Callable[..., jax.Array]:
   if gate_init == "ones":
     return lambda key, shape, dtype: jnp.ones(shape, dtype)
@@ -254,6 +297,8 @@ def _gate_initializer(gate_init: str) -> Callable[..., jax.Array]:
 def _canonical_sharding(x: Any) -> jax.sharding.NamedSharding | None:
   """x's NamedSharding with the spec padded to x.ndim, or None when x has no NamedSharding."""
   x = _qwix.unbox(x)
+  if isinstance(x, jax.core.Tracer):  # reading a tracer's sharding walks the whole trace
+    return None
   sharding = getattr(x, "sharding", None)
   if not isinstance(sharding, jax.sharding.NamedSharding):
     return None
@@ -300,6 +345,8 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
   Raises:
     TypeError: `provider` is not a `SoraProvider`.
     ValueError: an NNX model without `rngs`, or a linen model with inputs or rngs.
+    ValueError: an NNX model that already has adapters, or a LoRA/SoRA rule that created no adapter (the error lists
+      the module paths seen).
     IndexError: the NNX model runs its layers under `nnx.scan`, inside which no leaf can be created.
   """
   if not isinstance(provider, SoraProvider):
@@ -313,9 +360,19 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
   elif rngs is not None or sample_inputs or sample_kwargs:
     raise ValueError("apply_sora: a linen model takes no sample inputs or rngs here; its adapters are created by "
                      "model.init(rng, ...), which you call next.")
+  if isinstance(model, nnx.Module):
+    adapted = [path for path, _ in nnx.to_flat_state(nnx.state(model)) if leaves.is_adapter_leaf(path)]
+    if adapted:
+      raise ValueError(f"apply_sora: the model already has adapters ({leaves.path_str(adapted[0])}, ...); apply SoRA "
+                       "to the model before adaptation (keep it, or nnx.clone it before apply_sora).")
   provider._creating = True  # pylint: disable=protected-access
   try:
-    return _qwix.quantize_model(model, provider, *sample_inputs, methods=tuple(methods), **sample_kwargs)
+    out = _qwix.quantize_model(model, provider, *sample_inputs, methods=tuple(methods), **sample_kwargs)
+    if isinstance(out, nnx.Module):
+      if not sample_kwargs.get("skip_nnx_init", False):  # without a sample run no adapter exists yet
+        _check_rules_matched(out, provider)
+      _clear_merged(out)
+    return out
   except IndexError as e:
     if not any("nnx/transforms/iteration" in frame.filename.replace("\\", "/")
                for frame in traceback.extract_tb(e.__traceback__)):
@@ -326,3 +383,22 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
         "as docs/design.md shows.") from e
   finally:
     provider._creating = False  # pylint: disable=protected-access
+
+
+def _check_rules_matched(model: nnx.Module, provider: SoraProvider) -> None:
+  """Every LoRA/SoRA rule must have created an adapter on the sample run; a silent no-op rule is a typo."""
+  flat = nnx.to_flat_state(nnx.state(model))
+  adapted = [leaves.path_str(rec.module) for rec in leaves.find_adapters(path for path, _ in flat)]
+  for rule in provider.rules:
+    if isinstance(rule, qwix.LoraRule) and not any(re.fullmatch(rule.module_path, m) for m in adapted):
+      seen = sorted({leaves.path_str(path) for path, _ in nnx.iter_modules(model) if path})
+      raise ValueError(f"apply_sora: the rule module_path={rule.module_path!r} adapted no weight (its op_names "
+                       f"{tuple(rule.op_names)}); module paths seen: {', '.join(seen[:12])}"
+                       f"{' ...' if len(seen) > 12 else ''}. Fix the regex (it must fully match a path).")
+
+
+def _clear_merged(model: nnx.Module) -> None:
+  """A weight merged earlier (`sora_jax.merge`) and now given a fresh adapter is a base weight again."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable) and node.get_metadata().get(MERGED, False):
+      node.set_metadata(**{MERGED: False})

@@ -5,11 +5,13 @@ The mesh has the axes ('data', 'fsdp', 'tensor'). Batches are split over ('data'
 each leaf of at least `min_size` elements is split over 'fsdp' along its largest axis that divides evenly. The
 'tensor' axis is reserved for tensor parallelism; no rule here uses it yet, so it is best left at 1.
 
-Adapter leaves follow their base kernel (`.../kernel` of shape (*lead, *in_shape, *out_shape)):
+Adapter leaves follow their base weight. linen layout (`.../kernel` of shape (*lead, *in_shape, *out_shape)):
   sora_a (*lead, *in_shape, rank):  the kernel's spec on lead and in axes, rank replicated;
   sora_b (*lead, rank, *out_shape): the kernel's spec on lead and out axes, rank replicated;
   sora_gate (*lead, rank):          the kernel's spec on lead axes.
-So the low-rank factors are split exactly where their kernel is, and `x @ A`, `h @ B` need no extra resharding.
+qwix layout: each leaf axis takes the spec of the weight axis it runs along, as qwix derives LoRA shardings (a
+flattened group of axes takes its first axis's; the rank axis is replicated; see `sora_jax.layout`).
+So the low-rank factors are split exactly where their weight is, and `x @ A`, `h @ B` need no extra resharding.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sora_jax.leaves import A, B, KERNEL, LINEN_LEAVES
+from sora_jax import adapters
+from sora_jax import leaves
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -75,42 +78,34 @@ def frozen_spec(shape: Sequence[int], mesh: Mesh, min_size: int = 2**14) -> P:
   return P()
 
 
-def _adapter_spec(name: str, leaf_shape, kernel_shape, kernel_spec: P, a_ndim: int, b_ndim: int) -> P:
-  kspec = tuple(kernel_spec) + (None,) * (len(kernel_shape) - len(kernel_spec))
-  lead = a_ndim + b_ndim - 2 - len(kernel_shape)
-  n_out = b_ndim - 1 - lead
-  if name == A:
-    return P(*kspec[:a_ndim - 1], None)
-  if name == B:
-    return P(*kspec[:lead], None, *kspec[len(kernel_shape) - n_out:])
-  return P(*kspec[:lead], None)
-
-
 def param_specs(params: PyTree, mesh: Mesh, min_size: int = 2**14, reference: Optional[PyTree] = None) -> dict:
-  """PartitionSpec tree for `params` (frozen, adapted, or either half of `split`).
+  """PartitionSpec tree (a nested dict) for `params` (frozen, adapted, or either half of `split`; linen params, an
+  `nnx.State` or a pure dict, of either adapter layout).
 
   Args:
     params: a parameter tree (arrays or `jax.ShapeDtypeStruct`s).
     mesh: the mesh; only its 'fsdp' size matters.
     min_size: frozen leaves with fewer elements stay replicated.
-    reference: a tree holding the base kernels when `params` holds adapter leaves without them (the trainable half
+    reference: a tree holding the base weights when `params` holds adapter leaves without them (the trainable half
       of `split`); default `params` itself.
   """
-  flat = traverse_util.flatten_dict(params)
-  ref = flat if reference is None else {**traverse_util.flatten_dict(reference), **flat}
-  specs = {}
-  for path, leaf in flat.items():
-    name = path[-1]
-    if name in LINEN_LEAVES:
-      module = path[:-1]
-      kernel = ref.get(module + (KERNEL,))
-      a, b = ref.get(module + (A,)), ref.get(module + (B,))
-      if kernel is None or a is None or b is None:
-        raise ValueError(f"{'/'.join(path)}: its base kernel and both factors are needed to derive its sharding")
-      kspec = frozen_spec(kernel.shape, mesh, min_size)
-      specs[path] = _adapter_spec(name, leaf.shape, kernel.shape, kspec, len(a.shape), len(b.shape))
-    else:
-      specs[path] = frozen_spec(leaf.shape, mesh, min_size)
+  flat = {path: leaves.value(leaf) for path, leaf in leaves.flatten(params)[0].items()}
+  ref = dict(flat) if reference is None else {
+      **{path: leaves.value(leaf) for path, leaf in leaves.flatten(reference)[0].items()}, **flat}
+  specs = {path: frozen_spec(leaf.shape, mesh, min_size) for path, leaf in flat.items()
+           if not leaves.is_adapter_leaf(path)}
+  for rec in leaves.find_adapters(flat):
+    if rec.weight not in ref or rec.b not in ref:
+      raise ValueError(f"{leaves.path_str(rec.a)}: its base kernel (weight) and both factors are needed to derive its "
+                       "sharding; pass the tree that holds them as reference=")
+    w_shape = leaves.weight_shape(ref, rec.weight)
+    kspec = tuple(frozen_spec(w_shape, mesh, min_size))
+    kspec += (None,) * (len(w_shape) - len(kspec))
+    for path, axes in zip(rec.leaves, adapters.weight_roles(ref, rec).leaf_axes()):
+      if path in flat:
+        specs[path] = P(*(None if i is None else kspec[i] for i in axes))
+    if rec.axes in flat:
+      specs[rec.axes] = P()
   return traverse_util.unflatten_dict(specs)
 
 

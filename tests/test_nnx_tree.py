@@ -151,3 +151,26 @@ def test_adamw_mask_from_gate_mask_under_nnx_optimizer(adapted):
   # adamw's default weight decay (1e-4) would have moved them by 1e-5 had the mask not excluded them.
   for layer in model.layers:
     np.testing.assert_allclose(layer.kernel_lora_gate[...], [0.95, 0.95], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout_name", ["linen", "qwix"])
+def test_bf16_merge_and_prune_round_once(layout_name):
+  """merge and prune compute in float32 and cast once: each bf16 result is the float64 answer rounded once."""
+  rng = np.random.default_rng(0)
+  w, a, b = rng.normal(size=(16, 12)), rng.normal(size=(16, 4)), rng.normal(size=(4, 12))
+  gate = np.asarray([1.3, 0.0, -0.7, 0.2])
+  names = ("kernel", "sora_a", "sora_b", "sora_gate") if layout_name == "linen" else (
+      "kernel", "kernel_lora_a", "kernel_lora_b", "kernel_lora_gate")
+  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+  params = {"m": {n: bf16(v) for n, v in zip(names, (w, a, b, gate))}}
+  f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  w, a, b, gate = (f64(params["m"][n]) for n in names)
+  config = sora_jax.SoraConfig(rank=4, alpha=2.0, targets=(r"m/kernel",)) if layout_name == "linen" else (
+      sora_jax.SoraRule(rank=4, alpha=2.0))
+  exact = w + 0.5 * (a * gate) @ b
+  merged = f64(sora_jax.merge(params, config)["m"]["kernel"])
+  assert np.max(np.abs(merged - exact) / np.abs(exact)) <= 2.0 ** -8
+  pruned = sora_jax.prune(params)["m"]
+  folded = (gate[:, None] * b)[gate != 0]
+  np.testing.assert_array_equal(f64(pruned[names[1]]), a[:, gate != 0])
+  assert np.max(np.abs(f64(pruned[names[2]]) - folded) / np.abs(folded)) <= 2.0 ** -8

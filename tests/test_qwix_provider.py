@@ -247,7 +247,8 @@ def test_errors_are_one_clear_line():
     tx.update(params, tx.init(params), params)
 
 
-def test_square_kernel_needs_the_provider_to_merge():
+def test_square_kernel_merges_with_a_fresh_rule():
+  """A square kernel's roles come from the tree (convention), so a rule built afresh merges it."""
   class Square(nnx.Module):
     def __init__(self, rngs):
       self.lin = nnx.Linear(4, 4, rngs=rngs)
@@ -258,11 +259,9 @@ def test_square_kernel_needs_the_provider_to_merge():
   provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0, lora_b_initializer=_NORMAL)
   x = jnp.ones((2, 4))
   model = sora_jax.apply_sora(Square(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
-  state = nnx.state(model)
-  with pytest.raises(ValueError, match="readings"):
-    sora_jax.merge(state, sora_jax.SoraRule(rank=2, alpha=2.0))   # (in, out) or (out, in)?
   graphdef, _ = nnx.split(Square(nnx.Rngs(0)))
-  np.testing.assert_allclose(nnx.merge(graphdef, sora_jax.merge(state, provider))(x), model(x), atol=1e-6)
+  merged = sora_jax.merge(nnx.state(model), sora_jax.SoraRule(rank=2, alpha=2.0))
+  np.testing.assert_allclose(nnx.merge(graphdef, merged)(x), model(x), atol=1e-6)
 
 
 def test_quantized_base_merge_is_refused():
@@ -419,3 +418,92 @@ def test_adapter_shardings_follow_the_weight_on_a_host_mesh():
       "ein/kernel_lora_b": [[None, None], [None, None]],
       "ein/kernel_lora_gate": [["tp", None], ["tp", None]],          # the batch axis n keeps its mesh axis
   }
+
+
+# --- misuse: one clear error each -----------------------------------------------------------------------------------
+
+
+class _Two(nnx.Module):
+  def __init__(self, rngs):
+    self.lin, self.out = nnx.Linear(4, 3, rngs=rngs), nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.lin(x))
+
+
+def _two(**rule):
+  provider = sora_jax.SoraProvider(**{"module_path": ".*", "rank": 2, "alpha": 2.0, "lora_b_initializer": _NORMAL,
+                                      **rule})
+  return sora_jax.apply_sora(_Two(nnx.Rngs(0)), provider, jnp.ones((2, 4)), rngs=nnx.Rngs(1)), provider
+
+
+def test_apply_sora_on_an_adapted_model_is_refused():
+  model, _ = _two()
+  with pytest.raises(ValueError, match="already has adapters .*lin/kernel_lora_a"):
+    sora_jax.apply_sora(model, sora_jax.SoraProvider(module_path=".*", rank=1, alpha=1.0), jnp.ones((2, 4)),
+                        rngs=nnx.Rngs(2))
+
+
+def test_a_rule_that_adapts_nothing_names_the_paths_seen():
+  with pytest.raises(ValueError, match=r"module_path='attn\.\*' adapted no weight.*module paths seen: lin, out"):
+    _two(module_path="attn.*")
+
+
+def test_merged_weights_put_back_into_the_adapted_model_raise():
+  model, provider = _two()
+  model.lin.kernel_lora_gate[...] = jnp.asarray([1.0, 0.5])
+  x = jnp.ones((2, 4))
+  y = model(x)
+  merged = sora_jax.merge(nnx.state(model), provider)
+  wrong = nnx.clone(model)
+  nnx.update(wrong, merged)
+  with pytest.raises(ValueError, match="merged by sora_jax.merge.*count twice"):
+    wrong(x)
+  base = _Two(nnx.Rngs(0))
+  nnx.update(base, merged)                          # the one way to a plain model
+  np.testing.assert_allclose(base(x), y, atol=1e-5)
+  # A merged model adapted again is a base model with fresh adapters: it runs.
+  again = sora_jax.apply_sora(base, sora_jax.SoraProvider(module_path=".*", rank=1, alpha=1.0), x,
+                              rngs=nnx.Rngs(3))
+  np.testing.assert_allclose(again(x), y, atol=1e-5)
+  # unmerge gives the adapted function back, and the adapted model runs it again.
+  nnx.update(wrong, sora_jax.unmerge(merged, nnx.state(model), provider))
+  np.testing.assert_allclose(wrong(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["rank_report", "prune", "merge", "save_peft"])
+def test_a_tree_without_adapters_is_refused(fn, tmp_path):
+  state = nnx.state(_Two(nnx.Rngs(0)))
+  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
+  calls = {"rank_report": lambda: sora_jax.rank_report(state, provider),
+           "prune": lambda: sora_jax.prune(state),
+           "merge": lambda: sora_jax.merge(state, provider),
+           "save_peft": lambda: sora_jax.save_peft(tmp_path, state, provider, naming=_Naming())}
+  with pytest.raises(ValueError, match=f"{fn}: the tree has no adapters"):
+    calls[fn]()
+
+
+class _Naming:
+  model_type = "two"
+
+  def module_name(self, weight):
+    return ".".join(map(str, weight[:-1]))
+
+  def in_axes(self, weight):
+    return 1
+
+
+def test_orbax_dict_with_value_levels_is_read(tmp_path):
+  import orbax.checkpoint as ocp
+  model, provider = _two()
+  model.lin.kernel_lora_gate[...] = jnp.asarray([0.0, 0.5])
+  state = nnx.state(model)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "ckpt")
+  assert set(restored["lin"]["kernel"]) == {"value"}
+  assert sora_jax.rank_report(restored, provider) == sora_jax.rank_report(state, provider)
+  merged = sora_jax.merge(restored, provider)
+  np.testing.assert_allclose(merged["lin"]["kernel"]["value"], sora_jax.merge(state, provider)["lin"]["kernel"][...])
+  assert sora_jax.prune(restored)["lin"]["kernel_lora_a"]["value"].shape == (4, 1)

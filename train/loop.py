@@ -119,7 +119,7 @@ def _check_max_length(config: RunConfig, model_config) -> None:
 def build(config: RunConfig) -> Experiment:
     """Loads the model, adds adapters, tokenises the data and lays params out on a mesh."""
     from transformers import AutoTokenizer
-    from sora_jax.models.loading import from_pretrained
+    from sora_jax.models.loading import STACKED, from_pretrained
 
     spec = data_lib.task_spec(config.data)
     method = config.adapter.method
@@ -146,7 +146,7 @@ def build(config: RunConfig) -> Experiment:
         gate_init = "ones" if method == "lora" else config.adapter.gate_init  # LoRA: gates fixed at one
         sora = adapters.SoraConfig(rank=config.adapter.rank, alpha=config.adapter.alpha, targets=targets,
                                    gate_init=gate_init, dropout=config.adapter.dropout,
-                                   stacked=r"(.*/)?encoder/layer/.*" if config.model.scan_layers else None)
+                                   stacked=STACKED if config.model.scan_layers else None)
         params = adapters.init(jax.random.fold_in(jax.random.key(config.seed), 1), params, sora)
     paths = [adapters.path_str(p) for p in traverse_util.flatten_dict(params)]
     unused = [t for t in trainable_patterns if not any(re.fullmatch(t, p) for p in paths)]
@@ -192,8 +192,9 @@ def _flat_paths(tree) -> dict:
 
 def _decay_mask(trainable) -> dict:
     """Weight decay on A, B and kernels/embeddings; never on gates, biases or LayerNorms (official grouping)."""
+    gates = _flat_paths(adapters.gate_mask(trainable))
     return traverse_util.unflatten_dict({
-        p: p[-1] not in ("bias", "scale", adapters.GATE) and not any("LayerNorm" in str(k) for k in p)
+        p: not gates[p] and p[-1] not in ("bias", "scale") and not any("LayerNorm" in str(k) for k in p)
         for p in _flat_paths(trainable)})
 
 
@@ -354,7 +355,7 @@ def _loss(experiment: Experiment, logits, labels):
 
 
 def _active_ranks(params) -> jax.Array:
-    gates = [v for p, v in _flat_paths(params).items() if p[-1] == adapters.GATE]
+    gates = [v for v, is_gate in zip(jax.tree.leaves(params), jax.tree.leaves(adapters.gate_mask(params))) if is_gate]
     return sum((jnp.sum(g != 0) for g in gates), jnp.zeros((), jnp.int32))
 
 

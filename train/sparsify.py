@@ -124,10 +124,10 @@ def cut_dead_ranks(trainable):
     """
     import jax.numpy as jnp
     from flax import traverse_util
-    from sora_jax.adapters import A, B, GATE
+    from sora_jax.adapters import A, B, gate_mask
 
     flat = dict(traverse_util.flatten_dict(trainable))
-    for path in [p for p in flat if p[-1] == GATE]:
+    for path in [p for p, is_gate in traverse_util.flatten_dict(gate_mask(trainable)).items() if is_gate]:
         module, gate = path[:-1], flat[path]
         alive = gate != 0
         lead = gate.ndim - 1

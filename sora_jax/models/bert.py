@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.models import activations
+from sora_jax.models import loading
 
 # The six dense kernels of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
 # '/'-joined path of the module or of its kernel.
@@ -30,7 +31,7 @@ TARGETS = (
 )
 
 # Kernels that carry a leading layer axis under scan_layers (SoraConfig.stacked).
-STACKED = r".*/encoder/layer/.*"
+STACKED = loading.STACKED
 
 # Head parameters a base-model checkpoint does not carry (re.match on the '/'-joined path).
 HEAD = (r"classifier(/|$)", r"[^/]+/pooler/")

@@ -32,6 +32,8 @@ FAMILIES = {
 }
 
 _LAYER = re.compile(r"layer_(\d+)")
+# `SoraConfig.stacked` of the `nn.scan` layout (`stack_layers`): every kernel below a `layer` key has a layer axis.
+STACKED = r"(.*/)?layer/.*"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ class EncoderNaming:
     stacked: the `SoraConfig.stacked` regex of the scanned layout.
   """
 
-  stacked = r".*/layer/.*"
+  stacked = loading.STACKED
 
   def __init__(self, model_config: Any):
     self.model_config = model_config

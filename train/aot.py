@@ -110,10 +110,10 @@ def _groups(rest: str) -> list[list[int]]:
 
 
 def _axes(groups: list[list[int]], mesh_shape: Sequence[int], axis_names: Sequence[str]) -> str:
-  """The mesh axes along which members of a group differ, joined by '+'; 'all' for an empty group list (every
-  device), '-' when no group spans any axis."""
+  """The mesh axes along which members of a group differ, joined by '+' (an empty group list is every device), '-'
+  when no group spans any axis."""
   if not groups:
-    return "+".join(axis_names)
+    return "+".join(name for name, size in zip(axis_names, mesh_shape) if size > 1) or "-"
   size = math.prod(mesh_shape)
   spanned = set()
   for group in groups:
@@ -160,9 +160,11 @@ def step_cost(compiled: Any, mesh: Any) -> StepCost:
 
 def sharded_bytes(abstract: Any) -> int:
   """Summed per-device shard bytes of a tree of `jax.ShapeDtypeStruct`s with shardings (what one device holds of
-  them): the check on `memory_analysis()`'s argument bytes."""
+  them): the check on `memory_analysis()`'s argument bytes. Leaves without a sharding (an input the compiled
+  program does not use, which jit drops) count nothing."""
   import jax
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract) if x.sharding is not None)
 
 
 def _mib(n: float) -> str:

@@ -7,6 +7,7 @@ Examples:
   python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
   python -m train.glue configs/glue/wordnet_lora.yaml resume=true
   python -m train.glue configs/glue/wordnet_full.yaml   # full fine-tuning (adapter.method=full: learning rate 2e-4)
+  python -m train.glue configs/glue/rte.yaml mesh.fsdp=8 train.compile_only=true   # size the step, no training
 Errors in the configuration or the data are one line on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from train.allocator import configure
         configure(config.train.malloc)  # before JAX's threads first allocate (train/allocator.py)
         cli.initialize_distributed()  # before any other JAX call, when several hosts are described
+        if config.train.compile_only:
+            from train.plan import print_plan
+            print_plan(config)
+            return 0
         from train.loop import run
         results = run(config)
         return 0 if results is not None or config.train.abort_at_step is not None else 1

@@ -35,3 +35,15 @@ def test_peak_and_device_fit(temp, fits):
   cost = aot.StepCost(argument=2**30, output=2**29, alias=2**29, temp=temp, flops=1.0, collectives=())
   assert cost.peak == 2**30 + temp
   assert tuple(m for m in (16, 32) if cost.fits(m)) == fits
+
+
+@pytest.mark.parametrize("groups, axes", [
+    ("mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_2'}", "tp"),                       # ids in order: pairs
+    ("mesh['axis_0'=4,'axis_1'=2] {'axis_0'}", "fsdp"),
+    ("mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_0'}", "tp"),       # ids transposed
+    ("mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_1'}", "fsdp"),
+    ("mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}", "fsdp+tp"),
+])
+def test_xla_mesh_form_replica_groups(groups, axes):
+  hlo = f"  %x = f32[8]{{0}} all-reduce(f32[8]{{0}} %p), channel_id=1, replica_groups={groups}, to_apply=%add"
+  assert [(c.kind, c.axes, c.count, c.bytes) for c in aot.collectives(hlo, MESH, AXES)] == [("all-reduce", axes, 1, 32)]

@@ -1,9 +1,12 @@
 """train.glue train.compile_only=true: the configured step compiled and its cost printed, nothing trained."""
 import os
 
+import pytest
+
 from train import glue
 
 
+@pytest.mark.slow
 def test_compile_only_prints_the_step_cost_and_trains_nothing(tiny, tmp_path, capsys):
     model_dir, data_dir = tiny
     out = tmp_path / "run"

@@ -34,6 +34,8 @@ _OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+(?P<op>" + 
                  r")(?P<start>-start)?\((?P<rest>.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]")
 _IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+# XLA's mesh form: replica_groups=mesh['axis_0'=8,'axis_1'=8], device_ids=([8,8]T(1,0)) {'axis_0'}
+_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{([^}]*)\}")
 _LIST = re.compile(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
 
 
@@ -94,7 +96,9 @@ def _shape_bytes(shape: str) -> int:
 
 
 def _groups(rest: str) -> list[list[int]]:
-  """The device groups of one collective's attributes (iota form `[G,S]<=[dims]T(perm)` or explicit lists)."""
+  """The device groups of one collective's attributes: iota form `[G,S]<=[dims]T(perm)`, XLA's mesh form
+  `mesh['axis_0'=8,'axis_1'=8], device_ids=([8,8]T(1,0)) {'axis_0'}` (device ids laid out on that mesh, groups along
+  the named axes), or explicit lists."""
   iota = _IOTA.search(rest)
   if iota:
     shape = [int(d) for d in iota[1].split(",")]
@@ -103,6 +107,19 @@ def _groups(rest: str) -> list[list[int]]:
     if iota[3]:
       ids = ids.transpose([int(p) for p in iota[3].split(",")])
     return ids.reshape(shape[0], -1).tolist()
+  mesh = _MESH.search(rest)
+  if mesh:
+    names = re.findall(r"'(\w+)'=(\d+)", mesh[1])
+    sizes = [int(size) for _, size in names]
+    ids = np.arange(math.prod(sizes))
+    if mesh[2]:
+      ids = ids.reshape([int(d) for d in mesh[2].split(",")])
+      if mesh[3]:
+        ids = ids.transpose([int(p) for p in mesh[3].split(",")])
+    ids = ids.reshape(sizes)
+    over = [i for i, (name, _) in enumerate(names) if f"'{name}'" in mesh[4]]
+    ids = np.moveaxis(ids, over, list(range(len(sizes) - len(over), len(sizes))))
+    return ids.reshape(-1, math.prod(sizes[i] for i in over)).tolist()
   listed = _LIST.search(rest)
   if listed:
     return [[int(i) for i in group.strip("{}").split(",") if i] for group in re.findall(r"\{[\d,]*\}", listed[1])]

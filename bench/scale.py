@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  sys.stdout.reconfigure(line_buffering=True)  # tables as they are ready: a big mesh takes minutes
   args = parse_args(argv)
   start = time.perf_counter()
   report = run(args)

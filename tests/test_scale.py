@@ -89,3 +89,11 @@ def test_qwen3_8b_two_layers_on_64_devices(compiled_report):
     for path, spec in moments.items():
       assert spec == step["trainable_specs"][re.sub(r"^.*?/(mu|nu)/", "", path)], path
   assert all(v == "P(None,)" for k, v in sora["trainable_specs"].items() if "_gate" in k)
+
+
+@pytest.mark.parametrize("argv, message", [(["--mesh", "64x64"], "at most 2048"), (["--mesh", "8by8"], "fsdp x tp")])
+def test_bad_mesh_is_one_line_and_exit_2(argv, message, capsys):
+  from bench import scale
+  with pytest.raises(SystemExit) as exit_info:
+    scale.parse_args(argv)
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -14,7 +14,7 @@ Memory and FLOPs are the partitioned program's; collective counts and temporarie
 as ratios between methods (docs/scale.md).
 
   python -m bench.scale                                         # qwen3-8b, fsdp 8 x tp 8, batch 16 x 1024
-  python -m bench.scale --model llama3-70b --mesh 16x8 32x8 --batch 64 --dtype bfloat16 --remat decoder
+  python -m bench.scale --model llama3-70b --mesh 16x8 32x8 --batch 64 --dtype bfloat16
   python -m bench.scale --mesh 8x8 --layers 36 --predict 0      # the full-depth compile, no fit
 Bad arguments are one line on stderr and exit code 2.
 """
@@ -41,7 +41,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch", type=int, default=16, help="global batch (sequences); divisible by fsdp")
   parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
   parser.add_argument("--dtype", default="float32", choices=scale_model.DTYPES, help="weights and activations")
-  parser.add_argument("--remat", default="none", choices=scale_model.REMATS, help="Tunix's RematConfig")
   parser.add_argument("--method", nargs="+", default=["sora", "lora", "full"], choices=scale_model.METHODS)
   parser.add_argument("--layers", nargs="+", type=int, default=[2, 4], help="depths to compile")
   parser.add_argument("--predict", type=int, default=None,
@@ -145,10 +144,10 @@ def run(args: argparse.Namespace) -> dict:
   config = scale_model.model_config(args.model)
   print(f"{args.model}: {config.num_layers} layers x {config.embed_dim} (MLP {config.hidden_dim}, heads "
         f"{config.num_heads}/{config.num_kv_heads} x {config.head_dim}, vocab {config.vocab_size}); batch {args.batch} "
-        f"x {args.seq} tokens, {args.dtype}, remat {args.remat}, rank {args.rank} on 7 projections per layer; "
+        f"x {args.seq} tokens, {args.dtype}, rank {args.rank} on 7 projections per layer; "
         f"{'CPU program (no activation constraints)' if args.cpu_program else 'activation constraints on'}; "
         f"XLA {jax.default_backend()}, {measure.cpu_count()} host cores")
-  report = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "remat": args.remat,
+  report = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "meshes": []}
   for fsdp, tp in args.mesh:
     devices = jax.devices()[:fsdp * tp]
@@ -159,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
       costs = {}
       for depth in sorted(set(args.layers)):
         step = scale_step.compile_step(args.model, method, mesh, layers=depth, batch=args.batch, seq=args.seq,
-                                       dtype=args.dtype, remat=args.remat, rank=args.rank,
+                                       dtype=args.dtype, rank=args.rank,
                                        activation_constraints=not args.cpu_program)
         cost = aot.step_cost(step.compiled, mesh)
         costs[depth] = cost

@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 METHODS = ("sora", "lora", "full", "forward")
-REMATS = ("none", "block", "decoder")
 DTYPES = ("float32", "bfloat16")
 _FAMILIES = {"qwen3": "Qwen3", "llama3": "Llama3"}
 # name -> (Tunix family, ModelConfig constructor)
@@ -38,16 +37,17 @@ def tunix_module(family: str) -> Any:
   return importlib.import_module(f"tunix.models.{family}.model")
 
 
-def model_config(name: str, *, layers: int | None = None, dtype: str = "float32", remat: str = "none") -> Any:
-  """Tunix's ModelConfig of `name` (see MODELS) with `layers` decoder layers (default: the model's), remat policy
-  and, where the family has the fields (Qwen3), compute and parameter dtype."""
+def model_config(name: str, *, layers: int | None = None, dtype: str = "float32") -> Any:
+  """Tunix's ModelConfig of `name` (see MODELS) with `layers` decoder layers (default: the model's) and, where the
+  family has the fields (Qwen3), compute and parameter dtype. No remat: Tunix's `nnx.remat` of a layer fails inside
+  a jitted step built from `nnx.merge` ("Cannot mutate Param from a different trace level", Flax 0.12.8)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
   family, constructor = MODELS[name]
   module = tunix_module(family)
   config = getattr(module.ModelConfig, constructor)()
   fields = {f.name for f in dataclasses.fields(config)}
-  changes = {"remat_config": module.RematConfig[remat.upper()]}
+  changes = {}
   if layers is not None:
     changes["num_layers"] = layers
   if "param_dtype" in fields:

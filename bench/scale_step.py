@@ -70,7 +70,7 @@ def _path(keys) -> str:
 
 
 def compile_step(model_name: str, method: str, mesh: Any, *, layers: int | None, batch: int, seq: int,
-                 dtype: str = "float32", remat: str = "none", rank: int = 8, alpha: float = 16.0,
+                 dtype: str = "float32", rank: int = 8, alpha: float = 16.0,
                  activation_constraints: bool = True) -> CompiledStep:
   """Compiles `method`'s step of `model_name` (bench.scale_model.MODELS) with `layers` layers on `mesh` (axes
   'fsdp', 'tp') for `batch` sequences of `seq` tokens."""
@@ -81,7 +81,7 @@ def compile_step(model_name: str, method: str, mesh: Any, *, layers: int | None,
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   family = scale_model.MODELS[model_name][0]
-  config = scale_model.model_config(model_name, layers=layers, dtype=dtype, remat=remat)
+  config = scale_model.model_config(model_name, layers=layers, dtype=dtype)
   start = time.perf_counter()
   model = scale_model.abstract_model(config, family, method, mesh, rank=rank, alpha=alpha, dtype=dtype)
   attach_s = time.perf_counter() - start

@@ -16,6 +16,7 @@ as ratios between methods (docs/scale.md).
   python -m bench.scale                                         # qwen3-8b, fsdp 8 x tp 8, batch 16 x 1024
   python -m bench.scale --model llama3-70b --mesh 16x8 32x8 --batch 64 --dtype bfloat16
   python -m bench.scale --mesh 8x8 --layers 36 --predict 0      # the full-depth compile, no fit
+  python -m bench.scale --layers 36 --method sora lora --attach-only   # time attaching adapters, no compile
 Bad arguments are one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--cpu-program", action="store_true",
                       help="leave Tunix's activation constraints off, as Tunix does on CPU (not an accelerator's "
                            "program)")
+  parser.add_argument("--attach-only", action="store_true",
+                      help="time building the abstract model with each method's adapters at each --layers; no compile")
   parser.add_argument("--json", action="store_true", help="also print one JSON line with every number")
   args = parser.parse_args(argv)
   meshes = []
@@ -73,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       parser.error(f"--batch {args.batch} must be divisible by fsdp = {fsdp} (the batch is split over 'fsdp')")
   if min(args.layers) < 1:
     parser.error("--layers must be positive")
-  if args.predict and args.predict not in args.layers and len(set(args.layers)) < 2:
+  if args.predict and args.predict not in args.layers and len(set(args.layers)) < 2 and not args.attach_only:
     parser.error(f"--predict {args.predict} needs at least two different --layers to fit (or --predict 0)")
   return args
 
@@ -133,6 +136,27 @@ def ratios(costs: dict[str, "aot.StepCost"]) -> str:
     return ""
   return aot._markdown(["ratio", "peak", "temp", "FLOPs", "collectives", "difference", "collective bytes"],
                        rows)  # pylint: disable=protected-access
+
+
+def time_attach(args: argparse.Namespace) -> dict:
+  """Seconds to build the abstract model with each method's adapters (`scale_model.abstract_model`) per depth."""
+  import jax
+
+  from bench import scale_model
+  fsdp, tp = args.mesh[0]
+  mesh = jax.make_mesh((fsdp, tp), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:fsdp * tp])
+  family = scale_model.MODELS[args.model][0]
+  seconds = {}
+  for depth in sorted(set(args.layers)):
+    config = scale_model.model_config(args.model, layers=depth, dtype=args.dtype)
+    for method in args.method:
+      start = time.perf_counter()
+      scale_model.abstract_model(config, family, method, mesh, rank=args.rank, dtype=args.dtype)
+      seconds[f"{method} L={depth}"] = time.perf_counter() - start
+      print(f"{args.model} {method} {depth} layers on {fsdp} x {tp}: abstract model with adapters in "
+            f"{seconds[f'{method} L={depth}']:.1f} s")
+  return {"attach_s": seconds}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -198,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   sys.stdout.reconfigure(line_buffering=True)  # tables as they are ready: a big mesh takes minutes
   args = parse_args(argv)
   start = time.perf_counter()
-  report = run(args)
+  report = time_attach(args) if args.attach_only else run(args)
   from bench import measure
   print(f"\nwall time {time.perf_counter() - start:.0f} s, host peak RSS {measure.peak_rss_mib():,.0f} MiB")
   if args.json:

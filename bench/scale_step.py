@@ -28,7 +28,8 @@ def sora_optimizer(learning_rate: float, lam: float) -> Any:
 
   import sora_jax  # pylint: disable=import-outside-toplevel
   not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
-  return optax.chain(optax.adamw(learning_rate, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=learning_rate))
+  return optax.chain(optax.adamw(learning_rate, mask=not_gate),
+                     sora_jax.sora_proximal(lam, learning_rate=learning_rate))
 
 
 def optimizer(method: str, learning_rate: float = 1e-4, lam: float = 0.1) -> Any:

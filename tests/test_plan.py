@@ -11,7 +11,8 @@ def test_compile_only_prints_the_step_cost_and_trains_nothing(tiny, tmp_path, ca
     model_dir, data_dir = tiny
     out = tmp_path / "run"
     code = glue.main([f"model.name={model_dir}", "data.task=local", f"data.data_dir={data_dir}", f"output_dir={out}",
-                      "data.num_labels=2", "max_length=16", "batch_size=8", "progress=false", "train.compile_only=true"])
+                      "data.num_labels=2", "max_length=16", "batch_size=8", "progress=false",
+                      "train.compile_only=true"])
     captured = capsys.readouterr()
     printed = captured.out
     assert code == 0, captured.err

@@ -295,9 +295,11 @@ def _gate_initializer(gate_init: str) -> Callable[..., jax.Array]:
 
 
 def _canonical_sharding(x: Any) -> jax.sharding.NamedSharding | None:
-  """x's NamedSharding with the spec padded to x.ndim, or None when x has no NamedSharding."""
+  """x's NamedSharding with the spec padded to x.ndim, or None when x has no NamedSharding (or is a tracer)."""
   x = _qwix.unbox(x)
-  if isinstance(x, jax.core.Tracer):  # reading a tracer's sharding walks the whole trace
+  if isinstance(x, jax.core.Tracer):
+    # A tracer's `.sharding` raises with a message built from the whole trace so far, which made an abstract attach
+    # (`nnx.eval_shape`) quadratic in depth; leaves created under a trace get their axes from the weight's metadata.
     return None
   sharding = getattr(x, "sharding", None)
   if not isinstance(sharding, jax.sharding.NamedSharding):

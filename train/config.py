@@ -142,6 +142,8 @@ class TrainConfig:
                                                     "nothing saved) or skip (update dropped, counted)")
     abort_at_step: Optional[int] = setting(None, "testing aid: stop after this step as if killed", ">0")
     progress: bool = setting(True, "show a progress bar")
+    compile_only: bool = setting(False, "compile the sharded train step on the mesh, print its per-device memory, "
+                                 "FLOPs and collectives (train/plan.py), and exit without training")
     # Which parameters the final evaluation, the rank report, pruning and the PEFT export use: "best", those of the
     # evaluation with the best validation score (reloaded from the kept-best checkpoint), or "last", the final step's.
     final_params: Literal["best", "last"] = setting("best", "params of the final evaluation and export: best "

@@ -7,6 +7,7 @@ Examples:
   python -m train.glue configs/glue/rte.yaml output_dir=/tmp/rte seed=21
   python -m train.glue configs/glue/wordnet_lora.yaml resume=true
   python -m train.glue configs/glue/wordnet_full.yaml   # full fine-tuning (adapter.method=full: learning rate 2e-4)
+  python -m train.glue configs/glue/rte.yaml mesh.fsdp=8 train.compile_only=true   # size the step, no training
 Errors in the configuration or the data are one line on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -19,6 +20,10 @@ from train.config import help_text, load_config
 
 
 def _run(config, _):
+    if config.train.compile_only:  # size the configured step on its mesh, train nothing
+        from train.plan import print_plan
+        print_plan(config)
+        return {}
     from train.loop import run
     return run(config)
 

@@ -542,6 +542,20 @@ def _to_host(tree):
     return jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x).tolist(), jax.device_get(tree))
 
 
+def step_programs(experiment: Experiment, trainable, hyper: Hyper) -> dict:
+    """{"init_state": jit((trainable, hyper) -> TrainState), "train_step": `make_train_step`}, with the trainable
+    params' specs, optimizer moments on their param's spec and the frozen params' specs as shardings."""
+    config, mesh = experiment.config, experiment.mesh
+    trainable_shardings = shd.named(experiment.trainable_specs, mesh)
+    abstract_opt = jax.eval_shape(_optimizer(config, trainable, hyper).init, trainable)
+    opt_shardings = shd.named(_opt_state_specs(abstract_opt, experiment.trainable_specs), mesh)
+    state_shardings = TrainState(shd.replicated(mesh), trainable_shardings, opt_shardings)
+    init_state = jax.jit(lambda t, h: TrainState(jnp.zeros((), jnp.int32), t, _optimizer(config, t, h).init(t)),
+                         out_shardings=state_shardings)
+    return {"init_state": init_state,
+            "train_step": make_train_step(experiment, state_shardings, shd.named(experiment.frozen_specs, mesh))}
+
+
 def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=None,
         sparse_lambda: Optional[float] = None, resume: Optional[bool] = None,
         total_steps: Optional[int] = None) -> FitOutcome:
@@ -566,15 +580,7 @@ def fit(experiment: Experiment, *, output_dir: Optional[str] = None, trainable=N
     schedule = lr_schedule(config, total)
     hyper = hyper_for(config, total, sparse_lambda, target_fraction(experiment))
     if "train_step" not in experiment.jitted:
-        trainable_shardings = shd.named(experiment.trainable_specs, mesh)
-        abstract_opt = jax.eval_shape(_optimizer(config, trainable, hyper).init, trainable)
-        opt_shardings = shd.named(_opt_state_specs(abstract_opt, experiment.trainable_specs), mesh)
-        state_shardings = TrainState(shd.replicated(mesh), trainable_shardings, opt_shardings)
-        experiment.jitted["init_state"] = jax.jit(
-            lambda t, h: TrainState(jnp.zeros((), jnp.int32), t, _optimizer(config, t, h).init(t)),
-            out_shardings=state_shardings)
-        experiment.jitted["train_step"] = make_train_step(experiment, state_shardings,
-                                                          shd.named(experiment.frozen_specs, mesh))
+        experiment.jitted.update(step_programs(experiment, trainable, hyper))
     hyper = jax.device_put(hyper, shd.replicated(mesh))
     state = experiment.jitted["init_state"](trainable, hyper)
     step_fn = experiment.jitted["train_step"]

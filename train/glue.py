@@ -22,8 +22,7 @@ from train.config import help_text, load_config
 def _run(config, _):
     if config.train.compile_only:  # size the configured step on its mesh, train nothing
         from train.plan import print_plan
-        print_plan(config)
-        return {}
+        return print_plan(config)
     from train.loop import run
     return run(config)
 

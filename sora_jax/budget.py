@@ -130,7 +130,7 @@ def sora_budget(
     target_fraction: float | jax.Array,
     total_steps: int | jax.Array,
     *,
-    lam_init: optax.ScalarOrSchedule = 0.0,
+    lam_init: optax.ScalarOrSchedule = 1.0,
     learning_rate: optax.ScalarOrSchedule | None = None,
     start: float = 0.1,
     reach: float = 0.7,
@@ -146,8 +146,9 @@ def sora_budget(
   Args:
     target_fraction: the budget f*, retained adapter parameters / parameters at full rank, in (0, 1].
     total_steps: the optimizer steps of the run; the target is reached at `reach * total_steps`.
-    lam_init: lambda >= 0 of an L1 step before the selection (tau = eta_t * lambda, as `sora_proximal`); 0 (default):
-      the budget alone selects. The name is kept from the controller this schedule replaced.
+    lam_init: lambda >= 0 (float or schedule) of the L1 step before the selection (tau = eta_t * lambda, as
+      `sora_proximal`, in the same units: of the loss gradient with `optimizer`). The L1 step is what makes |g|
+      rank the ranks by use: with 0 the gates that never moved from their init outrank the ones the loss uses.
     learning_rate: eta_t >= 0, as in `sora_proximal`: the gates' step size with `optimizer` (required there);
       without it the preceding optimizer's learning rate, or None.
     start, reach: as `budget_schedule`; from step `ceil(reach * total_steps)` the kept ranks train without

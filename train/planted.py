@@ -122,11 +122,13 @@ def optimizer(method: str, steps: int, *, lam: float = 0.0, target: float | None
     return optax.chain(optax.adamw(lr, mask=not_gate), optax.masked(optax.set_to_zero(), sora_jax.gate_mask))
   if method == "gradient":
     if target is not None:
-      return sora_jax.sora_budget(target, steps, learning_rate=gate_lr, optimizer=optax.adamw(lr))
+      return sora_jax.sora_budget(target, steps, lam_init=lam or 0.01, learning_rate=gate_lr,
+                                  optimizer=optax.adamw(lr))
     return sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr))
   if method == "adam":
     if target is not None:
-      return optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_budget(target, steps, learning_rate=lr))
+      return optax.chain(optax.adamw(lr, mask=not_gate),
+                         sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=lr))
     return optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
   if method == "adam_metric" and target is None:
     return _adam_metric(lam, lr, optax.adamw(lr))

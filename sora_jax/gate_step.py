@@ -28,6 +28,7 @@ from sora_jax import leaves
 PyTree = Any
 GateMask = PyTree | Callable[[PyTree], PyTree] | None
 NO_PARAMS = "needs params: call update(updates, state, params)"
+_NU_DECAY = 0.999  # Adam's beta2
 
 
 class OwnedGatesState(NamedTuple):
@@ -40,6 +41,7 @@ class OwnedGatesState(NamedTuple):
   count: jax.Array
   optimizer: optax.OptState
   gate_step: optax.OptState
+  nu: jax.Array  # EMA of the mean squared gate gradient (one number over every gate entry)
 
 
 def soft_threshold(z: jax.Array, threshold: jax.Array | float) -> jax.Array:
@@ -129,7 +131,8 @@ def own_gates(
   others = optax.masked(optimizer, not_gate)
 
   def init_fn(params):
-    return OwnedGatesState(jnp.zeros([], jnp.int32), others.init(params), gate_step.init(params))
+    return OwnedGatesState(jnp.zeros([], jnp.int32), others.init(params), gate_step.init(params),
+                           jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -137,15 +140,22 @@ def own_gates(
     gates = gates_of(params)
     # optax.masked leaves the gates' entries as they came in: the raw gradient.
     updates, optimizer_state = others.update(updates, state.optimizer, params, **extra_args)
-    eta = schedule_value(learning_rate, state.count)
+    is_leaf = lambda x: x is None or is_variable(x)  # noqa: E731
+    grads = [leaves.value(u).astype(jnp.float32) for is_gate, u in
+             zip(jax.tree.leaves(gates), jax.tree.leaves(updates, is_leaf=is_leaf)) if is_gate and u is not None]
+    mean_square = sum(jnp.sum(g * g) for g in grads) / max(sum(g.size for g in grads), 1)
+    count = optax.safe_increment(state.count)
+    nu = _NU_DECAY * state.nu + (1 - _NU_DECAY) * mean_square
+    nu_hat = nu / (1 - _NU_DECAY ** count.astype(jnp.float32))
+    step_size = schedule_value(learning_rate, state.count) * jax.lax.rsqrt(nu_hat + 1e-30)
 
     def descend(is_gate, u):
       if not is_gate or u is None:
         return u
-      return leaves.rewrap(u, (-eta * leaves.value(u)).astype(leaves.value(u).dtype))
+      return leaves.rewrap(u, (-step_size * leaves.value(u)).astype(leaves.value(u).dtype))
 
-    updates = jax.tree.map(descend, gates, updates, is_leaf=lambda x: x is None or is_variable(x))
+    updates = jax.tree.map(descend, gates, updates, is_leaf=is_leaf)
     updates, gate_state = gate_step.update(updates, state.gate_step, params)
-    return updates, OwnedGatesState(optax.safe_increment(state.count), optimizer_state, gate_state)
+    return updates, OwnedGatesState(count, optimizer_state, gate_state, nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -105,7 +105,7 @@ def test_linen_run_lands_on_its_budget_and_the_state_reports_it(target):
   budget = target * report.max_params
   rank_cost = max(16 + 32, 32 + 24)
   assert budget - rank_cost <= report.retained_params <= budget  # within one rank, never above
-  assert report.retained_params > 0 and len(set(lams)) > 3  # the controller moved lambda
+  assert report.retained_params > 0 and set(lams) == {0.5}  # lambda is the L1 strength, held
   measured = float(optax.tree_utils.tree_get(opt_state, "active_fraction"))
   np.testing.assert_allclose(measured, report.fraction, rtol=1e-6)
   np.testing.assert_allclose(float(retained_fraction(trainable)), report.fraction, rtol=1e-6)
@@ -178,9 +178,9 @@ def test_trainer_budget_mode_meets_the_budget_and_logs_lambda(tiny, tmp_path):
 @pytest.mark.slow
 def test_trainer_cuts_smallest_gates_when_the_run_ends_above_budget(tiny, tmp_path):
   from train.loop import run
-  # The cut at budget_reach never comes (reach = the last step) and lambda is too small to switch anything off.
+  # The budget is reached only at the last step (reach = 1), so the run ends a little above it.
   results = run(load_config(None, _trainer_args(tiny, tmp_path, "adapter.target_params=2000", "sparse_lambda=1e-9",
-                                                "adapter.budget_reach=1.0", "adapter.budget_gain=1e-6")))
+                                                "adapter.budget_reach=1.0")))
   budget = results["budget"]
   assert budget["retained_before_cut"] == results["max_params"] and budget["cut_ranks"] > 0
   assert results["max_params"] - budget["cut_ranks"] * 96 <= 2000  # each cut rank is worth at most 32 + 64

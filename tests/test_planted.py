@@ -8,7 +8,7 @@ import pytest
 import sora_jax
 from train import planted
 
-STEPS = 400
+STEPS = planted.STEPS
 
 
 def _unplanted(plant):
@@ -27,10 +27,10 @@ def test_budget_of_lora_r2_beats_lora_r2_and_gives_no_rank_to_unplanted_modules(
 
 @pytest.mark.parametrize("plant_name", ["two_of_six", "mixed"])
 def test_some_lambda_isolates_the_planted_modules(plant_name):
-  """The recipe at lambda 0.03 zeroes every unplanted module and keeps each planted one at or above its rank."""
+  """The recipe at lambda 0.3 zeroes every unplanted module and keeps each planted one at or above its rank."""
   plant = planted.PLANTS[plant_name]
   problem = planted.planted_problem(plant, seed=0)
-  out = planted.run_linen(problem, planted.optimizer("gradient", STEPS, lam=0.03), STEPS)
+  out = planted.run_linen(problem, planted.optimizer("gradient", STEPS, lam=0.3), STEPS)
   assert all(rank == 0 for rank, k in zip(out.ranks, plant.ranks) if k == 0), out.ranks
   assert all(rank >= k for rank, k in zip(out.ranks, plant.ranks) if k > 0), out.ranks
 
@@ -38,7 +38,7 @@ def test_some_lambda_isolates_the_planted_modules(plant_name):
 def test_nnx_provider_recipe_isolates_the_planted_modules():
   plant = planted.PLANTS["two_of_six"]
   problem = planted.planted_problem(plant, seed=1)
-  tx = sora_jax.sora_proximal(0.03, learning_rate=planted.GATE_LR, optimizer=optax.adamw(planted.LR))
+  tx = sora_jax.sora_proximal(0.3, learning_rate=planted.GATE_LR, optimizer=optax.adamw(planted.LR))
   out = planted.run_nnx(problem, tx, STEPS)
   assert out.ranks[:4] == (0, 0, 0, 0) and min(out.ranks[4:]) >= 6, out.ranks
 
@@ -49,7 +49,7 @@ def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target)
   every step, and on the budget at the end."""
   problem = planted.planted_problem(planted.PLANTS["mixed"], seed=2)
   steps, width, total = 100, planted.WIDTH, planted.RANK_MAX * len(planted.MODULES)
-  tx = sora_jax.sora_budget(target, steps, lam_init=0.01, learning_rate=planted.GATE_LR,
+  tx = sora_jax.sora_budget(target, steps, lam_init=0.3, learning_rate=planted.GATE_LR,
                             optimizer=optax.adamw(planted.LR))
   config = sora_jax.SoraConfig(rank=planted.RANK_MAX, alpha=float(planted.RANK_MAX), targets=(r"m\d/kernel",))
   trainable, frozen = sora_jax.split(sora_jax.init(jax.random.key(0), problem.base, config))
@@ -68,7 +68,8 @@ def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target)
     trainable, state = step(trainable, state)
     active = sum(int(np.sum(np.asarray(trainable[m]["sora_gate"]) != 0)) for m in planted.MODULES)
     scheduled = float(schedule(count)) * total
-    assert 0 < active and scheduled - 1 <= active <= scheduled + 1e-4, (count, active, scheduled)
+    # sora_budget rounds the budget to whole parameters (+ 0.5 of the 32 of a rank).
+    assert 0 < active and scheduled - 1 <= active <= scheduled + 0.5 / (2 * width), (count, active, scheduled)
   report = sora_jax.rank_report(sora_jax.combine(trainable, frozen), config)
   assert target * report.max_params - 2 * width <= report.retained_params <= target * report.max_params
 

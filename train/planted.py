@@ -10,7 +10,9 @@ budget that a uniform LoRA of rank r = 1, 2, 4 occupies, SoRA steered to that bu
 LoRA with the largest planted rank everywhere, and runs `sora_proximal` over a lambda sweep; for each gate update:
 
   gradient     the recipe: `sora_proximal(lam, learning_rate=eta, optimizer=adamw(lr))`, the gates' proximal-gradient
-               step on their raw gradient, g <- S_{eta lam}(g - eta dL/dg)
+               step on their raw gradient over one running RMS of all gate gradients,
+               g <- S_{eta lam}(g - eta dL/dg / rms)
+  sgd          the plain proximal-gradient step, g <- S_{eta lam}(g - eta dL/dg), eta = 0.1
   adam         the chain form `optax.chain(adamw(lr, mask=not_gate), sora_proximal(lam, learning_rate=lr))`: the
                gates take AdamW's normalised step, then the threshold (the official code's gate update)
   adam_metric  the proximal step in Adam's own metric: g <- S_{tau_i}(g - lr m_i / (sqrt(v_i) + eps)) with the
@@ -38,7 +40,8 @@ from flax import nnx
 import sora_jax
 
 WIDTH, RANK_MAX, SAMPLES = 16, 8, 256
-LR, GATE_LR, STEPS = 1e-2, 0.1, 600
+LR, GATE_LR, STEPS = 1e-2, 1e-2, 600
+SGD_LR = 0.1  # the plain proximal-gradient candidate's gate step (raw gradient, no normalisation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +125,12 @@ def optimizer(method: str, steps: int, *, lam: float = 0.0, target: float | None
     return optax.chain(optax.adamw(lr, mask=not_gate), optax.masked(optax.set_to_zero(), sora_jax.gate_mask))
   if method == "gradient":
     if target is not None:
-      return sora_jax.sora_budget(target, steps, lam_init=lam or 0.01, learning_rate=gate_lr,
+      return sora_jax.sora_budget(target, steps, lam_init=lam or 0.3, learning_rate=gate_lr,
                                   optimizer=optax.adamw(lr))
     return sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr))
+  if method == "sgd" and target is None:
+    return optax.chain(optax.masked(optax.adamw(lr), not_gate), optax.masked(optax.scale(-SGD_LR), sora_jax.gate_mask),
+                       sora_jax.sora_proximal(lam, learning_rate=SGD_LR))
   if method == "adam":
     if target is not None:
       return optax.chain(optax.adamw(lr, mask=not_gate),
@@ -276,8 +282,8 @@ def study(seeds: Sequence[int], steps: int = STEPS) -> str:
     lines.append(_row(f"LoRA r={planted_max} (planted max)",
                       runs(lambda: optimizer("lora", steps), rank=planted_max), bases))
     lines += ["", "Lambda sweep of `sora_proximal` (r_max 8):", "", header]
-    for gate, lams in (("gradient", (0.01, 0.03, 0.1)), ("adam", (0.1, 0.3, 1.0, 3.0)),
-                       ("adam_metric", (0.01, 0.03, 0.1))):
+    for gate, lams in (("gradient", (0.1, 0.3, 1.0)), ("sgd", (0.01, 0.03, 0.1)), ("adam", (0.1, 0.3, 1.0, 3.0)),
+                       ("adam_metric", (0.03, 0.3))):
       for lam in lams:
         lines.append(_row(f"{gate}, lambda {lam:g}", runs(lambda: optimizer(gate, steps, lam=lam)), bases))
     out.append("\n".join(lines))

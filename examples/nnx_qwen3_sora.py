@@ -117,8 +117,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--alpha", type=float, default=16.0)
   parser.add_argument("--lr", type=float, default=1e-2)
-  parser.add_argument("--gate-lr", dest="gate_lr", type=float, default=0.1, help="the gates' step size eta")
-  parser.add_argument("--lam", type=float, default=0.1, help="L1 strength: a gate ends at zero unless |dL/dg| > lam")
+  parser.add_argument("--gate-lr", dest="gate_lr", type=float, default=5e-2, help="the gates' step size eta")
+  parser.add_argument("--lam", type=float, default=0.5, help="L1 strength: a gate ends at zero unless |dL/dg| > lam * RMS of all gate gradients")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output_dir", default="/tmp/nnx_qwen3_sora")
   args = parser.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
   provider = sora_jax.SoraProvider(module_path=TARGETS, rank=args.rank, alpha=args.alpha)
   model = sora_jax.apply_sora(base, provider, **lm_inputs(train[:1, :8]), rngs=nnx.Rngs(args.seed + 2))
 
-  # Gates: the proximal-gradient step on their raw gradient, g <- S_{eta lam}(g - eta dL/dg); AdamW on A and B.
+  # Gates: the proximal-gradient step on their raw gradient, g <- S_{eta lam}(g - eta dL/dg / rms); AdamW on A and B.
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    sora_jax.sora_proximal(args.lam, learning_rate=args.gate_lr,
                                           optimizer=optax.adamw(args.lr, weight_decay=0.01)))

@@ -14,8 +14,8 @@ into the thing the user states. Over a run of T steps:
 The descent is a projected gradient step onto the scheduled budget (iterative hard thresholding): every step keeps
 the ranks of largest gate, so f_t stays at most f*_t and within one rank of it (unless the L1 step itself zeroed more),
 never depends on a controller's state, and is the same on 100 steps as on 10,000. A rank cut early comes back when
-its gate's step makes it larger than a kept one. With `optimizer=` the gates' step u is -eta_t dL/dg on their raw
-gradient (`sora_jax.gate_step`), so |g| ranks by what the loss pays for each rank.
+its gate's step makes it larger than a kept one. With `optimizer=` the gates' step u is -(eta_t / rms_t) dL/dg on
+their raw gradient (`sora_jax.gate_step`), so after the L1 step |g| ranks by what the loss pays for each rank.
 
 `cut_to_budget` (host, after training) zeroes the gates of smallest |g| until the retained parameters are at or below
 a budget: a no-op after `sora_budget`, and the tool to put any SoRA (or LoRA) adapter on a budget after the fact.
@@ -147,7 +147,7 @@ def sora_budget(
     target_fraction: the budget f*, retained adapter parameters / parameters at full rank, in (0, 1].
     total_steps: the optimizer steps of the run; the target is reached at `reach * total_steps`.
     lam_init: lambda >= 0 (float or schedule) of the L1 step before the selection (tau = eta_t * lambda, as
-      `sora_proximal`, in the same units: of the loss gradient with `optimizer`). The L1 step is what makes |g|
+      `sora_proximal`, in the same units: relative to the gate-gradient RMS with `optimizer`). The L1 step makes |g|
       rank the ranks by use: with 0 the gates that never moved from their init outrank the ones the loss uses.
     learning_rate: eta_t >= 0, as in `sora_proximal`: the gates' step size with `optimizer` (required there);
       without it the preceding optimizer's learning rate, or None.
@@ -170,7 +170,7 @@ def sora_budget(
   if optimizer is not None:
     if learning_rate is None:
       raise ValueError("sora_budget(optimizer=...) needs learning_rate=, the gates' step size eta "
-                       "(g <- g - eta dL/dg before the selection), e.g. the optimizer's own learning rate")
+                       "(g <- g - eta dL/dg / rms before the selection), e.g. the optimizer's own learning rate")
     step = sora_budget(target_fraction, total_steps, lam_init=lam_init, learning_rate=learning_rate, start=start,
                        reach=reach, mask=mask)
     return own_gates(step, optimizer, learning_rate, mask, "sora_budget")

@@ -2,16 +2,18 @@
 
 SoRA selects ranks with an L1 penalty on the gates g. The proximal-gradient step on the raw gradient,
 
-  g <- S_tau(g - eta_t * dL/dg),   S_tau(z) = sign(z) * max(|z| - tau, 0),   tau = eta_t * lam_t,
+  g <- S_tau(g - (eta_t / rms_t) dL/dg),   S_tau(z) = sign(z) * max(|z| - tau, 0),   tau = eta_t * lam_t,
+  rms_t^2 = EMA (decay 0.999, bias-corrected) of the mean of (dL/dg)^2 over every gate entry of the model,
 
-stops exactly where |dL/dg| <= lam: a gate is zero unless its loss gradient outweighs lambda (the lasso's optimality
-condition), so the ranks kept are the ones the loss pays for. An optimizer that normalises each coordinate (Adam)
-gives a tiny but consistent gradient the same step as a large one; after it the threshold compares the sign
-consistency of the gradient to lambda, not its size, and no lambda separates useful ranks from useless ones.
+stops exactly where |dL/dg| <= lam * rms: a gate is zero unless its loss gradient outweighs lambda times the typical
+gate gradient (the lasso's optimality condition in a metric that is one number for all gates), so the ranks kept are
+the ones the loss pays for, and lambda means the same on any loss scale. An optimizer that normalises each coordinate
+(Adam) gives a tiny but consistent gradient the same step as a large one; after it the threshold compares the sign
+consistency of the gradient to lambda, not its size. Dividing by one number for all gates keeps their relative sizes.
 
 `own_gates` builds the transform that feeds the gates their raw gradient: the user's optimizer updates every other
 leaf (it never sees the gates: no moments, no weight decay on them), and the gate step (`sora_proximal`'s or
-`sora_budget`'s thresholding) receives u = -eta_t * dL/dg.
+`sora_budget`'s thresholding) receives u = -(eta_t / rms_t) dL/dg.
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def own_gates(
     gate_step: a transformation that maps the gates' update u to the thresholded one (`sora_proximal` or
       `sora_budget` without `optimizer`).
     optimizer: the optimizer of the other leaves (A, B, a head), e.g. `optax.adamw(lr)`; it never sees the gates.
-    learning_rate: the gates' eta_t: u = -eta_t * dL/dg.
+    learning_rate: the gates' eta_t: u = -(eta_t / rms_t) dL/dg.
     mask: which leaves are gates, as in `sora_proximal`.
     name: the caller's name, for error messages.
 

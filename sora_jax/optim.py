@@ -6,8 +6,9 @@ The gate g of each SoRA module is updated with a proximal step for the L1 penalt
   g <- S_tau(g + u),   S_tau(z) = sign(z) * max(|z| - tau, 0),   tau = eta_t * lam_t
 
 As an update this is `S_tau(p + u) - p`, so that `optax.apply_updates` lands on the thresholded value. With
-`optimizer=`, u = -eta_t * dL/dg is the gates' raw-gradient step (`sora_jax.gate_step`) and the optimizer updates
-every other leaf: the proximal-gradient method, which keeps exactly the ranks whose gradient outweighs lambda. Without
+`optimizer=`, u = -(eta_t / rms_t) dL/dg is the gates' raw-gradient step (rms_t: one running RMS of all gate
+gradients, `sora_jax.gate_step`) and the optimizer updates every other leaf: the proximal-gradient method, which keeps
+exactly the ranks whose gradient outweighs lambda * rms_t. Without
 it, u is whatever the preceding transformation of a chain produced (e.g. AdamW's normalised step, as the official code).
 
 The official code (`SparseAdamW.step`) uses tau = lam unscaled by the learning rate, and applies three sequential
@@ -46,16 +47,17 @@ def sora_proximal(
 
     tx = sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr, weight_decay=0.01))
 
-  gives g <- S_{eta lam}(g - eta dL/dg) with eta = `learning_rate`: a gate ends at zero unless |dL/dg| > lam, so lam
-  is in the units of the loss gradient and the ranks kept are those the loss pays for. The official code's behaviour
+  gives g <- S_{eta lam}(g - (eta / rms) dL/dg) with eta = `learning_rate` and rms a running root mean square of all
+  gate gradients (one number): a gate ends at zero unless |dL/dg| > lam * rms, so lam is relative to the typical gate
+  gradient and the ranks kept are those the loss pays for. The official code's behaviour
   (the gates take AdamW's normalised step, then the threshold; lam in the units of that step) is the chain form
   without `optimizer`:
 
     not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
     tx = optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam))   # tau = lam, as SparseAdamW
 
-  (`learning_rate=lr` there gives the paper's tau = lr * lam.) On planted low-rank problems the chain form keeps
-  ranks on modules where nothing was planted at every lambda (docs/rank_learning.md).
+  (`learning_rate=lr` there gives the paper's tau = lr * lam.) docs/rank_learning.md measures both on planted
+  low-rank problems.
 
   Args:
     lam: the sparsity strength lam_t >= 0, a float or an Optax schedule over steps.
@@ -83,7 +85,7 @@ def sora_proximal(
   if optimizer is not None:
     if learning_rate is None:
       raise ValueError("sora_proximal(optimizer=...) needs learning_rate=, the gates' step size eta "
-                       "(g <- S_{eta lam}(g - eta dL/dg)), e.g. the optimizer's own learning rate")
+                       "(g <- S_{eta lam}(g - eta dL/dg / rms)), e.g. the optimizer's own learning rate")
     return own_gates(sora_proximal(lam, learning_rate, mask), optimizer, learning_rate, mask, "sora_proximal")
 
   def init_fn(params):

@@ -254,7 +254,8 @@ def target_fraction(experiment: Experiment) -> Optional[float]:
 def _optimizer(config: RunConfig, trainable, hyper: Hyper) -> optax.GradientTransformation:
     """The run's optimizer from `hyper`'s (possibly traced) values: clip_by_global_norm, then for "sora" SoRA's gate
     transform around AdamW (`sora_proximal`, or `sora_budget` in budget mode; with `adapter.gate_update=gradient` the
-    gates take the proximal-gradient step on their raw gradient at `optim.gate_learning_rate`, with `adam` they take
+    gates take the proximal-gradient step on their raw gradient (over one running RMS of all gate gradients) at
+    `optim.gate_learning_rate`, with `adam` they take
     AdamW's step scaled by gate_learning_rate / learning_rate, as the official code), AdamW with the gates fixed at
     their init for "lora", AdamW alone for "full"."""
     from sora_jax.budget import sora_budget

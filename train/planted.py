@@ -125,7 +125,7 @@ def optimizer(method: str, steps: int, *, lam: float = 0.0, target: float | None
     return optax.chain(optax.adamw(lr, mask=not_gate), optax.masked(optax.set_to_zero(), sora_jax.gate_mask))
   if method == "gradient":
     if target is not None:
-      return sora_jax.sora_budget(target, steps, lam_init=lam or 0.3, learning_rate=gate_lr,
+      return sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=gate_lr,
                                   optimizer=optax.adamw(lr))
     return sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr))
   if method == "sgd" and target is None:

@@ -168,9 +168,6 @@ def sora_budget(
   check_nonnegative("lam_init", lam_init, "sora_budget")
   check_nonnegative("learning_rate", learning_rate, "sora_budget")
   if optimizer is not None:
-    if learning_rate is None:
-      raise ValueError("sora_budget(optimizer=...) needs learning_rate=, the gates' step size eta "
-                       "(g <- g - eta dL/dg / rms before the selection), e.g. the optimizer's own learning rate")
     step = sora_budget(target_fraction, total_steps, lam_init=lam_init, learning_rate=learning_rate, start=start,
                        reach=reach, mask=mask)
     return own_gates(step, optimizer, learning_rate, mask, "sora_budget")

@@ -108,7 +108,7 @@ def resolve_gates(params: PyTree, mask: GateMask, name: str) -> PyTree:
 def own_gates(
     gate_step: optax.GradientTransformationExtraArgs,
     optimizer: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule | None,
     mask: GateMask,
     name: str,
 ) -> optax.GradientTransformationExtraArgs:
@@ -124,7 +124,13 @@ def own_gates(
 
   Returns:
     A transformation with state `OwnedGatesState`.
+
+  Raises:
+    ValueError: `learning_rate` is None.
   """
+  if learning_rate is None:
+    raise ValueError(f"{name}(optimizer=...) needs learning_rate=, the gates' step size eta "
+                     "(g <- S_{eta lam}(g - eta dL/dg / rms)), e.g. the optimizer's own learning rate")
 
   def gates_of(tree):
     return resolve_gates(tree, mask, name)

@@ -83,9 +83,6 @@ def sora_proximal(
   check_nonnegative("lam", lam, "sora_proximal")
   check_nonnegative("learning_rate", learning_rate, "sora_proximal")
   if optimizer is not None:
-    if learning_rate is None:
-      raise ValueError("sora_proximal(optimizer=...) needs learning_rate=, the gates' step size eta "
-                       "(g <- S_{eta lam}(g - eta dL/dg / rms)), e.g. the optimizer's own learning rate")
     return own_gates(sora_proximal(lam, learning_rate, mask), optimizer, learning_rate, mask, "sora_proximal")
 
   def init_fn(params):

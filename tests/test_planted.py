@@ -15,8 +15,9 @@ def _unplanted(plant):
   return [i for i, k in enumerate(plant.ranks) if k == 0]
 
 
-def test_budget_of_lora_r2_beats_lora_r2_and_gives_no_rank_to_unplanted_modules():
-  plant = planted.PLANTS["two_of_six"]
+@pytest.mark.parametrize("plant_name", ["two_of_six", "mixed"])
+def test_budget_of_lora_r2_beats_lora_r2_and_gives_no_rank_to_unplanted_modules(plant_name):
+  plant = planted.PLANTS[plant_name]
   problem = planted.planted_problem(plant, seed=0)
   lora = planted.run_linen(problem, planted.optimizer("lora", STEPS), STEPS, rank=2)
   sora = planted.run_linen(problem, planted.optimizer("gradient", STEPS, target=2 / planted.RANK_MAX), STEPS)

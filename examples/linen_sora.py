@@ -58,7 +58,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of A, B and the head (linear warmup and decay)")
   parser.add_argument("--gate-lr", type=float, default=5e-2, help="peak learning rate of the gates")
-  parser.add_argument("--lam", type=float, default=0.5, help="L1 strength: a gate ends at zero unless |dL/dg| > lam * RMS of all gate gradients")
+  parser.add_argument("--lam", type=float, default=0.5,
+                      help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)")
   parser.add_argument("--out", default=None, help="where to write the PEFT adapter (default: a temporary folder)")
   args = parser.parse_args()
   start = time.perf_counter()

@@ -11,8 +11,8 @@ with 0 (no gloss contains a NUL byte); padding is left out of the loss.
 
 SoRA sits on the seven projections of every layer (attention einsums q/k/v/o with weights (d, n, h) / (n, h, d), MLP
 nn.Linear gate/up/down) through qwix: `sora_jax.apply_sora`. Training is `nnx.Optimizer(..., wrt=nnx.LoRAParam)` with
-`sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr))`; Tunix's `PeftTrainer` takes the same model and chain
-(`tests/test_tunix.py`). At the end it prints the rank report, prunes (zero-gate ranks cut), checks that the pruned
+`sora_proximal(lam, learning_rate=gate_lr, optimizer=adamw(lr))`; Tunix's `PeftTrainer` takes the same model and an
+Optax chain (`tests/test_tunix.py`). At the end it prints the rank report, prunes (zero-gate ranks cut), checks that the pruned
 model and the merged one (adapters added into the base weights) give the trained model's logits, and writes the
 pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> arrays) with `adapter_config.json`.
 
@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--alpha", type=float, default=16.0)
   parser.add_argument("--lr", type=float, default=1e-2)
   parser.add_argument("--gate-lr", dest="gate_lr", type=float, default=5e-2, help="the gates' step size eta")
-  parser.add_argument("--lam", type=float, default=0.5, help="L1 strength: a gate ends at zero unless |dL/dg| > lam * RMS of all gate gradients")
+  parser.add_argument("--lam", type=float, default=0.5,
+                      help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output_dir", default="/tmp/nnx_qwen3_sora")
   args = parser.parse_args(argv)

@@ -13,8 +13,8 @@ SoRA sits on the seven projections of every layer (attention einsums q/k/v/o wit
 nn.Linear gate/up/down) through qwix: `sora_jax.apply_sora`. Training is `nnx.Optimizer(..., wrt=nnx.LoRAParam)` with
 `sora_proximal(lam, learning_rate=gate_lr, optimizer=adamw(lr))`; Tunix's `PeftTrainer` takes the same model and an
 Optax chain (`tests/test_tunix.py`). At the end it prints the rank report, prunes (zero-gate ranks cut), checks that
-the pruned model and the merged one (adapters added into the base weights) give the trained model's logits, and writes the
-pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> arrays) with `adapter_config.json`.
+the pruned model and the merged one (adapters added into the base weights) give the trained model's logits, and writes
+the pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> arrays) with `adapter_config.json`.
 
   python examples/nnx_qwen3_sora.py                                # 300 steps, about a minute on 2 CPU cores
   python examples/nnx_qwen3_sora.py --steps 50 --output_dir /tmp/sora_qwen3

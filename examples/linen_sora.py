@@ -7,9 +7,8 @@
 
   params <- sora_jax.init(...)                  W x  ->  W x + s * B (g * (A x)),  s = alpha / r
   trainable, frozen <- sora_jax.split(...)      gradients only for A, B, g and the fresh classifier head
-  tx = optax.chain(adamw(mask=not_gate),        AdamW on everything; weight decay not on the gates
-                   masked(scale(25), gates),    the gates take larger steps than A and B
-                   sora_proximal(lam, lr))      then g <- S_{lr * lam}(g): gates that reach 0 switch off a rank
+  tx = sora_proximal(lam, gate_lr,              gates: g <- S_{eta lam}(g - eta dL/dg / rms), the proximal-gradient
+                     optimizer=adamw(lr))       step on their raw gradient; AdamW on A, B and the head
   sora_jax.rank_report / prune / merge / save_peft
 
 It prints each check it makes and exits non-zero when one fails (tests/test_docs.py runs it).
@@ -59,7 +58,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of A, B and the head (linear warmup and decay)")
   parser.add_argument("--gate-lr", type=float, default=5e-2, help="peak learning rate of the gates")
-  parser.add_argument("--lam", type=float, default=8.0, help="L1 strength: threshold per step = lr_t * lam")
+  parser.add_argument("--lam", type=float, default=0.5,
+                      help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)")
   parser.add_argument("--out", default=None, help="where to write the PEFT adapter (default: a temporary folder)")
   args = parser.parse_args()
   start = time.perf_counter()
@@ -79,17 +79,12 @@ def main() -> None:
   warmup = max(args.steps // 10, 1)
   schedule = optax.join_schedules([optax.linear_schedule(0.0, args.lr, warmup),
                                    optax.linear_schedule(args.lr, 0.0, args.steps - warmup)], [warmup])
-  gate = sora_jax.gate_mask(trainable)
-  not_gate = jax.tree.map(lambda g: not g, gate)
-  tx = optax.chain(
-      optax.adamw(schedule, weight_decay=0.01, mask=not_gate),  # mask: no weight decay on the gates
-      # Gates start at one; a step 25 times the A/B step lets them travel to zero within a short run (the trainer's
-      # default too, `optim.gate_learning_rate`). Without it a gate moves by at most ~lr per step.
-      optax.masked(optax.scale(args.gate_lr / args.lr), gate),
-      # g <- S_tau(g + u), tau = lr_t * lam: at most 1.6e-2 against the gates' 5e-2 step, so gates whose gradient
-      # keeps pushing them up stay and the others drift to exactly zero.
-      sora_jax.sora_proximal(args.lam, learning_rate=schedule),
-  )
+  gate_schedule = lambda count: schedule(count) * (args.gate_lr / args.lr)  # noqa: E731  the same warmup and decay
+  # The gates step on their raw gradient: g <- S_{eta lam}(g - eta dL/dg / rms), rms one running RMS of all gate
+  # gradients, so a gate ends at zero unless its gradient outweighs lam * rms; AdamW trains A, B and the head and never
+  # sees the gates (no moments, no weight decay on them).
+  tx = sora_jax.sora_proximal(args.lam, learning_rate=gate_schedule,
+                              optimizer=optax.adamw(schedule, weight_decay=0.01))
   opt_state = tx.init(trainable)
 
   def logits_fn(params, batch):

@@ -11,10 +11,10 @@ with 0 (no gloss contains a NUL byte); padding is left out of the loss.
 
 SoRA sits on the seven projections of every layer (attention einsums q/k/v/o with weights (d, n, h) / (n, h, d), MLP
 nn.Linear gate/up/down) through qwix: `sora_jax.apply_sora`. Training is `nnx.Optimizer(..., wrt=nnx.LoRAParam)` with
-`optax.chain(adamw, sora_jax.sora_proximal)`; Tunix's `PeftTrainer` takes the same model and chain
-(`tests/test_tunix.py`). At the end it prints the rank report, prunes (zero-gate ranks cut), checks that the pruned
-model and the merged one (adapters added into the base weights) give the trained model's logits, and writes the
-pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> arrays) with `adapter_config.json`.
+`sora_proximal(lam, learning_rate=gate_lr, optimizer=adamw(lr))`; Tunix's `PeftTrainer` takes the same model and an
+Optax chain (`tests/test_tunix.py`). At the end it prints the rank report, prunes (zero-gate ranks cut), checks that
+the pruned model and the merged one (adapters added into the base weights) give the trained model's logits, and writes
+the pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> arrays) with `adapter_config.json`.
 
   python examples/nnx_qwen3_sora.py                                # 300 steps, about a minute on 2 CPU cores
   python examples/nnx_qwen3_sora.py --steps 50 --output_dir /tmp/sora_qwen3
@@ -117,7 +117,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--alpha", type=float, default=16.0)
   parser.add_argument("--lr", type=float, default=1e-2)
-  parser.add_argument("--lam", type=float, default=0.75, help="L1 strength; the gate threshold per step is lr * lam")
+  parser.add_argument("--gate-lr", dest="gate_lr", type=float, default=5e-2, help="the gates' step size eta")
+  parser.add_argument("--lam", type=float, default=0.5,
+                      help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output_dir", default="/tmp/nnx_qwen3_sora")
   args = parser.parse_args(argv)
@@ -130,9 +132,10 @@ def main(argv=None) -> dict:
   provider = sora_jax.SoraProvider(module_path=TARGETS, rank=args.rank, alpha=args.alpha)
   model = sora_jax.apply_sora(base, provider, **lm_inputs(train[:1, :8]), rngs=nnx.Rngs(args.seed + 2))
 
-  not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=0.01, mask=not_gate),
-                   sora_jax.sora_proximal(args.lam, learning_rate=args.lr))
+  # Gates: the proximal-gradient step on their raw gradient, g <- S_{eta lam}(g - eta dL/dg / rms); AdamW on A and B.
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   sora_jax.sora_proximal(args.lam, learning_rate=args.gate_lr,
+                                          optimizer=optax.adamw(args.lr, weight_decay=0.01)))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
   valid_inputs = lm_inputs(valid)

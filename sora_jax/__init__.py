@@ -28,7 +28,7 @@ from sora_jax.leaves import SoraAxes as SoraAxes
 from sora_jax.leaves import SoraGate as SoraGate
 from sora_jax.optim import SoraProximalState as SoraProximalState
 from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
-from sora_jax.optim import soft_threshold as soft_threshold
+from sora_jax.gate_step import soft_threshold as soft_threshold
 from sora_jax.optim import sora_proximal as sora_proximal
 from sora_jax.peft import LoadedPeft as LoadedPeft
 from sora_jax.peft import load_peft as load_peft

@@ -1,26 +1,21 @@
-"""Budget mode: steer SoRA's proximal threshold so the retained adapter parameters land on a target.
+"""Budget mode: SoRA's gate step held to a schedule of retained adapter parameters that ends on a target.
 
 SoRA's retained fraction is a side effect of lambda, the learning rate and the number of steps. `sora_budget` turns it
-into the thing the user states. It is `sora_proximal` with lambda held in its state and moved by a controller that
-reads the gates after every step, over a run of T steps:
+into the thing the user states. Over a run of T steps:
 
   retained fraction  f_t = sum_g cost_g [g != 0] / sum_g cost_g     cost_g = (|A| + |B|) / |gate| of g's module,
                                                                      i.e. fan_in + fan_out, the parameters of a rank
   target             f*_t = 1 before `start * T`, then f* + (1 - f*) (1 - u)^3 with u going 0 -> 1 until `reach * T`
                      (the cubic budget schedule of AdaLoRA, Zhang et al. 2023), then f*
-  descent            g <- S_tau(g + u),  tau = eta_t * lambda_t   (as `sora_proximal`), and
-                     log lambda_{t+1} = clip(log lambda_t + gain * (f_t - f*_t), log lambda_min, log lambda_max)
-  at `reach * T`     the gates are ranked by |g + u| (before the threshold) and the largest kept while their ranks fit
-                     in the budget f* sum_g cost_g; the others become 0
-  hold               g <- g + u for kept gates, 0 for the others: lambda is held and nothing more is switched off
+  descent            z = S_tau(g + u), tau = eta_t * lam (as `sora_proximal`; lam = 0 by default), then the entries
+                     of z of largest |z| are kept while their ranks fit in f*_t sum_g cost_g, the others become 0
+  hold (after reach) g <- g + u for kept gates, 0 for the others: the kept ranks train at the budget
 
-The controller is integral in log lambda: while more parameters are active than the schedule allows, lambda grows
-geometrically, and it shrinks while fewer are. During the descent a rank cut early can come back (its gate's AdamW
-step can carry it over the threshold again), which is SoRA's own behaviour, and gates near zero flicker on and off, so
-f_t follows the schedule within a few percent; it is the threshold that decides which ranks are small by the time the
-budget is reached. Ranking by |g + u| at that step counts a flickering gate by the size it would have had, so the kept
-ranks fill the budget to within one rank even when f_t dips below f* at that moment. The remaining steps train the
-kept ranks, at the budget, without sparsity pressure.
+The descent is a projected gradient step onto the scheduled budget (iterative hard thresholding): every step keeps
+the ranks of largest gate, so f_t stays at most f*_t and within one rank of it (unless the L1 step itself zeroed more),
+never depends on a controller's state, and is the same on 100 steps as on 10,000. A rank cut early comes back when
+its gate's step makes it larger than a kept one. With `optimizer=` the gates' step u is -(eta_t / rms_t) dL/dg on
+their raw gradient (`sora_jax.gate_step`), so after the L1 step |g| ranks by what the loss pays for each rank.
 
 `cut_to_budget` (host, after training) zeroes the gates of smallest |g| until the retained parameters are at or below
 a budget: a no-op after `sora_budget`, and the tool to put any SoRA (or LoRA) adapter on a budget after the fact.
@@ -28,8 +23,7 @@ a budget: a no-op after `sora_budget`, and the tool to put any SoRA (or LoRA) ad
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +31,8 @@ import numpy as np
 import optax
 
 from sora_jax import leaves
-from sora_jax.optim import _gate_leaves, _is_variable, _key_name, _resolve_gates, _value, soft_threshold
+from sora_jax.gate_step import (GateMask, NO_PARAMS, check_nonnegative, gate_leaves, is_variable, key_name, own_gates,
+                                resolve_gates, schedule_value, soft_threshold)
 
 PyTree = Any
 
@@ -46,7 +41,7 @@ class SoraBudgetState(NamedTuple):
   """State of `sora_budget`.
 
   count: steps taken.
-  lam: lambda of the next step (the controller's output).
+  lam: the L1 strength lambda of the descent (constant).
   active_fraction: retained fraction f_t of the adapter parameters after the last step.
   target_fraction: the scheduled target f*_t of the last step.
   """
@@ -95,13 +90,13 @@ def _rank_costs(params: PyTree, gates: PyTree) -> PyTree:
   """Per gate leaf the parameters of one of its ranks, (|A| + |B|) / |gate| (a Python float; None elsewhere)."""
   flat, _ = leaves.flatten(params)
   by_gate = {rec.gate: rec for rec in leaves.find_adapters(flat)}
-  paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
+  paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]
   costs = []
   for (path, leaf), is_gate in zip(paths, jax.tree.leaves(gates)):
     if not is_gate:
       costs.append(None)
       continue
-    key = tuple(_key_name(k) for k in path)
+    key = tuple(key_name(k) for k in path)
     rec = by_gate.get(key)
     if rec is None or rec.a not in flat or rec.b not in flat:
       raise ValueError(f"gate {leaves.path_str(key)} has no A and B beside it among the params the optimizer "
@@ -118,9 +113,9 @@ def retained_fraction(params: PyTree, mask: PyTree | None = None) -> jax.Array:
   Works inside `jax.jit`; the costs come from the shapes of A and B. Equals `rank_report(...).fraction` of the
   unpruned params (gates and B rows nonzero).
   """
-  gates = _gate_leaves(params) if mask is None else mask
+  gates = gate_leaves(params) if mask is None else mask
   costs = _rank_costs(params, gates)
-  found = [(leaves.value(leaf), cost) for leaf, cost in zip(jax.tree.leaves(params, is_leaf=_is_variable), costs)
+  found = [(leaves.value(leaf), cost) for leaf, cost in zip(jax.tree.leaves(params, is_leaf=is_variable), costs)
            if cost is not None]
   return _active_fraction([g for g, _ in found], [c for _, c in found])
 
@@ -135,82 +130,84 @@ def sora_budget(
     target_fraction: float | jax.Array,
     total_steps: int | jax.Array,
     *,
-    lam_init: float | jax.Array = 1.0,
+    lam_init: optax.ScalarOrSchedule = 1.0,
     learning_rate: optax.ScalarOrSchedule | None = None,
-    gain: float = 1.0,
     start: float = 0.1,
     reach: float = 0.7,
-    lam_range: tuple[float, float] = (1e-3, 1e3),
-    mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    mask: GateMask = None,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """SoRA's proximal gate step with lambda steered to a retained-parameter budget.
+  """SoRA's gate step held to a retained-parameter schedule that ends on a budget.
+
+  The recipe (gates on their raw gradient, `optimizer` on the rest, as `sora_proximal`):
+
+    tx = sora_jax.sora_budget(0.25, total_steps, learning_rate=gate_lr, optimizer=optax.adamw(lr))
 
   Args:
     target_fraction: the budget f*, retained adapter parameters / parameters at full rank, in (0, 1].
     total_steps: the optimizer steps of the run; the target is reached at `reach * total_steps`.
-    lam_init: lambda of the first step (> 0), e.g. the lambda of a plain SoRA run on the task.
-    learning_rate: eta_t as in `sora_proximal` (tau = eta_t * lambda_t); None: tau = lambda_t.
-    gain: controller gain, the change of log lambda per step per unit of fraction error.
-    start, reach: as `budget_schedule`; at step `ceil(reach * total_steps)` the gates are cut to the budget, and
-      the ranks kept then train without threshold for the rest of the run.
-    lam_range: lambda stays within [lam_init * lo, lam_init * hi].
+    lam_init: lambda >= 0 (float or schedule) of the L1 step before the selection (tau = eta_t * lambda, as
+      `sora_proximal`, in the same units: relative to the gate-gradient RMS with `optimizer`). The L1 step makes |g|
+      rank the ranks by use: with 0 the gates that never moved from their init outrank the ones the loss uses.
+    learning_rate: eta_t >= 0, as in `sora_proximal`: the gates' step size with `optimizer` (required there);
+      without it the preceding optimizer's learning rate, or None.
+    start, reach: as `budget_schedule`; from step `ceil(reach * total_steps)` the kept ranks train without
+      selection for the rest of the run.
     mask: which leaves are gates, as in `sora_proximal`; A and B must be in params beside each gate.
+    optimizer: as in `sora_proximal`: given, the transform owns the gates' update and `optimizer` updates the rest;
+      None, the transform acts on the update a preceding transform made (chain form, e.g. AdamW's on the gates).
 
   Returns:
     A transformation like `sora_proximal` whose state (`SoraBudgetState`) holds lambda, the measured retained fraction
-    and the target; read them with `optax.tree_utils.tree_get(opt_state, "lam")` etc.
-
-  Example:
-    not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
-    tx = optax.chain(optax.adamw(lr, mask=not_gate),
-                     sora_jax.sora_budget(0.5, total_steps, lam_init=6.0, learning_rate=lr))
+    and the target; read them with `optax.tree_utils.tree_get(opt_state, "active_fraction")` etc.
   """
   if not (isinstance(target_fraction, jax.Array) or 0 < target_fraction <= 1):
     raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
   if not 0 <= start < reach <= 1:
     raise ValueError(f"need 0 <= start < reach <= 1, got start={start}, reach={reach}")
-  if not (isinstance(lam_init, jax.Array) or lam_init > 0):
-    raise ValueError(f"lam_init must be > 0 (the controller moves log lambda), got {lam_init}")
+  check_nonnegative("lam_init", lam_init, "sora_budget")
+  check_nonnegative("learning_rate", learning_rate, "sora_budget")
+  if optimizer is not None:
+    step = sora_budget(target_fraction, total_steps, lam_init=lam_init, learning_rate=learning_rate, start=start,
+                       reach=reach, mask=mask)
+    return own_gates(step, optimizer, learning_rate, mask, "sora_budget")
   schedule = budget_schedule(target_fraction, total_steps, start=start, reach=reach)
-  log_lo, log_hi = math.log(lam_range[0]), math.log(lam_range[1])
 
   def init_fn(params):
     del params
-    lam = jnp.asarray(lam_init, jnp.float32)
+    lam = jnp.asarray(schedule_value(lam_init, jnp.zeros([], jnp.int32)), jnp.float32)
     return SoraBudgetState(jnp.zeros([], jnp.int32), lam, jnp.ones([], jnp.float32), jnp.ones([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError("sora_budget needs params: call update(updates, state, params)")
-    gates = _resolve_gates(params, mask, "sora_budget")
+      raise ValueError(f"sora_budget {NO_PARAMS}")
+    gates = resolve_gates(params, mask, "sora_budget")
     costs = _rank_costs(params, gates)
-    treedef = jax.tree.structure(params, is_leaf=_is_variable)
+    treedef = jax.tree.structure(params, is_leaf=is_variable)
     flat_updates = treedef.flatten_up_to(updates)
-    flat_params = jax.tree.leaves(params, is_leaf=_is_variable)
+    flat_params = jax.tree.leaves(params, is_leaf=is_variable)
     where = [i for i, (u, cost) in enumerate(zip(flat_updates, costs)) if cost is not None and u is not None]
+    where_costs = [costs[i] for i in where]
     old = [leaves.value(flat_params[i]) for i in where]
     moved = [p + leaves.value(flat_updates[i]).astype(p.dtype) for i, p in zip(where, old)]
 
     _, hold_from = budget_phases(total_steps, start, reach)
     count = state.count.astype(jnp.float32)
-    tau = state.lam if learning_rate is None else state.lam * _value(learning_rate, state.count)
-    descent = [soft_threshold(z, tau.astype(z.dtype)) for z in moved]
-    keep = _keep_within_budget(moved, [costs[i] for i in where], target_fraction)
-    cut = [jnp.where(k, z, jnp.zeros_like(z)) for k, z in zip(keep, moved)]
+    lam = jnp.asarray(schedule_value(lam_init, state.count), jnp.float32)
+    tau = lam if learning_rate is None else lam * schedule_value(learning_rate, state.count)
+    target = schedule(state.count)
+    shrunk = [soft_threshold(z, tau.astype(z.dtype)) for z in moved]
+    keep = _keep_within_budget(shrunk, where_costs, target)
+    descent = [jnp.where(k, z, jnp.zeros_like(z)) for k, z in zip(keep, shrunk)]
     held = [jnp.where(p != 0, z, jnp.zeros_like(z)) for p, z in zip(old, moved)]
-    phase = jnp.where(count < hold_from, 0, jnp.where(count == hold_from, 1, 2))
-    new_gates = [jax.lax.select_n(phase, d, c, h) for d, c, h in zip(descent, cut, held)]
+    new_gates = [jnp.where(count <= hold_from, d, h) for d, h in zip(descent, held)]
 
     new_updates = list(flat_updates)
     for i, p, gate in zip(where, old, new_gates):
       new_updates[i] = leaves.rewrap(flat_updates[i], (gate - p).astype(leaves.value(flat_updates[i]).dtype))
-    fraction = _active_fraction(new_gates, [costs[i] for i in where])
-    target = schedule(state.count)
-    log_lam = jnp.log(state.lam) + jnp.where(count < hold_from, gain * (fraction - target), 0.0)
-    log_lam = jnp.clip(log_lam, jnp.log(lam_init) + log_lo, jnp.log(lam_init) + log_hi)
-    new_state = SoraBudgetState(optax.safe_increment(state.count), jnp.exp(log_lam).astype(jnp.float32),
-                                fraction, target)
+    fraction = _active_fraction(new_gates, where_costs)
+    new_state = SoraBudgetState(optax.safe_increment(state.count), lam, fraction, target)
     return treedef.unflatten(new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -105,7 +105,7 @@ def test_linen_run_lands_on_its_budget_and_the_state_reports_it(target):
   budget = target * report.max_params
   rank_cost = max(16 + 32, 32 + 24)
   assert budget - rank_cost <= report.retained_params <= budget  # within one rank, never above
-  assert report.retained_params > 0 and len(set(lams)) > 3  # the controller moved lambda
+  assert report.retained_params > 0 and set(lams) == {0.5}  # lambda is the L1 strength, held
   measured = float(optax.tree_utils.tree_get(opt_state, "active_fraction"))
   np.testing.assert_allclose(measured, report.fraction, rtol=1e-6)
   np.testing.assert_allclose(float(retained_fraction(trainable)), report.fraction, rtol=1e-6)
@@ -170,7 +170,9 @@ def test_trainer_budget_mode_meets_the_budget_and_logs_lambda(tiny, tmp_path):
   trace = results["sparsity_trace"]
   assert len(trace) == 30 and trace[0]["target_fraction"] == 1.0 and trace[-1]["target_fraction"] == pytest.approx(
       budget["target_params"] / results["max_params"])
-  assert len({round(t["lambda"], 6) for t in trace}) > 3
+  rank_cost = (32 + 48) / results["max_params"]  # the largest rank of the tiny BERT
+  assert all(0 < t["active_fraction"] <= t["target_fraction"] + 1e-6 for t in trace)  # never all off, never above
+  assert all(t["active_fraction"] >= t["target_fraction"] - rank_cost for t in trace)  # within one rank
   logged = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
   assert {"train/lambda", "train/active_fraction"} <= set(logged[0])
 
@@ -178,14 +180,14 @@ def test_trainer_budget_mode_meets_the_budget_and_logs_lambda(tiny, tmp_path):
 @pytest.mark.slow
 def test_trainer_cuts_smallest_gates_when_the_run_ends_above_budget(tiny, tmp_path):
   from train.loop import run
-  # The cut at budget_reach never comes (reach = the last step) and lambda is too small to switch anything off.
+  # The schedule starts to fall at step 27 and reaches the budget only at the end (reach = 1): the last step's
+  # params are a little above it, and the end-of-run cut takes them down.
   results = run(load_config(None, _trainer_args(tiny, tmp_path, "adapter.target_params=2000", "sparse_lambda=1e-9",
-                                                "adapter.budget_reach=1.0", "adapter.budget_gain=1e-6")))
+                                                "adapter.budget_start=0.9", "adapter.budget_reach=1.0")))
   budget = results["budget"]
-  assert budget["retained_before_cut"] == results["max_params"] and budget["cut_ranks"] > 0
-  assert results["max_params"] - budget["cut_ranks"] * 96 <= 2000  # each cut rank is worth at most 32 + 64
+  assert budget["retained_before_cut"] > 2000 and budget["cut_ranks"] > 0
+  assert budget["retained_before_cut"] - budget["cut_ranks"] * 96 <= 2000  # each cut rank is worth at most 32 + 64
   assert 2000 - 96 < results["retained_params"] <= 2000 and budget["within_2_percent"]
-  assert sum(results["ranks"].values()) == 8 * 12 - budget["cut_ranks"]
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -54,7 +54,7 @@ def tiny_config(model, data_dir, output_dir, *overrides):
         f"model.name={model}", "data.task=local", f"data.data_dir={data_dir}", f"output_dir={output_dir}",
         "max_length=16", "padding=fixed", "batch_size=8", "eval_batch_size=16", "max_steps=12", "eval_every=6",
         "save_every=4", "log_every=1", "progress=false", "learning_rate=1e-2", "gate_init=normal",
-        "sparse_lambda=0.05", "lambda_scaled_by_lr=false", "gate_learning_rate=1e-2", "mesh.fsdp_min_size=0",
+        "sparse_lambda=1.0", "gate_learning_rate=0.1", "mesh.fsdp_min_size=0",
         *overrides])
 
 

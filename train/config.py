@@ -84,16 +84,19 @@ class AdapterConfig:
                                                  "kernels")
     gate_init: str = setting("ones", "initial gates: ones or normal")
     dropout: float = setting(0.0, "dropout on the adapter input", "0..1")
-    # The proximal threshold per step is tau_t = lr_t * sparse_lambda (the paper's eta_t * lambda, with lr_t the
-    # A/B learning-rate schedule) when lambda_scaled_by_lr, else the constant sparse_lambda (official code,
-    # sparse_lambda_2 = 3e-4). The default: tau peaks at 1.2e-2, about a quarter of the gates' Adam step, so gates
-    # with a consistent gradient hold up and noisy ones are cut.
-    sparse_lambda: float = setting(6.0, "L1 strength lambda of the gates' proximal step", ">=0")
-    lambda_scaled_by_lr: bool = setting(True, "threshold tau = lr_t * lambda (paper); false: tau = lambda (official)")
-    # Budget mode (sora_jax.sora_budget): lambda starts at sparse_lambda and a controller moves it so the retained
-    # adapter parameters follow a cubic schedule from all of them (at budget_start of the steps) to the budget (at
-    # budget_reach); there the largest gates that fit the budget are kept, the rest cut, and the kept ranks train on
-    # without threshold.
+    # gate_update=gradient (default): the gates take the proximal-gradient step on their raw gradient over one
+    # running RMS of all gate gradients, g <- S_{eta lam}(g - eta dL/dg / rms) with eta the gate learning-rate
+    # schedule (sora_proximal(..., optimizer=adamw)); a gate ends at zero unless |dL/dg| > lam * rms, so lambda is
+    # relative to the typical gate gradient. gate_update=adam: the gates take AdamW's normalised step, then the
+    # threshold tau_t = lr_t * lambda (lambda_scaled_by_lr) or the constant lambda (official code, sparse_lambda_2).
+    sparse_lambda: float = setting(0.5, "L1 strength lambda of the gates' proximal step", ">=0")
+    gate_update: str = setting("gradient", "gates' step: gradient (proximal gradient on the raw gradient) or adam "
+                               "(AdamW's step, official code)")
+    lambda_scaled_by_lr: bool = setting(True, "gate_update=adam: threshold tau = lr_t * lambda (paper); false: "
+                                        "tau = lambda (official)")
+    # Budget mode (sora_jax.sora_budget): every step keeps the largest gates that fit a cubic schedule of retained
+    # adapter parameters, from all of them (at budget_start of the steps) to the budget (at budget_reach), after the
+    # L1 step at sparse_lambda; then the kept ranks train on without threshold.
     target_fraction: Optional[float] = setting(None, "budget mode: retained adapter params / params at full rank "
                                                "(e.g. 0.5); None: lambda alone decides", "0..1")
     target_params: Optional[int] = setting(None, "budget mode: retained adapter params (instead of target_fraction)",
@@ -101,7 +104,6 @@ class AdapterConfig:
     budget_start: float = setting(0.1, "budget mode: fraction of the steps before the budget starts to tighten",
                                   "0..1")
     budget_reach: float = setting(0.7, "budget mode: fraction of the steps by which the budget is reached", "0..1")
-    budget_gain: float = setting(1.0, "budget mode: change of log lambda per step per unit of fraction error", ">0")
     # Regexes (full match on '/'-joined paths) of extra leaves that train with the adapters: the head.
     trainable: tuple[str, ...] = setting((r"(.*/)?classifier/.*", r"(.*/)?pooler/.*"),
                                          "regexes of extra leaves that train with the adapters (the head)")
@@ -331,6 +333,8 @@ def check(config: Any, prefix: str = "") -> None:
     _check_fields(config, prefix)
     if isinstance(config, RunConfig):
         _check_budget(config.adapter)
+        if config.adapter.gate_update not in ("gradient", "adam"):
+            raise ConfigError(f"adapter.gate_update must be gradient or adam, got {config.adapter.gate_update!r}")
 
 
 def _check_budget(adapter: "AdapterConfig") -> None:
@@ -344,8 +348,9 @@ def _check_budget(adapter: "AdapterConfig") -> None:
     if adapter.target_fraction == 0:
         raise ConfigError("adapter.target_fraction=0 keeps no adapter; give a fraction in (0, 1]")
     if adapter.sparse_lambda <= 0:
-        raise ConfigError("budget mode starts the controller at adapter.sparse_lambda and moves log(lambda): give a "
-                          f"positive sparse_lambda (e.g. 6), got {adapter.sparse_lambda}")
+        raise ConfigError("budget mode keeps the largest gates after the L1 step at adapter.sparse_lambda, and without "
+                          "it the gates that never moved outrank the ones in use: give a positive sparse_lambda "
+                          f"(e.g. 0.5), got {adapter.sparse_lambda}")
     if adapter.budget_start >= adapter.budget_reach:
         raise ConfigError(f"adapter.budget_start ({adapter.budget_start}) must be below adapter.budget_reach "
                           f"({adapter.budget_reach})")

@@ -271,28 +271,38 @@ def target_fraction(experiment: Experiment) -> Optional[float]:
 
 
 def _optimizer(config: RunConfig, trainable, hyper: Hyper) -> optax.GradientTransformation:
-    """optax.chain(clip_by_global_norm, adamw, gate step) from `hyper`'s (possibly traced) values: the gate step is
-    SoRA's proximal L1 step for "sora" (steered to a budget in budget mode), a zero update (gates fixed at their init)
-    for "lora", nothing for "full"."""
+    """The run's optimizer from `hyper`'s (possibly traced) values: clip_by_global_norm, then for "sora" SoRA's gate
+    transform around AdamW (`sora_proximal`, or `sora_budget` in budget mode; with `adapter.gate_update=gradient` the
+    gates take the proximal-gradient step on their raw gradient (over one running RMS of all gate gradients) at
+    `optim.gate_learning_rate`, with `adam` they take
+    AdamW's step scaled by gate_learning_rate / learning_rate, as the official code), AdamW with the gates fixed at
+    their init for "lora", AdamW alone for "full"."""
     from sora_jax.budget import sora_budget
     from sora_jax.optim import sora_proximal
 
-    opt, method = config.optim, config.adapter.method
+    opt, a, method = config.optim, config.adapter, config.adapter.method
     schedule = functools.partial(_lr_at, peak=hyper.learning_rate, warmup=hyper.warmup_steps,
                                  total=hyper.total_steps)
-    chain = [optax.clip_by_global_norm(opt.max_grad_norm),
-             optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                         mask=_decay_mask(trainable))]
+    gate_schedule = functools.partial(_lr_at, peak=hyper.gate_learning_rate, warmup=hyper.warmup_steps,
+                                      total=hyper.total_steps)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                        mask=_decay_mask(trainable))
+    clip = optax.clip_by_global_norm(opt.max_grad_norm)
     gates = adapters.gate_mask(trainable)
+    if method == "sora" and a.gate_update == "gradient":
+        if budget_mode(config):
+            return optax.chain(clip, sora_budget(hyper.target_fraction, hyper.total_steps, lam_init=hyper.lam,
+                                                 learning_rate=gate_schedule, start=a.budget_start,
+                                                 reach=a.budget_reach, mask=gates, optimizer=adamw))
+        return optax.chain(clip, sora_proximal(hyper.lam, learning_rate=gate_schedule, mask=gates, optimizer=adamw))
+    chain = [clip, adamw]
     if method == "sora":
         if opt.gate_learning_rate is not None:
             chain.append(optax.masked(optax.scale(hyper.gate_learning_rate / hyper.learning_rate), gates))
-        scaled = schedule if config.adapter.lambda_scaled_by_lr else None
+        scaled = schedule if a.lambda_scaled_by_lr else None
         if budget_mode(config):
-            a = config.adapter
             chain.append(sora_budget(hyper.target_fraction, hyper.total_steps, lam_init=hyper.lam,
-                                     learning_rate=scaled, gain=a.budget_gain, start=a.budget_start,
-                                     reach=a.budget_reach, mask=gates))
+                                     learning_rate=scaled, start=a.budget_start, reach=a.budget_reach, mask=gates))
         else:
             chain.append(sora_proximal(hyper.lam, learning_rate=scaled, mask=gates))
     elif method == "lora":

@@ -73,10 +73,10 @@ DEFAULT_OUTPUT_DIR = "runs/sparsify"
 # fit in minutes on two CPU cores. gate_init "normal" is the official code's init: gates of spread magnitude reach zero
 # one by one under a growing threshold, where gates that all start at one would fall together. Trainer evaluation only
 # at a stage's end (the stage evaluation follows it). A YAML file or key=value overrides any of these.
-# Stage lambdas are the official per-step threshold (unscaled, gates stepping at the A/B learning rate), so the
-# staged run does not inherit the single-run default of a learning-rate-scaled threshold.
+# Stage lambdas are the official per-step threshold (unscaled, gates taking AdamW's step at the A/B learning rate),
+# so the staged run does not inherit the single-run default (the gates' proximal-gradient step).
 RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR, "adapter.gate_init": "normal", "adapter.lambda_scaled_by_lr": False,
-                "optim.gate_learning_rate": None, "train.max_steps": 60, "train.eval_every": 10**9,
+                "adapter.gate_update": "adam", "optim.gate_learning_rate": None, "train.max_steps": 60, "train.eval_every": 10**9,
                 "data.max_eval_examples": 500}
 
 
@@ -102,6 +102,9 @@ def check(config: RunConfig, sparsify: SparsifyConfig) -> None:
                          "target_params) is for python -m train.glue: drop it here")
     if sparsify.stage_schedule not in STAGE_SCHEDULES:
         raise ValueError(f"stage_schedule must be one of {STAGE_SCHEDULES}, got {sparsify.stage_schedule!r}")
+    if sparsify.stage_schedule == "official" and config.adapter.gate_update != "adam":
+        raise ValueError("stage_schedule=official replays the official optimizer, whose gates take AdamW's step: set "
+                         "adapter.gate_update=adam")
     if sparsify.stage_schedule == "official" and config.adapter.lambda_scaled_by_lr:
         raise ValueError("stage_schedule=official runs later stages at a learning rate of zero, where a threshold "
                          "scaled by the learning rate is zero: set adapter.lambda_scaled_by_lr=false")

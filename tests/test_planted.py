@@ -1,0 +1,86 @@
+"""Rank learning against planted ranks (train/planted.py): the teacher is the base plus known low-rank changes in some
+modules only, so the right allocation is known. Linen through `sora_jax.init`/`factored`, NNX through `SoraProvider`."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+import sora_jax
+from train import planted
+
+STEPS = planted.STEPS
+
+
+def _unplanted(plant):
+  return [i for i, k in enumerate(plant.ranks) if k == 0]
+
+
+@pytest.mark.parametrize("plant_name", ["two_of_six", "mixed"])
+def test_budget_of_lora_r2_beats_lora_r2_and_gives_no_rank_to_unplanted_modules(plant_name):
+  plant = planted.PLANTS[plant_name]
+  problem = planted.planted_problem(plant, seed=0)
+  lora = planted.run_linen(problem, planted.optimizer("lora", STEPS), STEPS, rank=2)
+  sora = planted.run_linen(problem, planted.optimizer("gradient", STEPS, target=2 / planted.RANK_MAX), STEPS)
+  assert sora.retained_params <= lora.retained_params
+  assert sora.loss <= 0.5 * lora.loss, (sora, lora)
+  assert all(sora.ranks[i] == 0 for i in _unplanted(plant)), sora.ranks
+
+
+@pytest.mark.parametrize("plant_name", ["two_of_six", "mixed"])
+def test_some_lambda_isolates_the_planted_modules(plant_name):
+  """The recipe at lambda 0.3 zeroes every unplanted module and keeps each planted one at or above its rank."""
+  plant = planted.PLANTS[plant_name]
+  problem = planted.planted_problem(plant, seed=0)
+  out = planted.run_linen(problem, planted.optimizer("gradient", STEPS, lam=0.3), STEPS)
+  assert all(rank == 0 for rank, k in zip(out.ranks, plant.ranks) if k == 0), out.ranks
+  assert all(rank >= k for rank, k in zip(out.ranks, plant.ranks) if k > 0), out.ranks
+
+
+def test_nnx_provider_recipe_isolates_the_planted_modules():
+  plant = planted.PLANTS["two_of_six"]
+  problem = planted.planted_problem(plant, seed=1)
+  tx = sora_jax.sora_proximal(0.3, learning_rate=planted.GATE_LR, optimizer=optax.adamw(planted.LR))
+  out = planted.run_nnx(problem, tx, STEPS)
+  assert out.ranks[:4] == (0, 0, 0, 0) and min(out.ranks[4:]) >= 6, out.ranks
+
+
+@pytest.mark.parametrize("target", [0.125, 0.5])
+def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target):
+  """100 steps: never every gate at zero, the retained fraction at most the schedule and within one rank of it at
+  every step, and on the budget at the end."""
+  problem = planted.planted_problem(planted.PLANTS["mixed"], seed=2)
+  steps, width, total = 100, planted.WIDTH, planted.RANK_MAX * len(planted.MODULES)
+  tx = sora_jax.sora_budget(target, steps, lam_init=0.3, learning_rate=planted.GATE_LR,
+                            optimizer=optax.adamw(planted.LR))
+  config = sora_jax.SoraConfig(rank=planted.RANK_MAX, alpha=float(planted.RANK_MAX), targets=(r"m\d/kernel",))
+  trainable, frozen = sora_jax.split(sora_jax.init(jax.random.key(0), problem.base, config))
+  schedule = sora_jax.budget_schedule(target, steps)
+  state = tx.init(trainable)
+
+  @jax.jit
+  def step(t, state):
+    def loss_fn(t):
+      with sora_jax.factored(config):
+        return planted._loss(planted.Modules().apply({"params": sora_jax.combine(t, frozen)}, problem.xs), problem.ys)
+    updates, state = tx.update(jax.grad(loss_fn)(t), state, t)
+    return optax.apply_updates(t, updates), state
+
+  for count in range(steps):
+    trainable, state = step(trainable, state)
+    active = sum(int(np.sum(np.asarray(trainable[m]["sora_gate"]) != 0)) for m in planted.MODULES)
+    scheduled = float(schedule(count)) * total
+    # sora_budget rounds the budget to whole parameters (+ 0.5 of the 32 of a rank).
+    assert 0 < active and scheduled - 1 <= active <= scheduled + 0.5 / (2 * width), (count, active, scheduled)
+  report = sora_jax.rank_report(sora_jax.combine(trainable, frozen), config)
+  assert target * report.max_params - 2 * width <= report.retained_params <= target * report.max_params
+
+
+def test_bad_hyperparameters_raise_one_clear_error():
+  for kwargs in ({"lam": -1.0}, {"lam": float("nan")}, {"lam": 0.1, "learning_rate": float("inf")},
+                 {"lam": 0.1, "learning_rate": -1e-3}):
+    with pytest.raises(ValueError, match="finite number >= 0"):
+      sora_jax.sora_proximal(**kwargs)
+  with pytest.raises(ValueError, match="finite number >= 0"):
+    sora_jax.sora_budget(0.5, 10, lam_init=-1.0)
+  with pytest.raises(ValueError, match="needs learning_rate"):
+    sora_jax.sora_proximal(0.1, optimizer=optax.adamw(1e-3))

@@ -27,7 +27,10 @@ import os
 import re
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+  from train import aot
 
 MAX_DEVICES = 2048  # the CPU backend's device ids must stay below this
 

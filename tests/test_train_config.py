@@ -114,7 +114,6 @@ def test_full_fine_tuning_at_an_adapter_learning_rate_warns(capsys, monkeypatch)
 
 def test_full_fine_tuning_moves_the_head_at_its_own_rate():
     import jax.numpy as jnp
-    import optax
     from train.loop import make_optimizer
 
     config = load_config(None, ["adapter.method=full", "optim.weight_decay=0", "optim.warmup_ratio=0"])

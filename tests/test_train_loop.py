@@ -1,6 +1,5 @@
 """The trainer end to end on a tiny random BERT and tiny jsonl files: results, pruned+merged equality, LoRA,
 kill-and-resume, and an 8-device mesh (data 4 x fsdp 2, and 8 x 1) against one device."""
-import dataclasses
 import importlib.resources
 import json
 import os

@@ -190,7 +190,7 @@ def trained():
 
 def _check_trained(model, before, losses):
   after = flat_arrays(model)
-  frozen = [k for k in before if not k.rsplit("/", 1)[-1].split("_lora_")[-1] in ("a", "b", "gate")]
+  frozen = [k for k in before if k.rsplit("/", 1)[-1].split("_lora_")[-1] not in ("a", "b", "gate")]
   assert frozen and all(np.array_equal(before[k], after[k]) for k in frozen)  # bitwise
   gates = np.concatenate([after[k].ravel() for k in after if k.endswith("_lora_gate")])
   assert (gates == 0.0).sum() >= 1, gates

@@ -27,6 +27,7 @@ case about 10.6 GB, so a group of five does not fit in 24 GB.
   python -m bench.compare --floor                           # with the floors (about 2 minutes more)
   python -m bench.compare --tiny                            # a 2-layer toy shape: checks that it all runs
 """
+
 import argparse
 import os
 import statistics
@@ -40,26 +41,30 @@ MODELS = ("bert", "deberta")
 _MODEL_NAMES = {"bert": "BERT-base", "deberta": "DeBERTa-v3-base"}
 # (row label, ours method, torch method, torch label)
 TRAIN_ROWS = (
-    ("SoRA", "sora", "sora", "SoRA (our torch port)"),
-    ("SoRA vs LoRA", "sora", "lora", "PEFT LoRA"),
-    ("LoRA", "lora", "lora", "PEFT LoRA"),
-    ("SoRA vs AdaLoRA", "sora", "adalora", "PEFT AdaLoRA"),
-    ("full FT", "full", "full", "transformers"),
-    ("floor", "floor", "floor", "transformers, frozen"),
+  ("SoRA", "sora", "sora", "SoRA (our torch port)"),
+  ("SoRA vs LoRA", "sora", "lora", "PEFT LoRA"),
+  ("LoRA", "lora", "lora", "PEFT LoRA"),
+  ("SoRA vs AdaLoRA", "sora", "adalora", "PEFT AdaLoRA"),
+  ("full FT", "full", "full", "transformers"),
+  ("floor", "floor", "floor", "transformers, frozen"),
 )
 JAX_METHODS = ("sora", "lora", "full", "floor")
 TORCH_METHODS = ("lora", "adalora", "sora", "full", "floor")
 # The cases timed together, round by round, per layout: {group: ({framework: methods}, kind of rounds)}.
 LAYOUTS = {
-    "groups": {"adapters": ({"jax": ("sora", "lora"), "torch": ("lora", "adalora", "sora")}, "adapters"),
-               "full": ({"jax": ("full", "floor"), "torch": ("full", "floor")}, "full")},
-    "pairs": {"sora/peft-lora": ({"jax": ("sora",), "torch": ("lora",)}, "adapters"),
-              "sora/lora": ({"jax": ("sora", "lora")}, "adapters"),
-              "lora/peft-lora": ({"jax": ("lora",), "torch": ("lora",)}, "adapters"),
-              "sora/adalora": ({"jax": ("sora",), "torch": ("adalora",)}, "adapters"),
-              "sora/port": ({"jax": ("sora",), "torch": ("sora",)}, "adapters"),
-              "full": ({"jax": ("full",), "torch": ("full",)}, "full"),
-              "floor": ({"jax": ("floor",), "torch": ("floor",)}, "full")},
+  "groups": {
+    "adapters": ({"jax": ("sora", "lora"), "torch": ("lora", "adalora", "sora")}, "adapters"),
+    "full": ({"jax": ("full", "floor"), "torch": ("full", "floor")}, "full"),
+  },
+  "pairs": {
+    "sora/peft-lora": ({"jax": ("sora",), "torch": ("lora",)}, "adapters"),
+    "sora/lora": ({"jax": ("sora", "lora")}, "adapters"),
+    "lora/peft-lora": ({"jax": ("lora",), "torch": ("lora",)}, "adapters"),
+    "sora/adalora": ({"jax": ("sora",), "torch": ("adalora",)}, "adapters"),
+    "sora/port": ({"jax": ("sora",), "torch": ("sora",)}, "adapters"),
+    "full": ({"jax": ("full",), "torch": ("full",)}, "full"),
+    "floor": ({"jax": ("floor",), "torch": ("floor",)}, "full"),
+  },
 }
 _MODULES = {"jax": "bench.jax_cases", "torch": "bench.torch_cases"}
 
@@ -69,13 +74,21 @@ def parse_args(argv=None):
   parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of bert,deberta")
   parser.add_argument("--batch", default="8", help="comma-separated batch sizes (8,32: the full matrix)")
   parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=0,
-                      help="timed rounds of the adapter group (default: 4 at batch <= 8, 2 above; the full FT and "
-                           "floor group takes half as many, at least 2)")
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=0,
+    help="timed rounds of the adapter group (default: 4 at batch <= 8, 2 above; the full FT and "
+    "floor group takes half as many, at least 2)",
+  )
   parser.add_argument("--quick", action="store_true", help="fewer rounds (2 train, 2 inference)")
-  parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS),
-                      help="which cases are alive and timed together: whole groups, or one pair per ratio "
-                           "(default auto: groups at batch <= 8, pairs above, for memory)")
+  parser.add_argument(
+    "--layout",
+    default="auto",
+    choices=("auto", *LAYOUTS),
+    help="which cases are alive and timed together: whole groups, or one pair per ratio "
+    "(default auto: groups at batch <= 8, pairs above, for memory)",
+  )
   parser.add_argument("--tiny", action="store_true", help="2-layer 64-wide models, seq 16 (smoke test)")
   parser.add_argument("--jax-methods", default="sora,lora,full", help=f"subset of {JAX_METHODS}")
   parser.add_argument("--torch-methods", default="lora,adalora,sora,full", help=f"subset of {TORCH_METHODS}")
@@ -83,9 +96,12 @@ def parse_args(argv=None):
   parser.add_argument("--no-torch", action="store_true", help="only our side")
   parser.add_argument("--no-inference", action="store_true")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores of this process)")
-  parser.add_argument("--malloc", default="retain", choices=sorted(measure.MALLOC_MODES),
-                      help="glibc malloc settings of every case, both frameworks alike (bench/measure.py, "
-                           "MALLOC_MODES; default: retain)")
+  parser.add_argument(
+    "--malloc",
+    default="retain",
+    choices=sorted(measure.MALLOC_MODES),
+    help="glibc malloc settings of every case, both frameworks alike (bench/measure.py, MALLOC_MODES; default: retain)",
+  )
   return parser.parse_args(argv)
 
 
@@ -110,8 +126,11 @@ def _groups_to_run(layout: str, methods: dict[str, list[str]]) -> dict[str, tupl
     cases = tuple((fw, m) for fw, wanted in members.items() for m in wanted if m in methods[fw])
     if cases and cases not in (c for c, _ in candidates.values()):  # the first of equal groups is kept
       candidates[name] = (cases, kind)
-  return {name: (cases, kind) for name, (cases, kind) in candidates.items()
-          if not any(set(cases) < set(other) for other, _ in candidates.values())}
+  return {
+    name: (cases, kind)
+    for name, (cases, kind) in candidates.items()
+    if not any(set(cases) < set(other) for other, _ in candidates.values())
+  }
 
 
 def _side_by_side(cases: dict, a: tuple[str, str], b: tuple[str, str]) -> tuple[dict | None, dict | None, bool]:
@@ -183,12 +202,16 @@ def main(argv=None) -> str:
   if set(models) - set(MODELS):
     raise SystemExit(f"unknown models {sorted(set(models) - set(MODELS))}; choose from {MODELS}")
   batches = [int(b) for b in args.batch.split(",") if b]
-  methods = {"jax": [m for m in args.jax_methods.split(",") if m] + (["floor"] if args.floor else []),
-             "torch": [] if args.no_torch else [m for m in args.torch_methods.split(",") if m] + (
-                 ["floor"] if args.floor else [])}
+  methods = {
+    "jax": [m for m in args.jax_methods.split(",") if m] + (["floor"] if args.floor else []),
+    "torch": []
+    if args.no_torch
+    else [m for m in args.torch_methods.split(",") if m] + (["floor"] if args.floor else []),
+  }
   if set(methods["jax"]) - set(JAX_METHODS) or set(methods["torch"]) - set(TORCH_METHODS):
-    raise SystemExit(f"unknown methods; choose from {JAX_METHODS} (--jax-methods) and {TORCH_METHODS} "
-                     "(--torch-methods)")
+    raise SystemExit(
+      f"unknown methods; choose from {JAX_METHODS} (--jax-methods) and {TORCH_METHODS} (--torch-methods)"
+    )
   shape, seq = (TINY_SHAPE, 16) if args.tiny else ({}, args.seq)
   label_of = lambda model: f"{_MODEL_NAMES[model]} shape, 2 layers x 64 (--tiny)" if args.tiny else _MODEL_NAMES[model]
   threads = args.threads or measure.cpu_count()
@@ -207,14 +230,25 @@ def main(argv=None) -> str:
         base = {"model": model, "batch": batch, "seq": seq, "shape": shape, "warmup": 1, "threads": threads}
         for group_name, (members, kind) in _groups_to_run(_layout(batch, args), methods).items():
           keys = {f"{fw} {m} {model} b{batch}": (fw, m) for fw, m in members}
-          named = run_group({name: (_MODULES[fw], dict(base, kind="train", method=m)) for name, (fw, m) in keys.items()},
-                            rounds=rounds[kind], malloc=args.malloc, errors=errors)
+          named = run_group(
+            {name: (_MODULES[fw], dict(base, kind="train", method=m)) for name, (fw, m) in keys.items()},
+            rounds=rounds[kind],
+            malloc=args.malloc,
+            errors=errors,
+          )
           _store(results.setdefault((model, batch), {}), group_name, keys, named)
         if not args.no_inference:
-          keys = {f"{fw} inference {model} b{batch}": (fw, "inference")
-                  for fw in ("jax", "torch") if fw == "jax" or not args.no_torch}
-          named = run_group({name: (_MODULES[fw], dict(base, kind="inference")) for name, (fw, _) in keys.items()},
-                            rounds=rounds["inference"], malloc=args.malloc, errors=errors)
+          keys = {
+            f"{fw} inference {model} b{batch}": (fw, "inference")
+            for fw in ("jax", "torch")
+            if fw == "jax" or not args.no_torch
+          }
+          named = run_group(
+            {name: (_MODULES[fw], dict(base, kind="inference")) for name, (fw, _) in keys.items()},
+            rounds=rounds["inference"],
+            malloc=args.malloc,
+            errors=errors,
+          )
           _store(results.setdefault((model, batch), {}), "inference", keys, named)
   finally:
     if cache is not None:
@@ -238,64 +272,126 @@ def report(results, models, batches, args, label_of, seq, threads, errors) -> st
         if o is None and t is None:
           continue
         ms = lambda r: "error" if r and "error" in r else _fmt_ms(_median(r)) if _median(r) else "-"
-        rows.append([label_of(model), batch, label, f"ours {ours}", ms(o), theirs_label, ms(t),
-                     _ratio(_median(o), _median(t)), _spread(o, t) if together else "-",
-                     f"{_mib(o):.0f}" if _mib(o) else "-", f"{_mib(t):.0f}" if _mib(t) else "-",
-                     _ratio(_mib(o), _mib(t))])
+        rows.append(
+          [
+            label_of(model),
+            batch,
+            label,
+            f"ours {ours}",
+            ms(o),
+            theirs_label,
+            ms(t),
+            _ratio(_median(o), _median(t)),
+            _spread(o, t) if together else "-",
+            f"{_mib(o):.0f}" if _mib(o) else "-",
+            f"{_mib(t):.0f}" if _mib(t) else "-",
+            _ratio(_mib(o), _mib(t)),
+          ]
+        )
       where = f"{label_of(model)} b{batch}"
-      for (a, b, name, target) in ((("jax", "sora"), ("torch", "lora"), "our SoRA / PEFT LoRA", 0.75),
-                                   (("jax", "sora"), ("jax", "lora"), "our SoRA / our LoRA", 1.05)):
+      for a, b, name, target in (
+        (("jax", "sora"), ("torch", "lora"), "our SoRA / PEFT LoRA", 0.75),
+        (("jax", "sora"), ("jax", "lora"), "our SoRA / our LoRA", 1.05),
+      ):
         ra, rb, together = pair(a, b)
         if _median(ra) and _median(rb):
           ratio = _median(ra) / _median(rb)
           rounds_note = f"per round {_spread(ra, rb)}" if together else "timed in different rounds"
-          checks.append(f"{where}: {name} = {ratio:.2f}, {rounds_note} (target <= {target}: "
-                        f"{'met' if ratio <= target else 'missed'})")
+          checks.append(
+            f"{where}: {name} = {ratio:.2f}, {rounds_note} (target <= {target}: "
+            f"{'met' if ratio <= target else 'missed'})"
+          )
       ours_floor, torch_floor, _ = pair(("jax", "floor"), ("torch", "floor"))
       ours_floor, torch_floor = _median(ours_floor), _median(torch_floor)
       if ours_floor and torch_floor:
         sora, peft_lora = _median(_first(cases, ("jax", "sora"))), _median(_first(cases, ("torch", "lora")))
-        checks.append(f"{where}: our floor / torch floor = {ours_floor / torch_floor:.2f}; our SoRA / our floor = "
-                      f"{_ratio(sora, ours_floor)}, PEFT LoRA / torch floor = {_ratio(peft_lora, torch_floor)} "
-                      "(separate rounds from the adapter rows)")
+        checks.append(
+          f"{where}: our floor / torch floor = {ours_floor / torch_floor:.2f}; our SoRA / our floor = "
+          f"{_ratio(sora, ours_floor)}, PEFT LoRA / torch floor = {_ratio(peft_lora, torch_floor)} "
+          "(separate rounds from the adapter rows)"
+        )
       o, t, _ = pair(("jax", "inference"), ("torch", "inference"))
       if (o and "error" not in o) or (t and "error" not in t):
         cell = lambda r, k: _fmt_ms(_median(r, k)) if _median(r, k) else "-"
-        inf_rows.append([label_of(model), batch, cell(o, "base"), cell(o, "sora_merged"),
-                         _ratio(_median(o, "sora_merged"), _median(o, "base")), cell(o, "sora_factored"),
-                         _ratio(_median(o, "sora_factored"), _median(o, "base")), cell(t, "base"), cell(t, "lora_merged"),
-                         cell(t, "lora_unmerged"), _ratio(_median(o, "base"), _median(t, "base")),
-                         _ratio(_median(o, "sora_merged"), _median(t, "lora_merged")),
-                         _ratio(_median(o, "sora_factored"), _median(t, "lora_unmerged"))])
+        inf_rows.append(
+          [
+            label_of(model),
+            batch,
+            cell(o, "base"),
+            cell(o, "sora_merged"),
+            _ratio(_median(o, "sora_merged"), _median(o, "base")),
+            cell(o, "sora_factored"),
+            _ratio(_median(o, "sora_factored"), _median(o, "base")),
+            cell(t, "base"),
+            cell(t, "lora_merged"),
+            cell(t, "lora_unmerged"),
+            _ratio(_median(o, "base"), _median(t, "base")),
+            _ratio(_median(o, "sora_merged"), _median(t, "lora_merged")),
+            _ratio(_median(o, "sora_factored"), _median(t, "lora_unmerged")),
+          ]
+        )
         if _median(o, "sora_merged") and _median(o, "base"):
           ratio = _median(o, "sora_merged") / _median(o, "base")
-          checks.append(f"{where}: our merged / base inference = {ratio:.3f}, per round "
-                        f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
-                        f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})")
+          checks.append(
+            f"{where}: our merged / base inference = {ratio:.3f}, per round "
+            f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
+            f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})"
+          )
 
-  rounds = ", ".join(f"batch {b} ({_layout(b, args)}): " + ", ".join(f"{n} {k}" for k, n in _rounds(b, args).items())
-                     for b in batches)
+  rounds = ", ".join(
+    f"batch {b} ({_layout(b, args)}): " + ", ".join(f"{n} {k}" for k, n in _rounds(b, args).items()) for b in batches
+  )
   model_desc = "2-layer 64-wide toy shapes (--tiny)" if args.tiny else "random weights"
   lines = [
-      f"Train step, seq {seq}, rank 8 on six dense layers per block, {model_desc}; one process per case, the cases "
-      f"of a group timed in turn, one step each per round, after 2 untimed steps; rounds per group: {rounds}; ms = median over rounds, "
-      f"'per round' = range of ours/theirs within the rounds; {measure.cpu_count()} CPU cores, torch threads "
-      f"{threads}, XLA: its default CPU thread pool (all cores); every case: "
-      f"{measure.malloc_setting(measure.case_env(malloc=args.malloc))}; layout 'groups': the adapter cases alive and "
-      f"timed together, 'pairs': the two cases of each ratio",
-      "",
-      measure.format_table(["model", "batch", "row", "ours", "ours ms", "theirs", "theirs ms", "time ours/theirs",
-                            "per round", "ours MiB", "theirs MiB", "mem ours/theirs"], rows),
+    f"Train step, seq {seq}, rank 8 on six dense layers per block, {model_desc}; one process per case, the cases "
+    f"of a group timed in turn, one step each per round, after 2 untimed steps; rounds per group: {rounds}; ms = median over rounds, "
+    f"'per round' = range of ours/theirs within the rounds; {measure.cpu_count()} CPU cores, torch threads "
+    f"{threads}, XLA: its default CPU thread pool (all cores); every case: "
+    f"{measure.malloc_setting(measure.case_env(malloc=args.malloc))}; layout 'groups': the adapter cases alive and "
+    f"timed together, 'pairs': the two cases of each ratio",
+    "",
+    measure.format_table(
+      [
+        "model",
+        "batch",
+        "row",
+        "ours",
+        "ours ms",
+        "theirs",
+        "theirs ms",
+        "time ours/theirs",
+        "per round",
+        "ours MiB",
+        "theirs MiB",
+        "mem ours/theirs",
+      ],
+      rows,
+    ),
   ]
   if inf_rows:
     lines += [
-        "",
-        "Inference (forward only, ms per batch; each framework's variants timed in turn in one process, the two "
-        "processes in turn)",
-        "",
-        measure.format_table(["model", "batch", "ours base", "ours merged", "merged/base", "ours factored",
-                              "factored/base", "torch base", "PEFT merged", "PEFT unmerged", "base ours/torch",
-                              "merged ours/torch", "unmerged ours/torch"], inf_rows),
+      "",
+      "Inference (forward only, ms per batch; each framework's variants timed in turn in one process, the two "
+      "processes in turn)",
+      "",
+      measure.format_table(
+        [
+          "model",
+          "batch",
+          "ours base",
+          "ours merged",
+          "merged/base",
+          "ours factored",
+          "factored/base",
+          "torch base",
+          "PEFT merged",
+          "PEFT unmerged",
+          "base ours/torch",
+          "merged ours/torch",
+          "unmerged ours/torch",
+        ],
+        inf_rows,
+      ),
     ]
   lines += ["", *checks]
   if errors:

@@ -13,6 +13,7 @@ Methods of a train step (all jitted, the trainable state donated to the step):
   full   every parameter trained with AdamW (no adapters)
   floor  forward plus backward to the embedding output only: every parameter a constant, no optimizer
 """
+
 import functools
 import json
 import sys
@@ -30,6 +31,7 @@ HEAD = (r"classifier/.*",)  # trained with the adapters, as PEFT's SEQ_CLS task 
 
 def family(model_name: str):
   from sora_jax.models import bert, deberta_v2
+
   return {"bert": bert, "deberta": deberta_v2}[model_name]
 
 
@@ -62,11 +64,13 @@ def random_params(shapes, seed: int = 0):
 
 def sora_config(model_name: str):
   import sora_jax
+
   return sora_jax.SoraConfig(rank=RANK, alpha=ALPHA, targets=family(model_name).TARGETS)
 
 
 def _loss(logits, labels):
   import optax
+
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -102,8 +106,9 @@ def train_step(model_name: str, method: str, module, params, inputs, labels):
       tx = optax.adamw(LEARNING_RATE)
     elif method in ("sora", "merge"):
       not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
-      tx = optax.chain(optax.adamw(LEARNING_RATE, mask=not_gate),
-                       sora_jax.sora_proximal(SORA_LAMBDA, learning_rate=LEARNING_RATE))
+      tx = optax.chain(
+        optax.adamw(LEARNING_RATE, mask=not_gate), sora_jax.sora_proximal(SORA_LAMBDA, learning_rate=LEARNING_RATE)
+      )
     else:
       raise ValueError(f"unknown method {method!r}")
     if method == "merge":
@@ -149,8 +154,9 @@ def floor_step(module, params, inputs, labels):
       logits = module.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"])
     return _loss(logits, labels)
 
-  hidden = jax.eval_shape(lambda p: module.apply({"params": p}, inputs["input_ids"], inputs["attention_mask"],
-                                                 method="encode"), params)
+  hidden = jax.eval_shape(
+    lambda p: module.apply({"params": p}, inputs["input_ids"], inputs["attention_mask"], method="encode"), params
+  )
   delta = jnp.zeros(hidden.shape, hidden.dtype)
   grad = jax.jit(jax.grad(perturbed_loss))
   compiled = grad.lower(delta, params).compile()
@@ -165,11 +171,13 @@ def floor_step(module, params, inputs, labels):
 def inference_calls(model_name: str, module, params, inputs) -> dict:
   """Forward-only callables: base model, SoRA merged into the kernels (same function as base), factored adapters."""
   import sora_jax
+
   config = sora_config(model_name)
   adapted = sora_jax.init(jax.random.key(1), params, config)
   # Non-zero B so that merged and factored really compute something different from the base model.
   adapted = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.full_like(x, 0.01) if path[-1].key == "sora_b" else x, adapted)
+    lambda path, x: jnp.full_like(x, 0.01) if path[-1].key == "sora_b" else x, adapted
+  )
   merged = jax.jit(sora_jax.merge, static_argnums=1)(adapted, config)
 
   @jax.jit
@@ -184,9 +192,9 @@ def inference_calls(model_name: str, module, params, inputs) -> dict:
   # Merged parameters have the base tree's structure and shapes: one executable serves both.
   plain, factored = plain.lower(params).compile(), factored.lower(adapted).compile()
   return {
-      "base": lambda: jax.block_until_ready(plain(params)),
-      "sora_merged": lambda: jax.block_until_ready(plain(merged)),
-      "sora_factored": lambda: jax.block_until_ready(factored(adapted)),
+    "base": lambda: jax.block_until_ready(plain(params)),
+    "sora_merged": lambda: jax.block_until_ready(plain(merged)),
+    "sora_factored": lambda: jax.block_until_ready(factored(adapted)),
   }
 
 
@@ -197,6 +205,7 @@ def _setup(spec: dict):
   import optax  # noqa: F401
   import transformers  # noqa: F401  (the configs)
   import sora_jax  # noqa: F401
+
   jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))  # the runtime and its thread pools exist now
   baseline = measure.rss_mib()
   config = hf_config(spec["model"], **spec.get("shape", {}))
@@ -214,8 +223,7 @@ def main(spec: dict) -> dict:
     result["trainable"] = trainable
   elif spec["kind"] == "train_interleaved":
     # Every method's step in this one process, timed in turn each round: ratios that survive a loaded machine.
-    steps = {method: train_step(spec["model"], method, module, params, inputs, labels)[0]
-             for method in spec["methods"]}
+    steps = {method: train_step(spec["model"], method, module, params, inputs, labels)[0] for method in spec["methods"]}
     timings = measure.time_interleaved(steps, warmup=warmup, repeats=repeats)
     result["time_s"] = {name: t.median_s for name, t in timings.items()}
   elif spec["kind"] == "cost":
@@ -224,11 +232,11 @@ def main(spec: dict) -> dict:
     for method in spec["methods"]:
       cost = train_step(spec["model"], method, module, params, inputs, labels)[0].compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      result["cost"][method] = {"gflop": cost.get("flops", 0.0) / 1e9,
-                                "gbytes": cost.get("bytes accessed", 0.0) / 1e9}
+      result["cost"][method] = {"gflop": cost.get("flops", 0.0) / 1e9, "gbytes": cost.get("bytes accessed", 0.0) / 1e9}
   elif spec["kind"] == "inference":
-    timings = measure.time_interleaved(inference_calls(spec["model"], module, params, inputs), warmup=warmup,
-                                       repeats=repeats)
+    timings = measure.time_interleaved(
+      inference_calls(spec["model"], module, params, inputs), warmup=warmup, repeats=repeats
+    )
     result["time_s"] = {name: t.median_s for name, t in timings.items()}
   else:
     raise ValueError(f"unknown kind {spec['kind']!r}")
@@ -251,8 +259,7 @@ def serve(spec: dict) -> None:
     calls, palindrome = inference_calls(spec["model"], module, params, inputs), True
   else:
     raise ValueError(f"unknown kind {spec['kind']!r} for --serve; choose train or inference")
-  measure.serve(calls, baseline_mib=baseline, warmup=spec.get("warmup", 1), palindrome=palindrome,
-                info=info)
+  measure.serve(calls, baseline_mib=baseline, warmup=spec.get("warmup", 1), palindrome=palindrome, info=info)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ quantized by qwix (`weight_qtype` int8 / nf4): Qwen3's MLP only (Tunix's Qwen3 a
   python -m bench.llm --layers 2 --seq 128 --rounds 3
   python -m bench.llm --quick             # 2 layers x 256, seq 64, batch 2, vocab 1024 (seconds per round)
 """
+
 import argparse
 import statistics
 import subprocess
@@ -43,8 +44,12 @@ def parse_args(argv=None):
   parser.add_argument("--hidden", type=int, default=1024, help="embed dim; a multiple of 128 (heads of 128)")
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--vocab", type=int, default=32768, help="Qwen3's own is 151936; smaller keeps the LM head "
-                                                                 "from dominating a CPU step")
+  parser.add_argument(
+    "--vocab",
+    type=int,
+    default=32768,
+    help="Qwen3's own is 151936; smaller keeps the LM head from dominating a CPU step",
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each case first (the first compiles)")
   parser.add_argument("--quick", action="store_true", help="2 layers x 256, seq 64, batch 2, vocab 1024")
@@ -61,9 +66,17 @@ def parse_args(argv=None):
 
 def _config(family_module, args):
   heads = args.hidden // 128
-  return family_module.ModelConfig(num_layers=args.layers, vocab_size=args.vocab, embed_dim=args.hidden,
-                                   hidden_dim=3 * args.hidden, num_heads=heads, head_dim=128,
-                                   num_kv_heads=max(1, heads // 2), rope_theta=1_000_000, norm_eps=1e-6)
+  return family_module.ModelConfig(
+    num_layers=args.layers,
+    vocab_size=args.vocab,
+    embed_dim=args.hidden,
+    hidden_dim=3 * args.hidden,
+    num_heads=heads,
+    head_dim=128,
+    num_kv_heads=max(1, heads // 2),
+    rope_theta=1_000_000,
+    norm_eps=1e-6,
+  )
 
 
 def _random_mlp(model, seed: int):
@@ -85,8 +98,12 @@ def _inputs(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
   import numpy as np
 
   tokens = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
-  return {"input_tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
-          "cache": None, "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq))}
+  return {
+    "input_tokens": jnp.asarray(tokens),
+    "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
+    "cache": None,
+    "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq)),
+  }
 
 
 def build(args) -> dict:
@@ -104,8 +121,9 @@ def build(args) -> dict:
   sample = _inputs(1, 4, args.vocab)
   sora_provider = sora_jax.SoraProvider(module_path=TARGETS, rank=RANK, alpha=ALPHA)
   sora = sora_jax.apply_sora(base, sora_provider, **sample, rngs=nnx.Rngs(2))
-  lora = qwix.apply_lora_to_model(base, qwix.LoraProvider(module_path=TARGETS, rank=RANK, alpha=ALPHA), **sample,
-                                  rngs=nnx.Rngs(2))
+  lora = qwix.apply_lora_to_model(
+    base, qwix.LoraProvider(module_path=TARGETS, rank=RANK, alpha=ALPHA), **sample, rngs=nnx.Rngs(2)
+  )
   inputs = _inputs(args.batch, args.seq, args.vocab, seed=3)
 
   def loss_fn(model, inputs):
@@ -145,15 +163,17 @@ def build(args) -> dict:
   prox_update = jax.jit(proximal.update)
 
   calls = {
-      "sora step": lambda: sora_step(inputs).block_until_ready(),
-      "lora step": lambda: lora_step(inputs).block_until_ready(),
-      "merged": lambda: merged_forward(inputs).block_until_ready(),
-      "base": lambda: base_forward(inputs).block_until_ready(),
-      "proximal": lambda: jax.block_until_ready(prox_update(adapters, prox_state, adapters)),
+    "sora step": lambda: sora_step(inputs).block_until_ready(),
+    "lora step": lambda: lora_step(inputs).block_until_ready(),
+    "merged": lambda: merged_forward(inputs).block_until_ready(),
+    "base": lambda: base_forward(inputs).block_until_ready(),
+    "proximal": lambda: jax.block_until_ready(prox_update(adapters, prox_state, adapters)),
   }
-  counts = {"adapter params (SoRA)": sum(v.size for v in jax.tree.leaves(adapters)),
-            "adapter params (LoRA)": sum(v.size for v in jax.tree.leaves(nnx.state(lora, nnx.LoRAParam))),
-            "base params": sum(v.size for v in jax.tree.leaves(nnx.state(base)))}
+  counts = {
+    "adapter params (SoRA)": sum(v.size for v in jax.tree.leaves(adapters)),
+    "adapter params (LoRA)": sum(v.size for v in jax.tree.leaves(nnx.state(lora, nnx.LoRAParam))),
+    "base params": sum(v.size for v in jax.tree.leaves(nnx.state(base))),
+  }
   return {"calls": calls, "counts": counts}
 
 
@@ -165,7 +185,7 @@ def time_rounds(calls: dict, *, rounds: int, warmup: int, settle: int = 1) -> di
       call()
   times = {name: [] for name in calls}
   for round_index in range(rounds):
-    for name in (list(calls) if round_index % 2 == 0 else list(reversed(calls))):
+    for name in list(calls) if round_index % 2 == 0 else list(reversed(calls)):
       for _ in range(settle):
         calls[name]()
       start = time.perf_counter()
@@ -177,8 +197,12 @@ def time_rounds(calls: dict, *, rounds: int, warmup: int, settle: int = 1) -> di
 def _ratio(times: dict, a: str, b: str) -> tuple[float, float, float, float]:
   """(median(a) / median(b), median, min, max of the per-round ratios)."""
   per_round = [x / y for x, y in zip(times[a], times[b])]
-  return (statistics.median(times[a]) / statistics.median(times[b]), statistics.median(per_round), min(per_round),
-          max(per_round))
+  return (
+    statistics.median(times[a]) / statistics.median(times[b]),
+    statistics.median(per_round),
+    min(per_round),
+    max(per_round),
+  )
 
 
 def base_memory(args) -> list[list[object]]:
@@ -194,15 +218,20 @@ def base_memory(args) -> list[list[object]]:
   sample = _inputs(1, 4, args.vocab)
   projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   mlp, attn = r".*/mlp/(gate_proj|up_proj|down_proj)", r".*/attn/(q_proj|k_proj|v_proj|o_proj)"
-  setups = [("qwen3", qwen3.Qwen3, qwen3, "MLP", [(mlp, True), (attn, False)]),
-            ("llama3", llama3.Llama3, llama3, "all 7", [(TARGETS, True)])]
+  setups = [
+    ("qwen3", qwen3.Qwen3, qwen3, "MLP", [(mlp, True), (attn, False)]),
+    ("llama3", llama3.Llama3, llama3, "all 7", [(TARGETS, True)]),
+  ]
   rows = []
   for name, cls, family, which, rules in setups:
     base = cls(_config(family, args), rngs=nnx.Rngs(0))
     for qtype in (None, "int8", "nf4"):
-      provider = sora_jax.SoraProvider([sora_jax.SoraRule(module_path=path, rank=RANK, alpha=ALPHA,
-                                                          weight_qtype=qtype if quantized else None)
-                                        for path, quantized in rules])
+      provider = sora_jax.SoraProvider(
+        [
+          sora_jax.SoraRule(module_path=path, rank=RANK, alpha=ALPHA, weight_qtype=qtype if quantized else None)
+          for path, quantized in rules
+        ]
+      )
       model = sora_jax.apply_sora(base, provider, **sample, rngs=nnx.Rngs(1))
       stored = packed = 0
       for path, var in nnx.to_flat_state(nnx.state(model)):
@@ -213,8 +242,7 @@ def base_memory(args) -> list[list[object]]:
         stored += value.nbytes
         bits = jnp.iinfo(value.dtype).bits if jnp.issubdtype(value.dtype, jnp.integer) else 8 * value.dtype.itemsize
         packed += value.size * bits // 8
-      rows.append([name, which if qtype else "-", qtype or "float32", f"{stored / 2**20:.1f}",
-                   f"{packed / 2**20:.1f}"])
+      rows.append([name, which if qtype else "-", qtype or "float32", f"{stored / 2**20:.1f}", f"{packed / 2**20:.1f}"])
   return rows
 
 
@@ -222,8 +250,13 @@ def main(argv=None) -> str:
   args = parse_args(argv)
   if not args.in_process:
     argv = list(sys.argv[1:] if argv is None else argv) + ["--in-process"]
-    out = subprocess.run([sys.executable, "-m", "bench.llm", *argv], env=measure.case_env(malloc=args.malloc),
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+      [sys.executable, "-m", "bench.llm", *argv],
+      env=measure.case_env(malloc=args.malloc),
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
     print(out, end="")
     return out
 
@@ -234,27 +267,42 @@ def main(argv=None) -> str:
   build_s = time.perf_counter() - start
   times = time_rounds(built["calls"], rounds=args.rounds, warmup=args.warmup)
   medians = {name: statistics.median(t) for name, t in times.items()}
-  title = (f"Tunix Qwen3 {args.layers} layers x {args.hidden} (heads {args.hidden // 128} x 128, MLP "
-           f"{3 * args.hidden}, vocab {args.vocab}), seq {args.seq}, batch {args.batch}, rank {RANK} on 7 projections "
-           f"per layer, float32; backend {jax.default_backend()} ({jax.device_count()} x "
-           f"{jax.devices()[0].device_kind}), {measure.cpu_count()} CPU cores, {measure.malloc_setting()}; "
-           f"{args.rounds} rounds, cases in turn")
-  table = measure.format_table(["case", "ms (median)", "ms per round"], [
-      [name, f"{1e3 * medians[name]:.2f}", " ".join(f"{1e3 * t:.1f}" for t in times[name])] for name in CASES])
+  title = (
+    f"Tunix Qwen3 {args.layers} layers x {args.hidden} (heads {args.hidden // 128} x 128, MLP "
+    f"{3 * args.hidden}, vocab {args.vocab}), seq {args.seq}, batch {args.batch}, rank {RANK} on 7 projections "
+    f"per layer, float32; backend {jax.default_backend()} ({jax.device_count()} x "
+    f"{jax.devices()[0].device_kind}), {measure.cpu_count()} CPU cores, {measure.malloc_setting()}; "
+    f"{args.rounds} rounds, cases in turn"
+  )
+  table = measure.format_table(
+    ["case", "ms (median)", "ms per round"],
+    [[name, f"{1e3 * medians[name]:.2f}", " ".join(f"{1e3 * t:.1f}" for t in times[name])] for name in CASES],
+  )
   rows = []
-  for label, a, b, target in (("SoRA step / LoRA step", "sora step", "lora step", "<= 1.05"),
-                              ("merged / base inference", "merged", "base", "1.00 +- 0.03"),
-                              ("proximal / SoRA step", "proximal", "sora step", "< 0.01")):
+  for label, a, b, target in (
+    ("SoRA step / LoRA step", "sora step", "lora step", "<= 1.05"),
+    ("merged / base inference", "merged", "base", "1.00 +- 0.03"),
+    ("proximal / SoRA step", "proximal", "sora step", "< 0.01"),
+  ):
     overall, median, low, high = _ratio(times, a, b)
-    rows.append([label, f"{overall:.4f}" if b == "sora step" else f"{overall:.3f}",
-                 f"{median:.3f} ({low:.3f}-{high:.3f})", target])
+    rows.append(
+      [
+        label,
+        f"{overall:.4f}" if b == "sora step" else f"{overall:.3f}",
+        f"{median:.3f} ({low:.3f}-{high:.3f})",
+        target,
+      ]
+    )
   ratios = measure.format_table(["ratio", "of medians", "per round: median (range)", "target"], rows)
   counts = ", ".join(f"{k} {v:,}" for k, v in built["counts"].items())
   text = [title, "", table, "", ratios, "", counts]
   if not args.no_memory:
-    text += ["", "Base weights of the 7 adapted projections per layer (MiB), float32 against qwix weight_qtype:", "",
-             measure.format_table(["model", "quantized", "weights", "MiB as stored", "MiB packed"],
-                                  base_memory(args))]
+    text += [
+      "",
+      "Base weights of the 7 adapted projections per layer (MiB), float32 against qwix weight_qtype:",
+      "",
+      measure.format_table(["model", "quantized", "weights", "MiB as stored", "MiB packed"], base_memory(args)),
+    ]
   text += ["", f"models built in {build_s:.0f} s; wall time of the bench {time.perf_counter() - start:.0f} s"]
   out = "\n".join(text)
   print(out)

@@ -19,6 +19,7 @@ than a couple of seconds also has to be faulted in again on the host: a JAX step
 spent 3.5 s of kernel time. `retain` keeps freed memory in the process (one arena, large blocks from the heap, no
 trimming), so a step reuses the pages of the one before.
 """
+
 import ctypes
 import gc
 import json
@@ -110,8 +111,9 @@ def time_calls(call: Callable[[], object], *, warmup: int, repeats: int) -> Timi
   return Timing(statistics.median(times), min(times), repeats)
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
-                     settle: int = 1) -> dict[str, Timing]:
+def time_interleaved(
+  calls: dict[str, Callable[[], object]], *, warmup: int, repeats: int, settle: int = 1
+) -> dict[str, Timing]:
   """Like `time_calls` for several callables, alternating between them each round so that load which comes and goes
   on a shared machine affects all of them alike (used where a ratio near 1 must be resolved, e.g. merged vs base).
 
@@ -144,15 +146,15 @@ def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int
   timing = time_calls(step, warmup=0, repeats=repeats)
   after = resource.getrusage(resource.RUSAGE_SELF)
   return {
-      "time_s": timing.median_s,
-      "min_s": timing.min_s,
-      "repeats": timing.repeats,
-      "peak_mib": peak_rss_mib() - baseline_mib,
-      "peak_after_warmup": resettable,
-      # Per timed step, averaged: page faults served without I/O, and CPU seconds in the kernel and in user space.
-      "minor_faults": (after.ru_minflt - before.ru_minflt) / repeats,
-      "system_s": (after.ru_stime - before.ru_stime) / repeats,
-      "user_s": (after.ru_utime - before.ru_utime) / repeats,
+    "time_s": timing.median_s,
+    "min_s": timing.min_s,
+    "repeats": timing.repeats,
+    "peak_mib": peak_rss_mib() - baseline_mib,
+    "peak_after_warmup": resettable,
+    # Per timed step, averaged: page faults served without I/O, and CPU seconds in the kernel and in user space.
+    "minor_faults": (after.ru_minflt - before.ru_minflt) / repeats,
+    "system_s": (after.ru_stime - before.ru_stime) / repeats,
+    "user_s": (after.ru_utime - before.ru_utime) / repeats,
   }
 
 
@@ -162,10 +164,14 @@ def measure_step(step: Callable[[], object], *, baseline_mib: float, warmup: int
 #   hugepages  huge pages only: large blocks are still mapped fresh and unmapped on free
 #   default    glibc as configured by the environment
 MALLOC_MODES = {
-    "retain": ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-               f"glibc.malloc.trim_threshold={2**40}"),
-    "hugepages": ("glibc.malloc.hugetlb=1",),
-    "default": (),
+  "retain": (
+    "glibc.malloc.hugetlb=1",
+    "glibc.malloc.arena_max=1",
+    "glibc.malloc.mmap_max=0",
+    f"glibc.malloc.trim_threshold={2**40}",
+  ),
+  "hugepages": ("glibc.malloc.hugetlb=1",),
+  "default": (),
 }
 
 
@@ -192,8 +198,9 @@ def malloc_setting(env: dict[str, str] | None = None) -> str:
   return f"GLIBC_TUNABLES={tunables}" if tunables else "glibc malloc defaults"
 
 
-def run_case(module: str, spec: dict, *, timeout: float | None = None, progress: bool = True,
-             malloc: str = "retain") -> dict:
+def run_case(
+  module: str, spec: dict, *, timeout: float | None = None, progress: bool = True, malloc: str = "retain"
+) -> dict:
   """Run `python -m <module> '<json spec>'` in a fresh process and return the JSON object it prints last.
 
   The process gets `case_env(malloc=malloc)`.
@@ -204,8 +211,14 @@ def run_case(module: str, spec: dict, *, timeout: float | None = None, progress:
   env = case_env(malloc=malloc)
   start = time.perf_counter()
   try:
-    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=_ROOT, timeout=timeout)
+    proc = subprocess.run(
+      [sys.executable, "-m", module, json.dumps(spec)],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=_ROOT,
+      timeout=timeout,
+    )
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s"}
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -215,8 +228,12 @@ def run_case(module: str, spec: dict, *, timeout: float | None = None, progress:
   else:
     result = json.loads(lines[-1])
   if progress:
-    print(f"[{time.perf_counter() - start:5.0f} s] {module} {json.dumps(spec)} -> "
-          f"{result.get('time_s', result.get('error'))}", file=sys.stderr, flush=True)
+    print(
+      f"[{time.perf_counter() - start:5.0f} s] {module} {json.dumps(spec)} -> "
+      f"{result.get('time_s', result.get('error'))}",
+      file=sys.stderr,
+      flush=True,
+    )
   return result
 
 
@@ -224,8 +241,10 @@ def format_table(header: list[str], rows: list[list[object]]) -> str:
   """A GitHub-markdown table; floats are printed by the caller."""
   cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
   def line(row):
     return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
   rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
 
@@ -255,9 +274,16 @@ class Worker:
     self.info: dict = {}
     self._start = time.perf_counter()
     self._stderr = tempfile.TemporaryFile(mode="w+")
-    self._proc = subprocess.Popen([sys.executable, "-m", module, "--serve", json.dumps(spec)], cwd=_ROOT,
-                                  env=case_env(malloc=malloc), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=self._stderr, text=True, bufsize=1)
+    self._proc = subprocess.Popen(
+      [sys.executable, "-m", module, "--serve", json.dumps(spec)],
+      cwd=_ROOT,
+      env=case_env(malloc=malloc),
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=self._stderr,
+      text=True,
+      bufsize=1,
+    )
 
   def _fail(self, what: str) -> dict:
     self._stderr.seek(0)
@@ -291,8 +317,12 @@ class Worker:
     if "error" in reply:
       self.info = reply
     if progress:
-      print(f"[{time.perf_counter() - self._start:5.0f} s] {self.label}: "
-            f"{'ready' if 'error' not in reply else reply['error']}", file=sys.stderr, flush=True)
+      print(
+        f"[{time.perf_counter() - self._start:5.0f} s] {self.label}: "
+        f"{'ready' if 'error' not in reply else reply['error']}",
+        file=sys.stderr,
+        flush=True,
+      )
     return reply
 
   def step(self) -> dict:
@@ -312,8 +342,9 @@ class Worker:
     self._stderr.close()
 
 
-def start_workers(cases: dict[str, tuple[str, dict]], *, malloc: str = "retain",
-                  progress: bool = True) -> dict[str, Worker]:
+def start_workers(
+  cases: dict[str, tuple[str, dict]], *, malloc: str = "retain", progress: bool = True
+) -> dict[str, Worker]:
   """Start every case at once, so that their imports, model building and compiles (mostly one thread each) use the
   cores together; then warm them up one at a time (their steps use every core, and overlapping them only adds
   contention)."""
@@ -335,7 +366,7 @@ def time_round_robin(workers: dict[str, Worker], *, rounds: int, pause_s: float 
   names = list(workers)
   times = {name: {} for name in names}
   for round_index in range(rounds):
-    order = names[round_index % len(names):] + names[:round_index % len(names)]
+    order = names[round_index % len(names) :] + names[: round_index % len(names)]
     for name in order:
       time.sleep(pause_s)
       reply = workers[name].step()
@@ -348,8 +379,14 @@ def time_round_robin(workers: dict[str, Worker], *, rounds: int, pause_s: float 
   return results
 
 
-def serve(calls: dict[str, Callable[[], object]], *, baseline_mib: float, warmup: int, palindrome: bool = False,
-          info: dict | None = None) -> None:
+def serve(
+  calls: dict[str, Callable[[], object]],
+  *,
+  baseline_mib: float,
+  warmup: int,
+  palindrome: bool = False,
+  info: dict | None = None,
+) -> None:
   """The worker side of `Worker`: run `calls` on request, answering one JSON line per request.
 
   It first announces that it is built (`info`). Then, per line read from stdin: `warmup` hands freed heap back to the
@@ -391,10 +428,16 @@ def serve(calls: dict[str, Callable[[], object]], *, baseline_mib: float, warmup
     elif command == "stats":
       after = resource.getrusage(resource.RUSAGE_SELF)
       per_call = max(timed * (2 if palindrome else 1) * len(calls), 1)
-      answer({"peak_mib": peak_rss_mib() - baseline_mib, "peak_after_warmup": resettable, "steps": timed,
-              "minor_faults": (after.ru_minflt - before.ru_minflt) / per_call,
-              "system_s": (after.ru_stime - before.ru_stime) / per_call,
-              "user_s": (after.ru_utime - before.ru_utime) / per_call})
+      answer(
+        {
+          "peak_mib": peak_rss_mib() - baseline_mib,
+          "peak_after_warmup": resettable,
+          "steps": timed,
+          "minor_faults": (after.ru_minflt - before.ru_minflt) / per_call,
+          "system_s": (after.ru_stime - before.ru_stime) / per_call,
+          "user_s": (after.ru_utime - before.ru_utime) / per_call,
+        }
+      )
     elif command == "quit":
       break
     else:

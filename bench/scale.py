@@ -19,6 +19,7 @@ as ratios between methods (docs/scale.md).
   python -m bench.scale --layers 36 --method sora lora --attach-only   # time attaching adapters, no compile
 Bad arguments are one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ MAX_DEVICES = 2048  # the CPU backend's device ids must stay below this
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   from bench import scale_model
   from train import aot
-  parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  parser = argparse.ArgumentParser(
+    prog="python -m bench.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--model", default="qwen3-8b", choices=sorted(scale_model.MODELS))
   parser.add_argument("--mesh", nargs="+", default=["8x8"], help="fsdp x tp, e.g. 8x8 64x4 (up to 2048 devices)")
   parser.add_argument("--batch", type=int, default=16, help="global batch (sequences); divisible by fsdp")
@@ -47,16 +50,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--dtype", default="float32", choices=scale_model.DTYPES, help="weights and activations")
   parser.add_argument("--method", nargs="+", default=["sora", "lora", "full"], choices=scale_model.METHODS)
   parser.add_argument("--layers", nargs="+", type=int, default=[2, 4], help="depths to compile")
-  parser.add_argument("--predict", type=int, default=None,
-                      help="depth to predict by a linear fit over --layers (default: the model's; 0: no fit)")
+  parser.add_argument(
+    "--predict",
+    type=int,
+    default=None,
+    help="depth to predict by a linear fit over --layers (default: the model's; 0: no fit)",
+  )
   parser.add_argument("--rank", type=int, default=8)
-  parser.add_argument("--memory", nargs="+", type=float, default=list(aot.DEVICE_MEMORIES_GIB),
-                      help="device memories (GiB) to check the peak against")
-  parser.add_argument("--cpu-program", action="store_true",
-                      help="leave Tunix's activation constraints off, as Tunix does on CPU (not an accelerator's "
-                           "program)")
-  parser.add_argument("--attach-only", action="store_true",
-                      help="time building the abstract model with each method's adapters at each --layers; no compile")
+  parser.add_argument(
+    "--memory",
+    nargs="+",
+    type=float,
+    default=list(aot.DEVICE_MEMORIES_GIB),
+    help="device memories (GiB) to check the peak against",
+  )
+  parser.add_argument(
+    "--cpu-program",
+    action="store_true",
+    help="leave Tunix's activation constraints off, as Tunix does on CPU (not an accelerator's program)",
+  )
+  parser.add_argument(
+    "--attach-only",
+    action="store_true",
+    help="time building the abstract model with each method's adapters at each --layers; no compile",
+  )
   parser.add_argument("--json", action="store_true", help="also print one JSON line with every number")
   args = parser.parse_args(argv)
   meshes = []
@@ -66,8 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       parser.error(f"--mesh {text!r}: write fsdp x tp as e.g. 8x8")
     meshes.append((int(match[1]), int(match[2])))
     if int(match[1]) * int(match[2]) > MAX_DEVICES:
-      parser.error(f"--mesh {text} needs {int(match[1]) * int(match[2])} devices; XLA's CPU backend has at most "
-                   f"{MAX_DEVICES}")
+      parser.error(
+        f"--mesh {text} needs {int(match[1]) * int(match[2])} devices; XLA's CPU backend has at most {MAX_DEVICES}"
+      )
   args.mesh = meshes
   _set_devices(max(f * t for f, t in meshes))  # reading Tunix's configs imports JAX
   config = scale_model.model_config(args.model)
@@ -88,9 +106,12 @@ def _set_devices(count: int) -> None:
   """Fake CPU devices for the mesh; must run before JAX is imported."""
   if "jax" in sys.modules:
     import jax
+
     if jax.device_count() < count:
-      raise SystemExit(f"error: JAX is already running with {jax.device_count()} devices; run `python -m "
-                       f"bench.scale` in a fresh process (it needs {count})")
+      raise SystemExit(
+        f"error: JAX is already running with {jax.device_count()} devices; run `python -m "
+        f"bench.scale` in a fresh process (it needs {count})"
+      )
     return
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
@@ -102,6 +123,7 @@ def predict(costs: dict[int, "aot.StepCost"], depth: int) -> "aot.StepCost":
   import numpy as np
 
   from train import aot
+
   depths = sorted(costs)
   if depth in costs:
     return costs[depth]
@@ -109,6 +131,7 @@ def predict(costs: dict[int, "aot.StepCost"], depth: int) -> "aot.StepCost":
   def fit(values):
     slope, intercept = np.polyfit(depths, values, 1)
     return max(0.0, float(intercept + slope * depth))
+
   field = lambda name: round(fit([getattr(costs[d], name) for d in depths]))
   keys = sorted({(c.kind, c.axes) for d in depths for c in costs[d].collectives})
   collectives = []
@@ -117,8 +140,14 @@ def predict(costs: dict[int, "aot.StepCost"], depth: int) -> "aot.StepCost":
     count = round(fit([of(d, "count") for d in depths]))
     if count:
       collectives.append(aot.Collective(kind, axes, count, round(fit([of(d, "bytes") for d in depths]))))
-  return aot.StepCost(argument=field("argument"), output=field("output"), alias=field("alias"), temp=field("temp"),
-                      flops=fit([costs[d].flops for d in depths]), collectives=tuple(collectives))
+  return aot.StepCost(
+    argument=field("argument"),
+    output=field("output"),
+    alias=field("alias"),
+    temp=field("temp"),
+    flops=fit([costs[d].flops for d in depths]),
+    collectives=tuple(collectives),
+  )
 
 
 def _ratio(a: float, b: float) -> str:
@@ -128,17 +157,25 @@ def _ratio(a: float, b: float) -> str:
 def ratios(costs: dict[str, "aot.StepCost"]) -> str:
   """SoRA against LoRA and full fine-tuning: peak, temp, FLOPs, collective count and bytes."""
   from train import aot
+
   rows = []
   for other in ("lora", "full"):
     if "sora" in costs and other in costs:
       s, o = costs["sora"], costs[other]
-      rows.append([f"sora / {other}", _ratio(s.peak, o.peak), _ratio(s.temp, o.temp), _ratio(s.flops, o.flops),
-                   _ratio(s.count(), o.count()), f"{s.count() - o.count():+d}",
-                   _ratio(s.collective_bytes(), o.collective_bytes())])
+      rows.append(
+        [
+          f"sora / {other}",
+          _ratio(s.peak, o.peak),
+          _ratio(s.temp, o.temp),
+          _ratio(s.flops, o.flops),
+          _ratio(s.count(), o.count()),
+          f"{s.count() - o.count():+d}",
+          _ratio(s.collective_bytes(), o.collective_bytes()),
+        ]
+      )
   if not rows:
     return ""
-  return aot._markdown(["ratio", "peak", "temp", "FLOPs", "collectives", "difference", "collective bytes"],
-                       rows)  # pylint: disable=protected-access
+  return aot._markdown(["ratio", "peak", "temp", "FLOPs", "collectives", "difference", "collective bytes"], rows)  # pylint: disable=protected-access
 
 
 def time_attach(args: argparse.Namespace) -> dict:
@@ -146,9 +183,11 @@ def time_attach(args: argparse.Namespace) -> dict:
   import jax
 
   from bench import scale_model
+
   fsdp, tp = args.mesh[0]
-  mesh = jax.make_mesh((fsdp, tp), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:fsdp * tp])
+  mesh = jax.make_mesh(
+    (fsdp, tp), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[: fsdp * tp]
+  )
   family = scale_model.MODELS[args.model][0]
   seconds = {}
   for depth in sorted(set(args.layers)):
@@ -157,8 +196,10 @@ def time_attach(args: argparse.Namespace) -> dict:
       start = time.perf_counter()
       scale_model.abstract_model(config, family, method, mesh, rank=args.rank, dtype=args.dtype)
       seconds[f"{method} L={depth}"] = time.perf_counter() - start
-      print(f"{args.model} {method} {depth} layers on {fsdp} x {tp}: abstract model with adapters in "
-            f"{seconds[f'{method} L={depth}']:.1f} s")
+      print(
+        f"{args.model} {method} {depth} layers on {fsdp} x {tp}: abstract model with adapters in "
+        f"{seconds[f'{method} L={depth}']:.1f} s"
+      )
   return {"attach_s": seconds}
 
 
@@ -168,36 +209,56 @@ def run(args: argparse.Namespace) -> dict:
 
   from bench import measure, scale_model, scale_step
   from train import aot
+
   config = scale_model.model_config(args.model)
-  print(f"{args.model}: {config.num_layers} layers x {config.embed_dim} (MLP {config.hidden_dim}, heads "
-        f"{config.num_heads}/{config.num_kv_heads} x {config.head_dim}, vocab {config.vocab_size}); batch {args.batch} "
-        f"x {args.seq} tokens, {args.dtype}, rank {args.rank} on 7 projections per layer; "
-        f"{'CPU program (no activation constraints)' if args.cpu_program else 'activation constraints on'}; "
-        f"XLA {jax.default_backend()}, {measure.cpu_count()} host cores")
-  report = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-            "meshes": []}
+  print(
+    f"{args.model}: {config.num_layers} layers x {config.embed_dim} (MLP {config.hidden_dim}, heads "
+    f"{config.num_heads}/{config.num_kv_heads} x {config.head_dim}, vocab {config.vocab_size}); batch {args.batch} "
+    f"x {args.seq} tokens, {args.dtype}, rank {args.rank} on 7 projections per layer; "
+    f"{'CPU program (no activation constraints)' if args.cpu_program else 'activation constraints on'}; "
+    f"XLA {jax.default_backend()}, {measure.cpu_count()} host cores"
+  )
+  report = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "meshes": []}
   for fsdp, tp in args.mesh:
-    devices = jax.devices()[:fsdp * tp]
+    devices = jax.devices()[: fsdp * tp]
     mesh = jax.make_mesh((fsdp, tp), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
     compiled_rows, timing, entry = [], [], {"fsdp": fsdp, "tp": tp, "steps": []}
     predicted = {}
     for method in args.method:
       costs = {}
       for depth in sorted(set(args.layers)):
-        step = scale_step.compile_step(args.model, method, mesh, layers=depth, batch=args.batch, seq=args.seq,
-                                       dtype=args.dtype, rank=args.rank,
-                                       activation_constraints=not args.cpu_program)
+        step = scale_step.compile_step(
+          args.model,
+          method,
+          mesh,
+          layers=depth,
+          batch=args.batch,
+          seq=args.seq,
+          dtype=args.dtype,
+          rank=args.rank,
+          activation_constraints=not args.cpu_program,
+        )
         cost = aot.step_cost(step.compiled, mesh)
         costs[depth] = cost
         compiled_rows.append((f"{method} L={depth}", cost))
-        timing.append(f"{method} L={depth}: attach {step.attach_s:.1f} s, lower {step.lower_s:.1f} s, compile "
-                      f"{step.compile_s:.1f} s, host peak RSS {measure.peak_rss_mib():,.0f} MiB")
-        entry["steps"].append({"method": method, "layers": depth, **cost.as_dict(), "attach_s": step.attach_s,
-                               "lower_s": step.lower_s, "compile_s": step.compile_s,
-                               "argument_shard_bytes": aot.sharded_bytes(step.arguments),
-                               "outputs_match_inputs": step.outputs_match_inputs,
-                               "trainable_specs": {k: str(v) for k, v in step.trainable_specs.items()},
-                               "opt_specs": {k: str(v) for k, v in step.opt_specs.items()}})
+        timing.append(
+          f"{method} L={depth}: attach {step.attach_s:.1f} s, lower {step.lower_s:.1f} s, compile "
+          f"{step.compile_s:.1f} s, host peak RSS {measure.peak_rss_mib():,.0f} MiB"
+        )
+        entry["steps"].append(
+          {
+            "method": method,
+            "layers": depth,
+            **cost.as_dict(),
+            "attach_s": step.attach_s,
+            "lower_s": step.lower_s,
+            "compile_s": step.compile_s,
+            "argument_shard_bytes": aot.sharded_bytes(step.arguments),
+            "outputs_match_inputs": step.outputs_match_inputs,
+            "trainable_specs": {k: str(v) for k, v in step.trainable_specs.items()},
+            "opt_specs": {k: str(v) for k, v in step.opt_specs.items()},
+          }
+        )
         del step
       if args.predict:
         predicted[method] = predict(costs, args.predict)
@@ -227,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   report = time_attach(args) if args.attach_only else run(args)
   from bench import measure
+
   print(f"\nwall time {time.perf_counter() - start:.0f} s, host peak RSS {measure.peak_rss_mib():,.0f} MiB")
   if args.json:
     print(json.dumps(report))

@@ -10,6 +10,7 @@ device is a CPU, so a CPU compile would be a different program from an accelerat
 swaps that function, in this one place, for one that applies the constraint on any platform; `tests/test_scale.py`
 pins the Tunix behaviour it relies on (the CPU early return, and that the models look `shard` up in their module).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,12 +24,12 @@ DTYPES = ("float32", "bfloat16")
 _FAMILIES = {"qwen3": "Qwen3", "llama3": "Llama3"}
 # name -> (Tunix family, ModelConfig constructor)
 MODELS = {
-    "qwen3-0.6b": ("qwen3", "qwen3_0p6b"),
-    "qwen3-8b": ("qwen3", "qwen3_8b"),
-    "qwen3-14b": ("qwen3", "qwen3_14b"),
-    "qwen3-32b": ("qwen3", "qwen3_32b"),
-    "llama3-8b": ("llama3", "llama3p1_8b"),
-    "llama3-70b": ("llama3", "llama3_70b"),
+  "qwen3-0.6b": ("qwen3", "qwen3_0p6b"),
+  "qwen3-8b": ("qwen3", "qwen3_8b"),
+  "qwen3-14b": ("qwen3", "qwen3_14b"),
+  "qwen3-32b": ("qwen3", "qwen3_32b"),
+  "llama3-8b": ("llama3", "llama3p1_8b"),
+  "llama3-70b": ("llama3", "llama3_70b"),
 }
 
 
@@ -52,6 +53,7 @@ def model_config(name: str, *, layers: int | None = None, dtype: str = "float32"
     changes["num_layers"] = layers
   if "param_dtype" in fields:
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
     changes.update(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
   return dataclasses.replace(config, **changes)
 
@@ -80,9 +82,13 @@ def activation_sharding(mesh: Any) -> Iterator[None]:
 def sample_inputs(batch: int, seq: int) -> dict[str, Any]:
   """Tunix's call arguments for a causal LM step: tokens, positions, no cache, a causal mask (B, T, T)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return {"input_tokens": jnp.zeros((batch, seq), jnp.int32),
-          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-          "cache": None, "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq))}
+
+  return {
+    "input_tokens": jnp.zeros((batch, seq), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+    "cache": None,
+    "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq)),
+  }
 
 
 def attach(model: Any, method: str, *, rank: int, alpha: float, targets: str = TARGETS) -> Any:
@@ -93,6 +99,7 @@ def attach(model: Any, method: str, *, rank: int, alpha: float, targets: str = T
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   import sora_jax  # pylint: disable=import-outside-toplevel
+
   sample = sample_inputs(1, 4)
   if method == "sora":
     provider = sora_jax.SoraProvider(module_path=targets, rank=rank, alpha=alpha)
@@ -103,8 +110,9 @@ def attach(model: Any, method: str, *, rank: int, alpha: float, targets: str = T
   raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def abstract_model(config: Any, family: str, method: str, mesh: Any, *, rank: int = 8, alpha: float = 16.0,
-                   dtype: str = "float32") -> Any:
+def abstract_model(
+  config: Any, family: str, method: str, mesh: Any, *, rank: int = 8, alpha: float = 16.0, dtype: str = "float32"
+) -> Any:
   """The Tunix model of `config` with `method`'s adapters, every leaf a `jax.ShapeDtypeStruct`; floating leaves in
   `dtype` (Llama3's config has no dtype field, so its leaves are cast here)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -121,4 +129,5 @@ def abstract_model(config: Any, family: str, method: str, mesh: Any, *, rank: in
     if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != want:
       return jax.ShapeDtypeStruct(x.shape, want, sharding=x.sharding)
     return x
+
   return nnx.merge(graphdef, jax.tree.map(cast, state))

@@ -11,6 +11,7 @@ shardings as in_shardings (Tunix's specs, adapters on their weight's axes; optim
 spec) and the batch over 'fsdp', trainable and optimizer state donated; the out_shardings are left to XLA, so
 `CompiledStep.outputs_match_inputs` tells whether a loop would run the program again without resharding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,14 +28,17 @@ def sora_optimizer(learning_rate: float, lam: float) -> Any:
   import optax  # pylint: disable=import-outside-toplevel
 
   import sora_jax  # pylint: disable=import-outside-toplevel
+
   not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
-  return optax.chain(optax.adamw(learning_rate, mask=not_gate),
-                     sora_jax.sora_proximal(lam, learning_rate=learning_rate))
+  return optax.chain(
+    optax.adamw(learning_rate, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=learning_rate)
+  )
 
 
 def optimizer(method: str, learning_rate: float = 1e-4, lam: float = 0.1) -> Any:
   """The optimizer of `method`: `sora_optimizer` for 'sora', adamw otherwise."""
   import optax  # pylint: disable=import-outside-toplevel
+
   return sora_optimizer(learning_rate, lam) if method == "sora" else optax.adamw(learning_rate)
 
 
@@ -49,6 +53,7 @@ class CompiledStep:
     opt_specs: {'/'-joined path within the optimizer state: PartitionSpec} of its array leaves.
     attach_s, lower_s, compile_s: wall seconds of the abstract build (with adapters), lowering, compiling.
   """
+
   compiled: Any
   arguments: tuple[Any, ...]
   trainable_specs: dict[str, Any]
@@ -62,6 +67,7 @@ class CompiledStep:
     """Whether the compiled step returns trainable params and optimizer state with the shardings it takes."""
     ins, outs = self.compiled.input_shardings[0], self.compiled.output_shardings
     import jax  # pylint: disable=import-outside-toplevel
+
     pairs = zip(jax.tree.leaves(self.arguments[:2]), jax.tree.leaves(ins[:2]), jax.tree.leaves(outs[:2]), strict=True)
     return all(a.is_equivalent_to(b, x.ndim) for x, a, b in pairs)
 
@@ -70,9 +76,19 @@ def _path(keys) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys) if keys else ""
 
 
-def compile_step(model_name: str, method: str, mesh: Any, *, layers: int | None, batch: int, seq: int,
-                 dtype: str = "float32", rank: int = 8, alpha: float = 16.0,
-                 activation_constraints: bool = True) -> CompiledStep:
+def compile_step(
+  model_name: str,
+  method: str,
+  mesh: Any,
+  *,
+  layers: int | None,
+  batch: int,
+  seq: int,
+  dtype: str = "float32",
+  rank: int = 8,
+  alpha: float = 16.0,
+  activation_constraints: bool = True,
+) -> CompiledStep:
   """Compiles `method`'s step of `model_name` (bench.scale_model.MODELS) with `layers` layers on `mesh` (axes
   'fsdp', 'tp') for `batch` sequences of `seq` tokens."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -102,19 +118,27 @@ def compile_step(model_name: str, method: str, mesh: Any, *, layers: int | None,
     opt_state, opt_sh = (), ()
   else:
     opt_state = jax.eval_shape(tx.init, trainable)
-    opt_sh = optax.tree_map_params(tx, lambda _, sharding: sharding, opt_state, trainable_sh,
-                                   transform_non_params=lambda _: named(P()),
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_sh = optax.tree_map_params(
+      tx,
+      lambda _, sharding: sharding,
+      opt_state,
+      trainable_sh,
+      transform_non_params=lambda _: named(P()),
+      is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
   batch_sh = named(P("fsdp"))
   abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  inputs = {"input_tokens": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh),
-            "positions": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh),
-            "attention_mask": jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_, sharding=batch_sh)}
+  inputs = {
+    "input_tokens": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh),
+    "positions": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh),
+    "attention_mask": jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_, sharding=batch_sh),
+  }
   arguments = (abstract(trainable, trainable_sh), abstract(opt_state, opt_sh), abstract(frozen, frozen_sh), inputs)
 
   def loss_fn(trainable, frozen, inputs):
-    logits, _ = nnx.merge(graphdef, trainable, frozen)(inputs["input_tokens"], inputs["positions"], None,
-                                                       inputs["attention_mask"])
+    logits, _ = nnx.merge(graphdef, trainable, frozen)(
+      inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"]
+    )
     labels = inputs["input_tokens"][:, 1:]
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), labels).mean()
 
@@ -125,8 +149,11 @@ def compile_step(model_name: str, method: str, mesh: Any, *, layers: int | None,
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  jitted = jax.jit(step, in_shardings=(trainable_sh, opt_sh, frozen_sh, jax.tree.map(lambda _: batch_sh, inputs)),
-                   donate_argnums=(0, 1))
+  jitted = jax.jit(
+    step,
+    in_shardings=(trainable_sh, opt_sh, frozen_sh, jax.tree.map(lambda _: batch_sh, inputs)),
+    donate_argnums=(0, 1),
+  )
   start = time.perf_counter()
   with scale_model.activation_sharding(mesh) if activation_constraints else contextlib.nullcontext():
     lowered = jitted.lower(*arguments)
@@ -134,6 +161,8 @@ def compile_step(model_name: str, method: str, mesh: Any, *, layers: int | None,
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  spec_of = lambda tree: {_path(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+  spec_of = lambda tree: {
+    _path(p): s.spec
+    for p, s in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+  }
   return CompiledStep(compiled, arguments, spec_of(trainable_sh), spec_of(opt_sh), attach_s, lower_s, compile_s)

@@ -11,6 +11,7 @@ the gates, in a separate optimizer, take an AdamW step (no weight decay) followe
 penalty, the soft threshold `S_tau(z) = sign(z) * max(|z| - tau, 0)` with `tau = lr * lam` -- the same update as
 `optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))`.
 """
+
 import json
 import math
 import sys
@@ -21,17 +22,19 @@ from bench.model_configs import ALPHA, LEARNING_RATE, RANK, SORA_LAMBDA, TARGET_
 
 import torch  # noqa: E402
 
+
 def make_batch(config, batch: int, seq: int, seed: int = 0) -> dict:
   gen = torch.Generator().manual_seed(seed)
   return {
-      "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=gen),
-      "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-      "labels": torch.randint(0, config.num_labels, (batch,), generator=gen),
+    "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=gen),
+    "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    "labels": torch.randint(0, config.num_labels, (batch,), generator=gen),
   }
 
 
 def build_model(config):
   from transformers import AutoModelForSequenceClassification
+
   torch.manual_seed(0)
   return AutoModelForSequenceClassification.from_config(config)
 
@@ -60,10 +63,12 @@ class SoraLinear(torch.nn.Module):
 def add_sora(model, target_regex: str, rank: int = RANK, alpha: float = ALPHA):
   """Replace every targeted `nn.Linear` with a `SoraLinear`; freeze everything but adapters and the classifier."""
   import re
+
   for p in model.parameters():
     p.requires_grad_(False)
-  targets = [name for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, name)]
+  targets = [
+    name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, name)
+  ]
   for name in targets:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
@@ -93,6 +98,7 @@ class ProximalAdamW(torch.optim.AdamW):
 def train_step(model_name: str, method: str, config, batch: dict):
   """Return a no-argument callable that performs one full training step (forward, backward, optimizer)."""
   from transformers.utils import logging as hf_logging
+
   hf_logging.set_verbosity_error()
   model = build_model(config)
   model.train()
@@ -101,12 +107,20 @@ def train_step(model_name: str, method: str, config, batch: dict):
     optimizers = [torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)]
   elif method in ("lora", "adalora"):
     import peft
+
     if method == "lora":
-      peft_config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="SEQ_CLS",
-                                    target_modules=TARGET_MODULES[model_name])
+      peft_config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="SEQ_CLS", target_modules=TARGET_MODULES[model_name]
+      )
     else:  # PEFT's defaults (init_r 12 -> target_r 8, budget re-allocation every step), a long schedule
-      peft_config = peft.AdaLoraConfig(target_r=RANK, init_r=12, lora_alpha=ALPHA, task_type="SEQ_CLS",
-                                       target_modules=TARGET_MODULES[model_name], total_step=100_000)
+      peft_config = peft.AdaLoraConfig(
+        target_r=RANK,
+        init_r=12,
+        lora_alpha=ALPHA,
+        task_type="SEQ_CLS",
+        target_modules=TARGET_MODULES[model_name],
+        total_step=100_000,
+      )
     model = peft.get_peft_model(model, peft_config)
     optimizers = [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)]
     if method == "adalora":
@@ -159,11 +173,18 @@ def floor_step(config, batch: dict):
 def inference_calls(model_name: str, config, batch: dict) -> dict:
   """Forward-only callables: base model, PEFT LoRA unmerged, PEFT LoRA merged into the weights."""
   import peft
+
   inputs = {k: v for k, v in batch.items() if k != "labels"}
   base = build_model(config).eval()
   lora = build_model(config)
-  peft_config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="SEQ_CLS",
-                                target_modules=TARGET_MODULES[model_name], init_lora_weights=False)
+  peft_config = peft.LoraConfig(
+    r=RANK,
+    lora_alpha=ALPHA,
+    lora_dropout=0.0,
+    task_type="SEQ_CLS",
+    target_modules=TARGET_MODULES[model_name],
+    init_lora_weights=False,
+  )
   lora = peft.get_peft_model(lora, peft_config).eval()
   merged = peft.get_peft_model(build_model(config), peft_config)
   merged.load_state_dict(lora.state_dict())
@@ -173,6 +194,7 @@ def inference_calls(model_name: str, config, batch: dict) -> dict:
     def call():
       with torch.inference_mode():
         return m(**inputs).logits
+
     return call
 
   return {"base": forward(base), "lora_unmerged": forward(lora), "lora_merged": forward(merged)}
@@ -185,6 +207,7 @@ def _setup(spec: dict):
   torch.set_num_threads(threads)
   import transformers  # noqa: F401  (part of the baseline, like torch)
   import peft  # noqa: F401
+
   torch.ones(64, 64) @ torch.ones(64, 64)  # the thread pool exists now
   baseline = measure.rss_mib()
   config = hf_config(spec["model"], **spec.get("shape", {}))
@@ -207,8 +230,7 @@ def main(spec: dict) -> dict:
     result.update(measure.measure_step(step, baseline_mib=baseline, warmup=warmup, repeats=repeats))
     result["trainable"] = trainable
   elif spec["kind"] == "inference":
-    timings = measure.time_interleaved(inference_calls(spec["model"], config, batch), warmup=warmup,
-                                       repeats=repeats)
+    timings = measure.time_interleaved(inference_calls(spec["model"], config, batch), warmup=warmup, repeats=repeats)
     result["time_s"] = {name: t.median_s for name, t in timings.items()}
   else:
     raise ValueError(f"unknown kind {spec['kind']!r}")
@@ -230,8 +252,7 @@ def serve(spec: dict) -> None:
     calls, palindrome = inference_calls(spec["model"], config, batch), True
   else:
     raise ValueError(f"unknown kind {spec['kind']!r} for --serve; choose train or inference")
-  measure.serve(calls, baseline_mib=baseline, warmup=spec.get("warmup", 1), palindrome=palindrome,
-                info=info)
+  measure.serve(calls, baseline_mib=baseline, warmup=spec.get("warmup", 1), palindrome=palindrome, info=info)
 
 
 if __name__ == "__main__":

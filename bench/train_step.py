@@ -16,6 +16,7 @@ machine shared with other work (load that comes and goes hits every method alike
   python -m bench.train_step --cost               # add XLA's FLOP and byte counts of each compiled step
   python -m bench.train_step --tiny --repeats 2    # a seconds-long smoke run
 """
+
 import argparse
 import time
 
@@ -36,12 +37,18 @@ def parse_args(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
-  parser.add_argument("--malloc", default="retain", choices=sorted(measure.MALLOC_MODES),
-                      help="glibc malloc settings of the cases' processes (bench/measure.py, MALLOC_MODES)")
-  parser.add_argument("--interleave", action="store_true",
-                      help="one process, methods timed in turn each round (no memory column)")
-  parser.add_argument("--cost", action="store_true",
-                      help="also compile every step once more for XLA's cost analysis (GFLOP, GB accessed)")
+  parser.add_argument(
+    "--malloc",
+    default="retain",
+    choices=sorted(measure.MALLOC_MODES),
+    help="glibc malloc settings of the cases' processes (bench/measure.py, MALLOC_MODES)",
+  )
+  parser.add_argument(
+    "--interleave", action="store_true", help="one process, methods timed in turn each round (no memory column)"
+  )
+  parser.add_argument(
+    "--cost", action="store_true", help="also compile every step once more for XLA's cost analysis (GFLOP, GB accessed)"
+  )
   parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model, seq 16, batch 2 (smoke test)")
   return parser.parse_args(argv)
 
@@ -55,14 +62,26 @@ def main(argv=None) -> str:
   if args.tiny:
     shape, batch, seq = TINY_SHAPE, 2, 16
   else:
-    shape = {"layers": args.layers, "hidden": args.hidden, "heads": max(1, args.hidden // 64),
-             "intermediate": 4 * args.hidden}
+    shape = {
+      "layers": args.layers,
+      "hidden": args.hidden,
+      "heads": max(1, args.hidden // 64),
+      "intermediate": 4 * args.hidden,
+    }
     batch, seq = args.batch, args.seq
   start = time.perf_counter()
   results = {}
   if args.interleave:
-    spec = {"kind": "train_interleaved", "model": args.model, "methods": [_CASE_METHOD[m] for m in methods],
-            "batch": batch, "seq": seq, "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
+    spec = {
+      "kind": "train_interleaved",
+      "model": args.model,
+      "methods": [_CASE_METHOD[m] for m in methods],
+      "batch": batch,
+      "seq": seq,
+      "shape": shape,
+      "warmup": args.warmup,
+      "repeats": args.repeats,
+    }
     joint = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
     for method in methods:
       if "error" in joint:
@@ -71,13 +90,27 @@ def main(argv=None) -> str:
         results[method] = {"time_s": joint["time_s"][_CASE_METHOD[method]], "peak_mib": None, "trainable": None}
   else:
     for method in methods:
-      spec = {"kind": "train", "model": args.model, "method": _CASE_METHOD[method], "batch": batch, "seq": seq,
-              "shape": shape, "warmup": args.warmup, "repeats": args.repeats}
+      spec = {
+        "kind": "train",
+        "model": args.model,
+        "method": _CASE_METHOD[method],
+        "batch": batch,
+        "seq": seq,
+        "shape": shape,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+      }
       results[method] = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
   cost = {}
   if args.cost:
-    spec = {"kind": "cost", "model": args.model, "methods": [_CASE_METHOD[m] for m in methods], "batch": batch,
-            "seq": seq, "shape": shape}
+    spec = {
+      "kind": "cost",
+      "model": args.model,
+      "methods": [_CASE_METHOD[m] for m in methods],
+      "batch": batch,
+      "seq": seq,
+      "shape": shape,
+    }
     cost = measure.run_case("bench.jax_cases", spec, malloc=args.malloc).get("cost", {})
   floor = results.get("floor", {}).get("time_s")
   full = results.get("full", {}).get("time_s")
@@ -87,17 +120,24 @@ def main(argv=None) -> str:
       rows.append([method, "error: " + r["error"][:120], "", "", "", ""] + (["", ""] if args.cost else []))
       continue
     t = r["time_s"]
-    row = [method, f"{1e3 * t:.1f}", f"{t / floor:.2f}" if floor else "-", f"{t / full:.2f}" if full else "-",
-           "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
-           "-" if r["trainable"] is None else f"{r['trainable']:,}"]
+    row = [
+      method,
+      f"{1e3 * t:.1f}",
+      f"{t / floor:.2f}" if floor else "-",
+      f"{t / full:.2f}" if full else "-",
+      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+      "-" if r["trainable"] is None else f"{r['trainable']:,}",
+    ]
     if args.cost:
       c = cost.get(_CASE_METHOD[method], {})
       row += [f"{c['gflop']:.1f}" if c else "-", f"{c['gbytes']:.2f}" if c else "-"]
     rows.append(row)
-  title = (f"JAX train step, {args.model} {shape['layers']} layers x {shape['hidden']} hidden, seq {seq}, "
-           f"batch {batch}, rank 8 on six kernels per layer; median of {args.repeats} steps after {args.warmup} "
-           f"warm-up{', methods interleaved in one process' if args.interleave else ', one process per method'}; "
-           f"{measure.cpu_count()} CPU cores, {measure.malloc_setting(measure.case_env(malloc=args.malloc))}")
+  title = (
+    f"JAX train step, {args.model} {shape['layers']} layers x {shape['hidden']} hidden, seq {seq}, "
+    f"batch {batch}, rank 8 on six kernels per layer; median of {args.repeats} steps after {args.warmup} "
+    f"warm-up{', methods interleaved in one process' if args.interleave else ', one process per method'}; "
+    f"{measure.cpu_count()} CPU cores, {measure.malloc_setting(measure.case_env(malloc=args.malloc))}"
+  )
   header = ["method", "ms/step", "x floor", "x full FT", "peak MiB", "trainable params"]
   table = measure.format_table(header + (["XLA GFLOP", "XLA GB accessed"] if args.cost else []), rows)
   notes = []

@@ -13,6 +13,7 @@
 
 It prints each check it makes and exits non-zero when one fails (tests/test_docs.py runs it).
 """
+
 import argparse
 import importlib.resources
 import json
@@ -46,20 +47,30 @@ def read_split(tokenizer, split: str, limit: int | None = None) -> dict[str, np.
   """One WordNet split as int32 arrays: input_ids, attention_mask (n, MAX_LENGTH), label (n,)."""
   with open(os.path.join(DATA, f"{split}.jsonl")) as f:
     rows = [json.loads(line) for line in f][:limit]
-  enc = tokenizer([r["sentence"] for r in rows], padding="max_length", truncation=True, max_length=MAX_LENGTH,
-                  return_tensors="np")
-  return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
-          "label": np.array([r["label"] for r in rows], np.int32)}
+  enc = tokenizer(
+    [r["sentence"] for r in rows], padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="np"
+  )
+  return {
+    "input_ids": enc["input_ids"].astype(np.int32),
+    "attention_mask": enc["attention_mask"].astype(np.int32),
+    "label": np.array([r["label"] for r in rows], np.int32),
+  }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of A, B and the head (linear warmup and decay)")
+  parser.add_argument(
+    "--lr", type=float, default=2e-3, help="peak learning rate of A, B and the head (linear warmup and decay)"
+  )
   parser.add_argument("--gate-lr", type=float, default=5e-2, help="peak learning rate of the gates")
-  parser.add_argument("--lam", type=float, default=0.5,
-                      help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)")
+  parser.add_argument(
+    "--lam",
+    type=float,
+    default=0.5,
+    help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)",
+  )
   parser.add_argument("--out", default=None, help="where to write the PEFT adapter (default: a temporary folder)")
   args = parser.parse_args()
   start = time.perf_counter()
@@ -77,14 +88,14 @@ def main() -> None:
   trainable, frozen = sora_jax.split(params, trainable=(r"classifier/.*",))  # the head is new: train it too
 
   warmup = max(args.steps // 10, 1)
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, args.lr, warmup),
-                                   optax.linear_schedule(args.lr, 0.0, args.steps - warmup)], [warmup])
+  schedule = optax.join_schedules(
+    [optax.linear_schedule(0.0, args.lr, warmup), optax.linear_schedule(args.lr, 0.0, args.steps - warmup)], [warmup]
+  )
   gate_schedule = lambda count: schedule(count) * (args.gate_lr / args.lr)  # noqa: E731  the same warmup and decay
   # The gates step on their raw gradient: g <- S_{eta lam}(g - eta dL/dg / rms), rms one running RMS of all gate
   # gradients, so a gate ends at zero unless its gradient outweighs lam * rms; AdamW trains A, B and the head and never
   # sees the gates (no moments, no weight decay on them).
-  tx = sora_jax.sora_proximal(args.lam, learning_rate=gate_schedule,
-                              optimizer=optax.adamw(schedule, weight_decay=0.01))
+  tx = sora_jax.sora_proximal(args.lam, learning_rate=gate_schedule, optimizer=optax.adamw(schedule, weight_decay=0.01))
   opt_state = tx.init(trainable)
 
   def logits_fn(params, batch):
@@ -107,14 +118,15 @@ def main() -> None:
   for step in range(args.steps):
     if (step + 1) * args.batch > len(order):
       order = np.concatenate([order, rng.permutation(len(train["label"]))])
-    idx = order[step * args.batch:(step + 1) * args.batch]
+    idx = order[step * args.batch : (step + 1) * args.batch]
     trainable, opt_state, loss = train_step(trainable, opt_state, {k: v[idx] for k, v in train.items()})
     if step % 50 == 0 or step == args.steps - 1:
       print(f"step {step:4d}  loss {float(loss):.4f}")
 
   params = sora_jax.combine(trainable, frozen)
-  gates = np.concatenate([np.ravel(leaf) for path, leaf in traverse_util.flatten_dict(params).items()
-                          if path[-1] == "sora_gate"])
+  gates = np.concatenate(
+    [np.ravel(leaf) for path, leaf in traverse_util.flatten_dict(params).items() if path[-1] == "sora_gate"]
+  )
   zero = int((gates == 0).sum())
   print(f"gates exactly zero: {zero} of {gates.size}")
   report = sora_jax.rank_report(params, config)
@@ -134,17 +146,23 @@ def main() -> None:
   print(f"validation accuracy (merged): {accuracy:.3f}")
 
   out = args.out or tempfile.mkdtemp(prefix="linen_sora_peft_")
-  ranks = sora_jax.save_peft(out, pruned, config, naming=EncoderNaming(hf_config),
-                             base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+  ranks = sora_jax.save_peft(
+    out,
+    pruned,
+    config,
+    naming=EncoderNaming(hf_config),
+    base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+  )
   print(f"PEFT adapter written to {out}: {len(ranks)} modules, ranks {sorted(set(ranks.values()))}")
 
   checks = {
-      "some gates exactly zero, not all": 0 < zero < gates.size,
-      "pruned logits equal the trained ones (|diff| < 1e-4)": pruned_diff < 1e-4,
-      "merged logits equal the trained ones (|diff| < 1e-4)": merged_diff < 1e-4,
-      "the model learned the task (validation accuracy > 0.8)": accuracy > 0.8,
-      "adapter files written": all(os.path.exists(os.path.join(out, f))
-                                   for f in ("adapter_config.json", "adapter_model.safetensors")),
+    "some gates exactly zero, not all": 0 < zero < gates.size,
+    "pruned logits equal the trained ones (|diff| < 1e-4)": pruned_diff < 1e-4,
+    "merged logits equal the trained ones (|diff| < 1e-4)": merged_diff < 1e-4,
+    "the model learned the task (validation accuracy > 0.8)": accuracy > 0.8,
+    "adapter files written": all(
+      os.path.exists(os.path.join(out, f)) for f in ("adapter_config.json", "adapter_model.safetensors")
+    ),
   }
   for name, ok in checks.items():
     print(f"{'ok  ' if ok else 'FAIL'} {name}")

@@ -19,6 +19,7 @@ the pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> ar
   python examples/nnx_qwen3_sora.py                                # 300 steps, about a minute on 2 CPU cores
   python examples/nnx_qwen3_sora.py --steps 50 --output_dir /tmp/sora_qwen3
 """
+
 import argparse
 import json
 import os
@@ -48,21 +49,34 @@ def byte_tokens(texts: list[str], seq: int) -> np.ndarray:
   """(len(texts), seq) int32: '\\n' + UTF-8 bytes of each text, cut to seq or padded with 0."""
   out = np.full((len(texts), seq), PAD, np.int32)
   for i, text in enumerate(texts):
-    ids = [START] + list(text.encode("utf-8"))[:seq - 1]
-    out[i, :len(ids)] = ids
+    ids = [START] + list(text.encode("utf-8"))[: seq - 1]
+    out[i, : len(ids)] = ids
   return out
 
 
 def lm_inputs(tokens: np.ndarray) -> dict:
   """Tunix's call arguments for a causal LM: tokens (B, T), positions (B, T), no cache, causal mask (B, T, T)."""
   batch, seq = tokens.shape
-  return {"input_tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
-          "cache": None, "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq))}
+  return {
+    "input_tokens": jnp.asarray(tokens),
+    "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
+    "cache": None,
+    "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq)),
+  }
 
 
 def tiny_qwen3(seed: int) -> nnx.Module:
-  config = qwen3.ModelConfig(num_layers=2, vocab_size=256, embed_dim=128, hidden_dim=384, num_heads=4, head_dim=32,
-                             num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6)
+  config = qwen3.ModelConfig(
+    num_layers=2,
+    vocab_size=256,
+    embed_dim=128,
+    hidden_dim=384,
+    num_heads=4,
+    head_dim=32,
+    num_kv_heads=2,
+    rope_theta=10_000,
+    norm_eps=1e-6,
+  )
   model = qwen3.Qwen3(config, rngs=nnx.Rngs(seed))
   key = jax.random.key(seed + 1)
   for _, module in nnx.iter_modules(model):
@@ -95,8 +109,11 @@ def logits_of(model: nnx.Module, inputs: dict) -> jax.Array:
 
 def adapter_arrays(state: nnx.State) -> dict[str, np.ndarray]:
   """{'/'-joined path: array} of the adapter leaves (A, B, gate) of a model state."""
-  return {"/".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)
-          if "_lora_" in str(path[-1])}
+  return {
+    "/".join(map(str, path)): np.asarray(var.get_value())
+    for path, var in nnx.to_flat_state(state)
+    if "_lora_" in str(path[-1])
+  }
 
 
 def load_adapter(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -118,8 +135,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--alpha", type=float, default=16.0)
   parser.add_argument("--lr", type=float, default=1e-2)
   parser.add_argument("--gate-lr", dest="gate_lr", type=float, default=5e-2, help="the gates' step size eta")
-  parser.add_argument("--lam", type=float, default=0.5,
-                      help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)")
+  parser.add_argument(
+    "--lam",
+    type=float,
+    default=0.5,
+    help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)",
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output_dir", default="/tmp/nnx_qwen3_sora")
   args = parser.parse_args(argv)
@@ -133,9 +154,10 @@ def main(argv=None) -> dict:
   model = sora_jax.apply_sora(base, provider, **lm_inputs(train[:1, :8]), rngs=nnx.Rngs(args.seed + 2))
 
   # Gates: the proximal-gradient step on their raw gradient, g <- S_{eta lam}(g - eta dL/dg / rms); AdamW on A and B.
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   sora_jax.sora_proximal(args.lam, learning_rate=args.gate_lr,
-                                          optimizer=optax.adamw(args.lr, weight_decay=0.01)))
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    sora_jax.sora_proximal(args.lam, learning_rate=args.gate_lr, optimizer=optax.adamw(args.lr, weight_decay=0.01)),
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
   valid_inputs = lm_inputs(valid)
@@ -158,29 +180,44 @@ def main(argv=None) -> dict:
   nnx.update(merged_model, sora_jax.merge(state, provider))  # W + s A diag(g) B, no adapter leaves
   merged = np.asarray(logits_of(merged_model, valid_inputs))
   close = lambda x, y: bool(np.allclose(x, y, atol=1e-5, rtol=1e-5))  # float32 rounding of W + delta, relative
-  diffs = {"pruned_vs_merged": float(np.abs(pruned - merged).max()),
-           "pruned_vs_trained": float(np.abs(pruned - trained).max()),
-           "equal": close(pruned, merged) and close(pruned, trained)}
-  print(f"max |logit difference| (logits up to {np.abs(trained).max():.1f}): pruned vs merged "
-        f"{diffs['pruned_vs_merged']:.2e}, pruned vs trained {diffs['pruned_vs_trained']:.2e}; all within atol = "
-        f"rtol = 1e-5: {diffs['equal']}")
+  diffs = {
+    "pruned_vs_merged": float(np.abs(pruned - merged).max()),
+    "pruned_vs_trained": float(np.abs(pruned - trained).max()),
+    "equal": close(pruned, merged) and close(pruned, trained),
+  }
+  print(
+    f"max |logit difference| (logits up to {np.abs(trained).max():.1f}): pruned vs merged "
+    f"{diffs['pruned_vs_merged']:.2e}, pruned vs trained {diffs['pruned_vs_trained']:.2e}; all within atol = "
+    f"rtol = 1e-5: {diffs['equal']}"
+  )
 
   os.makedirs(args.output_dir, exist_ok=True)
   adapter = adapter_arrays(pruned_state)
   save_file(adapter, os.path.join(args.output_dir, "adapter.safetensors"))
-  ranks = {k[:-len("_lora_a")]: int(v.shape[-1]) for k, v in adapter.items() if k.endswith("_lora_a")}
+  ranks = {k[: -len("_lora_a")]: int(v.shape[-1]) for k, v in adapter.items() if k.endswith("_lora_a")}
   with open(os.path.join(args.output_dir, "adapter_config.json"), "w") as f:
-    json.dump({"base_model": "random-weight tiny Tunix Qwen3 (examples/nnx_qwen3_sora.py, seed %d)" % args.seed,
-               "module_path": TARGETS, "rank_max": args.rank, "alpha": args.alpha, "scale": args.alpha / args.rank,
-               "ranks": ranks}, f, indent=1)
+    json.dump(
+      {
+        "base_model": "random-weight tiny Tunix Qwen3 (examples/nnx_qwen3_sora.py, seed %d)" % args.seed,
+        "module_path": TARGETS,
+        "rank_max": args.rank,
+        "alpha": args.alpha,
+        "scale": args.alpha / args.rank,
+        "ranks": ranks,
+      },
+      f,
+      indent=1,
+    )
   reloaded = sora_jax.apply_sora(base, provider, **lm_inputs(train[:1, :8]), rngs=nnx.Rngs(99))
   load_adapter(reloaded, load_file(os.path.join(args.output_dir, "adapter.safetensors")))
   reloaded_logits = np.asarray(logits_of(reloaded, valid_inputs))
   diffs["reloaded_vs_trained"] = float(np.abs(reloaded_logits - trained).max())
   diffs["equal"] = diffs["equal"] and close(reloaded_logits, trained)
-  print(f"wrote {args.output_dir}/adapter.safetensors ({sum(v.size for v in adapter.values())} values, ranks "
-        f"{min(ranks.values())}-{max(ranks.values())}); reloaded vs trained max |logit difference| "
-        f"{diffs['reloaded_vs_trained']:.2e}")
+  print(
+    f"wrote {args.output_dir}/adapter.safetensors ({sum(v.size for v in adapter.values())} values, ranks "
+    f"{min(ranks.values())}-{max(ranks.values())}); reloaded vs trained max |logit difference| "
+    f"{diffs['reloaded_vs_trained']:.2e}"
+  )
   print(f"done in {time.perf_counter() - start:.0f} s")
   return {"gates_zero": int((gates == 0).sum()), "gates": int(gates.size), **diffs}
 

@@ -7,6 +7,7 @@ sampled to equal size per class, so the task is balanced and accuracy is the nat
 Usage (needs `apt-get install wordnet-base`):
     python scripts/make_wordnet_dataset.py [/usr/share/wordnet] [train/data/wordnet]
 """
+
 import json
 import pathlib
 import random
@@ -14,14 +15,14 @@ import sys
 
 # Lexicographer file numbers of WordNet 3.0 (see lexnames(5WN)).
 SUPERSENSES = {
-    4: "noun.act",
-    5: "noun.animal",
-    6: "noun.artifact",
-    10: "noun.communication",
-    13: "noun.food",
-    15: "noun.location",
-    18: "noun.person",
-    20: "noun.plant",
+  4: "noun.act",
+  5: "noun.animal",
+  6: "noun.artifact",
+  10: "noun.communication",
+  13: "noun.food",
+  15: "noun.location",
+  18: "noun.person",
+  20: "noun.plant",
 }
 SPLITS = {"train": 500, "validation": 125, "test": 125}  # examples per class
 SEED = 42
@@ -57,7 +58,7 @@ def main(wordnet_dir: str = "/usr/share/wordnet", out_dir: str = "train/data/wor
     rng.shuffle(glosses)
     start = 0
     for split, size in SPLITS.items():
-      rows[split] += [{"sentence": g, "label": label} for g in glosses[start:start + size]]
+      rows[split] += [{"sentence": g, "label": label} for g in glosses[start : start + size]]
       start += size
   for split, examples in rows.items():
     rng.shuffle(examples)

@@ -6,6 +6,7 @@ sharding derived from it, the PTQ base op, the einsum parser. Those live in `qwi
 importer of `qwix._src`, each wrapper states the behaviour we rely on, and `tests/test_qwix_private.py` pins it, so a
 qwix upgrade that changes any of it breaks one test file, not users. Written against qwix 0.1.8.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence

@@ -10,6 +10,7 @@ files; the staging folder is removed.
 (malformed JSON, a non-numeric, non-finite or non-positive `lora_alpha` or `r`, an empty tensor file, a non-finite
 value, a rank-0 factor, `modules_to_save` without any of its weights) is one `ValueError` naming the file and the key.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,9 @@ def _swap(staging: str, target: str, owned: Sequence[str]) -> None:
     os.rename(staging, target)
     return
   written = set(os.listdir(staging))
-  kept = [entry for entry in os.listdir(target)
-          if entry not in written and not any(fnmatch.fnmatch(entry, p) for p in owned)]
+  kept = [
+    entry for entry in os.listdir(target) if entry not in written and not any(fnmatch.fnmatch(entry, p) for p in owned)
+  ]
   moved = []
   try:
     for entry in kept:
@@ -107,17 +109,21 @@ def check_adapter_tensors(path: str, tensors: Mapping[str, np.ndarray], config: 
   """Raises `ValueError` for an adapter tensor file without LoRA factors, a non-finite value, a rank-0 factor
   (lora_A: (r, in), lora_B: (out, r) with r = 0), or `modules_to_save` in `config` with none of its weights."""
   if not any(".lora_A" in key for key in tensors):
-    raise ValueError(f"{path}: holds no LoRA factors ({len(tensors)} tensors, none named *.lora_A.*); the file is "
-                     "empty or not a LoRA adapter")
+    raise ValueError(
+      f"{path}: holds no LoRA factors ({len(tensors)} tensors, none named *.lora_A.*); the file is "
+      "empty or not a LoRA adapter"
+    )
   for key, value in tensors.items():
     value = np.asarray(value)
     if (".lora_A" in key and value.ndim >= 1 and value.shape[0] == 0) or (
-        ".lora_B" in key and value.ndim >= 2 and value.shape[1] == 0):
+      ".lora_B" in key and value.ndim >= 2 and value.shape[1] == 0
+    ):
       raise ValueError(f"{path}: {key} has rank 0 (shape {value.shape}); drop the module from the adapter instead")
     if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
       bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-      raise ValueError(f"{path}: {key} holds {bad} NaN or infinite values; the adapter is broken, re-train or "
-                       "re-export it")
+      raise ValueError(
+        f"{path}: {key} holds {bad} NaN or infinite values; the adapter is broken, re-train or re-export it"
+      )
   # PEFT adds its task's head names (`classifier` and `score` for a classifier) to modules_to_save and saves the one
   # the model has, so of those one with weights is enough; every other listed module needs its weights.
   plain = ["." + key for key in tensors if ".lora_" not in key]
@@ -128,5 +134,7 @@ def check_adapter_tensors(path: str, tensors: Mapping[str, np.ndarray], config: 
   if alternatives and not any(has(m) for m in alternatives):
     missing.append(" or ".join(repr(m) for m in alternatives))
   if missing:
-    raise ValueError(f"{path}: modules_to_save lists {', '.join(map(str, missing))} but the file holds no weights "
-                     "of it; that head would be left random, re-export the adapter with its head")
+    raise ValueError(
+      f"{path}: modules_to_save lists {', '.join(map(str, missing))} but the file holds no weights "
+      "of it; that head would be left random, re-export the adapter with its head"
+    )

@@ -21,6 +21,7 @@ All functions are pure: they take a tree (linen params as `model.init(...)["para
 dict of `nnx.to_pure_dict`) and return a new one of the same kind. Regular expressions (`targets`, `stacked`,
 `trainable`, rules' `module_path`) are matched with `re.fullmatch` against '/'-joined paths.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -115,8 +116,10 @@ def _check_finite_adapters(flat: dict[Path, Any], action: str) -> None:
   """A NaN or inf gate or factor is a diverged run, not a switched-off rank: refuse to count or cut it."""
   for path, value in flat.items():
     if leaves.is_adapter(path) and not np.isfinite(np.asarray(leaves.value(value))).all():
-      raise ValueError(f"{path_str(path)} holds NaN or inf values, so no {action} (a non-finite gate is not a "
-                       "pruned rank); the training diverged: lower the learning rate")
+      raise ValueError(
+        f"{path_str(path)} holds NaN or inf values, so no {action} (a non-finite gate is not a "
+        "pruned rank); the training diverged: lower the learning rate"
+      )
 
 
 def delta_kernel(a, b, gate=None, *, scale: float, lead: int = 0):
@@ -132,7 +135,7 @@ def delta_kernel(a, b, gate=None, *, scale: float, lead: int = 0):
   Returns:
     (*lead, *in_shape, *out_shape).
   """
-  kernel_shape = a.shape[:-1] + b.shape[lead + 1:]
+  kernel_shape = a.shape[:-1] + b.shape[lead + 1 :]
   return layout.delta(layout.linen_roles(len(kernel_shape), a.ndim, b.ndim), kernel_shape, a, b, gate, scale)
 
 
@@ -159,8 +162,9 @@ def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
   if unused:
     examples = ", ".join(s for s in list(paths)[:6])
     raise ValueError(
-        f"SoRA targets {unused} match no parameter path. Targets are fully matched against '/'-joined paths such as "
-        f"{examples}; fix the pattern (e.g. prefix it with '.*' and end it with '/kernel').")
+      f"SoRA targets {unused} match no parameter path. Targets are fully matched against '/'-joined paths such as "
+      f"{examples}; fix the pattern (e.g. prefix it with '.*' and end it with '/kernel')."
+    )
   out = dict(flat)
   targeted = [p for s, p in paths.items() if any(re.fullmatch(t, s) for t in config.targets)]
   for path, key in zip(targeted, jax.random.split(rng, max(len(targeted), 1))):
@@ -168,30 +172,32 @@ def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
     name = path_str(path)
     if path[-1] != "kernel" or kernel.ndim < 2:
       raise ValueError(
-          f"SoRA target matched {name!r} (shape {tuple(kernel.shape)}), which is not a dense kernel; SoRA adapts "
-          f"'.../kernel' leaves of 2 or more axes. Narrow the pattern, e.g. end it with '/kernel'.")
+        f"SoRA target matched {name!r} (shape {tuple(kernel.shape)}), which is not a dense kernel; SoRA adapts "
+        f"'.../kernel' leaves of 2 or more axes. Narrow the pattern, e.g. end it with '/kernel'."
+      )
     if path[:-1] + (A,) in flat:
       raise ValueError(f"{name!r} already has SoRA adapters; call `init` once, on a tree without adapters.")
     lead = int(config.stacked is not None and re.fullmatch(config.stacked, name) is not None)
     if kernel.ndim < lead + config.in_axes + 1:
       raise ValueError(
-          f"{name!r} has shape {tuple(kernel.shape)}, too few axes for {lead} layer axis and in_axes="
-          f"{config.in_axes} plus an output axis; fix SoraConfig.in_axes or SoraConfig.stacked.")
+        f"{name!r} has shape {tuple(kernel.shape)}, too few axes for {lead} layer axis and in_axes="
+        f"{config.in_axes} plus an output axis; fix SoraConfig.in_axes or SoraConfig.stacked."
+      )
     lead_shape = kernel.shape[:lead]
-    in_shape = kernel.shape[lead:lead + config.in_axes]
-    out_shape = kernel.shape[lead + config.in_axes:]
+    in_shape = kernel.shape[lead : lead + config.in_axes]
+    out_shape = kernel.shape[lead + config.in_axes :]
     fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
     if config.rank > min(fan_in, fan_out):
       raise ValueError(
-          f"SoRA rank {config.rank} exceeds min(in, out) = min({fan_in}, {fan_out}) of {name!r} (shape "
-          f"{tuple(kernel.shape)}, layer axes {lead}, in_axes {config.in_axes}); lower SoraConfig.rank or drop "
-          f"this kernel from targets.")
+        f"SoRA rank {config.rank} exceeds min(in, out) = min({fan_in}, {fan_out}) of {name!r} (shape "
+        f"{tuple(kernel.shape)}, layer axes {lead}, in_axes {config.in_axes}); lower SoraConfig.rank or drop "
+        f"this kernel from targets."
+      )
     key_a, key_g = jax.random.split(key)
     bound = 1.0 / math.sqrt(fan_in)
     dtype = kernel.dtype
     module = path[:-1]
-    out[module + (A,)] = jax.random.uniform(
-        key_a, lead_shape + in_shape + (config.rank,), dtype, -bound, bound)
+    out[module + (A,)] = jax.random.uniform(key_a, lead_shape + in_shape + (config.rank,), dtype, -bound, bound)
     out[module + (B,)] = jnp.zeros(lead_shape + (config.rank,) + out_shape, dtype)
     if config.gate_init == "ones":
       out[module + (GATE,)] = jnp.ones(lead_shape + (config.rank,), dtype)
@@ -277,8 +283,10 @@ def _rules(config: Config) -> list[Any] | None:
     return [config]
   if isinstance(config, (list, tuple)) and all(isinstance(rule, qwix.QuantizationRule) for rule in config):
     return list(config)
-  raise TypeError(f"config must be a SoraConfig, a SoraProvider, a SoraRule (or qwix.LoraRule) or a sequence of "
-                  f"rules, got {type(config).__name__}.")
+  raise TypeError(
+    f"config must be a SoraConfig, a SoraProvider, a SoraRule (or qwix.LoraRule) or a sequence of "
+    f"rules, got {type(config).__name__}."
+  )
 
 
 def scale_and_rank(config: Config, weight: Path) -> tuple[float, int]:
@@ -291,8 +299,10 @@ def scale_and_rank(config: Config, weight: Path) -> tuple[float, int]:
   for rule in rules:
     if isinstance(rule, qwix.LoraRule) and re.fullmatch(rule.module_path, module):
       return rule.alpha / rule.rank, rule.rank
-  raise ValueError(f"no LoRA/SoRA rule's module_path matches {module!r} (adapter of {path_str(weight)!r}); pass the "
-                   "provider or rules that created the adapters.")
+  raise ValueError(
+    f"no LoRA/SoRA rule's module_path matches {module!r} (adapter of {path_str(weight)!r}); pass the "
+    "provider or rules that created the adapters."
+  )
 
 
 def weight_roles(vals: dict[Path, Any], rec: leaves.AdapterPaths) -> layout.WeightRoles:
@@ -302,21 +312,26 @@ def weight_roles(vals: dict[Path, Any], rec: leaves.AdapterPaths) -> layout.Weig
   a_shape, b_shape, gate = np.shape(vals[rec.a]), np.shape(vals[rec.b]), vals.get(rec.gate)
   if rec.layout == "linen":
     return layout.linen_roles(len(w_shape), len(a_shape), len(b_shape))
-  return layout.read_roles(path_str(rec.weight), w_shape, a_shape, b_shape, None if gate is None else np.shape(gate),
-                           vals.get(rec.axes))
+  return layout.read_roles(
+    path_str(rec.weight), w_shape, a_shape, b_shape, None if gate is None else np.shape(gate), vals.get(rec.axes)
+  )
 
 
 def adapter_records(vals: dict[Path, Any], fn: str, config: Config | None = None) -> list[leaves.AdapterPaths]:
   """The adapters of a flat tree; a tree without any is an error (unless a SoraConfig's targets show a linen tree
   whose every module was pruned to rank 0)."""
   records = leaves.find_adapters(vals)
-  if records or (isinstance(config, SoraConfig) and any(
-      path[-1] == "kernel" and any(re.fullmatch(t, path_str(path)) for t in config.targets) for path in vals)):
+  if records or (
+    isinstance(config, SoraConfig)
+    and any(path[-1] == "kernel" and any(re.fullmatch(t, path_str(path)) for t in config.targets) for path in vals)
+  ):
     return records
   examples = ", ".join(path_str(p) for p in list(vals)[:4])
-  raise ValueError(f"{fn}: the tree has no adapters (no 'sora_a' or '<w>_lora_a' leaf among {len(vals)} leaves, e.g. "
-                   f"{examples or 'none'}); pass the adapted tree (params after sora_jax.init, or nnx.state(model) "
-                   "after sora_jax.apply_sora).")
+  raise ValueError(
+    f"{fn}: the tree has no adapters (no 'sora_a' or '<w>_lora_a' leaf among {len(vals)} leaves, e.g. "
+    f"{examples or 'none'}); pass the adapted tree (params after sora_jax.init, or nnx.state(model) "
+    "after sora_jax.apply_sora)."
+  )
 
 
 def _values(flat: dict[Path, Any]) -> dict[Path, Any]:
@@ -327,13 +342,18 @@ def _base_weight(flat: dict[Path, Any], weight: Path, fn: str) -> Any:
   """The base weight's array, or a clear error when it is absent or quantized (QLoRA)."""
   w = flat.get(weight)
   quantized = isinstance(w, (_qwix.WithAux, _qwix.QArray)) or (
-      w is None and any(p[:len(weight)] == weight and len(p) > len(weight) for p in flat))
+    w is None and any(p[: len(weight)] == weight and len(p) > len(weight) for p in flat)
+  )
   if quantized:
-    raise ValueError(f"{fn}: {path_str(weight)!r} is a quantized (QLoRA) weight; adding the delta to it would lose "
-                     "precision. Merge into the float weights instead (e.g. the model before quantization).")
+    raise ValueError(
+      f"{fn}: {path_str(weight)!r} is a quantized (QLoRA) weight; adding the delta to it would lose "
+      "precision. Merge into the float weights instead (e.g. the model before quantization)."
+    )
   if w is None:
-    raise ValueError(f"{fn}: {path_str(weight)!r}, the base weight of an adapter, is not in the tree; merge the full "
-                     "tree (e.g. combine(trainable, frozen)).")
+    raise ValueError(
+      f"{fn}: {path_str(weight)!r}, the base weight of an adapter, is not in the tree; merge the full "
+      "tree (e.g. combine(trainable, frozen))."
+    )
   return w
 
 
@@ -446,7 +466,7 @@ def prune(params: PyTree, config: Config | None = None) -> PyTree:
     if gate is None and rec.layout == "qwix":
       continue
     batching = layout.batching(weight_roles(vals, rec))
-    ones = np.ones(np.shape(b)[:batching.nb] + (np.shape(a)[-1],), np.float32)
+    ones = np.ones(np.shape(b)[: batching.nb] + (np.shape(a)[-1],), np.float32)
     new = layout.prune_one(*(np.asarray(x, np.float32) for x in (a, b, ones if gate is None else gate)), batching)
     for path, old, value in zip(rec.leaves, (a, b, gate), new):
       if old is not None:
@@ -461,6 +481,7 @@ def prune(params: PyTree, config: Config | None = None) -> PyTree:
 
 class RankRow(NamedTuple):
   """One adapted module (one layer of it when stacked)."""
+
   path: str
   layer: int | None
   rank_max: int
@@ -476,6 +497,7 @@ class RankReport(NamedTuple):
   `retained_params = rank * (in + out)` per row; `fraction = retained_params / max_params` where
   `max_params = rank_max * (in + out)` summed over rows; `base_params` counts the non-adapter leaves.
   """
+
   rows: tuple[RankRow, ...]
   retained_params: int
   max_params: int
@@ -493,10 +515,14 @@ class RankReport(NamedTuple):
     width = max([len("module")] + [len(_row_name(r)) for r in self.rows])
     lines = [f"{'module':<{width}}  {'rank':>9}  {'in':>7}  {'out':>7}  {'params':>10}"]
     for r in self.rows:
-      lines.append(f"{_row_name(r):<{width}}  {f'{r.rank}/{r.rank_max}':>9}  {r.fan_in:>7}  {r.fan_out:>7}  "
-                   f"{r.retained_params:>10}")
-    lines.append(f"total: {self.retained_params} of {self.max_params} adapter params ({100 * self.fraction:.2f}%), "
-                 f"{100 * self.fraction_of_base:.4f}% of {self.base_params} base params")
+      lines.append(
+        f"{_row_name(r):<{width}}  {f'{r.rank}/{r.rank_max}':>9}  {r.fan_in:>7}  {r.fan_out:>7}  "
+        f"{r.retained_params:>10}"
+      )
+    lines.append(
+      f"total: {self.retained_params} of {self.max_params} adapter params ({100 * self.fraction:.2f}%), "
+      f"{100 * self.fraction_of_base:.4f}% of {self.base_params} base params"
+    )
     return "\n".join(lines)
 
 
@@ -528,19 +554,23 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
     fan_in, fan_out = layout.fans(np.shape(vals[rec.a]), np.shape(b), batching)
     name = path_str(rec.module if rec.layout == "linen" else rec.weight)
     for layer, rank in enumerate(ranks):
-      rows.append(RankRow(name, layer if batching.nb > 0 else None, rank_max, int(rank), fan_in, fan_out,
-                          int(rank) * (fan_in + fan_out)))
+      rows.append(
+        RankRow(
+          name, layer if batching.nb > 0 else None, rank_max, int(rank), fan_in, fan_out, int(rank) * (fan_in + fan_out)
+        )
+      )
   if isinstance(config, SoraConfig):
     for path, kernel in vals.items():
       targeted = any(re.fullmatch(t, path_str(path)) for t in config.targets)
       if path[-1] == "kernel" and path not in adapted and targeted:
         # Targeted but without adapter leaves: pruned to rank 0.
         lead = int(config.stacked is not None and re.fullmatch(config.stacked, path_str(path)) is not None)
-        fan_in = math.prod(kernel.shape[lead:lead + config.in_axes])
-        fan_out = math.prod(kernel.shape[lead + config.in_axes:])
+        fan_in = math.prod(kernel.shape[lead : lead + config.in_axes])
+        fan_out = math.prod(kernel.shape[lead + config.in_axes :])
         for layer in range(math.prod(kernel.shape[:lead])):
           rows.append(RankRow(path_str(path[:-1]), layer if lead else None, config.rank, 0, fan_in, fan_out, 0))
   rows.sort(key=lambda row: (row.path, row.layer or 0))
   base = sum(int(np.size(v)) for p, v in vals.items() if not leaves.is_adapter_leaf(p))
-  return RankReport(tuple(rows), sum(r.retained_params for r in rows),
-                    sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base)
+  return RankReport(
+    tuple(rows), sum(r.retained_params for r in rows), sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base
+  )

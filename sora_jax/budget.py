@@ -20,6 +20,7 @@ their raw gradient (`sora_jax.gate_step`), so after the L1 step |g| ranks by wha
 `cut_to_budget` (host, after training) zeroes the gates of smallest |g| until the retained parameters are at or below
 a budget: a no-op after `sora_budget`, and the tool to put any SoRA (or LoRA) adapter on a budget after the fact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,18 @@ import numpy as np
 import optax
 
 from sora_jax import leaves
-from sora_jax.gate_step import (GateMask, NO_PARAMS, check_nonnegative, gate_leaves, is_variable, key_name, own_gates,
-                                resolve_gates, schedule_value, soft_threshold)
+from sora_jax.gate_step import (
+  GateMask,
+  NO_PARAMS,
+  check_nonnegative,
+  gate_leaves,
+  is_variable,
+  key_name,
+  own_gates,
+  resolve_gates,
+  schedule_value,
+  soft_threshold,
+)
 
 PyTree = Any
 
@@ -45,14 +56,16 @@ class SoraBudgetState(NamedTuple):
   active_fraction: retained fraction f_t of the adapter parameters after the last step.
   target_fraction: the scheduled target f*_t of the last step.
   """
+
   count: jax.Array
   lam: jax.Array
   active_fraction: jax.Array
   target_fraction: jax.Array
 
 
-def budget_schedule(target_fraction: float | jax.Array, total_steps: int | jax.Array, *, start: float = 0.1,
-                    reach: float = 0.7) -> optax.Schedule:
+def budget_schedule(
+  target_fraction: float | jax.Array, total_steps: int | jax.Array, *, start: float = 0.1, reach: float = 0.7
+) -> optax.Schedule:
   """The scheduled retained fraction f*_t: 1, then a cubic decrease to `target_fraction` at `reach * total_steps`,
   then constant.
 
@@ -74,8 +87,7 @@ def budget_schedule(target_fraction: float | jax.Array, total_steps: int | jax.A
   return schedule
 
 
-def budget_phases(total_steps: int | jax.Array, start: float = 0.1, reach: float = 0.7
-                  ) -> tuple[jax.Array, jax.Array]:
+def budget_phases(total_steps: int | jax.Array, start: float = 0.1, reach: float = 0.7) -> tuple[jax.Array, jax.Array]:
   """(step where the schedule starts to fall, step count at which `sora_budget` cuts to the budget), float32.
 
   The cut comes at `ceil(reach * total_steps)`, at least one step after the start; the update at that count is the
@@ -99,9 +111,11 @@ def _rank_costs(params: PyTree, gates: PyTree) -> PyTree:
     key = tuple(key_name(k) for k in path)
     rec = by_gate.get(key)
     if rec is None or rec.a not in flat or rec.b not in flat:
-      raise ValueError(f"gate {leaves.path_str(key)} has no A and B beside it among the params the optimizer "
-                       "sees; sora_budget counts a rank's parameters from their shapes, so optimise A, B and the "
-                       "gate together")
+      raise ValueError(
+        f"gate {leaves.path_str(key)} has no A and B beside it among the params the optimizer "
+        "sees; sora_budget counts a rank's parameters from their shapes, so optimise A, B and the "
+        "gate together"
+      )
     size = np.size(leaves.value(leaf))
     costs.append((np.size(leaves.value(flat[rec.a])) + np.size(leaves.value(flat[rec.b]))) / max(size, 1))
   return costs
@@ -115,8 +129,11 @@ def retained_fraction(params: PyTree, mask: PyTree | None = None) -> jax.Array:
   """
   gates = gate_leaves(params) if mask is None else mask
   costs = _rank_costs(params, gates)
-  found = [(leaves.value(leaf), cost) for leaf, cost in zip(jax.tree.leaves(params, is_leaf=is_variable), costs)
-           if cost is not None]
+  found = [
+    (leaves.value(leaf), cost)
+    for leaf, cost in zip(jax.tree.leaves(params, is_leaf=is_variable), costs)
+    if cost is not None
+  ]
   return _active_fraction([g for g, _ in found], [c for _, c in found])
 
 
@@ -127,15 +144,15 @@ def _active_fraction(gates: list[jax.Array], costs: list[float]) -> jax.Array:
 
 
 def sora_budget(
-    target_fraction: float | jax.Array,
-    total_steps: int | jax.Array,
-    *,
-    lam_init: optax.ScalarOrSchedule = 1.0,
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    start: float = 0.1,
-    reach: float = 0.7,
-    mask: GateMask = None,
-    optimizer: optax.GradientTransformation | None = None,
+  target_fraction: float | jax.Array,
+  total_steps: int | jax.Array,
+  *,
+  lam_init: optax.ScalarOrSchedule = 1.0,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  start: float = 0.1,
+  reach: float = 0.7,
+  mask: GateMask = None,
+  optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SoRA's gate step held to a retained-parameter schedule that ends on a budget.
 
@@ -168,8 +185,9 @@ def sora_budget(
   check_nonnegative("lam_init", lam_init, "sora_budget")
   check_nonnegative("learning_rate", learning_rate, "sora_budget")
   if optimizer is not None:
-    step = sora_budget(target_fraction, total_steps, lam_init=lam_init, learning_rate=learning_rate, start=start,
-                       reach=reach, mask=mask)
+    step = sora_budget(
+      target_fraction, total_steps, lam_init=lam_init, learning_rate=learning_rate, start=start, reach=reach, mask=mask
+    )
     return own_gates(step, optimizer, learning_rate, mask, "sora_budget")
   schedule = budget_schedule(target_fraction, total_steps, start=start, reach=reach)
 
@@ -224,7 +242,7 @@ def _keep_within_budget(values: list[jax.Array], costs: list[float], target_frac
   keep = jnp.zeros(magnitude.shape, bool).at[order].set(fits) & (magnitude > 0)
   out, offset = [], 0
   for v in values:
-    out.append(keep[offset:offset + v.size].reshape(v.shape))
+    out.append(keep[offset : offset + v.size].reshape(v.shape))
     offset += v.size
   return out
 
@@ -232,6 +250,7 @@ def _keep_within_budget(values: list[jax.Array], costs: list[float], target_frac
 @dataclasses.dataclass(frozen=True)
 class BudgetCut:
   """What `cut_to_budget` did: ranks (gate entries) zeroed, and retained parameters before and after."""
+
   cut_ranks: int
   retained_before: int
   retained_after: int
@@ -243,8 +262,13 @@ def adapter_params(params: PyTree) -> int:
   """Adapter parameters at full rank: |A| + |B| summed over the gated modules (`rank_report(...).max_params` of the
   unpruned params)."""
   flat, _ = leaves.flatten(params)
-  return int(sum(np.size(leaves.value(flat[rec.a])) + np.size(leaves.value(flat[rec.b]))
-                 for rec in leaves.find_adapters(flat) if rec.gate in flat))
+  return int(
+    sum(
+      np.size(leaves.value(flat[rec.a])) + np.size(leaves.value(flat[rec.b]))
+      for rec in leaves.find_adapters(flat)
+      if rec.gate in flat
+    )
+  )
 
 
 def cut_to_budget(params: PyTree, budget_params: int) -> tuple[PyTree, BudgetCut]:
@@ -278,6 +302,5 @@ def cut_to_budget(params: PyTree, budget_params: int) -> tuple[PyTree, BudgetCut
     for index in indices:
       gate[index] = 0
     out[path] = leaves.rewrap(flat[path], jnp.asarray(gate, leaves.value(flat[path]).dtype))
-  report = BudgetCut(sum(len(v) for v in cut.values()), int(before), int(retained), int(budget_params),
-                     int(max_params))
+  report = BudgetCut(sum(len(v) for v in cut.values()), int(before), int(retained), int(budget_params), int(max_params))
   return rebuild(out), report

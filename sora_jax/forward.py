@@ -10,6 +10,7 @@ the same mechanism works unrolled, under `nn.scan` (which slices the leading lay
 `jax.jit` and `jax.grad`. Modules without adapters run unchanged. The mechanism is
 `flax.linen.intercept_methods`; nothing about the model's code changes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,9 @@ def adapter_output(module: nn.Module, x: jax.Array, config: SoraConfig, determin
   axes = _input_axes(module, x)
   if a.ndim - 1 != len(axes):
     raise ValueError(
-        f"SoRA adapter at {'/'.join(module.path)} has a of shape {a.shape} ({a.ndim - 1} input axes) but the module "
-        f"contracts {len(axes)} input axes; was the tree initialised with the right in_axes / stacked?")
+      f"SoRA adapter at {'/'.join(module.path)} has a of shape {a.shape} ({a.ndim - 1} input axes) but the module "
+      f"contracts {len(axes)} input axes; was the tree initialised with the right in_axes / stacked?"
+    )
   if config.dropout > 0.0 and not deterministic:
     keep = 1.0 - config.dropout
     keep_mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
@@ -110,7 +112,7 @@ def adapter_output(module: nn.Module, x: jax.Array, config: SoraConfig, determin
   batch_axes = tuple(ax for ax in range(x.ndim) if ax not in axes)
   if batch_axes + axes != tuple(range(x.ndim)):
     x = jnp.transpose(x, batch_axes + axes)
-  batch_shape = x.shape[:len(batch_axes)]
+  batch_shape = x.shape[: len(batch_axes)]
   x = x.reshape(batch_shape + (-1,))
   # The scale rides on the (rank,) gate so it multiplies the small (..., rank) tensor, not the (..., out) output:
   # on CPU the step is bound by memory traffic, and an extra pass over the output costs more than its flops.
@@ -135,8 +137,12 @@ def factored(config: SoraConfig, deterministic: bool = True) -> Iterator[None]:
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, _DENSE) or module.scope is None
-        or not module.has_variable("params", A)):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(module, _DENSE)
+      or module.scope is None
+      or not module.has_variable("params", A)
+    ):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
@@ -146,8 +152,9 @@ def factored(config: SoraConfig, deterministic: bool = True) -> Iterator[None]:
     yield
 
 
-def apply_factored(model: nn.Module, variables: Any, *args, config: SoraConfig, adapter_deterministic: bool = True,
-                   **kwargs) -> Any:
+def apply_factored(
+  model: nn.Module, variables: Any, *args, config: SoraConfig, adapter_deterministic: bool = True, **kwargs
+) -> Any:
   """`model.apply(variables, *args, **kwargs)` inside `factored(config, adapter_deterministic)`."""
   with factored(config, deterministic=adapter_deterministic):
     return model.apply(variables, *args, **kwargs)

@@ -15,6 +15,7 @@ consistency of the gradient to lambda, not its size. Dividing by one number for 
 leaf (it never sees the gates: no moments, no weight decay on them), and the gate step (`sora_proximal`'s or
 `sora_budget`'s thresholding) receives u = -(eta_t / rms_t) dL/dg.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ class OwnedGatesState(NamedTuple):
   optimizer: the state of the user's optimizer over the non-gate leaves.
   gate_step: the state of the gate step (`SoraProximalState` or `SoraBudgetState`).
   """
+
   count: jax.Array
   optimizer: optax.OptState
   gate_step: optax.OptState
@@ -88,7 +90,8 @@ def gate_leaves(params: PyTree) -> PyTree:
   `<w>_lora_gate`, or of NNX type `SoraGate`."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
   return jax.tree_util.tree_unflatten(
-      treedef, [leaves.is_gate(tuple(key_name(k) for k in path), leaf) for path, leaf in flat])
+    treedef, [leaves.is_gate(tuple(key_name(k) for k in path), leaf) for path, leaf in flat]
+  )
 
 
 def resolve_gates(params: PyTree, mask: GateMask, name: str) -> PyTree:
@@ -99,18 +102,19 @@ def resolve_gates(params: PyTree, mask: GateMask, name: str) -> PyTree:
   gates = gate_leaves(params)
   if not any(jax.tree.leaves(gates)):
     raise ValueError(
-        f"{name} found no gate in params (no leaf named 'sora_gate' or '<weight>_lora_gate', no "
-        "sora_jax.SoraGate): was the model adapted (sora_jax.init / sora_jax.apply_sora), and are the gates "
-        "among the optimised params (e.g. nnx.Optimizer(..., wrt=nnx.LoRAParam))? Or pass mask=...")
+      f"{name} found no gate in params (no leaf named 'sora_gate' or '<weight>_lora_gate', no "
+      "sora_jax.SoraGate): was the model adapted (sora_jax.init / sora_jax.apply_sora), and are the gates "
+      "among the optimised params (e.g. nnx.Optimizer(..., wrt=nnx.LoRAParam))? Or pass mask=..."
+    )
   return gates
 
 
 def own_gates(
-    gate_step: optax.GradientTransformationExtraArgs,
-    optimizer: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule | None,
-    mask: GateMask,
-    name: str,
+  gate_step: optax.GradientTransformationExtraArgs,
+  optimizer: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule | None,
+  mask: GateMask,
+  name: str,
 ) -> optax.GradientTransformationExtraArgs:
   """`optimizer` on every leaf but the gates, and `gate_step` on the gates' raw-gradient step.
 
@@ -129,8 +133,10 @@ def own_gates(
     ValueError: `learning_rate` is None.
   """
   if learning_rate is None:
-    raise ValueError(f"{name}(optimizer=...) needs learning_rate=, the gates' step size eta "
-                     "(g <- S_{eta lam}(g - eta dL/dg / rms)), e.g. the optimizer's own learning rate")
+    raise ValueError(
+      f"{name}(optimizer=...) needs learning_rate=, the gates' step size eta "
+      "(g <- S_{eta lam}(g - eta dL/dg / rms)), e.g. the optimizer's own learning rate"
+    )
 
   def gates_of(tree):
     return resolve_gates(tree, mask, name)
@@ -139,8 +145,9 @@ def own_gates(
   others = optax.masked(optimizer, not_gate)
 
   def init_fn(params):
-    return OwnedGatesState(jnp.zeros([], jnp.int32), others.init(params), gate_step.init(params),
-                           jnp.zeros([], jnp.float32))
+    return OwnedGatesState(
+      jnp.zeros([], jnp.int32), others.init(params), gate_step.init(params), jnp.zeros([], jnp.float32)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -149,8 +156,11 @@ def own_gates(
     # optax.masked leaves the gates' entries as they came in: the raw gradient.
     updates, optimizer_state = others.update(updates, state.optimizer, params, **extra_args)
     is_leaf = lambda x: x is None or is_variable(x)  # noqa: E731
-    grads = [leaves.value(u).astype(jnp.float32) for is_gate, u in
-             zip(jax.tree.leaves(gates), jax.tree.leaves(updates, is_leaf=is_leaf)) if is_gate and u is not None]
+    grads = [
+      leaves.value(u).astype(jnp.float32)
+      for is_gate, u in zip(jax.tree.leaves(gates), jax.tree.leaves(updates, is_leaf=is_leaf))
+      if is_gate and u is not None
+    ]
     mean_square = sum(jnp.sum(g * g) for g in grads) / max(sum(g.size for g in grads), 1)
     count = optax.safe_increment(state.count)
     nu = _NU_DECAY * state.nu + (1 - _NU_DECAY) * mean_square

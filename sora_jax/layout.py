@@ -16,6 +16,7 @@ gets its roles recorded beside the adapter when the adapter is created, as the i
 (`encode`); `read_roles` prefers that record. A leaf is an array, so the record survives `nnx.state`,
 `nnx.split`/`nnx.merge`, `nnx.to_pure_dict` and checkpoints.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,6 +38,7 @@ class WeightRoles(NamedTuple):
   kernel (*lead, *in, *out): A (*W[batch], *W[contract], r), B (*W[batch], r, *W[remain]), gate (*W[batch], r), the
   stacked-layer axes being the batch axes.
   """
+
   kind: Kind
   batch: tuple[int, ...]
   contract: tuple[int, ...]
@@ -59,8 +61,11 @@ class WeightRoles(NamedTuple):
     dims = lambda axes: tuple(w_shape[i] for i in axes)
     gate = (*dims(self.batch), rank)
     if self.kind == "dot":
-      return ((*dims(self.batch), math.prod(dims(self.contract)), rank),
-              (*dims(self.batch), rank, math.prod(dims(self.remain))), gate)
+      return (
+        (*dims(self.batch), math.prod(dims(self.contract)), rank),
+        (*dims(self.batch), rank, math.prod(dims(self.remain))),
+        gate,
+      )
     b = tuple(rank if i == "r" else w_shape[i] for i in self.b_axes())
     return (*dims(self.a_axes()), rank), b, gate
 
@@ -68,8 +73,11 @@ class WeightRoles(NamedTuple):
     """For each of A, B, gate: the W axis whose sharding each leaf axis takes (None: replicated), as qwix derives
     LoRA shardings (a flattened group takes its first axis's; the rank axis is replicated)."""
     if self.kind == "dot":
-      return ((*self.batch, self.contract[0] if self.contract else None, None),
-              (*self.batch, None, self.remain[0] if self.remain else None), (*self.batch, None))
+      return (
+        (*self.batch, self.contract[0] if self.contract else None, None),
+        (*self.batch, None, self.remain[0] if self.remain else None),
+        (*self.batch, None),
+      )
     return ((*self.a_axes(), None), tuple(None if i == "r" else i for i in self.b_axes()), (*self.batch, None))
 
   @property
@@ -96,8 +104,9 @@ def with_lead(name: str, roles: WeightRoles, a_ndim: int) -> WeightRoles:
   if lead <= 0:
     return roles
   if roles.kind != "dot":
-    raise NotImplementedError(f"{name}: a stacked (nnx.scan) einsum weight is not supported by the tree functions; "
-                              "unstack the layers first.")
+    raise NotImplementedError(
+      f"{name}: a stacked (nnx.scan) einsum weight is not supported by the tree functions; unstack the layers first."
+    )
   shift = lambda axes: tuple(i + lead for i in axes)
   return WeightRoles("dot", tuple(range(lead)) + shift(roles.batch), shift(roles.contract), shift(roles.remain))
 
@@ -111,8 +120,9 @@ def linen_roles(kernel_ndim: int, a_ndim: int, b_ndim: int) -> WeightRoles:
   - kernel.ndim stacked-layer axes (batch), then the input axes (contracting), then the output axes."""
   lead = a_ndim + b_ndim - 2 - kernel_ndim
   n_in = a_ndim - 1 - lead
-  return WeightRoles("linen", tuple(range(lead)), tuple(range(lead, lead + n_in)),
-                     tuple(range(lead + n_in, kernel_ndim)))
+  return WeightRoles(
+    "linen", tuple(range(lead)), tuple(range(lead, lead + n_in)), tuple(range(lead + n_in, kernel_ndim))
+  )
 
 
 def dot_roles(dimension_numbers: Any, rhs_ndim: int) -> WeightRoles:
@@ -136,8 +146,10 @@ def conv_roles(rhs_ndim: int) -> WeightRoles:
 
 def encode(roles: WeightRoles) -> np.ndarray:
   """The record `<w>_lora_axes`: int32 [kind, #batch, #contract, *batch, *contract, *remain] (kind 0 dot, 1 einsum)."""
-  return np.asarray([_KINDS.index(roles.kind), len(roles.batch), len(roles.contract), *roles.batch,
-                     *roles.contract, *roles.remain], np.int32)
+  return np.asarray(
+    [_KINDS.index(roles.kind), len(roles.batch), len(roles.contract), *roles.batch, *roles.contract, *roles.remain],
+    np.int32,
+  )
 
 
 def decode(record: Any) -> WeightRoles:
@@ -145,11 +157,12 @@ def decode(record: Any) -> WeightRoles:
   row = np.asarray(record).reshape(-1, np.shape(record)[-1])[0]
   kind, nb, nc = (int(x) for x in row[:3])
   axes = tuple(int(x) for x in row[3:])
-  return WeightRoles(_KINDS[kind], axes[:nb], axes[nb:nb + nc], axes[nb + nc:])
+  return WeightRoles(_KINDS[kind], axes[:nb], axes[nb : nb + nc], axes[nb + nc :])
 
 
-def convention(w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
-               gate_shape: Sequence[int] | None) -> WeightRoles | None:
+def convention(
+  w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int], gate_shape: Sequence[int] | None
+) -> WeightRoles | None:
   """The conventional reading of W's axes from the leaf shapes (see the module docstring); None when none fits."""
   w_shape, a_shape, b_shape = tuple(w_shape), tuple(a_shape), tuple(b_shape)
   rank = a_shape[-1] if a_shape else -1
@@ -175,8 +188,14 @@ def needs_record(roles: WeightRoles, w_shape: Sequence[int], rank: int, gated: b
   return found is None or found.canonical(w_shape, gated) != roles.canonical(w_shape, gated)
 
 
-def read_roles(name: str, w_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
-               gate_shape: Sequence[int] | None, record: Any = None) -> WeightRoles:
+def read_roles(
+  name: str,
+  w_shape: Sequence[int],
+  a_shape: Sequence[int],
+  b_shape: Sequence[int],
+  gate_shape: Sequence[int] | None,
+  record: Any = None,
+) -> WeightRoles:
   """The roles of W's axes: the recorded `<w>_lora_axes` when given (stacked layers added), else the convention.
 
   Raises:
@@ -188,17 +207,20 @@ def read_roles(name: str, w_shape: Sequence[int], a_shape: Sequence[int], b_shap
     roles = convention(w_shape, a_shape, b_shape, gate_shape)
   if roles is None or roles.shapes(w_shape, a_shape[-1])[:2] != (tuple(a_shape), tuple(b_shape)):
     gate = None if gate_shape is None else tuple(gate_shape)
-    raise ValueError(f"{name}: the adapter's shapes do not fit qwix's LoRA layout of this weight (weight "
-                     f"{tuple(w_shape)}, A {tuple(a_shape)}, B {tuple(b_shape)}, gate {gate}); was the tree edited, or "
-                     "does it come from another model?")
+    raise ValueError(
+      f"{name}: the adapter's shapes do not fit qwix's LoRA layout of this weight (weight "
+      f"{tuple(w_shape)}, A {tuple(a_shape)}, B {tuple(b_shape)}, gate {gate}); was the tree edited, or "
+      "does it come from another model?"
+    )
   return roles
 
 
-def delta(roles: WeightRoles, w_shape: Sequence[int], a: jax.Array, b: jax.Array, gate: jax.Array | None,
-          scale: float) -> jax.Array:
+def delta(
+  roles: WeightRoles, w_shape: Sequence[int], a: jax.Array, b: jax.Array, gate: jax.Array | None, scale: float
+) -> jax.Array:
   """s * A diag(gate) B laid out like W (shape `w_shape`); differentiable, jit-able."""
   letters = string.ascii_letters
-  w_sub = letters[:len(w_shape)]
+  w_sub = letters[: len(w_shape)]
   r = letters[len(w_shape)]
   rank = a.shape[-1]
   a = a.reshape(*(w_shape[i] for i in roles.a_axes()), rank)
@@ -216,6 +238,7 @@ def delta(roles: WeightRoles, w_shape: Sequence[int], a: jax.Array, b: jax.Array
 class Batching(NamedTuple):
   """How the gate's batch axes sit in A and B: `nb` batch axes; `b_batched`: B carries them (dot_general, or no
   batch); `a_positions`: where they are among A's non-rank axes."""
+
   nb: int
   b_batched: bool
   a_positions: tuple[int, ...]
@@ -234,7 +257,7 @@ def fans(a_shape, b_shape, layout: Batching) -> tuple[int, int]:
   batch = math.prod(a_shape[i] for i in layout.a_positions)
   fan_in = math.prod(a_shape[:-1]) // max(batch, 1)
   if layout.b_batched:
-    return fan_in, math.prod(b_shape[layout.nb + 1:])
+    return fan_in, math.prod(b_shape[layout.nb + 1 :])
   return fan_in, math.prod(b_shape[1:])
 
 
@@ -244,7 +267,7 @@ def active_ranks(gate: np.ndarray | None, b: np.ndarray, layout: Batching) -> np
   # Explicit sizes: at r = 0 a -1 in reshape is ambiguous.
   if layout.b_batched:
     nb = layout.nb
-    b_on = np.any(b.reshape(math.prod(b.shape[:nb]), r, math.prod(b.shape[nb + 1:])) != 0, axis=-1)
+    b_on = np.any(b.reshape(math.prod(b.shape[:nb]), r, math.prod(b.shape[nb + 1 :])) != 0, axis=-1)
   else:
     b_on = np.any(b.reshape(r, math.prod(b.shape[1:])) != 0, axis=-1)[None]
   if gate is None:
@@ -252,8 +275,9 @@ def active_ranks(gate: np.ndarray | None, b: np.ndarray, layout: Batching) -> np
   return (gate.reshape(math.prod(gate.shape[:-1]), r) != 0) & b_on
 
 
-def prune_one(a: np.ndarray, b: np.ndarray, gate: np.ndarray, layout: Batching
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prune_one(
+  a: np.ndarray, b: np.ndarray, gate: np.ndarray, layout: Batching
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cuts the off ranks of one gated adapter and folds the gate in; returns (A, B, gate) at rank k.
 
   B carries the batch axes (dot_general, or no batch): k = the largest active count over batch entries, each entry's
@@ -268,18 +292,21 @@ def prune_one(a: np.ndarray, b: np.ndarray, gate: np.ndarray, layout: Batching
   if layout.b_batched:
     entries = math.prod(batch_shape)
     a2 = a.reshape(entries, math.prod(a.shape[nb:-1]), r)
-    b2 = b.reshape(entries, r, math.prod(b.shape[nb + 1:])) * gate.reshape(entries, r, 1).astype(b.dtype)
+    b2 = b.reshape(entries, r, math.prod(b.shape[nb + 1 :])) * gate.reshape(entries, r, 1).astype(b.dtype)
     k = int(active.sum(axis=-1).max(initial=0))
     new_a = np.zeros(a2.shape[:-1] + (k,), a.dtype)
     new_b = np.zeros((entries, k, b2.shape[-1]), b.dtype)
     new_gate = np.zeros((entries, k), gate.dtype)
     for entry, on in enumerate(active):
       idx = np.flatnonzero(on)
-      new_a[entry, :, :idx.size] = a2[entry][:, idx]
-      new_b[entry, :idx.size] = b2[entry][idx]
-      new_gate[entry, :idx.size] = 1
-    return (new_a.reshape(a.shape[:-1] + (k,)), new_b.reshape(b.shape[:nb] + (k,) + b.shape[nb + 1:]),
-            new_gate.reshape(batch_shape + (k,)))
+      new_a[entry, :, : idx.size] = a2[entry][:, idx]
+      new_b[entry, : idx.size] = b2[entry][idx]
+      new_gate[entry, : idx.size] = 1
+    return (
+      new_a.reshape(a.shape[:-1] + (k,)),
+      new_b.reshape(b.shape[:nb] + (k,) + b.shape[nb + 1 :]),
+      new_gate.reshape(batch_shape + (k,)),
+    )
   keep = np.flatnonzero(active.any(axis=0))
   g_shape = [1] * (a.ndim - 1) + [r]
   for pos, size in zip(layout.a_positions, batch_shape):

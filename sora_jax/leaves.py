@@ -18,6 +18,7 @@ Three kinds of tree are accepted, and each function returns the kind it was give
 `flatten` gives {path tuple: leaf} and a function that rebuilds the same kind of tree from such a dict; `value` and
 `rewrap` read and replace a leaf's array while keeping an `nnx.Variable`'s type and metadata (e.g. sharding).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,6 +90,7 @@ def is_gate(path: Path, leaf: Any = None) -> bool:
 @dataclasses.dataclass(frozen=True)
 class AdapterPaths:
   """Where one adapted weight and its leaves sit in a flat tree (gate and axes paths are given even when absent)."""
+
   layout: Layout
   weight: Path
   a: Path
@@ -110,8 +112,14 @@ def adapter_paths(weight: Path, layout: Layout) -> AdapterPaths:
   module, name = weight[:-1], weight[-1]
   if layout == "linen":
     return AdapterPaths("linen", weight, module + (A,), module + (B,), module + (GATE,))
-  return AdapterPaths("qwix", weight, module + (name + QWIX_A,), module + (name + QWIX_B,),
-                      module + (name + QWIX_GATE,), module + (name + QWIX_AXES,))
+  return AdapterPaths(
+    "qwix",
+    weight,
+    module + (name + QWIX_A,),
+    module + (name + QWIX_B,),
+    module + (name + QWIX_GATE,),
+    module + (name + QWIX_AXES,),
+  )
 
 
 def find_adapters(paths: Iterable[Path]) -> list[AdapterPaths]:
@@ -128,7 +136,7 @@ def find_adapters(paths: Iterable[Path]) -> list[AdapterPaths]:
     if name == A:
       out.append(adapter_paths(path[:-1] + (KERNEL,), "linen"))
     elif name.endswith(QWIX_A) and len(name) > len(QWIX_A):
-      out.append(adapter_paths(path[:-1] + (name[:-len(QWIX_A)],), "qwix"))
+      out.append(adapter_paths(path[:-1] + (name[: -len(QWIX_A)],), "qwix"))
   return sorted(out, key=lambda rec: tuple(str(k) for k in rec.weight))
 
 
@@ -142,10 +150,12 @@ def weight_shape(flat: Flat, weight: Path) -> tuple[int, ...]:
   if weight in flat:
     return tuple(value(flat[weight]).shape)
   for path, leaf in flat.items():
-    if path[:len(weight)] == weight and path[-1] == "qvalue":
+    if path[: len(weight)] == weight and path[-1] == "qvalue":
       return tuple(value(leaf).shape)
-  raise ValueError(f"{path_str(weight)!r}, the base weight of an adapter, is not in the tree; the tree functions read "
-                   "the weight's shape, so pass the full tree (nnx.state(model), or combine(trainable, frozen)).")
+  raise ValueError(
+    f"{path_str(weight)!r}, the base weight of an adapter, is not in the tree; the tree functions read "
+    "the weight's shape, so pass the full tree (nnx.state(model), or combine(trainable, frozen))."
+  )
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -170,8 +180,10 @@ def flatten(tree: PyTree) -> tuple[Flat, Callable[[Flat], PyTree]]:
     return {}, lambda new: traverse_util.unflatten_dict(new)
   flat = traverse_util.flatten_dict(tree)
   if flat and all(len(path) > 1 and path[-1] == _ORBAX_VALUE for path in flat):
-    return ({path[:-1]: leaf for path, leaf in flat.items()},
-            lambda new: traverse_util.unflatten_dict({path + (_ORBAX_VALUE,): leaf for path, leaf in new.items()}))
+    return (
+      {path[:-1]: leaf for path, leaf in flat.items()},
+      lambda new: traverse_util.unflatten_dict({path + (_ORBAX_VALUE,): leaf for path, leaf in new.items()}),
+    )
   return flat, traverse_util.unflatten_dict
 
 

@@ -14,6 +14,7 @@ it, u is whatever the preceding transformation of a chain produced (e.g. AdamW's
 The official code (`SparseAdamW.step`) uses tau = lam unscaled by the learning rate, and applies three sequential
 masked writes; the third also zeroes values that the first two moved into (0, tau). Ours is the exact operator.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -23,23 +24,33 @@ import jax.numpy as jnp
 import optax
 
 from sora_jax import leaves
-from sora_jax.gate_step import (GateMask, NO_PARAMS, check_nonnegative, gate_leaves, is_variable, own_gates,
-                                resolve_gates, schedule_value, soft_threshold)
+from sora_jax.gate_step import (
+  GateMask,
+  NO_PARAMS,
+  check_nonnegative,
+  gate_leaves,
+  is_variable,
+  own_gates,
+  resolve_gates,
+  schedule_value,
+  soft_threshold,
+)
 
 PyTree = Any
 
 
 class SoraProximalState(NamedTuple):
   """State of `sora_proximal`: the number of steps taken."""
+
   count: jax.Array
 
 
 def sora_proximal(
-    lam: optax.ScalarOrSchedule,
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    mask: GateMask = None,
-    *,
-    optimizer: optax.GradientTransformation | None = None,
+  lam: optax.ScalarOrSchedule,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  mask: GateMask = None,
+  *,
+  optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Proximal L1 step on SoRA gates.
 
@@ -117,8 +128,11 @@ def gate_l1_penalty(params: PyTree) -> jax.Array:
   The official trainer adds lam * sum_modules sum |g| / (number of gate entries) to the loss; with the proximal step
   in place this term is optional.
   """
-  gates = [leaves.value(leaf) for leaf, is_gate in zip(jax.tree.leaves(params, is_leaf=is_variable),
-                                                      jax.tree.leaves(gate_leaves(params))) if is_gate]
+  gates = [
+    leaves.value(leaf)
+    for leaf, is_gate in zip(jax.tree.leaves(params, is_leaf=is_variable), jax.tree.leaves(gate_leaves(params)))
+    if is_gate
+  ]
   if not gates:
     return jnp.zeros([], jnp.float32)
   total = sum(jnp.sum(jnp.abs(g)) for g in gates)

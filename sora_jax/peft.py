@@ -25,6 +25,7 @@ This module knows no model family. Module names (`bert.encoder.layer.0.attention
 protocol below: `module_name(weight path)`, `in_axes`, `weight_path`, `hf_tensor`, `hf_config`). A naming object
 with `in_axes` selects the qwix path.
 """
+
 from __future__ import annotations
 
 import collections
@@ -62,667 +63,749 @@ Flat = dict[tuple[str, ...], Any]
 
 
 class PeftNaming(Protocol):
-    """What the model side tells the PEFT code about a qwix-layout model (e.g. `sora_jax.models.TunixNaming`).
+  """What the model side tells the PEFT code about a qwix-layout model (e.g. `sora_jax.models.TunixNaming`).
 
-    model_type: transformers' `config.model_type` the names belong to ('qwen3', 'llama').
-    module_name(weight): the transformers Linear module name of our weight path (`model.layers.0.self_attn.q_proj`),
-      or None when the weight is not such a Linear.
-    in_axes(weight): k such that the weight's first k axes are the Linear's input features and the rest its outputs.
-    weight_path(module_name): the inverse of `module_name` (None: no such module).
-    hf_tensor(weight, array): (transformers key, tensor) of any base weight, for merged checkpoints.
-    hf_config(): config.json of the transformers model.
-    """
+  model_type: transformers' `config.model_type` the names belong to ('qwen3', 'llama').
+  module_name(weight): the transformers Linear module name of our weight path (`model.layers.0.self_attn.q_proj`),
+    or None when the weight is not such a Linear.
+  in_axes(weight): k such that the weight's first k axes are the Linear's input features and the rest its outputs.
+  weight_path(module_name): the inverse of `module_name` (None: no such module).
+  hf_tensor(weight, array): (transformers key, tensor) of any base weight, for merged checkpoints.
+  hf_config(): config.json of the transformers model.
+  """
 
-    model_type: str
+  model_type: str
 
-    def module_name(self, weight: tuple) -> str | None: ...
+  def module_name(self, weight: tuple) -> str | None: ...
 
-    def in_axes(self, weight: tuple) -> int: ...
+  def in_axes(self, weight: tuple) -> int: ...
 
-    def weight_path(self, module_name: str) -> tuple | None: ...
+  def weight_path(self, module_name: str) -> tuple | None: ...
 
-    def hf_tensor(self, weight: tuple, array: np.ndarray) -> tuple[str, np.ndarray]: ...
+  def hf_tensor(self, weight: tuple, array: np.ndarray) -> tuple[str, np.ndarray]: ...
 
-    def hf_config(self) -> dict: ...
+  def hf_config(self) -> dict: ...
 
 
 class LoadedPeft(NamedTuple):
-    """What `load_peft` returns.
+  """What `load_peft` returns.
 
-    params: the model's tree with the adapter as `sora_a` (in, r_m), `sora_b` (r_m, out), `sora_gate` (r_m,) = ones,
-      and the saved head modules replaced.
-    config: the SoRA config whose scale `sora_b` was folded against; use it for `factored`, `merge` and training.
-    ranks: transformers module name -> rank r_m, for every adapted module.
-    """
+  params: the model's tree with the adapter as `sora_a` (in, r_m), `sora_b` (r_m, out), `sora_gate` (r_m,) = ones,
+    and the saved head modules replaced.
+  config: the SoRA config whose scale `sora_b` was folded against; use it for `factored`, `merge` and training.
+  ranks: transformers module name -> rank r_m, for every adapted module.
+  """
 
-    params: dict
-    config: SoraConfig
-    ranks: dict[str, int]
+  params: dict
+  config: SoraConfig
+  ranks: dict[str, int]
 
 
 def _unstacked_flat(params, naming) -> tuple[Flat, bool]:
-    if naming.is_stacked(params):
-        return traverse_util.flatten_dict(naming.unstack(params)), True
-    return traverse_util.flatten_dict(params), False
+  if naming.is_stacked(params):
+    return traverse_util.flatten_dict(naming.unstack(params)), True
+  return traverse_util.flatten_dict(params), False
 
 
 def _check_naming(naming, fn: str) -> None:
-    if naming is None or not hasattr(naming, "module_name"):
-        got = "a transformers config" if hasattr(naming, "model_type") else repr(naming)
-        raise TypeError(f"{fn}: `naming` must be a naming object, got {got}; pass "
-                        "sora_jax.models.EncoderNaming(hf_config) for our encoders or "
-                        "sora_jax.models.TunixNaming(model) for a Tunix model.")
+  if naming is None or not hasattr(naming, "module_name"):
+    got = "a transformers config" if hasattr(naming, "model_type") else repr(naming)
+    raise TypeError(
+      f"{fn}: `naming` must be a naming object, got {got}; pass "
+      "sora_jax.models.EncoderNaming(hf_config) for our encoders or "
+      "sora_jax.models.TunixNaming(model) for a Tunix model."
+    )
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
-    """PEFT's rule for `rank_pattern` / `alpha_pattern` keys: the key, as a regex, ends the name at a '.' boundary."""
-    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+  """PEFT's rule for `rank_pattern` / `alpha_pattern` keys: the key, as a regex, ends the name at a '.' boundary."""
+  return re.match(rf"(.*\.)?({pattern})$", name) is not None
 
 
 def _pattern_value(patterns: dict[str, Any], name: str, default):
-    """The value of the first key of `patterns` that matches `name` (PEFT's `get_pattern_key`), else default."""
-    for pattern, value in patterns.items():
-        if _pattern_matches(pattern, name):
-            return value
-    return default
+  """The value of the first key of `patterns` that matches `name` (PEFT's `get_pattern_key`), else default."""
+  for pattern, value in patterns.items():
+    if _pattern_matches(pattern, name):
+      return value
+  return default
 
 
 def _to_hf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-    """Our leaf -> (transformers parameter name, tensor); the inverse of the families' `convert` for one leaf."""
-    if leaf == "bias":
-        return "bias", value
-    if leaf == "kernel" and value.ndim == 2:  # (in, out) -> Linear (out, in)
-        return "weight", value.T
-    if leaf == "kernel" and value.ndim == 3:  # (width, in / groups, out) -> Conv1d (out, in / groups, width)
-        return "weight", value.transpose(2, 1, 0)
-    if leaf in ("scale", "embedding"):
-        return "weight", value
-    raise ValueError(f"no transformers name for a {value.ndim}-D leaf {leaf!r}")
+  """Our leaf -> (transformers parameter name, tensor); the inverse of the families' `convert` for one leaf."""
+  if leaf == "bias":
+    return "bias", value
+  if leaf == "kernel" and value.ndim == 2:  # (in, out) -> Linear (out, in)
+    return "weight", value.T
+  if leaf == "kernel" and value.ndim == 3:  # (width, in / groups, out) -> Conv1d (out, in / groups, width)
+    return "weight", value.transpose(2, 1, 0)
+  if leaf in ("scale", "embedding"):
+    return "weight", value
+  raise ValueError(f"no transformers name for a {value.ndim}-D leaf {leaf!r}")
 
 
 def _saved_modules(flat: Flat, patterns: Sequence[str]) -> list[tuple[str, ...]]:
-    """The largest module subtrees all of whose non-adapter leaves match one of `patterns` (re.match on the path).
+  """The largest module subtrees all of whose non-adapter leaves match one of `patterns` (re.match on the path).
 
-    These become PEFT `modules_to_save` entries: `classifier` (BERT, or RoBERTa's dense + out_proj), `bert.pooler`.
-    """
-    base = [path for path in flat if path[-1] not in ADAPTER_LEAVES]
-    saved = {path for path in base if any(re.match(p, path_str(path)) for p in patterns)}
-    modules = []
-    for path in sorted(saved):
-        for depth in range(1, len(path)):
-            module = path[:depth]
-            if all(p in saved for p in base if p[:depth] == module):
-                if module not in modules:
-                    modules.append(module)
-                break
-    return modules
+  These become PEFT `modules_to_save` entries: `classifier` (BERT, or RoBERTa's dense + out_proj), `bert.pooler`.
+  """
+  base = [path for path in flat if path[-1] not in ADAPTER_LEAVES]
+  saved = {path for path in base if any(re.match(p, path_str(path)) for p in patterns)}
+  modules = []
+  for path in sorted(saved):
+    for depth in range(1, len(path)):
+      module = path[:depth]
+      if all(p in saved for p in base if p[:depth] == module):
+        if module not in modules:
+          modules.append(module)
+        break
+  return modules
 
 
 def save_peft(
-    directory: str | os.PathLike,
-    params,
-    config: SoraConfig | Any,
-    *,
-    naming=None,
-    base_model_name_or_path: str | None = None,
-    modules_to_save: Sequence[str] | None = None,
-    task_type: str | None = None,
-    uniform_rank: bool = False,
-    model_config=None,
+  directory: str | os.PathLike,
+  params,
+  config: SoraConfig | Any,
+  *,
+  naming=None,
+  base_model_name_or_path: str | None = None,
+  modules_to_save: Sequence[str] | None = None,
+  task_type: str | None = None,
+  uniform_rank: bool = False,
+  model_config=None,
 ) -> dict[str, int]:
-    """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
+  """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
 
-    The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates: `sora_jax.prune` with
-    `config`) first, so every module
-    gets its own rank r_m = its number of nonzero gates. Modules at rank 0 are left out: PEFT requires r > 0.
-    `lora_A = A^T (r_m, in)`, `lora_B = (s * diag(gate) B)^T (out, r_m)`, alpha_m = r_m, so PEFT's scale is 1 per
-    module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
-    their full module names, each of which matches exactly one module by PEFT's rules.
+  The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates: `sora_jax.prune` with
+  `config`) first, so every module
+  gets its own rank r_m = its number of nonzero gates. Modules at rank 0 are left out: PEFT requires r > 0.
+  `lora_A = A^T (r_m, in)`, `lora_B = (s * diag(gate) B)^T (out, r_m)`, alpha_m = r_m, so PEFT's scale is 1 per
+  module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
+  their full module names, each of which matches exactly one module by PEFT's rules.
 
-    qwix layout (a Tunix model: `nnx.state(model)` after `sora_jax.apply_sora`): each adapted weight must be a
-    transformers Linear by `naming` (no batch axes; contracted axes = the weight's first `naming.in_axes`), else a
-    ValueError names it; A (*W[:k], r) -> lora_A (r, in), B (r, *W[k:]) -> lora_B (out, r); s per module from the
-    provider's rule. A tree without adapters, or with every module at rank 0, is an error (there is no LoRA).
+  qwix layout (a Tunix model: `nnx.state(model)` after `sora_jax.apply_sora`): each adapted weight must be a
+  transformers Linear by `naming` (no batch axes; contracted axes = the weight's first `naming.in_axes`), else a
+  ValueError names it; A (*W[:k], r) -> lora_A (r, in), B (r, *W[k:]) -> lora_B (out, r); s per module from the
+  provider's rule. A tree without adapters, or with every module at rank 0, is an error (there is no LoRA).
 
-    linen layout (our encoders): when every module is pruned, the adapter is still written, as a zero rank-1 LoRA on
-    the first targeted kernel (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a
-    warning is logged.
+  linen layout (our encoders): when every module is pruned, the adapter is still written, as a zero rank-1 LoRA on
+  the first targeted kernel (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a
+  warning is logged.
 
-    Args:
-      directory: created if missing; an existing adapter there is replaced whole (written beside it, then renamed
-        into place: a failure leaves the old adapter), other files in it are kept.
-      params: the model's tree with SoRA adapters (pruned or not; linen unrolled or stacked, or an nnx.State / pure
-        dict of the qwix layout).
-      config: the SoraConfig (linen), or the SoraProvider / rules (qwix) the adapters were made with; its scale
-        alpha / rank is folded into B.
-      naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
-      base_model_name_or_path: recorded in adapter_config.json; PEFT and servers load the base model from it.
-      modules_to_save: (linen) regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as
-        PEFT `modules_to_save`; default the naming's `head` (classifier, pooler). `()` writes none.
-      task_type: PEFT task type; default "SEQ_CLS" (linen encoders) / "CAUSAL_LM" (qwix).
-      uniform_rank: pad every module to the largest written rank R with zero rows of lora_A / columns of lora_B
-        (r = lora_alpha = R, no patterns), for servers that read one rank (vLLM); the outputs are identical.
-      model_config: no longer taken (raises TypeError naming the replacement, `naming=EncoderNaming(...)`).
+  Args:
+    directory: created if missing; an existing adapter there is replaced whole (written beside it, then renamed
+      into place: a failure leaves the old adapter), other files in it are kept.
+    params: the model's tree with SoRA adapters (pruned or not; linen unrolled or stacked, or an nnx.State / pure
+      dict of the qwix layout).
+    config: the SoraConfig (linen), or the SoraProvider / rules (qwix) the adapters were made with; its scale
+      alpha / rank is folded into B.
+    naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
+    base_model_name_or_path: recorded in adapter_config.json; PEFT and servers load the base model from it.
+    modules_to_save: (linen) regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as
+      PEFT `modules_to_save`; default the naming's `head` (classifier, pooler). `()` writes none.
+    task_type: PEFT task type; default "SEQ_CLS" (linen encoders) / "CAUSAL_LM" (qwix).
+    uniform_rank: pad every module to the largest written rank R with zero rows of lora_A / columns of lora_B
+      (r = lora_alpha = R, no patterns), for servers that read one rank (vLLM); the outputs are identical.
+    model_config: no longer taken (raises TypeError naming the replacement, `naming=EncoderNaming(...)`).
 
-    Returns:
-      transformers module name -> rank written (absent: pruned to 0).
+  Returns:
+    transformers module name -> rank written (absent: pruned to 0).
 
-    Example:
-      pre = from_pretrained("bert-base-uncased", num_labels=2)
-      ... train ...
-      save_peft("out/peft", params, sora_config, naming=EncoderNaming(pre.config),
-                base_model_name_or_path="bert-base-uncased")
-      # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
-    """
-    if model_config is not None:
-        raise TypeError("save_peft: model_config= is replaced by naming=sora_jax.models.EncoderNaming(model_config).")
-    _check_naming(naming, "save_peft")
-    if hasattr(naming, "in_axes"):
-        return _save_peft_qwix(directory, params, config, naming, base_model_name_or_path=base_model_name_or_path,
-                               task_type=task_type or "CAUSAL_LM", uniform_rank=uniform_rank)
-    task_type = task_type or "SEQ_CLS"
-    flat, _ = _unstacked_flat(params, naming)
-    adapter_records(flat, "save_peft", config)
-    if any(path[-1] == GATE for path in flat):
-        flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
-    flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
-    tensors, ranks = _lora_tensors(flat, config, naming)
+  Example:
+    pre = from_pretrained("bert-base-uncased", num_labels=2)
+    ... train ...
+    save_peft("out/peft", params, sora_config, naming=EncoderNaming(pre.config),
+              base_model_name_or_path="bert-base-uncased")
+    # torch: PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(...), "out/peft")
+  """
+  if model_config is not None:
+    raise TypeError("save_peft: model_config= is replaced by naming=sora_jax.models.EncoderNaming(model_config).")
+  _check_naming(naming, "save_peft")
+  if hasattr(naming, "in_axes"):
+    return _save_peft_qwix(
+      directory,
+      params,
+      config,
+      naming,
+      base_model_name_or_path=base_model_name_or_path,
+      task_type=task_type or "CAUSAL_LM",
+      uniform_rank=uniform_rank,
+    )
+  task_type = task_type or "SEQ_CLS"
+  flat, _ = _unstacked_flat(params, naming)
+  adapter_records(flat, "save_peft", config)
+  if any(path[-1] == GATE for path in flat):
+    flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
+  flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
+  tensors, ranks = _lora_tensors(flat, config, naming)
 
-    # modules_to_save: the head, written whole; checked against the family's own converter.
-    saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
-    saved_names = [naming.module_name(module) for module in saved]
-    head: dict[str, np.ndarray] = {}
-    for path, leaf in flat.items():
-        if path[-1] not in ADAPTER_LEAVES and any(path[:len(m)] == m for m in saved):
-            hf_leaf, value = _to_hf(path[-1], leaf)
-            head[f"{naming.module_name(path[:-1])}.{hf_leaf}"] = value
-    _check_inverse(head, flat, naming)
-    tensors.update({_PREFIX + key: value for key, value in head.items()})
+  # modules_to_save: the head, written whole; checked against the family's own converter.
+  saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
+  saved_names = [naming.module_name(module) for module in saved]
+  head: dict[str, np.ndarray] = {}
+  for path, leaf in flat.items():
+    if path[-1] not in ADAPTER_LEAVES and any(path[: len(m)] == m for m in saved):
+      hf_leaf, value = _to_hf(path[-1], leaf)
+      head[f"{naming.module_name(path[:-1])}.{hf_leaf}"] = value
+  _check_inverse(head, flat, naming)
+  tensors.update({_PREFIX + key: value for key, value in head.items()})
 
-    ranks_written = dict(ranks)
-    if not ranks:
-        module = _placeholder_module(flat, config, naming, saved)
-        name = naming.module_name(module)
-        fan_in, fan_out = flat[module + ("kernel",)].shape
-        logger.warning("save_peft: every SoRA module is pruned to rank 0; writing a zero rank-1 LoRA on %s so that "
-                       "the adapter stays loadable (it adds nothing).", name)
-        ranks_written[name] = 1
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.zeros((1, fan_in), np.float32)
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.zeros((fan_out, 1), np.float32)
-    overlap = [n for n in ranks_written if any(n == s or n.startswith(s + ".") for s in saved_names)]
-    if overlap:
-        raise ValueError(f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
-                         "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`.")
-    _check_patterns(ranks_written, flat, naming)
-    _write_adapter(directory, tensors, ranks_written, task_type=task_type,
-                   base_model_name_or_path=base_model_name_or_path, modules_to_save=saved_names or None,
-                   uniform_rank=uniform_rank)
-    return ranks
+  ranks_written = dict(ranks)
+  if not ranks:
+    module = _placeholder_module(flat, config, naming, saved)
+    name = naming.module_name(module)
+    fan_in, fan_out = flat[module + ("kernel",)].shape
+    logger.warning(
+      "save_peft: every SoRA module is pruned to rank 0; writing a zero rank-1 LoRA on %s so that "
+      "the adapter stays loadable (it adds nothing).",
+      name,
+    )
+    ranks_written[name] = 1
+    tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.zeros((1, fan_in), np.float32)
+    tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.zeros((fan_out, 1), np.float32)
+  overlap = [n for n in ranks_written if any(n == s or n.startswith(s + ".") for s in saved_names)]
+  if overlap:
+    raise ValueError(
+      f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
+      "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`."
+    )
+  _check_patterns(ranks_written, flat, naming)
+  _write_adapter(
+    directory,
+    tensors,
+    ranks_written,
+    task_type=task_type,
+    base_model_name_or_path=base_model_name_or_path,
+    modules_to_save=saved_names or None,
+    uniform_rank=uniform_rank,
+  )
+  return ranks
 
 
-def _write_adapter(directory, tensors: dict[str, np.ndarray], ranks: dict[str, int], *, task_type: str | None,
-                   base_model_name_or_path: str | None, modules_to_save: list[str] | None, uniform_rank: bool) -> None:
-    """Writes adapter_config.json and adapter_model.safetensors.
+def _write_adapter(
+  directory,
+  tensors: dict[str, np.ndarray],
+  ranks: dict[str, int],
+  *,
+  task_type: str | None,
+  base_model_name_or_path: str | None,
+  modules_to_save: list[str] | None,
+  uniform_rank: bool,
+) -> None:
+  """Writes adapter_config.json and adapter_model.safetensors.
 
-    Every module has alpha_m = r_m (PEFT scale 1): `r` = `lora_alpha` = the most common rank, the others in
-    `rank_pattern` = `alpha_pattern` under full module names. With `uniform_rank`, every module is padded to the largest
-    rank R with zero rows of lora_A and zero columns of lora_B (they add nothing), and r = lora_alpha = R with no
-    patterns, for servers that read one global rank (vLLM).
-    """
-    ranks = dict(ranks)
-    if uniform_rank:
-        top = max(ranks.values())
-        for name, k in ranks.items():
-            a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
-            tensors[a_key] = np.pad(tensors[a_key], ((0, top - k), (0, 0)))
-            tensors[b_key] = np.pad(tensors[b_key], ((0, 0), (0, top - k)))
-            ranks[name] = top
-    counts = collections.Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k))  # most common rank; ties to the larger
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": int(r),
-        "lora_alpha": int(r),
-        "target_modules": sorted(ranks),
-        "rank_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
-        "alpha_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
-        "modules_to_save": modules_to_save,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    from safetensors.numpy import save_file
+  Every module has alpha_m = r_m (PEFT scale 1): `r` = `lora_alpha` = the most common rank, the others in
+  `rank_pattern` = `alpha_pattern` under full module names. With `uniform_rank`, every module is padded to the largest
+  rank R with zero rows of lora_A and zero columns of lora_B (they add nothing), and r = lora_alpha = R with no
+  patterns, for servers that read one global rank (vLLM).
+  """
+  ranks = dict(ranks)
+  if uniform_rank:
+    top = max(ranks.values())
+    for name, k in ranks.items():
+      a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+      tensors[a_key] = np.pad(tensors[a_key], ((0, top - k), (0, 0)))
+      tensors[b_key] = np.pad(tensors[b_key], ((0, 0), (0, top - k)))
+      ranks[name] = top
+  counts = collections.Counter(ranks.values())
+  r = max(counts, key=lambda k: (counts[k], k))  # most common rank; ties to the larger
+  adapter_config = {
+    "peft_type": "LORA",
+    "task_type": task_type,
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": int(r),
+    "lora_alpha": int(r),
+    "target_modules": sorted(ranks),
+    "rank_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
+    "alpha_pattern": {n: int(k) for n, k in sorted(ranks.items()) if k != r},
+    "modules_to_save": modules_to_save,
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": True,
+    "inference_mode": True,
+  }
+  from safetensors.numpy import save_file
 
-    with adapter_files.atomic_folder(directory, owned=("adapter_*",)) as staging:  # old adapter whole, or the new
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-                  os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
-            json.dump(adapter_config, f, indent=2, sort_keys=True)
+  with adapter_files.atomic_folder(directory, owned=("adapter_*",)) as staging:  # old adapter whole, or the new
+    save_file(
+      {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+      os.path.join(staging, WEIGHTS_NAME),
+      metadata={"format": "pt"},
+    )
+    with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+      json.dump(adapter_config, f, indent=2, sort_keys=True)
 
 
 def _placeholder_module(flat: Flat, config: SoraConfig, naming, saved) -> tuple[str, ...]:
-    """The first 2-D kernel of the naming's targets (else of the config's) outside the saved head."""
-    for targets in (naming.targets, config.targets):
-        kernels = [p for p in flat if p[-1] == "kernel" and flat[p].ndim == 2
-                   and not any(p[:len(m)] == m for m in saved)
-                   and any(re.fullmatch(t, path_str(p)) for t in targets)]
-        if kernels:
-            return sorted(kernels)[0][:-1]
-    raise ValueError("save_peft: every module is pruned and no 2-D kernel matches the SoRA targets; nothing to "
-                     "write a placeholder LoRA on.")
+  """The first 2-D kernel of the naming's targets (else of the config's) outside the saved head."""
+  for targets in (naming.targets, config.targets):
+    kernels = [
+      p
+      for p in flat
+      if p[-1] == "kernel"
+      and flat[p].ndim == 2
+      and not any(p[: len(m)] == m for m in saved)
+      and any(re.fullmatch(t, path_str(p)) for t in targets)
+    ]
+    if kernels:
+      return sorted(kernels)[0][:-1]
+  raise ValueError(
+    "save_peft: every module is pruned and no 2-D kernel matches the SoRA targets; nothing to "
+    "write a placeholder LoRA on."
+  )
 
 
 def _pad_for_stacking(flat: Flat) -> Flat:
-    """Gives every layer of a stacked module adapters of one rank, so `stack_layers` can stack them.
+  """Gives every layer of a stacked module adapters of one rank, so `stack_layers` can stack them.
 
-    Layers with a smaller rank (or none) are padded with zero columns of A, zero rows of B and zero gates: they add
-    nothing and `prune` cuts them.
-    """
-    layer = re.compile(r"layer_\d+")
-    groups: dict[tuple[str, ...], list[tuple[str, ...]]] = collections.defaultdict(list)
-    for path in flat:
-        if path[-1] == "kernel" and any(layer.fullmatch(k) for k in path):
-            groups[tuple("layer" if layer.fullmatch(k) else k for k in path[:-1])].append(path[:-1])
-    out = dict(flat)
-    for modules in groups.values():
-        rank = max((flat[m + (A,)].shape[-1] for m in modules if m + (A,) in flat), default=0)
-        if rank == 0:
-            continue
-        for m in modules:
-            kernel = flat[m + ("kernel",)]
-            a = flat.get(m + (A,), np.zeros(kernel.shape[:1] + (0,), kernel.dtype))
-            b = flat.get(m + (B,), np.zeros((0,) + kernel.shape[1:], kernel.dtype))
-            gate = flat.get(m + (GATE,), np.zeros((0,), kernel.dtype))
-            pad = rank - a.shape[-1]
-            out[m + (A,)] = np.pad(a, ((0, 0), (0, pad)))
-            out[m + (B,)] = np.pad(b, ((0, pad), (0, 0)))
-            out[m + (GATE,)] = np.pad(gate, (0, pad))
-    return out
+  Layers with a smaller rank (or none) are padded with zero columns of A, zero rows of B and zero gates: they add
+  nothing and `prune` cuts them.
+  """
+  layer = re.compile(r"layer_\d+")
+  groups: dict[tuple[str, ...], list[tuple[str, ...]]] = collections.defaultdict(list)
+  for path in flat:
+    if path[-1] == "kernel" and any(layer.fullmatch(k) for k in path):
+      groups[tuple("layer" if layer.fullmatch(k) else k for k in path[:-1])].append(path[:-1])
+  out = dict(flat)
+  for modules in groups.values():
+    rank = max((flat[m + (A,)].shape[-1] for m in modules if m + (A,) in flat), default=0)
+    if rank == 0:
+      continue
+    for m in modules:
+      kernel = flat[m + ("kernel",)]
+      a = flat.get(m + (A,), np.zeros(kernel.shape[:1] + (0,), kernel.dtype))
+      b = flat.get(m + (B,), np.zeros((0,) + kernel.shape[1:], kernel.dtype))
+      gate = flat.get(m + (GATE,), np.zeros((0,), kernel.dtype))
+      pad = rank - a.shape[-1]
+      out[m + (A,)] = np.pad(a, ((0, 0), (0, pad)))
+      out[m + (B,)] = np.pad(b, ((0, pad), (0, 0)))
+      out[m + (GATE,)] = np.pad(gate, (0, pad))
+  return out
 
 
 def _check_inverse(head: dict[str, np.ndarray], flat: Flat, naming) -> None:
-    """The head written under transformers names must convert back to exactly our leaves."""
-    back, unexpected = naming.convert(head)
-    wrong = sorted(unexpected) + [path_str(p) for p, v in back.items()
-                                  if p not in flat or np.shape(v) != flat[p].shape or not np.array_equal(v, flat[p])]
-    if wrong or len(back) != len(head):
-        raise ValueError(f"save_peft: the head's transformers names do not map back onto our parameters: {wrong}")
+  """The head written under transformers names must convert back to exactly our leaves."""
+  back, unexpected = naming.convert(head)
+  wrong = sorted(unexpected) + [
+    path_str(p)
+    for p, v in back.items()
+    if p not in flat or np.shape(v) != flat[p].shape or not np.array_equal(v, flat[p])
+  ]
+  if wrong or len(back) != len(head):
+    raise ValueError(f"save_peft: the head's transformers names do not map back onto our parameters: {wrong}")
 
 
 def _check_patterns(ranks: dict[str, int], flat: Flat, naming) -> None:
-    """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules."""
-    modules = {naming.module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
-    for name in ranks:
-        hits = [m for m in modules if m == name or m.endswith("." + name) or _pattern_matches(name, m)]
-        if hits != [name]:
-            raise ValueError(f"save_peft: module name {name!r} would select {sorted(hits)} in PEFT")
+  """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules."""
+  modules = {naming.module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
+  for name in ranks:
+    hits = [m for m in modules if m == name or m.endswith("." + name) or _pattern_matches(name, m)]
+    if hits != [name]:
+      raise ValueError(f"save_peft: module name {name!r} would select {sorted(hits)} in PEFT")
 
 
 def _tensor_file(directory: str) -> str:
-    path = os.path.join(directory, WEIGHTS_NAME)
-    return path if os.path.exists(path) else os.path.join(directory, _BIN_WEIGHTS_NAME)
+  path = os.path.join(directory, WEIGHTS_NAME)
+  return path if os.path.exists(path) else os.path.join(directory, _BIN_WEIGHTS_NAME)
 
 
 def _read_tensors(directory: str) -> dict[str, np.ndarray]:
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.exists(path):
-        from safetensors.numpy import load_file
+  path = os.path.join(directory, WEIGHTS_NAME)
+  if os.path.exists(path):
+    from safetensors.numpy import load_file
 
-        return load_file(path)
-    path = os.path.join(directory, _BIN_WEIGHTS_NAME)
-    if os.path.exists(path):
-        import torch  # only for pickled adapters
+    return load_file(path)
+  path = os.path.join(directory, _BIN_WEIGHTS_NAME)
+  if os.path.exists(path):
+    import torch  # only for pickled adapters
 
-        return {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {_BIN_WEIGHTS_NAME} in {directory}")
+    return {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+  raise FileNotFoundError(f"no {WEIGHTS_NAME} or {_BIN_WEIGHTS_NAME} in {directory}")
 
 
 class _Adapter(NamedTuple):
-    """A PEFT LoRA adapter as read from disk: its config, {module: {"A": lora_A, "B": lora_B}}, whole weights."""
-    peft_config: dict
-    factors: dict[str, dict[str, np.ndarray]]
-    plain: dict[str, np.ndarray]
+  """A PEFT LoRA adapter as read from disk: its config, {module: {"A": lora_A, "B": lora_B}}, whole weights."""
 
-    def scale(self, name: str, rank: int) -> float:
-        """PEFT's scale of one module: alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora), alpha_m from
-        `alpha_pattern` by PEFT's matching rule, else `lora_alpha`."""
-        alpha = _pattern_value(self.peft_config.get("alpha_pattern") or {}, name,
-                               self.peft_config.get("lora_alpha", 8))
-        return alpha / (math.sqrt(rank) if self.peft_config.get("use_rslora", False) else rank)
+  peft_config: dict
+  factors: dict[str, dict[str, np.ndarray]]
+  plain: dict[str, np.ndarray]
+
+  def scale(self, name: str, rank: int) -> float:
+    """PEFT's scale of one module: alpha_m / r_m (alpha_m / sqrt(r_m) with use_rslora), alpha_m from
+    `alpha_pattern` by PEFT's matching rule, else `lora_alpha`."""
+    alpha = _pattern_value(self.peft_config.get("alpha_pattern") or {}, name, self.peft_config.get("lora_alpha", 8))
+    return alpha / (math.sqrt(rank) if self.peft_config.get("use_rslora", False) else rank)
 
 
 def _read_adapter(directory: str) -> _Adapter:
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
-    peft_config = adapter_files.read_adapter_config(config_path)
-    if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be read")
-    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
-        if peft_config.get(flag):
-            raise ValueError(f"{directory}: {flag}=true is not supported by load_peft")
-    if peft_config.get("layer_replication"):
-        raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
-    factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    plain: dict[str, np.ndarray] = {}
-    tensors = _read_tensors(directory)
-    adapter_files.check_adapter_tensors(_tensor_file(directory), tensors, peft_config)
-    for key, value in tensors.items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if _UNSUPPORTED_KEY.match(name):
-            raise ValueError(f"{directory}: {key} is not a plain LoRA weight (embedding LoRA, DoRA or LoRA bias); "
-                             "load_peft reads LoRA on Linear layers only")
-        lora = _LORA_KEY.fullmatch(name)
-        if lora:
-            factors[lora["module"]][lora["factor"]] = np.asarray(value, np.float32)
-        else:
-            plain[_MODULES_TO_SAVE.sub(".", name)] = np.asarray(value, np.float32)
-    for name, pair in factors.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both lora_A and lora_B")
-    return _Adapter(peft_config, dict(factors), plain)
+  config_path = os.path.join(directory, CONFIG_NAME)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a PEFT adapter directory?")
+  peft_config = adapter_files.read_adapter_config(config_path)
+  if peft_config.get("peft_type", "LORA") != "LORA":
+    raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be read")
+  for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+    if peft_config.get(flag):
+      raise ValueError(f"{directory}: {flag}=true is not supported by load_peft")
+  if peft_config.get("layer_replication"):
+    raise ValueError(f"{directory}: layer_replication is not supported by load_peft")
+  factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  plain: dict[str, np.ndarray] = {}
+  tensors = _read_tensors(directory)
+  adapter_files.check_adapter_tensors(_tensor_file(directory), tensors, peft_config)
+  for key, value in tensors.items():
+    name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+    if _UNSUPPORTED_KEY.match(name):
+      raise ValueError(
+        f"{directory}: {key} is not a plain LoRA weight (embedding LoRA, DoRA or LoRA bias); "
+        "load_peft reads LoRA on Linear layers only"
+      )
+    lora = _LORA_KEY.fullmatch(name)
+    if lora:
+      factors[lora["module"]][lora["factor"]] = np.asarray(value, np.float32)
+    else:
+      plain[_MODULES_TO_SAVE.sub(".", name)] = np.asarray(value, np.float32)
+  for name, pair in factors.items():
+    if set(pair) != {"A", "B"}:
+      raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both lora_A and lora_B")
+  return _Adapter(peft_config, dict(factors), plain)
 
 
 def load_peft(
-    directory: str | os.PathLike,
-    params,
-    naming=None,
-    *,
-    config: SoraConfig | Any | None = None,
+  directory: str | os.PathLike,
+  params,
+  naming=None,
+  *,
+  config: SoraConfig | Any | None = None,
 ) -> LoadedPeft:
-    """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
+  """Reads a PEFT LoRA adapter onto our tree as SoRA adapters with gates of one.
 
-    Every adapted module gets `sora_a = lora_A^T (in, r_m)`, `sora_b = (c_m / s) lora_B^T (r_m, out)` and
-    `sora_gate = ones(r_m)`, where c_m is the module's PEFT scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with
-    `use_rslora`; alpha_m from `alpha_pattern` by PEFT's matching rule, else `lora_alpha`) and s the returned
-    config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
-    differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
-    result holds exactly this adapter. In a stacked (`nn.scan`) tree a module has one rank for all layers: layers
-    with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of
-    `modules_to_save` (the head) and any saved biases replace ours.
+  Every adapted module gets `sora_a = lora_A^T (in, r_m)`, `sora_b = (c_m / s) lora_B^T (r_m, out)` and
+  `sora_gate = ones(r_m)`, where c_m is the module's PEFT scale (alpha_m / r_m, or alpha_m / sqrt(r_m) with
+  `use_rslora`; alpha_m from `alpha_pattern` by PEFT's matching rule, else `lora_alpha`) and s the returned
+  config's scale. So `factored(config)` / `merge(params, config)` compute exactly what PEFT computes. Ranks may
+  differ per module (r_m is read off the tensors). Adapter leaves already in `params` are dropped first, so the
+  result holds exactly this adapter. In a stacked (`nn.scan`) tree a module has one rank for all layers: layers
+  with a smaller rank (or no adapter) are padded with zero columns of A, zero rows of B and zero gates. Weights of
+  `modules_to_save` (the head) and any saved biases replace ours.
 
-    qwix layout (a Tunix model): `params` is `nnx.State` of the model after `sora_jax.apply_sora` with rules that
-    match every module of the adapter, and `config` that provider (required: B is folded against each rule's s).
-    Each adapted weight gets A = lora_A^T as (*W[:k], r_m), B = (c_m / s) lora_B^T as (r_m, *W[k:]), gate = ones;
-    adapted weights the adapter leaves out get rank 0 (as `prune` leaves them). `nnx.update(model, loaded.params)`
-    puts it in. Whole weights (`modules_to_save`) are refused, as are modules that map to no weight, and an adapter
-    whose base model (a local directory) is of another `model_type`.
+  qwix layout (a Tunix model): `params` is `nnx.State` of the model after `sora_jax.apply_sora` with rules that
+  match every module of the adapter, and `config` that provider (required: B is folded against each rule's s).
+  Each adapted weight gets A = lora_A^T as (*W[:k], r_m), B = (c_m / s) lora_B^T as (r_m, *W[k:]), gate = ones;
+  adapted weights the adapter leaves out get rank 0 (as `prune` leaves them). `nnx.update(model, loaded.params)`
+  puts it in. Whole weights (`modules_to_save`) are refused, as are modules that map to no weight, and an adapter
+  whose base model (a local directory) is of another `model_type`.
 
-    Args:
-      directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
-      params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given); or the
-        adapted Tunix model's `nnx.State`.
-      naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
-      config: linen: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=naming
-        targets)` (s = 1; `stacked=".*/layer/.*"` for a stacked tree); with a given config only its scale matters.
-        qwix: the SoraProvider (or rules) of the adapted model.
+  Args:
+    directory: holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin).
+    params: the base model's tree (`from_pretrained(...).params`), unrolled or stacked (kept as given); or the
+      adapted Tunix model's `nnx.State`.
+    naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
+    config: linen: the SoRA config to continue with; default `SoraConfig(rank=r_max, alpha=r_max, targets=naming
+      targets)` (s = 1; `stacked=".*/layer/.*"` for a stacked tree); with a given config only its scale matters.
+      qwix: the SoraProvider (or rules) of the adapted model.
 
-    Returns:
-      `LoadedPeft(params, config, ranks)`.
-    """
-    directory = os.fspath(directory)
-    _check_naming(naming, "load_peft")
-    if hasattr(naming, "in_axes"):
-        return _load_peft_qwix(directory, params, naming, config)
-    adapter = _read_adapter(directory)
-    peft_config, factors, plain = adapter
+  Returns:
+    `LoadedPeft(params, config, ranks)`.
+  """
+  directory = os.fspath(directory)
+  _check_naming(naming, "load_peft")
+  if hasattr(naming, "in_axes"):
+    return _load_peft_qwix(directory, params, naming, config)
+  adapter = _read_adapter(directory)
+  peft_config, factors, plain = adapter
 
-    flat, stacked = _unstacked_flat(params, naming)
-    flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
-    kernel_modules = {naming.module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
+  flat, stacked = _unstacked_flat(params, naming)
+  flat = {path: leaf for path, leaf in flat.items() if path[-1] not in ADAPTER_LEAVES}
+  kernel_modules = {naming.module_name(path[:-1]): path[:-1] for path in flat if path[-1] == "kernel"}
 
-    ranks = {name: pair["A"].shape[0] for name, pair in factors.items()}
-    if config is None:
-        r_max = max(ranks.values(), default=1)
-        config = SoraConfig(rank=r_max, alpha=float(r_max), targets=naming.targets,
-                            stacked=naming.stacked if stacked else None)
+  ranks = {name: pair["A"].shape[0] for name, pair in factors.items()}
+  if config is None:
+    r_max = max(ranks.values(), default=1)
+    config = SoraConfig(
+      rank=r_max, alpha=float(r_max), targets=naming.targets, stacked=naming.stacked if stacked else None
+    )
 
-    unknown = sorted(set(factors) - set(kernel_modules))
-    if unknown:
+  unknown = sorted(set(factors) - set(kernel_modules))
+  if unknown:
+    raise ValueError(
+      f"{directory}: the adapter's modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not dense "
+      f"layers of this {naming.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
+      f"made for base model {peft_config.get('base_model_name_or_path')!r}?"
+    )
+  for name, pair in sorted(factors.items()):
+    module = kernel_modules[name]
+    kernel = flat[module + ("kernel",)]
+    lora_a, lora_b, rank = pair["A"], pair["B"], ranks[name]
+    if kernel.ndim != 2 or lora_a.shape != (rank, kernel.shape[0]) or lora_b.shape != (kernel.shape[1], rank):
+      raise ValueError(
+        f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the "
+        f"kernel {tuple(kernel.shape)} (in, out) of {path_str(module)}"
+      )
+    scale = adapter.scale(name, rank)
+    dtype = kernel.dtype
+    flat[module + (A,)] = np.asarray(lora_a.T, dtype)
+    flat[module + (B,)] = np.asarray((scale / config.scale) * lora_b.T, dtype)
+    flat[module + (GATE,)] = np.ones((rank,), dtype)
+
+  if plain:
+    converted, unexpected = naming.convert(plain)
+    unexpected = sorted(set(unexpected) | {path_str(p) for p in converted if p not in flat})
+    if unexpected:
+      raise ValueError(f"{directory}: saved weights {unexpected} are not parameters of this {naming.model_type} model")
+    for path, value in converted.items():
+      if np.shape(value) != flat[path].shape:
         raise ValueError(
-            f"{directory}: the adapter's modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not dense "
-            f"layers of this {naming.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
-            f"made for base model {peft_config.get('base_model_name_or_path')!r}?")
-    for name, pair in sorted(factors.items()):
-        module = kernel_modules[name]
-        kernel = flat[module + ("kernel",)]
-        lora_a, lora_b, rank = pair["A"], pair["B"], ranks[name]
-        if kernel.ndim != 2 or lora_a.shape != (rank, kernel.shape[0]) or lora_b.shape != (kernel.shape[1], rank):
-            raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the "
-                             f"kernel {tuple(kernel.shape)} (in, out) of {path_str(module)}")
-        scale = adapter.scale(name, rank)
-        dtype = kernel.dtype
-        flat[module + (A,)] = np.asarray(lora_a.T, dtype)
-        flat[module + (B,)] = np.asarray((scale / config.scale) * lora_b.T, dtype)
-        flat[module + (GATE,)] = np.ones((rank,), dtype)
+          f"{directory}: {path_str(path)} has shape {np.shape(value)}, the model "
+          f"{tuple(flat[path].shape)}; was it saved for another num_labels?"
+        )
+      flat[path] = np.asarray(value, flat[path].dtype)
 
-    if plain:
-        converted, unexpected = naming.convert(plain)
-        unexpected = sorted(set(unexpected) | {path_str(p) for p in converted if p not in flat})
-        if unexpected:
-            raise ValueError(f"{directory}: saved weights {unexpected} are not parameters of this "
-                             f"{naming.model_type} model")
-        for path, value in converted.items():
-            if np.shape(value) != flat[path].shape:
-                raise ValueError(f"{directory}: {path_str(path)} has shape {np.shape(value)}, the model "
-                                 f"{tuple(flat[path].shape)}; was it saved for another num_labels?")
-            flat[path] = np.asarray(value, flat[path].dtype)
-
-    if stacked:
-        flat = _pad_for_stacking(flat)
-    tree = traverse_util.unflatten_dict({path: jnp.asarray(leaf) for path, leaf in flat.items()})
-    if stacked:
-        tree = naming.stack(tree)
-    return LoadedPeft(tree, config, ranks)
+  if stacked:
+    flat = _pad_for_stacking(flat)
+  tree = traverse_util.unflatten_dict({path: jnp.asarray(leaf) for path, leaf in flat.items()})
+  if stacked:
+    tree = naming.stack(tree)
+  return LoadedPeft(tree, config, ranks)
 
 
 # --- qwix layout (SoraProvider / qwix LoRA on NNX models) with a naming object -------------------------------------
 
 
 def _lora_tensors(vals: Flat, config, naming) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """PEFT tensors and ranks of every adapter of a pruned flat tree of arrays (either layout), each a transformers
-    Linear: lora_A = A^T (r_m, in), lora_B = (s * diag(gate) B)^T (out, r_m), in float32; rank-0 modules left out."""
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for rec in leaves.find_adapters(vals):
-        a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
-        if rec.layout == "linen" and (a.ndim != 2 or b.ndim != 2):
-            raise ValueError(f"{path_str(rec.module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), "
-                             f"got a {a.shape}, b {b.shape}")
-        rank = a.shape[-1]
-        if rank == 0:
-            continue
-        _linear_roles(rec, vals, naming)
-        scale, _ = scale_and_rank(config, rec.weight)
-        b2 = b.reshape(rank, -1).astype(np.float32) * scale
-        if gate is not None:
-            b2 = b2 * gate.reshape(rank, 1)
-        name = naming.module_name(rec.module if rec.layout == "linen" else rec.weight)
-        ranks[name] = rank
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.reshape(-1, rank).astype(np.float32).T
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
-    return tensors, ranks
+  """PEFT tensors and ranks of every adapter of a pruned flat tree of arrays (either layout), each a transformers
+  Linear: lora_A = A^T (r_m, in), lora_B = (s * diag(gate) B)^T (out, r_m), in float32; rank-0 modules left out."""
+  tensors: dict[str, np.ndarray] = {}
+  ranks: dict[str, int] = {}
+  for rec in leaves.find_adapters(vals):
+    a, b, gate = vals[rec.a], vals[rec.b], vals.get(rec.gate)
+    if rec.layout == "linen" and (a.ndim != 2 or b.ndim != 2):
+      raise ValueError(
+        f"{path_str(rec.module)}: PEFT export handles 2-D adapters (a: (in, r), b: (r, out)), "
+        f"got a {a.shape}, b {b.shape}"
+      )
+    rank = a.shape[-1]
+    if rank == 0:
+      continue
+    _linear_roles(rec, vals, naming)
+    scale, _ = scale_and_rank(config, rec.weight)
+    b2 = b.reshape(rank, -1).astype(np.float32) * scale
+    if gate is not None:
+      b2 = b2 * gate.reshape(rank, 1)
+    name = naming.module_name(rec.module if rec.layout == "linen" else rec.weight)
+    ranks[name] = rank
+    tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.reshape(-1, rank).astype(np.float32).T
+    tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
+  return tensors, ranks
 
 
 def _linear_roles(rec: leaves.AdapterPaths, vals: Flat, naming) -> layout.WeightRoles:
-    """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
-    weight's first `naming.in_axes` axes in order (a linen naming: the kernel's input axes), the remaining ones the
-    rest."""
-    name = path_str(rec.weight)
-    w_shape = leaves.weight_shape(vals, rec.weight)
-    roles = weight_roles(vals, rec)
-    k = naming.in_axes(rec.weight) if hasattr(naming, "in_axes") else len(roles.contract)
-    contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
-    if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
-        raise ValueError(f"{name}: its adapter contracts weight axes {roles.contract} (batch {roles.batch}); the "
-                         f"transformers Linear of {name!r} takes axes {tuple(range(k))} as "
-                         "inputs, so the adapter has no PEFT LoRA equivalent.")
-    return roles
+  """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
+  weight's first `naming.in_axes` axes in order (a linen naming: the kernel's input axes), the remaining ones the
+  rest."""
+  name = path_str(rec.weight)
+  w_shape = leaves.weight_shape(vals, rec.weight)
+  roles = weight_roles(vals, rec)
+  k = naming.in_axes(rec.weight) if hasattr(naming, "in_axes") else len(roles.contract)
+  contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
+  if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
+    raise ValueError(
+      f"{name}: its adapter contracts weight axes {roles.contract} (batch {roles.batch}); the "
+      f"transformers Linear of {name!r} takes axes {tuple(range(k))} as "
+      "inputs, so the adapter has no PEFT LoRA equivalent."
+    )
+  return roles
 
 
 def _qwix_records(flat: Flat, naming, fn: str) -> list[leaves.AdapterPaths]:
-    records = [rec for rec in adapter_records(flat, fn) if rec.layout == "qwix"]
-    if not records:
-        raise ValueError(f"{fn}: the tree has no qwix-layout adapters (no <w>_lora_a leaves); apply SoRA first "
-                         "(sora_jax.apply_sora) and pass nnx.state(model).")
-    for rec in records:
-        if naming.module_name(rec.weight) is None:
-            raise ValueError(f"{fn}: the adapter of {path_str(rec.weight)!r} maps to no transformers Linear of "
-                             f"{naming!r}; was the tree made for another model?")
-    return records
+  records = [rec for rec in adapter_records(flat, fn) if rec.layout == "qwix"]
+  if not records:
+    raise ValueError(
+      f"{fn}: the tree has no qwix-layout adapters (no <w>_lora_a leaves); apply SoRA first "
+      "(sora_jax.apply_sora) and pass nnx.state(model)."
+    )
+  for rec in records:
+    if naming.module_name(rec.weight) is None:
+      raise ValueError(
+        f"{fn}: the adapter of {path_str(rec.weight)!r} maps to no transformers Linear of "
+        f"{naming!r}; was the tree made for another model?"
+      )
+  return records
 
 
 def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path, task_type, uniform_rank):
-    """save_peft for qwix-layout trees: see `save_peft`."""
-    if config is None:
-        raise ValueError("save_peft: pass the SoraProvider (or rules) that made the adapters as `config`; its "
-                         "alpha / rank is folded into lora_B.")
-    flat, _ = leaves.flatten(tree)
-    _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_peft")
-    vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
-    tensors, ranks = _lora_tensors(vals, config, naming)
-    if not ranks:
-        raise ValueError("save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the "
-                         "base model).")
-    _write_adapter(directory, tensors, ranks, task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                   modules_to_save=None, uniform_rank=uniform_rank)
-    return ranks
+  """save_peft for qwix-layout trees: see `save_peft`."""
+  if config is None:
+    raise ValueError(
+      "save_peft: pass the SoraProvider (or rules) that made the adapters as `config`; its "
+      "alpha / rank is folded into lora_B."
+    )
+  flat, _ = leaves.flatten(tree)
+  _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_peft")
+  vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
+  tensors, ranks = _lora_tensors(vals, config, naming)
+  if not ranks:
+    raise ValueError(
+      "save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the base model)."
+    )
+  _write_adapter(
+    directory,
+    tensors,
+    ranks,
+    task_type=task_type,
+    base_model_name_or_path=base_model_name_or_path,
+    modules_to_save=None,
+    uniform_rank=uniform_rank,
+  )
+  return ranks
 
 
 def save_merged(
-    directory: str | os.PathLike,
-    tree,
-    config: Any,
-    *,
-    naming: PeftNaming,
-    max_shard_size: int = 5 * 2**30,
+  directory: str | os.PathLike,
+  tree,
+  config: Any,
+  *,
+  naming: PeftNaming,
+  max_shard_size: int = 5 * 2**30,
 ) -> list[str]:
-    """Writes the base weights with the adapters merged in as a transformers checkpoint: config.json and
-    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above `max_shard_size`.
+  """Writes the base weights with the adapters merged in as a transformers checkpoint: config.json and
+  model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above `max_shard_size`.
 
-    W <- W + s * A diag(gate) B on every adapted weight (`sora_jax.merge`), then every weight is written under its
-    transformers name in transformers' layout (`naming.hf_tensor`). `AutoModelForCausalLM.from_pretrained(directory)`
-    loads it.
+  W <- W + s * A diag(gate) B on every adapted weight (`sora_jax.merge`), then every weight is written under its
+  transformers name in transformers' layout (`naming.hf_tensor`). `AutoModelForCausalLM.from_pretrained(directory)`
+  loads it.
 
-    Args:
-      directory: created if missing; an existing checkpoint there is replaced whole (written beside it, then
-        renamed into place), other files in it are kept.
-      tree: `nnx.State` (or pure dict) of the adapted model, pruned or not.
-      config: the SoraProvider / rules that made the adapters (their scale, and the weights' recorded axis roles).
-      naming: the model's naming object (`sora_jax.models.tunix.TunixNaming(model)`).
-      max_shard_size: bytes per safetensors file (float32).
+  Args:
+    directory: created if missing; an existing checkpoint there is replaced whole (written beside it, then
+      renamed into place), other files in it are kept.
+    tree: `nnx.State` (or pure dict) of the adapted model, pruned or not.
+    config: the SoraProvider / rules that made the adapters (their scale, and the weights' recorded axis roles).
+    naming: the model's naming object (`sora_jax.models.tunix.TunixNaming(model)`).
+    max_shard_size: bytes per safetensors file (float32).
 
-    Returns:
-      the safetensors file names written.
-    """
-    flat, _ = leaves.flatten(tree)
-    _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_merged")
-    merged, _ = leaves.flatten(merge(tree, config))
-    tensors: dict[str, np.ndarray] = {}
-    for path, leaf in merged.items():
-        name, tensor = naming.hf_tensor(path, np.asarray(jax.device_get(leaves.value(leaf)), np.float32))
-        tensors[name] = np.ascontiguousarray(tensor)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    from safetensors.numpy import save_file
+  Returns:
+    the safetensors file names written.
+  """
+  flat, _ = leaves.flatten(tree)
+  _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_merged")
+  merged, _ = leaves.flatten(merge(tree, config))
+  tensors: dict[str, np.ndarray] = {}
+  for path, leaf in merged.items():
+    name, tensor = naming.hf_tensor(path, np.asarray(jax.device_get(leaves.value(leaf)), np.float32))
+    tensors[name] = np.ascontiguousarray(tensor)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if shards[-1] and size + nbytes > max_shard_size:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  from safetensors.numpy import save_file
 
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with adapter_files.atomic_folder(directory, owned=("model*.safetensors*", "config.json")) as staging:
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-                     "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-            with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-        for file, shard in zip(files, shards):
-            save_file(shard, os.path.join(staging, file), metadata={"format": "pt"})
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
-    return files
+  if len(shards) == 1:
+    files = ["model.safetensors"]
+  else:
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  with adapter_files.atomic_folder(directory, owned=("model*.safetensors*", "config.json")) as staging:
+    if len(shards) > 1:
+      index = {
+        "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+        "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
+      }
+      with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    for file, shard in zip(files, shards):
+      save_file(shard, os.path.join(staging, file), metadata={"format": "pt"})
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      json.dump(naming.hf_config(), f, indent=2, sort_keys=True)
+  return files
 
 
 def _check_architecture(directory: str, adapter: _Adapter, naming) -> None:
-    """An adapter whose base model (a local directory with config.json) is of another model_type is refused."""
-    base = adapter.peft_config.get("base_model_name_or_path")
-    path = os.path.join(base, "config.json") if base else None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type and model_type != naming.model_type:
-            raise ValueError(f"{directory}: the adapter was made for a {model_type!r} model ({base}); this model is "
-                             f"{naming.model_type!r}. Load it onto a {model_type} model.")
+  """An adapter whose base model (a local directory with config.json) is of another model_type is refused."""
+  base = adapter.peft_config.get("base_model_name_or_path")
+  path = os.path.join(base, "config.json") if base else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      model_type = json.load(f).get("model_type")
+    if model_type and model_type != naming.model_type:
+      raise ValueError(
+        f"{directory}: the adapter was made for a {model_type!r} model ({base}); this model is "
+        f"{naming.model_type!r}. Load it onto a {model_type} model."
+      )
 
 
 def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
-    """load_peft for qwix-layout trees: see `load_peft`."""
-    if config is None:
-        raise ValueError("load_peft: pass the SoraProvider (or rules) of the adapted model as `config`; lora_B is "
-                         "folded against its alpha / rank.")
-    adapter = _read_adapter(directory)
-    _check_architecture(directory, adapter, naming)
-    if adapter.plain:
-        raise ValueError(f"{directory}: whole weights {sorted(adapter.plain)[:3]} (modules_to_save) cannot be read "
-                         "onto a Tunix model; load_peft reads the LoRA factors only.")
-    flat, rebuild = leaves.flatten(tree)
-    records = {rec.weight: rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"}
-    if not records:
-        raise ValueError("load_peft: the tree has no adapters to fill (no <w>_lora_a leaves); apply SoRA first "
-                         "(sora_jax.apply_sora with rules matching the adapter's modules) and pass nnx.state(model).")
-    out = dict(flat)
-    ranks: dict[str, int] = {}
-    loaded = set()
-    for name, pair in sorted(adapter.factors.items()):
-        weight = naming.weight_path(name)
-        if weight is None:
-            raise ValueError(f"{directory}: the adapter's module {name!r} maps to no weight of {naming!r}; was the "
-                             f"adapter made for base model {adapter.peft_config.get('base_model_name_or_path')!r}?")
-        if weight not in records:
-            raise ValueError(f"load_peft: {name!r} ({path_str(weight)}) has no adapter leaves in the tree; apply SoRA "
-                             "with a rule whose module_path matches it.")
-        rec = records[weight]
-        vals = {p: leaves.value(v) for p, v in flat.items()}
-        w_shape = leaves.weight_shape(vals, rec.weight)
-        a, b, gate = (vals.get(p) for p in rec.leaves)
-        roles = _linear_roles(rec, vals, naming)
-        k = naming.in_axes(weight)
-        lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
-        fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
-        if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
-            raise ValueError(f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
-                             f"{tuple(w_shape)} of {path_str(weight)} (a Linear {fan_in} -> {fan_out}); was the "
-                             "adapter made for another model size?")
-        scale, _ = scale_and_rank(config, weight)
-        a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
-        new_b = (adapter.scale(name, rank) / scale) * lora_b.T
-        values = (lora_a.T.reshape(a_shape), new_b.reshape(b_shape), np.ones(g_shape))
-        for path, old, value in zip(rec.leaves, (a, b, gate), values):
-            if old is not None:
-                out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
-        ranks[name] = rank
-        loaded.add(weight)
-    for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
-        if weight in loaded:
-            continue
-        vals = {p: leaves.value(v) for p, v in flat.items()}
-        w_shape = leaves.weight_shape(vals, rec.weight)
-        a, b, gate = (vals.get(p) for p in rec.leaves)
-        roles = weight_roles(vals, rec)
-        for path, old, shape in zip(rec.leaves, (a, b, gate), roles.shapes(w_shape, 0)):
-            if old is not None:
-                out[path] = leaves.rewrap(flat[path], jnp.zeros(shape, old.dtype))
-    return LoadedPeft(rebuild(out), config, ranks)
+  """load_peft for qwix-layout trees: see `load_peft`."""
+  if config is None:
+    raise ValueError(
+      "load_peft: pass the SoraProvider (or rules) of the adapted model as `config`; lora_B is "
+      "folded against its alpha / rank."
+    )
+  adapter = _read_adapter(directory)
+  _check_architecture(directory, adapter, naming)
+  if adapter.plain:
+    raise ValueError(
+      f"{directory}: whole weights {sorted(adapter.plain)[:3]} (modules_to_save) cannot be read "
+      "onto a Tunix model; load_peft reads the LoRA factors only."
+    )
+  flat, rebuild = leaves.flatten(tree)
+  records = {rec.weight: rec for rec in leaves.find_adapters(flat) if rec.layout == "qwix"}
+  if not records:
+    raise ValueError(
+      "load_peft: the tree has no adapters to fill (no <w>_lora_a leaves); apply SoRA first "
+      "(sora_jax.apply_sora with rules matching the adapter's modules) and pass nnx.state(model)."
+    )
+  out = dict(flat)
+  ranks: dict[str, int] = {}
+  loaded = set()
+  for name, pair in sorted(adapter.factors.items()):
+    weight = naming.weight_path(name)
+    if weight is None:
+      raise ValueError(
+        f"{directory}: the adapter's module {name!r} maps to no weight of {naming!r}; was the "
+        f"adapter made for base model {adapter.peft_config.get('base_model_name_or_path')!r}?"
+      )
+    if weight not in records:
+      raise ValueError(
+        f"load_peft: {name!r} ({path_str(weight)}) has no adapter leaves in the tree; apply SoRA "
+        "with a rule whose module_path matches it."
+      )
+    rec = records[weight]
+    vals = {p: leaves.value(v) for p, v in flat.items()}
+    w_shape = leaves.weight_shape(vals, rec.weight)
+    a, b, gate = (vals.get(p) for p in rec.leaves)
+    roles = _linear_roles(rec, vals, naming)
+    k = naming.in_axes(weight)
+    lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
+    fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
+    if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
+      raise ValueError(
+        f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
+        f"{tuple(w_shape)} of {path_str(weight)} (a Linear {fan_in} -> {fan_out}); was the "
+        "adapter made for another model size?"
+      )
+    scale, _ = scale_and_rank(config, weight)
+    a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
+    new_b = (adapter.scale(name, rank) / scale) * lora_b.T
+    values = (lora_a.T.reshape(a_shape), new_b.reshape(b_shape), np.ones(g_shape))
+    for path, old, value in zip(rec.leaves, (a, b, gate), values):
+      if old is not None:
+        out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
+    ranks[name] = rank
+    loaded.add(weight)
+  for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
+    if weight in loaded:
+      continue
+    vals = {p: leaves.value(v) for p, v in flat.items()}
+    w_shape = leaves.weight_shape(vals, rec.weight)
+    a, b, gate = (vals.get(p) for p in rec.leaves)
+    roles = weight_roles(vals, rec)
+    for path, old, shape in zip(rec.leaves, (a, b, gate), roles.shapes(w_shape, 0)):
+      if old is not None:
+        out[path] = leaves.rewrap(flat[path], jnp.zeros(shape, old.dtype))
+  return LoadedPeft(rebuild(out), config, ranks)

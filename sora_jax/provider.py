@@ -27,6 +27,7 @@ The provider is configuration: nothing a later reader needs is kept on it. Where
 would misread a weight's axes from the shapes (a square weight contracted on its last axis), the adapter is created
 with the record `<w>_lora_axes` (`sora_jax.SoraAxes`) beside it, for SoRA rules and for plain `qwix.LoraRule`s alike.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,13 +98,16 @@ class SoraProvider(qwix.LoraProvider):
   Rules that are plain `qwix.LoraRule`s get qwix's LoRA (no gate); `SoraRule`s get SoRA.
   """
 
-  def __init__(self, rules: Sequence[qwix.QuantizationRule] | None = None, *, disable_jit: bool = False,
-               **rule_kwargs: Any):
+  def __init__(
+    self, rules: Sequence[qwix.QuantizationRule] | None = None, *, disable_jit: bool = False, **rule_kwargs: Any
+  ):
     if rules is None:
       rules = [SoraRule(**rule_kwargs)]
     elif rule_kwargs:
-      raise ValueError("SoraProvider: give either rules=[SoraRule(...), ...] or the keyword arguments of one "
-                       f"SoraRule, not both (got rules and {sorted(rule_kwargs)}).")
+      raise ValueError(
+        "SoraProvider: give either rules=[SoraRule(...), ...] or the keyword arguments of one "
+        f"SoraRule, not both (got rules and {sorted(rule_kwargs)})."
+      )
     super().__init__(list(rules), disable_jit=disable_jit)
     self._creating = False
 
@@ -114,17 +118,20 @@ class SoraProvider(qwix.LoraProvider):
 
   # --- intercepted ops ---------------------------------------------------------------------------------------------
 
-  def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                  out_sharding=None) -> jax.Array:
+  def dot_general(
+    self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+  ) -> jax.Array:
     """SoRA `lax.dot_general`: qwix's PTQ base op plus the gated low-rank delta."""
     rule = _qwix.current_rule(self, "dot_general")
     if not isinstance(rule, SoraRule):
-      res = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                                out_sharding=out_sharding)
+      res = super().dot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding
+      )
       _record_lora(self, rule, rhs, lambda: layout.dot_roles(dimension_numbers, rhs.ndim))
       return res
-    res = _qwix.ptq_dot_general(self, lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                                out_sharding=out_sharding)
+    res = _qwix.ptq_dot_general(
+      self, lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding
+    )
     weight = _qwix.find_param(rhs)
     if weight is None:  # rhs is an activation
       return res
@@ -143,11 +150,13 @@ class SoraProvider(qwix.LoraProvider):
     # s * gate scales A's columns: O(|A|) work, then the two products are qwix's.
     a = a * (rule.scale * gate).reshape(*batch, 1, rank).astype(a.dtype)
     a = a.reshape(*batch, *contract, rank)
-    h = jax.lax.dot_general(lhs, a, ((lhs_ca, tuple(range(nb, nb + len(contract)))), (lhs_ba, tuple(range(nb)))),
-                            precision=precision)
+    h = jax.lax.dot_general(
+      lhs, a, ((lhs_ca, tuple(range(nb, nb + len(contract)))), (lhs_ba, tuple(range(nb)))), precision=precision
+    )
     b = b.reshape(*batch, rank, *remain)
-    delta = jax.lax.dot_general(h, b, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))),
-                                precision=precision)
+    delta = jax.lax.dot_general(
+      h, b, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), precision=precision
+    )
     return res + delta
 
   def einsum(self, einsum_str: str, *operands, **kwargs) -> jax.Array:
@@ -156,13 +165,19 @@ class SoraProvider(qwix.LoraProvider):
     if not isinstance(rule, SoraRule):
       res = super().einsum(einsum_str, *operands, **kwargs)
       if len(operands) == 2:
-        _record_lora(self, rule, operands[1], lambda: layout.einsum_roles(
-            *_qwix.einsum_operands(einsum_str, operands[0].ndim, operands[1].ndim)))
+        _record_lora(
+          self,
+          rule,
+          operands[1],
+          lambda: layout.einsum_roles(*_qwix.einsum_operands(einsum_str, operands[0].ndim, operands[1].ndim)),
+        )
       return res
     res = _qwix.ptq_einsum(self, einsum_str, *operands, **kwargs)
     if len(operands) != 2:
-      raise ValueError(f"SoraProvider adapts binary einsums only, got {einsum_str!r} with {len(operands)} operands; "
-                       "exclude this module with the rule's module_path or op_names=('dot_general',).")
+      raise ValueError(
+        f"SoraProvider adapts binary einsums only, got {einsum_str!r} with {len(operands)} operands; "
+        "exclude this module with the rule's module_path or op_names=('dot_general',)."
+      )
     lhs, rhs = operands
     weight = _qwix.find_param(rhs)
     if weight is None:
@@ -189,16 +204,18 @@ class SoraProvider(qwix.LoraProvider):
     rule = _qwix.current_rule(self, "conv_general_dilated")
     if isinstance(rule, SoraRule):
       raise NotImplementedError(
-          f"SoraProvider does not adapt convolutions (rule {rule.module_path!r} matched a conv_general_dilated); "
-          "restrict the rule with op_names=('dot_general', 'einsum') or a module_path that leaves convolutions out.")
+        f"SoraProvider does not adapt convolutions (rule {rule.module_path!r} matched a conv_general_dilated); "
+        "restrict the rule with op_names=('dot_general', 'einsum') or a module_path that leaves convolutions out."
+      )
     res = super().conv_general_dilated(lhs, rhs, *args, **kwargs)
     _record_lora(self, rule, rhs, lambda: layout.conv_roles(rhs.ndim))
     return res
 
   # --- leaves ------------------------------------------------------------------------------------------------------
 
-  def _leaves(self, weight: str, weight_shape: tuple[int, ...], rule: SoraRule, roles: WeightRoles
-              ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+  def _leaves(
+    self, weight: str, weight_shape: tuple[int, ...], rule: SoraRule, roles: WeightRoles
+  ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     """(A, B, gate) of `weight` in the current module: read, created (initialising only), or None (no adapter)."""
     a_shape, b_shape, gate_shape = roles.shapes(weight_shape, rule.rank)
     a_axes, b_axes, gate_axes = roles.leaf_axes()
@@ -217,18 +234,30 @@ class SoraProvider(qwix.LoraProvider):
       gate = None
     if gate is None and creating:
       # A ones gate draws no key, so on NNX the same rngs give the same A and B as qwix's LoRA.
-      gate = _create(names[2], get(weight), _gate_initializer(rule.gate_init), gate_shape, gate_axes, SoraGate,
-                     need_rng=rule.gate_init != "ones")
+      gate = _create(
+        names[2],
+        get(weight),
+        _gate_initializer(rule.gate_init),
+        gate_shape,
+        gate_axes,
+        SoraGate,
+        need_rng=rule.gate_init != "ones",
+      )
     a, b = _qwix.unbox(a), _qwix.unbox(b)
     rank = a.shape[-1]
     gate = jnp.ones(gate_shape[:-1] + (rank,), a.dtype) if gate is None else _qwix.unbox(gate)
-    without_rank = lambda shape: shape[:rank_axis] + shape[rank_axis + 1:]
-    if (a.shape[:-1] != a_shape[:-1] or without_rank(b.shape) != without_rank(b_shape)
-        or b.shape[rank_axis] != rank or gate.shape != gate_shape[:-1] + (rank,)):
+    without_rank = lambda shape: shape[:rank_axis] + shape[rank_axis + 1 :]
+    if (
+      a.shape[:-1] != a_shape[:-1]
+      or without_rank(b.shape) != without_rank(b_shape)
+      or b.shape[rank_axis] != rank
+      or gate.shape != gate_shape[:-1] + (rank,)
+    ):
       raise ValueError(
-          f"SoRA leaves of {where} have shapes A {a.shape}, B {b.shape}, gate {gate.shape}, but this op "
-          f"needs A {a_shape[:-1] + ('r',)}, B {_with_r(b_shape, rank_axis)}, gate {gate_shape[:-1] + ('r',)} with "
-          "one rank r; the tree does not belong to this model (or was edited).")
+        f"SoRA leaves of {where} have shapes A {a.shape}, B {b.shape}, gate {gate.shape}, but this op "
+        f"needs A {a_shape[:-1] + ('r',)}, B {_with_r(b_shape, rank_axis)}, gate {gate_shape[:-1] + ('r',)} with "
+        "one rank r; the tree does not belong to this model (or was edited)."
+      )
     if rank == 0:
       return None
     if not creating:
@@ -243,7 +272,7 @@ class SoraProvider(qwix.LoraProvider):
 
 
 def _with_r(shape: tuple[int, ...], axis: int) -> tuple:
-  return shape[:axis] + ("r",) + shape[axis + 1:]
+  return shape[:axis] + ("r",) + shape[axis + 1 :]
 
 
 def _context(provider: "SoraProvider") -> tuple[Any, Callable[[str], Any], bool, str]:
@@ -260,9 +289,11 @@ def _context(provider: "SoraProvider") -> tuple[Any, Callable[[str], Any], bool,
 def _check_not_merged(weight: Any, where: str) -> None:
   """A weight that `sora_jax.merge` already holds the delta of must not get it again from the adapter."""
   if isinstance(weight, nnx.Variable) and weight.get_metadata().get(MERGED, False):
-    raise ValueError(f"{where} holds weights merged by sora_jax.merge, and this model still runs its adapter, so the "
-                     "delta would count twice; load merged weights into the model before apply_sora "
-                     "(nnx.update(base_model, merged)).")
+    raise ValueError(
+      f"{where} holds weights merged by sora_jax.merge, and this model still runs its adapter, so the "
+      "delta would count twice; load merged weights into the model before apply_sora "
+      "(nnx.update(base_model, merged))."
+    )
 
 
 def _record_axes(weight: str, weight_shape: tuple[int, ...], rank: int, roles: WeightRoles, gated: bool) -> None:
@@ -307,8 +338,15 @@ def _canonical_sharding(x: Any) -> jax.sharding.NamedSharding | None:
   return sharding.update(spec=tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec)))
 
 
-def _create(name: str, base: Any, initializer: Callable[..., jax.Array], shape: tuple[int, ...],
-            axes: tuple[int | None, ...], param_type: type, need_rng: bool = True) -> Any:
+def _create(
+  name: str,
+  base: Any,
+  initializer: Callable[..., jax.Array],
+  shape: tuple[int, ...],
+  axes: tuple[int | None, ...],
+  param_type: type,
+  need_rng: bool = True,
+) -> Any:
   """Creates leaf `name` beside the (boxed) base weight: its dtype (a quantized base: the scale's), its sharding and
   axis metadata picked by `axes` from the weight's, as qwix does for its LoRA leaves."""
   if isinstance(base, _qwix.WithAux):
@@ -331,8 +369,14 @@ def _create(name: str, base: Any, initializer: Callable[..., jax.Array], shape: 
   return _qwix.get_or_create_param(name, init, param_type, need_rng)
 
 
-def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nnx.Rngs | None = None,
-               methods: Collection[str] = ("__call__",), **sample_kwargs: Any) -> Any:
+def apply_sora(
+  model: Any,
+  provider: SoraProvider,
+  *sample_inputs: Any,
+  rngs: nnx.Rngs | None = None,
+  methods: Collection[str] = ("__call__",),
+  **sample_kwargs: Any,
+) -> Any:
   """Attaches SoRA to `model`: qwix's `apply_lora_to_model` with a `SoraProvider`.
 
   NNX: returns an adapted copy; the model runs once on `sample_inputs` / `sample_kwargs` (values do not matter, shapes
@@ -352,21 +396,29 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
     IndexError: the NNX model runs its layers under `nnx.scan`, inside which no leaf can be created.
   """
   if not isinstance(provider, SoraProvider):
-    raise TypeError(f"apply_sora needs a sora_jax.SoraProvider, got {type(provider).__name__}; for plain LoRA call "
-                    "qwix.apply_lora_to_model.")
+    raise TypeError(
+      f"apply_sora needs a sora_jax.SoraProvider, got {type(provider).__name__}; for plain LoRA call "
+      "qwix.apply_lora_to_model."
+    )
   if isinstance(model, nnx.Module):
     if rngs is None:
-      raise ValueError("apply_sora: an NNX model needs rngs=nnx.Rngs(...) to draw the adapters' initial values; "
-                       "pass e.g. rngs=nnx.Rngs(0).")
+      raise ValueError(
+        "apply_sora: an NNX model needs rngs=nnx.Rngs(...) to draw the adapters' initial values; "
+        "pass e.g. rngs=nnx.Rngs(0)."
+      )
     sample_kwargs["rngs"] = rngs
   elif rngs is not None or sample_inputs or sample_kwargs:
-    raise ValueError("apply_sora: a linen model takes no sample inputs or rngs here; its adapters are created by "
-                     "model.init(rng, ...), which you call next.")
+    raise ValueError(
+      "apply_sora: a linen model takes no sample inputs or rngs here; its adapters are created by "
+      "model.init(rng, ...), which you call next."
+    )
   if isinstance(model, nnx.Module):
     adapted = [path for path, _ in nnx.to_flat_state(nnx.state(model)) if leaves.is_adapter_leaf(path)]
     if adapted:
-      raise ValueError(f"apply_sora: the model already has adapters ({leaves.path_str(adapted[0])}, ...); apply SoRA "
-                       "to the model before adaptation (keep it, or nnx.clone it before apply_sora).")
+      raise ValueError(
+        f"apply_sora: the model already has adapters ({leaves.path_str(adapted[0])}, ...); apply SoRA "
+        "to the model before adaptation (keep it, or nnx.clone it before apply_sora)."
+      )
   provider._creating = True  # pylint: disable=protected-access
   try:
     out = _qwix.quantize_model(model, provider, *sample_inputs, methods=tuple(methods), **sample_kwargs)
@@ -376,13 +428,15 @@ def apply_sora(model: Any, provider: SoraProvider, *sample_inputs: Any, rngs: nn
       _clear_merged(out)
     return out
   except IndexError as e:
-    if not any("nnx/transforms/iteration" in frame.filename.replace("\\", "/")
-               for frame in traceback.extract_tb(e.__traceback__)):
+    if not any(
+      "nnx/transforms/iteration" in frame.filename.replace("\\", "/") for frame in traceback.extract_tb(e.__traceback__)
+    ):
       raise
     raise IndexError(
-        f"apply_sora: adapter leaves cannot be created inside nnx.scan (qwix's LoRA fails the same way; nnx.scan "
-        f"said: {e}); create them beforehand with a leading layer axis after apply_sora(..., skip_nnx_init=True), "
-        "as docs/design.md shows.") from e
+      f"apply_sora: adapter leaves cannot be created inside nnx.scan (qwix's LoRA fails the same way; nnx.scan "
+      f"said: {e}); create them beforehand with a leading layer axis after apply_sora(..., skip_nnx_init=True), "
+      "as docs/design.md shows."
+    ) from e
   finally:
     provider._creating = False  # pylint: disable=protected-access
 
@@ -394,9 +448,11 @@ def _check_rules_matched(model: nnx.Module, provider: SoraProvider) -> None:
   for rule in provider.rules:
     if isinstance(rule, qwix.LoraRule) and not any(re.fullmatch(rule.module_path, m) for m in adapted):
       seen = sorted({leaves.path_str(path) for path, _ in nnx.iter_modules(model) if path})
-      raise ValueError(f"apply_sora: the rule module_path={rule.module_path!r} adapted no weight (its op_names "
-                       f"{tuple(rule.op_names)}); module paths seen: {', '.join(seen[:12])}"
-                       f"{' ...' if len(seen) > 12 else ''}. Fix the regex (it must fully match a path).")
+      raise ValueError(
+        f"apply_sora: the rule module_path={rule.module_path!r} adapted no weight (its op_names "
+        f"{tuple(rule.op_names)}); module paths seen: {', '.join(seen[:12])}"
+        f"{' ...' if len(seen) > 12 else ''}. Fix the regex (it must fully match a path)."
+      )
 
 
 def _clear_merged(model: nnx.Module) -> None:

@@ -17,6 +17,7 @@ Two ways to use them:
                           (staircase=False) the shape evaluated continuously over `lambda_num - 1` stages' worth of
                           steps; both hold max_lambda afterwards.
 """
+
 from typing import Literal
 
 import jax.numpy as jnp
@@ -39,8 +40,9 @@ def _check(shape: str, start: float, max_lambda: float, lambda_num: int) -> None
     raise ValueError(f"lambdas are thresholds and must be >= 0, got start={start}, max_lambda={max_lambda}")
   if shape == "exp_linear" and (start <= 0 or max_lambda <= 0):
     raise ValueError(
-        f"exp_linear interpolates log(lambda), which is undefined at 0 (got start={start}, max_lambda={max_lambda}); "
-        "use a positive start (e.g. 1e-5), or the linear / log_linear shape, which accept 0")
+      f"exp_linear interpolates log(lambda), which is undefined at 0 (got start={start}, max_lambda={max_lambda}); "
+      "use a positive start (e.g. 1e-5), or the linear / log_linear shape, which accept 0"
+    )
 
 
 def _shape_at(shape: str, start, max_lambda, t, xp):
@@ -76,8 +78,9 @@ def lambda_stages(shape: LambdaShape, start: float, max_lambda: float, lambda_nu
   return values
 
 
-def lambda_schedule(shape: LambdaShape, start: float, max_lambda: float, lambda_num: int, steps_per_stage: int,
-                    *, staircase: bool = True) -> optax.Schedule:
+def lambda_schedule(
+  shape: LambdaShape, start: float, max_lambda: float, lambda_num: int, steps_per_stage: int, *, staircase: bool = True
+) -> optax.Schedule:
   """The sparsifying scheduler inside one run, as an Optax schedule `count -> lambda`.
 
   Args:

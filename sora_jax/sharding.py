@@ -13,6 +13,7 @@ qwix layout: each leaf axis takes the spec of the weight axis it runs along, as 
 flattened group of axes takes its first axis's; the rank axis is replicated; see `sora_jax.layout`).
 So the low-rank factors are split exactly where their weight is, and `x @ A`, `h @ B` need no extra resharding.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[
   """
   devices = list(jax.devices() if devices is None else devices)
   if -1 not in (data, fsdp, tensor) and data * fsdp * tensor < len(devices):
-    devices = devices[:data * fsdp * tensor]
+    devices = devices[: data * fsdp * tensor]
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
@@ -50,8 +51,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[
       raise ValueError(f"{len(devices)} devices do not divide into mesh axes of product {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} "
-                     f"devices, have {len(devices)}")
+    raise ValueError(
+      f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} "
+      f"devices, have {len(devices)}"
+    )
   return Mesh(np.asarray(devices).reshape(sizes), AXES)
 
 
@@ -90,14 +93,20 @@ def param_specs(params: PyTree, mesh: Mesh, min_size: int = 2**14, reference: Op
       of `split`); default `params` itself.
   """
   flat = {path: leaves.value(leaf) for path, leaf in leaves.flatten(params)[0].items()}
-  ref = dict(flat) if reference is None else {
-      **{path: leaves.value(leaf) for path, leaf in leaves.flatten(reference)[0].items()}, **flat}
-  specs = {path: frozen_spec(leaf.shape, mesh, min_size) for path, leaf in flat.items()
-           if not leaves.is_adapter_leaf(path)}
+  ref = (
+    dict(flat)
+    if reference is None
+    else {**{path: leaves.value(leaf) for path, leaf in leaves.flatten(reference)[0].items()}, **flat}
+  )
+  specs = {
+    path: frozen_spec(leaf.shape, mesh, min_size) for path, leaf in flat.items() if not leaves.is_adapter_leaf(path)
+  }
   for rec in leaves.find_adapters(flat):
     if rec.weight not in ref or rec.b not in ref:
-      raise ValueError(f"{leaves.path_str(rec.a)}: its base kernel (weight) and both factors are needed to derive its "
-                       "sharding; pass the tree that holds them as reference=")
+      raise ValueError(
+        f"{leaves.path_str(rec.a)}: its base kernel (weight) and both factors are needed to derive its "
+        "sharding; pass the tree that holds them as reference="
+      )
     w_shape = leaves.weight_shape(ref, rec.weight)
     kspec = tuple(frozen_spec(w_shape, mesh, min_size))
     kspec += (None,) * (len(w_shape) - len(kspec))
@@ -146,11 +155,15 @@ def _explicit_env() -> dict:
     try:
       values[name] = int(raw)
     except ValueError:
-      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {key} is {raw!r}; set {key} to an integer on every "
-                       "process (or unset JAX_COORDINATOR_ADDRESS to use the cluster's own detection)") from None
+      raise ValueError(
+        f"JAX_COORDINATOR_ADDRESS is set but {key} is {raw!r}; set {key} to an integer on every "
+        "process (or unset JAX_COORDINATOR_ADDRESS to use the cluster's own detection)"
+      ) from None
   if values["num_processes"] < 1 or not 0 <= values["process_id"] < values["num_processes"]:
-    raise ValueError(f"JAX_PROCESS_ID={values['process_id']} must be in [0, JAX_NUM_PROCESSES="
-                     f"{values['num_processes']}); number the processes 0, 1, ...")
+    raise ValueError(
+      f"JAX_PROCESS_ID={values['process_id']} must be in [0, JAX_NUM_PROCESSES="
+      f"{values['num_processes']}); number the processes 0, 1, ..."
+    )
   return {"coordinator_address": address, **values}
 
 
@@ -181,4 +194,5 @@ def put_batch(batch: dict, mesh: Mesh, leading: int = 0) -> dict:
 
   def put(x):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   return jax.tree.map(put, batch)

@@ -1,36 +1,64 @@
 """Fixtures shared by the trainer, sparsify, budget and study tests."""
+
 import json
 
 import numpy as np
 import pytest
 
-WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sits", "flies", "big", "small", "old", "new",
-         "tree", "house", "river", "the", "a", "and", "near"]
+WORDS = [
+  "red",
+  "green",
+  "blue",
+  "cat",
+  "dog",
+  "bird",
+  "runs",
+  "sits",
+  "flies",
+  "big",
+  "small",
+  "old",
+  "new",
+  "tree",
+  "house",
+  "river",
+  "the",
+  "a",
+  "and",
+  "near",
+]
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A random 2-layer BERT with its WordPiece tokenizer, and a two-class jsonl task ("is there an animal?")."""
-    torch = pytest.importorskip("torch")
-    import transformers
+  """A random 2-layer BERT with its WordPiece tokenizer, and a two-class jsonl task ("is there an animal?")."""
+  torch = pytest.importorskip("torch")
+  import transformers
 
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir, data_dir = root / "model", root / "data"
-    model_dir.mkdir()
-    data_dir.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
+  root = tmp_path_factory.mktemp("tiny")
+  model_dir, data_dir = root / "model", root / "data"
+  model_dir.mkdir()
+  data_dir.mkdir()
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+  (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+  config = transformers.BertConfig(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=32,
+    num_labels=2,
+  )
+  torch.manual_seed(0)
+  transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("validation", 32)):
-        with open(data_dir / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                words = list(rng.choice(WORDS, size=int(rng.integers(3, 8))))
-                label = int(any(w in ("cat", "dog", "bird") for w in words))
-                f.write(json.dumps({"sentence": " ".join(words), "label": label}) + "\n")
-    return str(model_dir), str(data_dir)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 64), ("validation", 32)):
+    with open(data_dir / f"{split}.jsonl", "w") as f:
+      for _ in range(n):
+        words = list(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+        label = int(any(w in ("cat", "dog", "bird") for w in words))
+        f.write(json.dumps({"sentence": " ".join(words), "label": label}) + "\n")
+  return str(model_dir), str(data_dir)

@@ -1,5 +1,6 @@
 """Exports are whole or absent (a failure between the two files of an adapter leaves the old one), and broken or
 hostile adapter files are one clear error naming the file and the key."""
+
 import json
 import os
 
@@ -22,16 +23,20 @@ def test_atomic_folder_keeps_the_old_folder_on_failure_and_other_files_on_succes
     with atomic_folder(target, owned=("adapter_*",)) as staging:
       open(os.path.join(staging, "adapter_model.safetensors"), "w").write("new")
       raise OSError(28, "No space left on device")  # between the tensor file and adapter_config.json
-  assert _files(target) == {n: f"old {n}".encode() for n in ("README.md", "adapter_config.json",
-                                                             "adapter_model.safetensors")}
+  assert _files(target) == {
+    n: f"old {n}".encode() for n in ("README.md", "adapter_config.json", "adapter_model.safetensors")
+  }
   assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no staging folder left
 
   (target / "adapter_model.bin").write_text("stale pickled weights")
   with atomic_folder(target, owned=("adapter_*",)) as staging:
     for name in ("adapter_model.safetensors", "adapter_config.json"):
       open(os.path.join(staging, name), "w").write("new")
-  assert _files(target) == {"README.md": b"old README.md", "adapter_config.json": b"new",
-                            "adapter_model.safetensors": b"new"}  # the old adapter's own files are gone
+  assert _files(target) == {
+    "README.md": b"old README.md",
+    "adapter_config.json": b"new",
+    "adapter_model.safetensors": b"new",
+  }  # the old adapter's own files are gone
   assert sorted(os.listdir(tmp_path)) == ["adapter"]
 
   with pytest.raises(RuntimeError):
@@ -48,6 +53,7 @@ def adapter(tiny, tmp_path_factory):
   from sora_jax import SoraConfig, init, save_peft
   from sora_jax.models import EncoderNaming
   from sora_jax.models.loading import family_module, from_pretrained
+
   model_dir, _ = tiny
   pretrained = from_pretrained(model_dir, num_labels=2)
   config = SoraConfig(rank=4, alpha=8.0, targets=family_module("bert").TARGETS)
@@ -63,6 +69,7 @@ def test_save_peft_failure_between_the_two_files_keeps_the_old_adapter(adapter, 
   import shutil
   from sora_jax import load_peft, save_peft
   from sora_jax import peft as peft_module
+
   source, base, params, config, naming = adapter
   directory = tmp_path / "peft"
   shutil.copytree(source, directory)
@@ -70,6 +77,7 @@ def test_save_peft_failure_between_the_two_files_keeps_the_old_adapter(adapter, 
 
   def full_disk(*args, **kwargs):
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(peft_module.json, "dump", full_disk)  # the tensor file is written, the config is not
   with pytest.raises(OSError, match="No space left"):
     save_peft(directory, params, config, naming=naming)
@@ -84,6 +92,7 @@ def test_save_peft_failure_between_the_two_files_keeps_the_old_adapter(adapter, 
 
 def _edit_tensors(directory, change):
   from safetensors.numpy import load_file, save_file
+
   path = os.path.join(directory, "adapter_model.safetensors")
   tensors = load_file(path)
   save_file(change(dict(tensors)), path, metadata={"format": "pt"})
@@ -112,24 +121,32 @@ def _nan(x):
   return x
 
 
-@pytest.mark.parametrize("case, config_change, tensor_change, words", [
-  ("nan in lora_A", None, lambda t: _set(t, ".lora_A.", _nan), ["adapter_model.safetensors", "lora_A", "NaN"]),
-  ("inf in lora_B", None, lambda t: _set(t, ".lora_B.", lambda x: x * np.inf),
-   ["adapter_model.safetensors", "lora_B", "infinite"]),
-  ("nan in the head", None, lambda t: _set(t, "classifier", _nan), ["classifier", "NaN"]),
-  ("empty tensor file", None, lambda t: {}, ["adapter_model.safetensors", "no LoRA factors"]),
-  ("missing head", None, _without_head, ["modules_to_save", "'classifier'", "no weights"]),
-  ("rank 0", None, _rank_zero, ["adapter_model.safetensors", ".lora_", "rank 0"]),
-  ("alpha nan", lambda c: {**c, "lora_alpha": float("nan")}, None, ["adapter_config.json", "lora_alpha", "nan"]),
-  ("alpha string", lambda c: {**c, "lora_alpha": "8"}, None, ["adapter_config.json", "lora_alpha", "'8'"]),
-  ("alpha zero", lambda c: {**c, "lora_alpha": 0}, None, ["lora_alpha", "positive"]),
-  ("alpha pattern negative", lambda c: {**c, "alpha_pattern": {"query": -2}}, None, ["alpha_pattern['query']"]),
-  ("r boolean", lambda c: {**c, "r": True}, None, ["adapter_config.json", "r must be", "True"]),
-  ("json list", lambda c: [c], None, ["adapter_config.json", "JSON object", "list"]),
-])
+@pytest.mark.parametrize(
+  "case, config_change, tensor_change, words",
+  [
+    ("nan in lora_A", None, lambda t: _set(t, ".lora_A.", _nan), ["adapter_model.safetensors", "lora_A", "NaN"]),
+    (
+      "inf in lora_B",
+      None,
+      lambda t: _set(t, ".lora_B.", lambda x: x * np.inf),
+      ["adapter_model.safetensors", "lora_B", "infinite"],
+    ),
+    ("nan in the head", None, lambda t: _set(t, "classifier", _nan), ["classifier", "NaN"]),
+    ("empty tensor file", None, lambda t: {}, ["adapter_model.safetensors", "no LoRA factors"]),
+    ("missing head", None, _without_head, ["modules_to_save", "'classifier'", "no weights"]),
+    ("rank 0", None, _rank_zero, ["adapter_model.safetensors", ".lora_", "rank 0"]),
+    ("alpha nan", lambda c: {**c, "lora_alpha": float("nan")}, None, ["adapter_config.json", "lora_alpha", "nan"]),
+    ("alpha string", lambda c: {**c, "lora_alpha": "8"}, None, ["adapter_config.json", "lora_alpha", "'8'"]),
+    ("alpha zero", lambda c: {**c, "lora_alpha": 0}, None, ["lora_alpha", "positive"]),
+    ("alpha pattern negative", lambda c: {**c, "alpha_pattern": {"query": -2}}, None, ["alpha_pattern['query']"]),
+    ("r boolean", lambda c: {**c, "r": True}, None, ["adapter_config.json", "r must be", "True"]),
+    ("json list", lambda c: [c], None, ["adapter_config.json", "JSON object", "list"]),
+  ],
+)
 def test_load_peft_refuses_broken_adapters(adapter, tmp_path, case, config_change, tensor_change, words):
   import shutil
   from sora_jax import load_peft
+
   source, base, _, _, naming = adapter
   directory = tmp_path / "peft"
   shutil.copytree(source, directory)
@@ -149,6 +166,7 @@ def test_load_peft_refuses_broken_adapters(adapter, tmp_path, case, config_chang
 def test_load_peft_refuses_malformed_json(adapter, tmp_path):
   import shutil
   from sora_jax import load_peft
+
   source, base, _, _, naming = adapter
   shutil.copytree(source, tmp_path / "peft")
   (tmp_path / "peft" / "adapter_config.json").write_text('{"r": 4, "lora_alpha":')

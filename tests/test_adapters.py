@@ -1,4 +1,5 @@
 """Adapter tree transforms against NumPy references: init, masks, split/combine, merge/unmerge, prune, report."""
+
 import math
 
 import jax
@@ -16,9 +17,10 @@ def _params(stacked_layers=None):
   lead = () if stacked_layers is None else (stacked_layers,)
   f = lambda *shape: jnp.asarray(RS.randn(*lead, *shape), jnp.float32)
   return {
-      "encoder": {"layer": {"query": {"kernel": f(16, 8), "bias": f(8)},
-                            "heads": {"kernel": f(16, 2, 4), "bias": f(2, 4)}}},
-      "classifier": {"kernel": jnp.asarray(RS.randn(8, 3), jnp.float32), "bias": jnp.zeros(3)},
+    "encoder": {
+      "layer": {"query": {"kernel": f(16, 8), "bias": f(8)}, "heads": {"kernel": f(16, 2, 4), "bias": f(2, 4)}}
+    },
+    "classifier": {"kernel": jnp.asarray(RS.randn(8, 3), jnp.float32), "bias": jnp.zeros(3)},
   }
 
 
@@ -36,6 +38,7 @@ def _randomize(params, rs=None):
       g = rs.randn(*v.shape) * (rs.rand(*v.shape) > 0.4)
       return jnp.asarray(g, v.dtype)
     return v
+
   return jax.tree_util.tree_map_with_path(f, params)
 
 
@@ -47,11 +50,18 @@ def _np_delta(a, b, gate, scale, in_axes):
   return (scale * (a2 * g) @ b2).reshape(a.shape[:in_axes] + b.shape[1:])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(rank=0), "rank"), (dict(alpha=0.0), "alpha"), (dict(gate_init="zeros"), "gate_init"),
-    (dict(dropout=1.0), "dropout"), (dict(targets=("(",)), "regular expression"), (dict(targets=()), "targets"),
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(rank=0), "rank"),
+    (dict(alpha=0.0), "alpha"),
+    (dict(gate_init="zeros"), "gate_init"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(targets=("(",)), "regular expression"),
+    (dict(targets=()), "targets"),
     (dict(in_axes=0), "in_axes"),
-])
+  ],
+)
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sora_jax.SoraConfig(**kwargs)
@@ -66,8 +76,9 @@ def test_config_scale_and_str_targets():
 @pytest.mark.parametrize("gate_init", ["ones", "normal"])
 def test_init_shapes_and_distributions(stacked, gate_init):
   params = _params(stacked)
-  config = sora_jax.SoraConfig(rank=4, targets=TARGETS, gate_init=gate_init,
-                               stacked=None if stacked is None else r"encoder/layer/.*")
+  config = sora_jax.SoraConfig(
+    rank=4, targets=TARGETS, gate_init=gate_init, stacked=None if stacked is None else r"encoder/layer/.*"
+  )
   out = sora_jax.init(jax.random.key(0), params, config)
   lead = () if stacked is None else (stacked,)
   q, h = out["encoder"]["layer"]["query"], out["encoder"]["layer"]["heads"]
@@ -130,8 +141,7 @@ def test_masks_labels_split_combine():
 
 @pytest.mark.parametrize("stacked", [None, 3])
 def test_merge_unmerge_match_numpy(stacked):
-  config = sora_jax.SoraConfig(rank=4, alpha=8.0, targets=TARGETS,
-                               stacked=None if stacked is None else r"encoder/.*")
+  config = sora_jax.SoraConfig(rank=4, alpha=8.0, targets=TARGETS, stacked=None if stacked is None else r"encoder/.*")
   params = _randomize(sora_jax.init(jax.random.key(0), _params(stacked), config))
   merged = sora_jax.merge(params, config)
   assert "sora_a" not in merged["encoder"]["layer"]["query"]
@@ -140,8 +150,7 @@ def test_merge_unmerge_match_numpy(stacked):
     m = jax.tree.map(np.asarray, params["encoder"]["layer"][name])
     layers = [m] if stacked is None else [jax.tree.map(lambda v: v[i], m) for i in range(stacked)]
     want = np.stack([l["kernel"] + _np_delta(l["sora_a"], l["sora_b"], l["sora_gate"], 2.0, 1) for l in layers])
-    np.testing.assert_allclose(merged["encoder"]["layer"][name]["kernel"], want.reshape(m["kernel"].shape),
-                               atol=1e-5)
+    np.testing.assert_allclose(merged["encoder"]["layer"][name]["kernel"], want.reshape(m["kernel"].shape), atol=1e-5)
   restored = sora_jax.unmerge(merged, sora_jax.split(params)[0], config)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), restored, params)
 

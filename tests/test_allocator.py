@@ -1,4 +1,5 @@
 """train.allocator: with `retain_freed_memory`, a block freed on a worker thread is reused, not faulted in again."""
+
 import json
 import platform
 import subprocess
@@ -32,8 +33,13 @@ print(json.dumps({"faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).r
 
 
 def _faults_per_step(mode: str) -> float:
-  out = subprocess.run([sys.executable, "-c", _STEPS_ON_A_THREAD, mode], capture_output=True, text=True, check=True,
-                       env={"PATH": "", "PYTHONPATH": ":".join(sys.path)}).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", _STEPS_ON_A_THREAD, mode],
+    capture_output=True,
+    text=True,
+    check=True,
+    env={"PATH": "", "PYTHONPATH": ":".join(sys.path)},
+  ).stdout
   return json.loads(out.splitlines()[-1])["faults_per_step"]
 
 
@@ -42,4 +48,3 @@ def test_retain_freed_memory_stops_the_per_step_faults_of_a_large_block_on_a_thr
   faults = {mode: _faults_per_step(mode) for mode in ("default", "retain")}
   # Mapped anew each step: at least 32 faults (2 MiB pages), 16,384 with 4 KiB pages; kept in the heap: next to none.
   assert faults["default"] >= 32 and faults["retain"] < 16, faults
-

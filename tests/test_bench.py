@@ -1,5 +1,6 @@
 """Smoke tests of bench/: the scripts run at toy sizes and print their tables (no timing is asserted), and the
 PyTorch SoRA re-implementation that the comparison times computes the same step as sora_jax."""
+
 import numpy as np
 import pytest
 
@@ -35,7 +36,9 @@ def test_case_env_adds_each_malloc_tunable_once(monkeypatch):
   assert measure.malloc_setting(measure.case_env(malloc="default")) == "glibc malloc defaults"
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
   assert measure.case_env(malloc="hugepages")["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
-  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=7")  # the caller's own choice is kept
+  monkeypatch.setenv(
+    "GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=7"
+  )  # the caller's own choice is kept
   tunables = measure.case_env()["GLIBC_TUNABLES"].split(":")
   assert tunables[:2] == ["glibc.malloc.hugetlb=0", "glibc.malloc.mmap_max=7"] and len(tunables) == 4, tunables
   with pytest.raises(ValueError, match="unknown malloc mode 'fast'"):
@@ -58,14 +61,16 @@ def test_retain_keeps_freed_blocks_so_later_steps_do_not_fault():
   import platform
   import subprocess
   import sys
+
   if platform.libc_ver()[0] != "glibc":
     pytest.skip("glibc tunables")
   faults = {}
   for mode in ("default", "retain"):
     env = measure.case_env(malloc=mode)
     env.pop("GLIBC_TUNABLES", None) if mode == "default" else None
-    out = subprocess.run([sys.executable, "-c", _RETAINED_BUFFERS], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+      [sys.executable, "-c", _RETAINED_BUFFERS], env=env, capture_output=True, text=True, check=True
+    ).stdout
     faults[mode] = json.loads(out.splitlines()[-1])["faults_per_step"]
   # 64 MiB mapped anew each call: at least 32 faults (2 MiB pages) and with 4 KiB pages 16,384; kept: next to none.
   assert faults["default"] >= 32 and faults["retain"] < 16, faults
@@ -112,8 +117,9 @@ def test_torch_sora_step_matches_optax_chain():
 def test_train_step_script_prints_table():
   text = train_step.main(["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,factored"])
   assert "| floor" in text and "| factored" in text and "error" not in text
-  text = train_step.main(["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,full,merge", "--cost",
-                           "--interleave"])
+  text = train_step.main(
+    ["--tiny", "--warmup", "1", "--repeats", "1", "--methods", "floor,full,merge", "--cost", "--interleave"]
+  )
   assert "| full" in text and "| merge" in text and "XLA GFLOP" in text and "error" not in text
 
 
@@ -139,8 +145,13 @@ def test_round_robin_rotates_the_order_and_collects_each_cases_times():
 
 def test_worker_reports_a_broken_case_as_an_error_and_serves_a_working_one():
   spec = {"kind": "train", "model": "bert", "batch": 2, "seq": 8, "shape": compare.TINY_SHAPE, "warmup": 1}
-  workers = measure.start_workers({"bad": ("bench.torch_cases", dict(spec, method="no-such-method")),
-                                   "good": ("bench.torch_cases", dict(spec, method="lora"))}, progress=False)
+  workers = measure.start_workers(
+    {
+      "bad": ("bench.torch_cases", dict(spec, method="no-such-method")),
+      "good": ("bench.torch_cases", dict(spec, method="lora")),
+    },
+    progress=False,
+  )
   try:
     assert "unknown method 'no-such-method'" in workers["bad"].info["error"]
     assert workers["bad"].step()["error"] == workers["bad"].error
@@ -155,8 +166,9 @@ def test_worker_reports_a_broken_case_as_an_error_and_serves_a_working_one():
 
 
 def test_compare_script_prints_tables():
-  text = compare.main(["--tiny", "--models", "bert", "--batch", "2", "--quick", "--jax-methods", "sora",
-                       "--torch-methods", "lora"])
+  text = compare.main(
+    ["--tiny", "--models", "bert", "--batch", "2", "--quick", "--jax-methods", "sora", "--torch-methods", "lora"]
+  )
   assert "SoRA vs LoRA" in text and "Inference" in text and "error" not in text
 
 
@@ -179,8 +191,11 @@ def test_pairs_layout_times_each_ratio_in_a_pair_and_skips_what_was_timed():
 
 def test_side_by_side_takes_both_results_from_the_group_that_timed_them_together():
   sora_a, sora_b, peft, port = ({"times": {"step": [t]}} for t in (1.0, 2.0, 3.0, 4.0))
-  cases = {("jax", "sora"): {"sora/port": sora_a, "sora/peft-lora": sora_b},
-           ("torch", "lora"): {"sora/peft-lora": peft}, ("torch", "sora"): {"sora/port": port}}
+  cases = {
+    ("jax", "sora"): {"sora/port": sora_a, "sora/peft-lora": sora_b},
+    ("torch", "lora"): {"sora/peft-lora": peft},
+    ("torch", "sora"): {"sora/port": port},
+  }
   assert compare._side_by_side(cases, ("jax", "sora"), ("torch", "lora")) == (sora_b, peft, True)
   assert compare._side_by_side(cases, ("jax", "sora"), ("torch", "sora")) == (sora_a, port, True)
   assert compare._side_by_side(cases, ("torch", "lora"), ("torch", "sora")) == (peft, port, False)
@@ -190,8 +205,16 @@ def test_side_by_side_takes_both_results_from_the_group_that_timed_them_together
 @pytest.mark.parametrize("model", ["bert", "deberta"])
 def test_inference_cases_run_in_process(model):
   from bench import jax_cases
-  spec = {"kind": "inference", "model": model, "batch": 2, "seq": 8, "shape": compare.TINY_SHAPE, "warmup": 1,
-          "repeats": 1}
+
+  spec = {
+    "kind": "inference",
+    "model": model,
+    "batch": 2,
+    "seq": 8,
+    "shape": compare.TINY_SHAPE,
+    "warmup": 1,
+    "repeats": 1,
+  }
   ours = jax_cases.main(spec)["time_s"]
   theirs = torch_cases.main(spec)["time_s"]
   assert set(ours) == {"base", "sora_merged", "sora_factored"}

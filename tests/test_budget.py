@@ -1,5 +1,6 @@
 """Budget mode: `sora_budget` lands on its budget (linen and NNX models), `cut_to_budget` against a NumPy greedy cut,
 and the trainer's `adapter.target_fraction` / `target_params` end to end on the tiny BERT of conftest.py."""
+
 import json
 import os
 
@@ -28,10 +29,20 @@ def test_schedule_holds_one_then_falls_cubically_to_the_target():
 def _linen_tree(seed=0):
   """Two modules of costs 4 + 6 = 10 and 6 + 2 = 8 per rank, rank 3 each, in the linen layout."""
   rng = np.random.default_rng(seed)
-  tree = {"l0": {"kernel": np.zeros((4, 6)), "sora_a": rng.normal(size=(4, 3)), "sora_b": rng.normal(size=(3, 6)),
-                 "sora_gate": rng.normal(size=(3,))},
-          "l1": {"kernel": np.zeros((6, 2)), "sora_a": rng.normal(size=(6, 3)), "sora_b": rng.normal(size=(3, 2)),
-                 "sora_gate": rng.normal(size=(3,))}}
+  tree = {
+    "l0": {
+      "kernel": np.zeros((4, 6)),
+      "sora_a": rng.normal(size=(4, 3)),
+      "sora_b": rng.normal(size=(3, 6)),
+      "sora_gate": rng.normal(size=(3,)),
+    },
+    "l1": {
+      "kernel": np.zeros((6, 2)),
+      "sora_a": rng.normal(size=(6, 3)),
+      "sora_b": rng.normal(size=(3, 2)),
+      "sora_gate": rng.normal(size=(3,)),
+    },
+  }
   return jax.tree.map(lambda v: v.astype(np.float32), tree)
 
 
@@ -42,8 +53,9 @@ def test_cut_to_budget_is_the_greedy_cut_of_smallest_gates(budget):
   config = sora_jax.SoraConfig(rank=3, alpha=3.0, targets=(r"l\d/kernel",))
   cut, report = cut_to_budget(tree, budget)
   # NumPy reference: drop entries by ascending |gate| while the retained parameters exceed the budget.
-  entries = [(abs(g), m, i, c) for m, c in (("l0", 10), ("l1", 8))
-             for i, g in enumerate(tree[m]["sora_gate"]) if g != 0]
+  entries = [
+    (abs(g), m, i, c) for m, c in (("l0", 10), ("l1", 8)) for i, g in enumerate(tree[m]["sora_gate"]) if g != 0
+  ]
   retained = sum(e[3] for e in entries)
   expected = {m: np.array(tree[m]["sora_gate"]) for m in ("l0", "l1")}
   dropped = 0
@@ -54,7 +66,11 @@ def test_cut_to_budget_is_the_greedy_cut_of_smallest_gates(budget):
   for m in ("l0", "l1"):
     np.testing.assert_array_equal(cut[m]["sora_gate"], expected[m])
   assert (report.cut_ranks, report.retained_before, report.retained_after, report.max_params) == (
-      dropped, 10 * 3 + 8 * 2, retained, 54)
+    dropped,
+    10 * 3 + 8 * 2,
+    retained,
+    54,
+  )
   assert sora_jax.rank_report(cut, config).retained_params == report.retained_after <= max(budget, 0)
 
 
@@ -150,26 +166,44 @@ def test_nnx_optimizer_with_sora_budget_lands_on_its_budget():
 
 def _trainer_args(tiny, output_dir, *extra):
   model_dir, data_dir = tiny
-  return [f"output_dir={output_dir}", f"model.name={model_dir}", "data.task=local", f"data.data_dir={data_dir}",
-          "data.num_labels=2", "data.max_length=16", "train.batch_size=8", "train.eval_batch_size=16",
-          "train.max_steps=30", "train.eval_every=10", "train.save_every=30", "train.log_every=1",
-          "train.progress=false", "optim.learning_rate=1e-2", "adapter.rank=8", "export_peft=false", *extra]
+  return [
+    f"output_dir={output_dir}",
+    f"model.name={model_dir}",
+    "data.task=local",
+    f"data.data_dir={data_dir}",
+    "data.num_labels=2",
+    "data.max_length=16",
+    "train.batch_size=8",
+    "train.eval_batch_size=16",
+    "train.max_steps=30",
+    "train.eval_every=10",
+    "train.save_every=30",
+    "train.log_every=1",
+    "train.progress=false",
+    "optim.learning_rate=1e-2",
+    "adapter.rank=8",
+    "export_peft=false",
+    *extra,
+  ]
 
 
 @pytest.mark.slow
 def test_trainer_budget_mode_meets_the_budget_and_logs_lambda(tiny, tmp_path):
   from train.loop import run
+
   results = run(load_config(None, _trainer_args(tiny, tmp_path, "adapter.target_fraction=0.4")))
   budget = results["budget"]
   assert budget["target_params"] == int(0.4 * results["max_params"])
-  assert budget["target_params"] - 0.02 * results["max_params"] <= results["retained_params"] <= budget[
-      "target_params"]
+  assert budget["target_params"] - 0.02 * results["max_params"] <= results["retained_params"] <= budget["target_params"]
   assert budget["within_2_percent"] and budget["retained_params"] == results["retained_params"]
   assert results["pruned_merged"]["metrics_equal"]
   assert results["best"]["step"] == 30  # only evaluations on budget (after the cut at step 21) count
   trace = results["sparsity_trace"]
-  assert len(trace) == 30 and trace[0]["target_fraction"] == 1.0 and trace[-1]["target_fraction"] == pytest.approx(
-      budget["target_params"] / results["max_params"])
+  assert (
+    len(trace) == 30
+    and trace[0]["target_fraction"] == 1.0
+    and trace[-1]["target_fraction"] == pytest.approx(budget["target_params"] / results["max_params"])
+  )
   rank_cost = (32 + 48) / results["max_params"]  # the largest rank of the tiny BERT
   assert all(0 < t["active_fraction"] <= t["target_fraction"] + 1e-6 for t in trace)  # never all off, never above
   assert all(t["active_fraction"] >= t["target_fraction"] - rank_cost for t in trace)  # within one rank
@@ -180,23 +214,38 @@ def test_trainer_budget_mode_meets_the_budget_and_logs_lambda(tiny, tmp_path):
 @pytest.mark.slow
 def test_trainer_cuts_smallest_gates_when_the_run_ends_above_budget(tiny, tmp_path):
   from train.loop import run
+
   # The schedule starts to fall at step 27 and reaches the budget only at the end (reach = 1): the last step's
   # params are a little above it, and the end-of-run cut takes them down.
-  results = run(load_config(None, _trainer_args(tiny, tmp_path, "adapter.target_params=2000", "sparse_lambda=1e-9",
-                                                "adapter.budget_start=0.9", "adapter.budget_reach=1.0")))
+  results = run(
+    load_config(
+      None,
+      _trainer_args(
+        tiny,
+        tmp_path,
+        "adapter.target_params=2000",
+        "sparse_lambda=1e-9",
+        "adapter.budget_start=0.9",
+        "adapter.budget_reach=1.0",
+      ),
+    )
+  )
   budget = results["budget"]
   assert budget["retained_before_cut"] > 2000 and budget["cut_ranks"] > 0
   assert budget["retained_before_cut"] - budget["cut_ranks"] * 96 <= 2000  # each cut rank is worth at most 32 + 64
   assert 2000 - 96 < results["retained_params"] <= 2000 and budget["within_2_percent"]
 
 
-@pytest.mark.parametrize("overrides, words", [
+@pytest.mark.parametrize(
+  "overrides, words",
+  [
     (["adapter.method=lora", "adapter.target_fraction=0.5"], ["method must be sora", "lora"]),
     (["adapter.target_fraction=0.5", "adapter.target_params=100"], ["one budget"]),
     (["adapter.target_fraction=0"], ["keeps no adapter"]),
     (["adapter.target_fraction=0.5", "sparse_lambda=0"], ["positive sparse_lambda"]),
     (["adapter.target_fraction=1.5"], ["target_fraction", "[0, 1]"]),
-])
+  ],
+)
 def test_budget_settings_that_cannot_work_are_one_clear_error(overrides, words):
   with pytest.raises(ConfigError) as error:
     load_config(None, overrides)
@@ -205,6 +254,7 @@ def test_budget_settings_that_cannot_work_are_one_clear_error(overrides, words):
 
 def test_staged_run_refuses_a_budget():
   from train import sparsify
+
   config, settings = sparsify.load_configs(None, ["adapter.target_fraction=0.5"])
   with pytest.raises(ValueError, match="parameter budget"):
     sparsify.check(config, settings)

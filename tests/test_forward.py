@@ -1,4 +1,5 @@
 """Factored forward vs merge-then-apply on a small BERT-shaped linen encoder, unrolled and nn.scan-stacked."""
+
 import functools
 
 import chex
@@ -37,8 +38,7 @@ class Encoder(nn.Module):
   def __call__(self, x):
     block = nn.remat(Block) if self.remat else Block
     if self.scan:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      length=LAYERS)
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=LAYERS)
       x, _ = stack(name="layer")(x, None)
     else:
       for i in range(LAYERS):
@@ -50,13 +50,15 @@ def _setup(scan, remat, gate_init="normal", dropout=0.0):
   model = Encoder(scan=scan, remat=remat)
   x = jax.random.normal(jax.random.key(0), (2, 5, HIDDEN))
   params = model.init(jax.random.key(1), x)["params"]
-  config = sora_jax.SoraConfig(rank=4, alpha=8.0, targets=TARGETS, gate_init=gate_init, dropout=dropout,
-                               stacked=r"layer/.*" if scan else None)
+  config = sora_jax.SoraConfig(
+    rank=4, alpha=8.0, targets=TARGETS, gate_init=gate_init, dropout=dropout, stacked=r"layer/.*" if scan else None
+  )
   params = sora_jax.init(jax.random.key(2), params, config)
   # B starts at zero; give it values so the adapter path is exercised.
   params = jax.tree_util.tree_map_with_path(
-      lambda path, v: 0.3 * jax.random.normal(jax.random.key(len(path)), v.shape) if path[-1].key == "sora_b" else v,
-      params)
+    lambda path, v: 0.3 * jax.random.normal(jax.random.key(len(path)), v.shape) if path[-1].key == "sora_b" else v,
+    params,
+  )
   return model, x, params, config
 
 
@@ -122,7 +124,8 @@ def test_dense_general_multi_axis():
   assert params["qkv"]["sora_a"].shape == (HIDDEN, 2) and params["qkv"]["sora_b"].shape == (2, HEADS, 4)
   assert params["out"]["sora_a"].shape == (HEADS, 4, 2) and params["out"]["sora_b"].shape == (2, HIDDEN)
   params = jax.tree_util.tree_map_with_path(
-      lambda path, v: jax.random.normal(jax.random.key(7), v.shape) if path[-1].key == "sora_b" else v, params)
+    lambda path, v: jax.random.normal(jax.random.key(7), v.shape) if path[-1].key == "sora_b" else v, params
+  )
   with sora_jax.factored(config_q):  # both configs share the scale alpha / rank
     out_f = model.apply({"params": params}, x)
   out_m = model.apply({"params": sora_jax.merge(params, config_q)}, x)
@@ -133,18 +136,21 @@ def test_dense_general_multi_axis():
 def test_dropout_draws_from_dropout_stream():
   model, x, params, _ = _setup(scan=True, remat=False)
   config = sora_jax.SoraConfig(rank=4, alpha=8.0, targets=TARGETS, dropout=0.5, stacked=r"layer/.*")
+
   @functools.partial(jax.jit, static_argnums=0)
   def apply(det, key):
-    return sora_jax.apply_factored(model, {"params": params}, x, config=config, adapter_deterministic=det,
-                                   rngs={"dropout": key})
+    return sora_jax.apply_factored(
+      model, {"params": params}, x, config=config, adapter_deterministic=det, rngs={"dropout": key}
+    )
 
   k1, k2 = jax.random.key(1), jax.random.key(2)
   np.testing.assert_array_equal(apply(True, k1), apply(True, k2))
   np.testing.assert_array_equal(apply(False, k1), apply(False, k1))
   assert float(jnp.abs(apply(False, k1) - apply(False, k2)).max()) > 0
   with pytest.raises(Exception, match="dropout"):  # no 'dropout' rng given
-    jax.eval_shape(lambda: sora_jax.apply_factored(model, {"params": params}, x, config=config,
-                                                   adapter_deterministic=False))
+    jax.eval_shape(
+      lambda: sora_jax.apply_factored(model, {"params": params}, x, config=config, adapter_deterministic=False)
+    )
 
 
 def test_pruned_tree_runs_factored_and_merged():
@@ -186,16 +192,22 @@ class Transposed(nn.Module):
     return nn.DenseGeneral((HEADS, 3), axis=1, name="mid")(x)
 
 
-@pytest.mark.parametrize("model,x_shape,target,in_axes", [(Heads(), (2, 3, HIDDEN), "qkv/kernel", 1),
-                                                          (Heads(), (2, 3, HIDDEN), "out/kernel", 2),
-                                                          (Transposed(), (2, HIDDEN, 3), "mid/kernel", 1)])
+@pytest.mark.parametrize(
+  "model,x_shape,target,in_axes",
+  [
+    (Heads(), (2, 3, HIDDEN), "qkv/kernel", 1),
+    (Heads(), (2, 3, HIDDEN), "out/kernel", 2),
+    (Transposed(), (2, HIDDEN, 3), "mid/kernel", 1),
+  ],
+)
 def test_dense_general_grads_match_merged(model, x_shape, target, in_axes):
   x = jax.random.normal(jax.random.key(0), x_shape)
   params = model.init(jax.random.key(1), x)["params"]
   config = sora_jax.SoraConfig(rank=2, targets=(target,), in_axes=in_axes, gate_init="normal")
   params = sora_jax.init(jax.random.key(2), params, config)
   params = jax.tree_util.tree_map_with_path(
-      lambda path, v: jax.random.normal(jax.random.key(7), v.shape) if path[-1].key == "sora_b" else v, params)
+    lambda path, v: jax.random.normal(jax.random.key(7), v.shape) if path[-1].key == "sora_b" else v, params
+  )
   trainable, frozen = sora_jax.split(params)
   probe = jax.random.normal(jax.random.key(9), jax.eval_shape(lambda: model.apply({"params": params}, x)).shape)
 
@@ -207,5 +219,6 @@ def test_dense_general_grads_match_merged(model, x_shape, target, in_axes):
     return jnp.sum(probe * model.apply({"params": sora_jax.merge(sora_jax.combine(t, frozen), config)}, x))
 
   np.testing.assert_allclose(loss_factored(trainable), loss_merged(trainable), rtol=1e-5)
-  chex.assert_trees_all_close(jax.grad(loss_factored)(trainable), jax.grad(loss_merged)(trainable),
-                              atol=1e-4, rtol=1e-4)
+  chex.assert_trees_all_close(
+    jax.grad(loss_factored)(trainable), jax.grad(loss_merged)(trainable), atol=1e-4, rtol=1e-4
+  )

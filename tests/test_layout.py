@@ -5,6 +5,7 @@ beyond a stack of Linears (an attention block, LinearGeneral with several featur
 Linear under mixed rules, nnx.List / nnx.Dict, a weight contracted on its last axis), each checked against qwix's own
 LoRA and run through every tree function with a provider built afresh.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,9 @@ from sora_jax import sharding
 RANK, ALPHA = 2, 4.0
 
 
-@pytest.mark.parametrize("roles, w_shape, a, b, gate, recorded", [
+@pytest.mark.parametrize(
+  "roles, w_shape, a, b, gate, recorded",
+  [
     # nnx.Linear (in, out): 'x @ W'
     (layout.dot_roles((((1,), (0,)), ((), ())), 2), (6, 5), (6, 2), (2, 5), (2,), False),
     # the same square kernel contracted on its last axis: 'x @ W.T' needs the record
@@ -34,7 +37,8 @@ RANK, ALPHA = 2, 4.0
     (layout.einsum_roles("bd", "vd", "bv"), (5, 5), (5, 2), (2, 5), (2,), True),
     # qwix's conv LoRA on a (width, in, out) kernel
     (layout.conv_roles(3), (3, 2, 8), (3, 2, 2), (2, 8), (2,), False),
-])
+  ],
+)
 def test_shape_contract_and_record(roles, w_shape, a, b, gate, recorded):
   assert roles.shapes(w_shape, RANK) == (a, b, gate)
   assert layout.needs_record(roles, w_shape, RANK, gated=True) == recorded
@@ -99,7 +103,8 @@ class Tied(nnx.Module):
 def _waves(phase):
   """A deterministic initializer made on host: no random-bit kernels to compile per leaf shape (keeps tests fast)."""
   return lambda key, shape, dtype=jnp.float32: jnp.asarray(
-      0.5 * np.sin(np.arange(int(np.prod(shape))) * 1.7 + phase).reshape(shape), dtype)
+    0.5 * np.sin(np.arange(int(np.prod(shape))) * 1.7 + phase).reshape(shape), dtype
+  )
 
 
 def _rules(sora_path, lora_path=None):
@@ -111,11 +116,11 @@ def _rules(sora_path, lora_path=None):
 
 
 MODELS = {
-    "attention": (Attention, (2, 5, 8), _rules(".*")),
-    "features": (Features, (2, 3, 2, 4), _rules(".*")),
-    "conv+linear": (ConvLinear, (2, 6, 2), _rules("lin", "conv")),
-    "containers": (Containers, (3, 8), _rules(".*")),
-    "tied": (Tied, (3, 8), _rules(".*")),
+  "attention": (Attention, (2, 5, 8), _rules(".*")),
+  "features": (Features, (2, 3, 2, 4), _rules(".*")),
+  "conv+linear": (ConvLinear, (2, 6, 2), _rules("lin", "conv")),
+  "containers": (Containers, (3, 8), _rules(".*")),
+  "tied": (Tied, (3, 8), _rules(".*")),
 }
 
 
@@ -128,12 +133,20 @@ def _adapted(name):
 
 def _check_equals_qwix_lora(cls, x, model, rules):
   """At gates one the adapted model equals qwix's own LoRA with the same rngs (same A and B)."""
-  lora_rules = [qwix.LoraRule(module_path=r.module_path, rank=r.rank, alpha=r.alpha,
-                              lora_a_initializer=r.lora_a_initializer, lora_b_initializer=r.lora_b_initializer)
-                for r in rules]
+  lora_rules = [
+    qwix.LoraRule(
+      module_path=r.module_path,
+      rank=r.rank,
+      alpha=r.alpha,
+      lora_a_initializer=r.lora_a_initializer,
+      lora_b_initializer=r.lora_b_initializer,
+    )
+    for r in rules
+  ]
   lora = qwix.apply_lora_to_model(cls(nnx.Rngs(0)), qwix.LoraProvider(lora_rules), x, rngs=nnx.Rngs(1))
-  factors = lambda m: {p: v for p, v in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam))
-                       if not isinstance(v, sora_jax.SoraGate)}
+  factors = lambda m: {
+    p: v for p, v in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam)) if not isinstance(v, sora_jax.SoraGate)
+  }
   assert jax.tree.map(jnp.shape, factors(model)) == jax.tree.map(jnp.shape, factors(lora))
   np.testing.assert_allclose(model(x), lora(x), rtol=1e-5, atol=1e-5)
 
@@ -144,7 +157,7 @@ def _set_gates(model, seed=5):
   rng = np.random.default_rng(seed)
   for gate in gates.values():
     value = rng.normal(size=gate.shape) * (rng.uniform(size=gate.shape) < 0.5)
-    value.reshape(-1, gate.shape[-1])[:, 0] = 1.5   # per entry: the first rank on, the last off
+    value.reshape(-1, gate.shape[-1])[:, 0] = 1.5  # per entry: the first rank on, the last off
     value.reshape(-1, gate.shape[-1])[:, -1] = 0.0
     gate.set_value(jnp.asarray(value, jnp.float32))
   nnx.update(model, nnx.from_flat_state(gates))
@@ -164,7 +177,7 @@ def test_model_equals_qwix_lora_and_tree_functions_with_a_fresh_provider(name):
   _check_equals_qwix_lora(cls, x, model, rules)
   _set_gates(model)
   y = model(x)
-  state = nnx.to_pure_dict(nnx.state(model))   # no metadata, no provider memory: only the tree
+  state = nnx.to_pure_dict(nnx.state(model))  # no metadata, no provider memory: only the tree
   fresh = sora_jax.SoraProvider(_rules(*[r.module_path for r in rules]))
   report = sora_jax.rank_report(state, fresh)
   assert report.rows and report.retained_params < report.max_params
@@ -177,14 +190,15 @@ def test_model_equals_qwix_lora_and_tree_functions_with_a_fresh_provider(name):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), restored, state)
   specs = sharding.param_specs(state, jax.make_mesh((1, 1, 1), sharding.AXES), min_size=0)
   assert len(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))) == len(
-      jax.tree.leaves(state))
+    jax.tree.leaves(state)
+  )
 
 
 def test_tied_weight_is_recorded_and_survives_a_pure_dict():
   _, x, model, _ = _adapted("tied")
   state = nnx.state(model)
   assert isinstance(state["unembed_lora_axes"], sora_jax.SoraAxes)
-  assert "kernel_lora_axes" not in state["proj"]                    # the convention reads nnx.Linear
+  assert "kernel_lora_axes" not in state["proj"]  # the convention reads nnx.Linear
   assert not any(isinstance(v, sora_jax.SoraAxes) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
   pure = nnx.to_pure_dict(state)
   roles = layout.decode(pure["unembed_lora_axes"])
@@ -210,6 +224,7 @@ class Square(nnx.Module):
 
 class Naming:
   """The least a qwix-layout `save_peft` needs: module names and input axes of the weights."""
+
   model_type = "square"
 
   def module_name(self, weight):
@@ -222,19 +237,26 @@ class Naming:
 def tree_results(tree, provider, directory):
   """What the tree functions say about `tree`: rank report, merged and pruned arrays, the PEFT file."""
   from safetensors.numpy import load_file
+
   report = sora_jax.rank_report(tree, provider)
   merged = sora_jax.merge(tree, provider)
   pruned = sora_jax.prune(tree, provider)
   ranks = sora_jax.save_peft(directory, tree, provider, naming=Naming())
   # An orbax dict without a target keeps its 'value' level in the results: compare without it.
-  flat = lambda t: {jax.tree_util.keystr(k, simple=True, separator="/").removesuffix("/value"): np.asarray(v)
-                    for k, v in jax.tree_util.tree_flatten_with_path(
-                        nnx.to_pure_dict(t) if isinstance(t, nnx.State) else t)[0]}
-  return (str(report), flat(merged), flat(pruned), ranks,
-          {k: np.asarray(v) for k, v in load_file(f"{directory}/adapter_model.safetensors").items()})
+  flat = lambda t: {
+    jax.tree_util.keystr(k, simple=True, separator="/").removesuffix("/value"): np.asarray(v)
+    for k, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(t) if isinstance(t, nnx.State) else t)[0]
+  }
+  return (
+    str(report),
+    flat(merged),
+    flat(pruned),
+    ranks,
+    {k: np.asarray(v) for k, v in load_file(f"{directory}/adapter_model.safetensors").items()},
+  )
 
 
-_RESTORE_SCRIPT = r'''
+_RESTORE_SCRIPT = r"""
 import json, sys
 import numpy as np, orbax.checkpoint as ocp, qwix
 sys.path.insert(0, sys.argv[3])
@@ -246,7 +268,7 @@ report, merged, pruned, ranks, peft = tree_results(restored, provider, sys.argv[
 np.savez(sys.argv[2] + "/out.npz", **{"merged/" + k: v for k, v in merged.items()},
          **{"pruned/" + k: v for k, v in pruned.items()}, **{"peft/" + k: v for k, v in peft.items()})
 json.dump({"report": report, "ranks": ranks}, open(sys.argv[2] + "/out.json", "w"))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -274,7 +296,7 @@ def test_orbax_checkpoint_read_in_a_new_process_with_a_fresh_provider(tmp_path):
 
   for _ in range(8):
     step(model, optimizer)
-  model.up.kernel_lora_gate[...] = model.up.kernel_lora_gate[...].at[0].set(0.0)   # one rank switched off
+  model.up.kernel_lora_gate[...] = model.up.kernel_lora_gate[...].at[0].set(0.0)  # one rank switched off
   state = nnx.state(model)
   gates = np.concatenate([np.ravel(g[...]) for _, g in nnx.to_flat_state(nnx.state(model, sora_jax.SoraGate))])
   assert (gates == 0).any() and (gates != 0).any()
@@ -285,13 +307,17 @@ def test_orbax_checkpoint_read_in_a_new_process_with_a_fresh_provider(tmp_path):
 
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
   tests_dir = os.path.dirname(os.path.abspath(__file__))
-  subprocess.run([sys.executable, "-c", _RESTORE_SCRIPT, str(tmp_path / "ckpt"), str(tmp_path), tests_dir],
-                 check=True, env=env, timeout=300)
+  subprocess.run(
+    [sys.executable, "-c", _RESTORE_SCRIPT, str(tmp_path / "ckpt"), str(tmp_path), tests_dir],
+    check=True,
+    env=env,
+    timeout=300,
+  )
   other = json.load(open(tmp_path / "out.json"))
   arrays = np.load(tmp_path / "out.npz")
   assert other["report"] == report and other["ranks"] == ranks
   for prefix, mine in (("merged/", merged), ("pruned/", pruned), ("peft/", peft)):
-    theirs = {k[len(prefix):]: arrays[k] for k in arrays.files if k.startswith(prefix)}
+    theirs = {k[len(prefix) :]: arrays[k] for k in arrays.files if k.startswith(prefix)}
     assert set(theirs) == set(mine), prefix
     for k in mine:
       np.testing.assert_array_equal(theirs[k], mine[k], err_msg=prefix + k)

@@ -1,5 +1,6 @@
 """The tree functions on the three kinds of tree: nnx.State (Variables, or arrays as nnx.Optimizer passes them),
 the pure dict of nnx.to_pure_dict, and linen params; both leaf layouts. Each returns the kind it was given."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,8 @@ def test_split_combine_round_trip(adapted):
     trainable, frozen = sora_jax.split(tree)
     assert type(trainable) is type(tree) and type(frozen) is type(tree), kind
     assert set(_flat_values(trainable)) == {("layers", i, f"kernel_lora_{n}") for i in (0, 1) for n in "ab"} | {
-        ("layers", i, "kernel_lora_gate") for i in (0, 1)}
+      ("layers", i, "kernel_lora_gate") for i in (0, 1)
+    }
     back = sora_jax.combine(trainable, frozen)
     jax.tree.map(np.testing.assert_array_equal, _flat_values(back), _flat_values(tree))
   graphdef, state = nnx.split(model)
@@ -79,7 +81,7 @@ def test_proximal_default_mask_on_every_kind(adapted):
     flat = _flat_values(new)
     for path, u in flat.items():
       if path[-1] == "kernel_lora_gate":
-        np.testing.assert_allclose(u, -0.3 * np.ones(2), atol=1e-7, err_msg=kind)   # S_0.3(1) - 1
+        np.testing.assert_allclose(u, -0.3 * np.ones(2), atol=1e-7, err_msg=kind)  # S_0.3(1) - 1
       else:
         np.testing.assert_array_equal(u, np.zeros_like(u))
   # By type alone: a SoraGate under any name is a gate.
@@ -97,10 +99,20 @@ def test_gate_l1_penalty_every_kind(adapted):
 
 def test_linen_layout_unchanged_beside_qwix_layout():
   """One tree holding both layouts: each function treats each adapter by its own layout."""
-  params = {"dense": {"kernel": jnp.ones((4, 3)), "sora_a": jnp.ones((4, 2)), "sora_b": jnp.ones((2, 3)),
-                      "sora_gate": jnp.asarray([0.0, 2.0])},
-            "proj": {"w": jnp.ones((4, 5)), "w_lora_a": jnp.ones((4, 2)), "w_lora_b": jnp.ones((2, 5)),
-                     "w_lora_gate": jnp.asarray([3.0, 0.0])}}
+  params = {
+    "dense": {
+      "kernel": jnp.ones((4, 3)),
+      "sora_a": jnp.ones((4, 2)),
+      "sora_b": jnp.ones((2, 3)),
+      "sora_gate": jnp.asarray([0.0, 2.0]),
+    },
+    "proj": {
+      "w": jnp.ones((4, 5)),
+      "w_lora_a": jnp.ones((4, 2)),
+      "w_lora_b": jnp.ones((2, 5)),
+      "w_lora_gate": jnp.asarray([3.0, 0.0]),
+    },
+  }
   records = leaves.find_adapters(leaves.flatten(params)[0])
   assert [(r.layout, r.weight) for r in records] == [("linen", ("dense", "kernel")), ("qwix", ("proj", "w"))]
   pruned = sora_jax.prune(params)
@@ -108,7 +120,7 @@ def test_linen_layout_unchanged_beside_qwix_layout():
   assert pruned["proj"]["w_lora_a"].shape == (4, 1) and pruned["proj"]["w_lora_gate"].tolist() == [1.0]
   config = sora_jax.SoraConfig(rank=2, alpha=2.0, targets=(r"dense/kernel",))
   merged = sora_jax.merge(params, config)
-  np.testing.assert_allclose(merged["dense"]["kernel"], 1.0 + 2.0)   # s = 1: 1 + sum_r a_r g_r b_r = 1 + (0 + 2)
+  np.testing.assert_allclose(merged["dense"]["kernel"], 1.0 + 2.0)  # s = 1: 1 + sum_r a_r g_r b_r = 1 + (0 + 2)
   np.testing.assert_allclose(merged["proj"]["w"], 1.0 + 3.0)
   np.testing.assert_allclose(sora_jax.merge(pruned, config)["proj"]["w"], merged["proj"]["w"])
   assert set(merged["proj"]) == {"w"}
@@ -117,7 +129,7 @@ def test_linen_layout_unchanged_beside_qwix_layout():
 def test_plain_qwix_lora_tree_reads_as_gate_of_ones():
   params = {"proj": {"w": jnp.zeros((4, 5)), "w_lora_a": jnp.ones((4, 2)), "w_lora_b": jnp.ones((2, 5))}}
   np.testing.assert_allclose(sora_jax.merge(params, sora_jax.SoraRule(rank=2, alpha=4.0))["proj"]["w"], 2.0 * 2)
-  assert sora_jax.prune(params)["proj"]["w_lora_a"].shape == (4, 2)   # nothing to cut without a gate
+  assert sora_jax.prune(params)["proj"]["w_lora_a"].shape == (4, 2)  # nothing to cut without a gate
   assert [r.rank for r in sora_jax.rank_report(params, sora_jax.SoraRule(rank=2, alpha=4.0)).rows] == [2]
   with pytest.raises(ValueError, match="no gate"):
     tx = sora_jax.sora_proximal(0.1)
@@ -141,8 +153,11 @@ def test_adamw_mask_from_gate_mask_under_nnx_optimizer(adapted):
     seen.append(type(params))
     return updates, state
 
-  tx = optax.chain(optax.adamw(0.1, mask=not_gate), optax.GradientTransformation(lambda p: optax.EmptyState(), spy),
-                   sora_jax.sora_proximal(0.5, learning_rate=0.1))
+  tx = optax.chain(
+    optax.adamw(0.1, mask=not_gate),
+    optax.GradientTransformation(lambda p: optax.EmptyState(), spy),
+    sora_jax.sora_proximal(0.5, learning_rate=0.1),
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
   grads = nnx.grad(lambda m: m(jnp.ones((2, 4))).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
   optimizer.update(model, grads)
@@ -159,18 +174,24 @@ def test_bf16_merge_and_prune_round_once(layout_name):
   rng = np.random.default_rng(0)
   w, a, b = rng.normal(size=(16, 12)), rng.normal(size=(16, 4)), rng.normal(size=(4, 12))
   gate = np.asarray([1.3, 0.0, -0.7, 0.2])
-  names = ("kernel", "sora_a", "sora_b", "sora_gate") if layout_name == "linen" else (
-      "kernel", "kernel_lora_a", "kernel_lora_b", "kernel_lora_gate")
+  names = (
+    ("kernel", "sora_a", "sora_b", "sora_gate")
+    if layout_name == "linen"
+    else ("kernel", "kernel_lora_a", "kernel_lora_b", "kernel_lora_gate")
+  )
   bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
   params = {"m": {n: bf16(v) for n, v in zip(names, (w, a, b, gate))}}
   f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
   w, a, b, gate = (f64(params["m"][n]) for n in names)
-  config = sora_jax.SoraConfig(rank=4, alpha=2.0, targets=(r"m/kernel",)) if layout_name == "linen" else (
-      sora_jax.SoraRule(rank=4, alpha=2.0))
+  config = (
+    sora_jax.SoraConfig(rank=4, alpha=2.0, targets=(r"m/kernel",))
+    if layout_name == "linen"
+    else (sora_jax.SoraRule(rank=4, alpha=2.0))
+  )
   exact = w + 0.5 * (a * gate) @ b
   merged = f64(sora_jax.merge(params, config)["m"]["kernel"])
-  assert np.max(np.abs(merged - exact) / np.abs(exact)) <= 2.0 ** -8
+  assert np.max(np.abs(merged - exact) / np.abs(exact)) <= 2.0**-8
   pruned = sora_jax.prune(params)["m"]
   folded = (gate[:, None] * b)[gate != 0]
   np.testing.assert_array_equal(f64(pruned[names[1]]), a[:, gate != 0])
-  assert np.max(np.abs(f64(pruned[names[2]]) - folded) / np.abs(folded)) <= 2.0 ** -8
+  assert np.max(np.abs(f64(pruned[names[2]]) - folded) / np.abs(folded)) <= 2.0**-8

@@ -1,4 +1,5 @@
 """sora_proximal against a NumPy soft-threshold, and the toy regression that must end with exactly rank k."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,8 @@ def _np_soft_threshold(z, tau):
 
 def _tree(rs):
   return {
-      "dense": {"kernel": jnp.asarray(rs.randn(4, 3), jnp.float32), "sora_gate": jnp.asarray(rs.randn(5), jnp.float32)},
-      "other": {"sora_gate": jnp.asarray(rs.randn(2, 5), jnp.float32), "bias": jnp.asarray(rs.randn(3), jnp.float32)},
+    "dense": {"kernel": jnp.asarray(rs.randn(4, 3), jnp.float32), "sora_gate": jnp.asarray(rs.randn(5), jnp.float32)},
+    "other": {"sora_gate": jnp.asarray(rs.randn(2, 5), jnp.float32), "bias": jnp.asarray(rs.randn(3), jnp.float32)},
   }
 
 
@@ -95,8 +96,9 @@ def test_params_required():
 def test_gate_l1_penalty_is_mean_abs_over_all_gates():
   rs = np.random.RandomState(2)
   params = _tree(rs)
-  gates = np.concatenate([np.asarray(params["dense"]["sora_gate"]).ravel(),
-                          np.asarray(params["other"]["sora_gate"]).ravel()])
+  gates = np.concatenate(
+    [np.asarray(params["dense"]["sora_gate"]).ravel(), np.asarray(params["other"]["sora_gate"]).ravel()]
+  )
   np.testing.assert_allclose(sora_jax.gate_l1_penalty(params), np.abs(gates).mean(), rtol=1e-6)
 
 
@@ -131,8 +133,9 @@ def test_toy_regression_reaches_true_rank_exactly():
     return jnp.mean((p1 - y1) ** 2) + jnp.mean((p2 - y2) ** 2)
 
   not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
-  tx = optax.chain(optax.adamw(lr, weight_decay=weight_decay, mask=not_gate),
-                   sora_jax.sora_proximal(lam, learning_rate=lr))
+  tx = optax.chain(
+    optax.adamw(lr, weight_decay=weight_decay, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr)
+  )
 
   @jax.jit
   def train(t):
@@ -141,6 +144,7 @@ def test_toy_regression_reaches_true_rank_exactly():
       value, grads = jax.value_and_grad(loss)(t)
       updates, state = tx.update(grads, state, t)
       return (optax.apply_updates(t, updates), state), value
+
     (t, state), values = jax.lax.scan(step, (t, tx.init(t)), None, length=steps)
     return t, values
 

@@ -6,6 +6,7 @@ torch model. Tiny configs: 2 layers, hidden 64, 4 query heads of 24, 2 key/value
 tied and untied output heads. Tunix's Qwen3/Llama3 apply RoPE with theta 1e6 whatever `ModelConfig.rope_theta` says,
 so the transformers configs use 1e6.
 """
+
 import json
 
 import numpy as np
@@ -28,10 +29,29 @@ from sora_jax.models.tunix import TunixNaming  # noqa: E402
 
 TOL = 1e-4
 VOCAB, SEQ = 128, 10
-SIZES = dict(num_layers=2, vocab_size=VOCAB, embed_dim=64, hidden_dim=96, num_heads=4, head_dim=24, num_kv_heads=2,
-             rope_theta=1_000_000, norm_eps=1e-6)
-HF_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=64)
+SIZES = dict(
+  num_layers=2,
+  vocab_size=VOCAB,
+  embed_dim=64,
+  hidden_dim=96,
+  num_heads=4,
+  head_dim=24,
+  num_kv_heads=2,
+  rope_theta=1_000_000,
+  norm_eps=1e-6,
+)
+HF_SIZES = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=24,
+  rms_norm_eps=1e-6,
+  rope_theta=1e6,
+  max_position_embeddings=64,
+)
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 R_MAX, ALPHA = 8, 16.0
 # (Tunix family, tied output head)
@@ -104,8 +124,15 @@ def _sora_model(family: str, tied: bool, directory: str, seed: int = 0):
   provider = _provider()
   base = _tunix_from_safetensors(family, tied, directory)
   ids = _ids()[:1, :4]
-  model = sora_jax.apply_sora(base, provider, jnp.asarray(ids, jnp.int32), jnp.broadcast_to(jnp.arange(4), (1, 4)),
-                              None, jnp.ones((1, 4, 4), bool), rngs=nnx.Rngs(seed))
+  model = sora_jax.apply_sora(
+    base,
+    provider,
+    jnp.asarray(ids, jnp.int32),
+    jnp.broadcast_to(jnp.arange(4), (1, 4)),
+    None,
+    jnp.ones((1, 4, 4), bool),
+    rngs=nnx.Rngs(seed),
+  )
   rng = np.random.default_rng(seed + 10)
   state = nnx.state(model)
   adapters = [path for path, _ in nnx.to_flat_state(state) if str(path[-1]).endswith("_lora_gate")]
@@ -145,8 +172,9 @@ def test_save_peft_loads_in_peft_with_equal_logits(family, tied, checkpoints, tm
   assert np.abs(want - _tunix_logits(_tunix_from_safetensors(family, tied, directory), ids)).max() > 1e-2
   for uniform in (False, True):
     out = tmp_path / f"uniform_{uniform}"
-    ranks = sora_jax.save_peft(out, nnx.state(model), provider, naming=naming, base_model_name_or_path=directory,
-                               uniform_rank=uniform)
+    ranks = sora_jax.save_peft(
+      out, nnx.state(model), provider, naming=naming, base_model_name_or_path=directory, uniform_rank=uniform
+    )
     assert ranks == _expected_ranks(model, naming)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == directory and config["task_type"] == "CAUSAL_LM"
@@ -154,7 +182,8 @@ def test_save_peft_loads_in_peft_with_equal_logits(family, tied, checkpoints, tm
       assert config["r"] == config["lora_alpha"] == 8 and not config["rank_pattern"] and not config["alpha_pattern"]
     else:
       assert config["rank_pattern"] == config["alpha_pattern"] and set(config["rank_pattern"].values()) == {
-          3 if config["r"] == 8 else 8}
+        3 if config["r"] == 8 else 8
+      }
     torch_model = peft.PeftModel.from_pretrained(_torch_base(directory), str(out)).eval()
     np.testing.assert_allclose(_torch_logits(torch_model, ids), want, atol=TOL, rtol=0)
   # the pure-dict view of the same state writes the same tensors
@@ -171,8 +200,7 @@ def test_save_merged_loads_in_transformers_with_equal_logits(family, tied, check
   model, provider = _sora_model(family, tied, directory, seed=2)
   ids = _ids(2)
   want = _tunix_logits(model, ids)
-  files = sora_jax.save_merged(tmp_path, nnx.state(model), provider, naming=TunixNaming(model),
-                               max_shard_size=200_000)
+  files = sora_jax.save_merged(tmp_path, nnx.state(model), provider, naming=TunixNaming(model), max_shard_size=200_000)
   assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
   assert type(merged).__name__ == TunixNaming(model).architecture
@@ -187,10 +215,14 @@ def test_peft_lora_with_patterns_and_rslora_loads_with_equal_logits(family, tied
   directory = checkpoints[family, tied]
   torch.manual_seed(3)
   lora = peft.LoraConfig(
-      r=4, lora_alpha=8, use_rslora=True, task_type="CAUSAL_LM",
-      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-      rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
-      alpha_pattern={"o_proj": 3, "model.layers.1.mlp.up_proj": 20})
+    r=4,
+    lora_alpha=8,
+    use_rslora=True,
+    task_type="CAUSAL_LM",
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
+    alpha_pattern={"o_proj": 3, "model.layers.1.mlp.up_proj": 20},
+  )
   torch_model = peft.get_peft_model(_torch_base(directory), lora).eval()
   with torch.no_grad():
     for name, param in torch_model.named_parameters():
@@ -241,8 +273,9 @@ def test_errors_name_the_problem(checkpoints, tmp_path):
     sora_jax.load_peft(adapter, nnx.state(llama), TunixNaming(llama), config=llama_provider)
 
   tensors = load_file(adapter / "adapter_model.safetensors")
-  save_file({k.replace(".layers.1.", ".layers.7."): v for k, v in tensors.items()},
-            str(adapter / "adapter_model.safetensors"))
+  save_file(
+    {k.replace(".layers.1.", ".layers.7."): v for k, v in tensors.items()}, str(adapter / "adapter_model.safetensors")
+  )
   with pytest.raises(ValueError, match=r"model\.layers\.7\..* maps to no weight"):
     sora_jax.load_peft(adapter, nnx.state(model), naming, config=provider)
 
@@ -252,13 +285,20 @@ def test_adapter_trained_on_a_quantized_base_exports_like_on_the_float_base(chec
   those of the same adapter on the float model."""
   directory = checkpoints["llama3", False]
   model, provider = _sora_model("llama3", False, directory)
-  quantized_provider = sora_jax.SoraProvider([sora_jax.SoraRule(module_path=TARGETS, rank=R_MAX, alpha=ALPHA,
-                                                                weight_qtype="int8")])
+  quantized_provider = sora_jax.SoraProvider(
+    [sora_jax.SoraRule(module_path=TARGETS, rank=R_MAX, alpha=ALPHA, weight_qtype="int8")]
+  )
   base = _tunix_from_safetensors("llama3", False, directory)
   ids = _ids()[:1, :4]
-  quantized = sora_jax.apply_sora(base, quantized_provider, jnp.asarray(ids, jnp.int32),
-                                  jnp.broadcast_to(jnp.arange(4), (1, 4)), None, jnp.ones((1, 4, 4), bool),
-                                  rngs=nnx.Rngs(0))
+  quantized = sora_jax.apply_sora(
+    base,
+    quantized_provider,
+    jnp.asarray(ids, jnp.int32),
+    jnp.broadcast_to(jnp.arange(4), (1, 4)),
+    None,
+    jnp.ones((1, 4, 4), bool),
+    rngs=nnx.Rngs(0),
+  )
   adapters = {k: v for k, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
   state = nnx.state(quantized)
   for path, var in nnx.to_flat_state(state):

@@ -1,5 +1,6 @@
 """Rank learning against planted ranks (train/planted.py): the teacher is the base plus known low-rank changes in some
 modules only, so the right allocation is known. Linen through `sora_jax.init`/`factored`, NNX through `SoraProvider`."""
+
 import jax
 import numpy as np
 import optax
@@ -50,8 +51,9 @@ def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target)
   every step, and on the budget at the end."""
   problem = planted.planted_problem(planted.PLANTS["mixed"], seed=2)
   steps, width, total = 100, planted.WIDTH, planted.RANK_MAX * len(planted.MODULES)
-  tx = sora_jax.sora_budget(target, steps, lam_init=0.3, learning_rate=planted.GATE_LR,
-                            optimizer=optax.adamw(planted.LR))
+  tx = sora_jax.sora_budget(
+    target, steps, lam_init=0.3, learning_rate=planted.GATE_LR, optimizer=optax.adamw(planted.LR)
+  )
   config = sora_jax.SoraConfig(rank=planted.RANK_MAX, alpha=float(planted.RANK_MAX), targets=(r"m\d/kernel",))
   trainable, frozen = sora_jax.split(sora_jax.init(jax.random.key(0), problem.base, config))
   schedule = sora_jax.budget_schedule(target, steps)
@@ -62,6 +64,7 @@ def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target)
     def loss_fn(t):
       with sora_jax.factored(config):
         return planted._loss(planted.Modules().apply({"params": sora_jax.combine(t, frozen)}, problem.xs), problem.ys)
+
     updates, state = tx.update(jax.grad(loss_fn)(t), state, t)
     return optax.apply_updates(t, updates), state
 
@@ -76,8 +79,12 @@ def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target)
 
 
 def test_bad_hyperparameters_raise_one_clear_error():
-  for kwargs in ({"lam": -1.0}, {"lam": float("nan")}, {"lam": 0.1, "learning_rate": float("inf")},
-                 {"lam": 0.1, "learning_rate": -1e-3}):
+  for kwargs in (
+    {"lam": -1.0},
+    {"lam": float("nan")},
+    {"lam": 0.1, "learning_rate": float("inf")},
+    {"lam": 0.1, "learning_rate": -1e-3},
+  ):
     with pytest.raises(ValueError, match="finite number >= 0"):
       sora_jax.sora_proximal(**kwargs)
   with pytest.raises(ValueError, match="finite number >= 0"):

@@ -1,5 +1,6 @@
 """Nothing lost, nothing mixed: SIGTERM saves and stops (a second signal exits at once), resume after it equals an
 uninterrupted run, a resume with a changed config is refused, and a run directory has one owner."""
+
 import json
 import os
 import signal
@@ -13,28 +14,34 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train_loop import tiny_config, tiny_data, tiny_model  # noqa: E402,F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
-           HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
+ENV = dict(
+  os.environ,
+  PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  HF_HUB_OFFLINE="1",
+  HF_DATASETS_OFFLINE="1",
+  JAX_PLATFORMS="cpu",
+)
 RUN = ("max_steps=12", "eval_every=6", "save_every=100", "log_every=3", "export_peft=false")
 
 
 def _records(output_dir):
-    """metrics.jsonl without the wall-clock field."""
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "train/steps_per_s"} for line in lines]
+  """metrics.jsonl without the wall-clock field."""
+  lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if k != "train/steps_per_s"} for line in lines]
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_equals_uninterrupted_run(tiny_model, tiny_data, tmp_path):
-    """The process sends itself SIGTERM while step 5 runs (save_every=100: no checkpoint would exist): it saves step
-    5, says so in one line and exits 75; resume=true then ends with the metrics, gates and loss curve of a straight
-    run (log_every=3: the record of step 6 averages steps 4-6 across the stop). A resume that changes the learning
-    rate is refused in one line naming the key and both values, and leaves the checkpoint as it was."""
-    from train.checkpoint import CheckpointError
-    from train.loop import run
-    stopped = tmp_path / "stopped"
-    args = _cli_args(tiny_model, tiny_data, stopped)
-    script = textwrap.dedent(f"""
+  """The process sends itself SIGTERM while step 5 runs (save_every=100: no checkpoint would exist): it saves step
+  5, says so in one line and exits 75; resume=true then ends with the metrics, gates and loss curve of a straight
+  run (log_every=3: the record of step 6 averages steps 4-6 across the stop). A resume that changes the learning
+  rate is refused in one line naming the key and both values, and leaves the checkpoint as it was."""
+  from train.checkpoint import CheckpointError
+  from train.loop import run
+
+  stopped = tmp_path / "stopped"
+  args = _cli_args(tiny_model, tiny_data, stopped)
+  script = textwrap.dedent(f"""
         import os, signal, sys
         from train import data
         call = data.TrainBatches.__call__
@@ -46,37 +53,51 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tiny_model, tiny_data
         from train.glue import main
         sys.exit(main({args!r}))
         """)
-    proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 75, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM after step 5;") and "resume=true" in last, proc.stderr[-2000:]
-    assert sorted(os.listdir(stopped / "checkpoints" / "latest")) == ["5"]
-    assert not (stopped / ".lock").exists()
+  proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 75, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("stopped by SIGTERM after step 5;") and "resume=true" in last, proc.stderr[-2000:]
+  assert sorted(os.listdir(stopped / "checkpoints" / "latest")) == ["5"]
+  assert not (stopped / ".lock").exists()
 
-    with pytest.raises(CheckpointError) as e:
-        run(tiny_config(tiny_model, tiny_data, stopped, *RUN, "resume=true", "learning_rate=2e-2"))
-    assert "optim.learning_rate: 0.01 -> 0.02" in str(e.value) and "\n" not in str(e.value)
-    assert sorted(os.listdir(stopped / "checkpoints" / "latest")) == ["5"]
+  with pytest.raises(CheckpointError) as e:
+    run(tiny_config(tiny_model, tiny_data, stopped, *RUN, "resume=true", "learning_rate=2e-2"))
+  assert "optim.learning_rate: 0.01 -> 0.02" in str(e.value) and "\n" not in str(e.value)
+  assert sorted(os.listdir(stopped / "checkpoints" / "latest")) == ["5"]
 
-    resumed = run(tiny_config(tiny_model, tiny_data, stopped, *RUN, "resume=true"))
-    straight = run(tiny_config(tiny_model, tiny_data, tmp_path / "straight", *RUN))
-    assert resumed["metrics"] == straight["metrics"] and resumed["ranks"] == straight["ranks"]
-    assert resumed["best"] == straight["best"]
-    assert _records(stopped) == _records(tmp_path / "straight")
+  resumed = run(tiny_config(tiny_model, tiny_data, stopped, *RUN, "resume=true"))
+  straight = run(tiny_config(tiny_model, tiny_data, tmp_path / "straight", *RUN))
+  assert resumed["metrics"] == straight["metrics"] and resumed["ranks"] == straight["ranks"]
+  assert resumed["best"] == straight["best"]
+  assert _records(stopped) == _records(tmp_path / "straight")
 
 
 def _cli_args(model, data_dir, output_dir):
-    return [f"model.name={model}", "data.task=local", f"data.data_dir={data_dir}", f"output_dir={output_dir}",
-            "max_length=16", "padding=fixed", "batch_size=8", "eval_batch_size=16", "log_every=1", "progress=false",
-            "learning_rate=1e-2", "gate_init=normal", "sparse_lambda=0.05", "lambda_scaled_by_lr=false",
-            "gate_learning_rate=1e-2", "mesh.fsdp_min_size=0", *RUN]
+  return [
+    f"model.name={model}",
+    "data.task=local",
+    f"data.data_dir={data_dir}",
+    f"output_dir={output_dir}",
+    "max_length=16",
+    "padding=fixed",
+    "batch_size=8",
+    "eval_batch_size=16",
+    "log_every=1",
+    "progress=false",
+    "learning_rate=1e-2",
+    "gate_init=normal",
+    "sparse_lambda=0.05",
+    "lambda_scaled_by_lr=false",
+    "gate_learning_rate=1e-2",
+    "mesh.fsdp_min_size=0",
+    *RUN,
+  ]
 
 
 def test_second_signal_exits_at_once():
-    """The first SIGTERM is only recorded; the second ends the process with 128 + 15."""
-    script = textwrap.dedent("""
+  """The first SIGTERM is only recorded; the second ends the process with 128 + 15."""
+  script = textwrap.dedent("""
         import os, signal, time
         from train.preemption import StopSignal
         with StopSignal() as stop:
@@ -87,19 +108,19 @@ def test_second_signal_exits_at_once():
             time.sleep(5)
         print("not reached")
         """)
-    proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert proc.stdout.strip() == "survived the first"
-    assert "SIGTERM again: exiting now" in proc.stderr
+  proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+  assert proc.stdout.strip() == "survived the first"
+  assert "SIGTERM again: exiting now" in proc.stderr
 
 
 def test_stop_signal_puts_the_previous_handlers_back():
-    before = signal.getsignal(signal.SIGINT)
-    from train.preemption import StopSignal
-    with StopSignal():
-        assert signal.getsignal(signal.SIGINT) != before
-    assert signal.getsignal(signal.SIGINT) == before
+  before = signal.getsignal(signal.SIGINT)
+  from train.preemption import StopSignal
+
+  with StopSignal():
+    assert signal.getsignal(signal.SIGINT) != before
+  assert signal.getsignal(signal.SIGINT) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,39 +128,51 @@ def test_stop_signal_puts_the_previous_handlers_back():
 
 
 def test_a_second_process_is_refused_and_a_dead_owner_s_lock_is_taken_over(tmp_path, capsys):
-    from train import rundir
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train import rundir; "
-                               f"rundir.claim({str(tmp_path)!r}, False, False); print('locked', flush=True); "
-                               "time.sleep(120)"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(rundir.RunDirectoryError) as e:
-            rundir.claim(str(tmp_path), True, False)
-        assert f"process {holder.pid}" in str(e.value) and "in use by another run" in str(e.value)
-    finally:
-        holder.kill()
-        holder.wait()
-    lock = rundir.claim(str(tmp_path), True, False)  # its owner is gone: stale
-    assert f"left by process {holder.pid}" in capsys.readouterr().out
-    assert json.loads(open(lock).read())["pid"] == os.getpid()
-    rundir.release(lock)
-    assert not os.path.exists(lock)
+  from train import rundir
+
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from train import rundir; "
+      f"rundir.claim({str(tmp_path)!r}, False, False); print('locked', flush=True); "
+      "time.sleep(120)",
+    ],
+    env=ENV,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(rundir.RunDirectoryError) as e:
+      rundir.claim(str(tmp_path), True, False)
+    assert f"process {holder.pid}" in str(e.value) and "in use by another run" in str(e.value)
+  finally:
+    holder.kill()
+    holder.wait()
+  lock = rundir.claim(str(tmp_path), True, False)  # its owner is gone: stale
+  assert f"left by process {holder.pid}" in capsys.readouterr().out
+  assert json.loads(open(lock).read())["pid"] == os.getpid()
+  rundir.release(lock)
+  assert not os.path.exists(lock)
 
 
 def test_a_new_run_into_a_used_directory_is_refused_before_anything_is_touched(tmp_path, capsys):
-    from train import rundir
-    (tmp_path / "checkpoints" / "latest" / "4").mkdir(parents=True)
-    (tmp_path / "metrics.jsonl").write_text('{"step": 4}\n')
-    with pytest.raises(rundir.RunDirectoryError) as e:
-        rundir.claim(str(tmp_path), False, False)
-    message = str(e.value)
-    assert "holds another run (checkpoints, metrics.jsonl)" in message
-    assert "resume=true" in message and "overwrite=true" in message and "output_dir" in message
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4}\n' and not (tmp_path / ".lock").exists()
-    rundir.release(rundir.claim(str(tmp_path), True, False))  # resume: allowed, nothing deleted
-    assert (tmp_path / "checkpoints" / "latest" / "4").is_dir()
-    rundir.release(rundir.claim(str(tmp_path), False, True))  # overwrite: the old run is deleted
-    assert sorted(os.listdir(tmp_path)) == [] and "deleted the previous run" in capsys.readouterr().out
+  from train import rundir
+
+  (tmp_path / "checkpoints" / "latest" / "4").mkdir(parents=True)
+  (tmp_path / "metrics.jsonl").write_text('{"step": 4}\n')
+  with pytest.raises(rundir.RunDirectoryError) as e:
+    rundir.claim(str(tmp_path), False, False)
+  message = str(e.value)
+  assert "holds another run (checkpoints, metrics.jsonl)" in message
+  assert "resume=true" in message and "overwrite=true" in message and "output_dir" in message
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4}\n' and not (tmp_path / ".lock").exists()
+  rundir.release(rundir.claim(str(tmp_path), True, False))  # resume: allowed, nothing deleted
+  assert (tmp_path / "checkpoints" / "latest" / "4").is_dir()
+  rundir.release(rundir.claim(str(tmp_path), False, True))  # overwrite: the old run is deleted
+  assert sorted(os.listdir(tmp_path)) == [] and "deleted the previous run" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,17 +180,24 @@ def test_a_new_run_into_a_used_directory_is_refused_before_anything_is_touched(t
 
 
 def test_resume_changes_name_each_key_and_both_values():
-    from train.config import RESUMABLE_KEYS, load_config, resume_changes, to_dict
-    saved = json.loads(json.dumps(to_dict(load_config(None, ["seed=1", "max_length=32"]))))  # as in a checkpoint
-    same = load_config(None, ["seed=1", "max_length=32", "max_steps=500", "log_every=5", "resume=true",
-                              "output_dir=/elsewhere", "mesh.data=2"])
-    assert resume_changes(saved, same) == []
-    changed = load_config(None, ["seed=2", "max_length=64", "targets=[query]", "batch_size=32"])
-    assert resume_changes(saved, changed) == [
-        "adapter.targets: None -> ['query']", "data.max_length: 32 -> 64", "seed: 1 -> 2",
-        "train.batch_size: 16 -> 32"]
-    from train.config import valid_keys
-    assert set(RESUMABLE_KEYS) <= set(valid_keys())
-    with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
-        documented = f.read()
-    assert [key for key in RESUMABLE_KEYS if f"`{key}`" not in documented] == []
+  from train.config import RESUMABLE_KEYS, load_config, resume_changes, to_dict
+
+  saved = json.loads(json.dumps(to_dict(load_config(None, ["seed=1", "max_length=32"]))))  # as in a checkpoint
+  same = load_config(
+    None,
+    ["seed=1", "max_length=32", "max_steps=500", "log_every=5", "resume=true", "output_dir=/elsewhere", "mesh.data=2"],
+  )
+  assert resume_changes(saved, same) == []
+  changed = load_config(None, ["seed=2", "max_length=64", "targets=[query]", "batch_size=32"])
+  assert resume_changes(saved, changed) == [
+    "adapter.targets: None -> ['query']",
+    "data.max_length: 32 -> 64",
+    "seed: 1 -> 2",
+    "train.batch_size: 16 -> 32",
+  ]
+  from train.config import valid_keys
+
+  assert set(RESUMABLE_KEYS) <= set(valid_keys())
+  with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
+    documented = f.read()
+  assert [key for key in RESUMABLE_KEYS if f"`{key}`" not in documented] == []

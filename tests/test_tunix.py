@@ -12,6 +12,7 @@ through `nnx.Optimizer(..., wrt=nnx.LoRAParam)` and through Tunix's `PeftTrainer
 Tunix has no scanned-layer (`nnx.scan`) variant of these models; SoRA under `nnx.scan` is tested on a pure NNX stack
 in `tests/test_qwix_provider.py`.
 """
+
 import json
 import os
 import re
@@ -38,15 +39,31 @@ RANK, ALPHA = 4, 8.0
 BATCH, SEQ = 4, 12
 FAMILIES = {"qwen3": (qwen3.ModelConfig, qwen3.Qwen3), "llama3": (llama3.ModelConfig, llama3.Llama3)}
 # Each projection's base weight and its (fan-in axes, fan-out axes) in Tunix's layout.
-WEIGHTS = {"q_proj": ("w", "DNH"), "k_proj": ("w", "DKH"), "v_proj": ("w", "DKH"), "o_proj": ("w", "NHD"),
-           "gate_proj": ("kernel", "DF"), "up_proj": ("kernel", "DF"), "down_proj": ("kernel", "FD")}
+WEIGHTS = {
+  "q_proj": ("w", "DNH"),
+  "k_proj": ("w", "DKH"),
+  "v_proj": ("w", "DKH"),
+  "o_proj": ("w", "NHD"),
+  "gate_proj": ("kernel", "DF"),
+  "up_proj": ("kernel", "DF"),
+  "down_proj": ("kernel", "FD"),
+}
 
 
 def tiny_model(family: str, seed: int = 0, vocab: int = 128) -> nnx.Module:
   """A 2-layer random-weight Tunix model; MLP kernels drawn N(0, 1/fan_in) instead of Tunix's zeros."""
   config_cls, model_cls = FAMILIES[family]
-  config = config_cls(num_layers=2, vocab_size=vocab, embed_dim=64, hidden_dim=96, num_heads=4, head_dim=24,
-                      num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6)
+  config = config_cls(
+    num_layers=2,
+    vocab_size=vocab,
+    embed_dim=64,
+    hidden_dim=96,
+    num_heads=4,
+    head_dim=24,
+    num_kv_heads=2,
+    rope_theta=10_000,
+    norm_eps=1e-6,
+  )
   model = model_cls(config, rngs=nnx.Rngs(seed))
   key = jax.random.key(seed + 1)
   for _, module in nnx.iter_modules(model):
@@ -60,8 +77,12 @@ def tiny_model(family: str, seed: int = 0, vocab: int = 128) -> nnx.Module:
 def lm_inputs(seed: int = 0, batch: int = BATCH, seq: int = SEQ, vocab: int = 128) -> dict:
   """Tunix's causal-LM call arguments: tokens (B, T), positions (B, T), cache None, causal mask (B, T, T)."""
   tokens = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
-  return {"input_tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
-          "cache": None, "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq))}
+  return {
+    "input_tokens": jnp.asarray(tokens),
+    "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
+    "cache": None,
+    "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (batch, seq, seq)),
+  }
 
 
 def logits(model: nnx.Module, inputs: dict) -> jax.Array:
@@ -84,8 +105,9 @@ def with_sora(model: nnx.Module, provider: sora_jax.SoraProvider | None = None, 
 
 def flat_arrays(model: nnx.Module, *filters) -> dict[str, np.ndarray]:
   """{'/'-joined path: array} of the model's variables (filtered as `nnx.state`)."""
-  return {"/".join(map(str, path)): np.asarray(var.get_value())
-          for path, var in nnx.to_flat_state(nnx.state(model, *filters))}
+  return {
+    "/".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, *filters))
+  }
 
 
 def set_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -102,8 +124,14 @@ def set_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
 def randomize_b(model: nnx.Module, seed: int, scale: float = 0.2) -> None:
   """B starts at zero (LoRA's init); draw it so that the adapters change the output."""
   rng = np.random.default_rng(seed)
-  set_arrays(model, {k: scale * rng.standard_normal(v.shape).astype(np.float32)
-                     for k, v in flat_arrays(model, nnx.LoRAParam).items() if k.endswith("_lora_b")})
+  set_arrays(
+    model,
+    {
+      k: scale * rng.standard_normal(v.shape).astype(np.float32)
+      for k, v in flat_arrays(model, nnx.LoRAParam).items()
+      if k.endswith("_lora_b")
+    },
+  )
 
 
 def sora_optimizer(model: nnx.Module, lr: float, lam: float) -> nnx.Optimizer:
@@ -132,7 +160,7 @@ def test_leaves_sit_beside_each_projection_in_qwix_shapes(family):
     for proj, (weight, axes) in WEIGHTS.items():
       module = f"layers/{layer}/{'mlp' if weight == 'kernel' else 'attn'}/{proj}/{weight}"
       fan_in = axes[:1] if proj != "o_proj" else axes[:2]
-      fan_out = axes[len(fan_in):]
+      fan_out = axes[len(fan_in) :]
       if weight == "kernel":  # nnx.Linear: lax.dot_general, A (in, r), B (r, out)
         expected[module + "_lora_a"] = (sizes[fan_in], RANK)
         expected[module + "_lora_b"] = (RANK, sizes[fan_out])
@@ -151,8 +179,9 @@ def test_gates_at_one_equal_qwix_lora_with_the_same_factors(family):
   inputs = lm_inputs(seed=3)
   sora = with_sora(base)
   randomize_b(sora, seed=4)
-  lora = qwix.apply_lora_to_model(base, qwix.LoraProvider(module_path=TARGETS, rank=RANK, alpha=ALPHA),
-                                  **lm_inputs(batch=1, seq=4), rngs=nnx.Rngs(7))
+  lora = qwix.apply_lora_to_model(
+    base, qwix.LoraProvider(module_path=TARGETS, rank=RANK, alpha=ALPHA), **lm_inputs(batch=1, seq=4), rngs=nnx.Rngs(7)
+  )
   factors = {k: v for k, v in flat_arrays(sora, nnx.LoRAParam).items() if not k.endswith("_lora_gate")}
   assert set(factors) == set(flat_arrays(lora, nnx.LoRAParam))
   set_arrays(lora, factors)
@@ -215,11 +244,16 @@ def test_tunix_peft_trainer_trains_sora_gates_to_zero():
   lr, lam, steps = 2e-2, 2.0, 30
   not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
   tx = optax.chain(optax.adamw(lr, weight_decay=0.01, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
-  trainer = peft_trainer.PeftTrainer(model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=10**6, max_steps=steps,
-                                                                            pbar_description=None))
+  trainer = peft_trainer.PeftTrainer(
+    model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=10**6, max_steps=steps, pbar_description=None)
+  )
   inputs = lm_inputs(seed=5)
-  batch = {"input_tokens": inputs["input_tokens"], "input_mask": jnp.ones((BATCH, SEQ), bool),
-           "positions": inputs["positions"], "attention_mask": inputs["attention_mask"]}
+  batch = {
+    "input_tokens": inputs["input_tokens"],
+    "input_mask": jnp.ones((BATCH, SEQ), bool),
+    "positions": inputs["positions"],
+    "attention_mask": inputs["attention_mask"],
+  }
   first = float(lm_loss(model, inputs))
   trainer.train([batch] * steps)  # Tunix's own loss, jitted step and nnx.Optimizer(wrt=nnx.LoRAParam)
   assert trainer.train_steps == steps
@@ -242,8 +276,9 @@ def test_prune_and_merge_give_the_trained_logits(family, trained):
     a = flat[gate_path.replace("_lora_gate", "_lora_a")]
     assert a.shape[-1] == (gate != 0).sum() and np.all(flat[gate_path] == 1.0), gate_path
   assert sum(a.shape[-1] for k, a in flat.items() if k.endswith("_lora_a")) < 14 * RANK
-  np.testing.assert_allclose(np.asarray(logits(nnx.merge(nnx.graphdef(model), pruned), inputs)), want,
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(logits(nnx.merge(nnx.graphdef(model), pruned), inputs)), want, atol=1e-5, rtol=1e-5
+  )
   merged = sora_jax.merge(state, provider)
   assert not any("_lora_" in "/".join(map(str, k)) for k, _ in nnx.to_flat_state(merged))
   plain = nnx.clone(base)
@@ -259,9 +294,9 @@ MLP, ATTENTION = r".*/mlp/(gate_proj|up_proj|down_proj)", r".*/attn/(q_proj|k_pr
 # 'qwix._src.providers.ptq.WithAux'>), so on Qwen3 only the MLP (nnx.Linear) is quantized; Llama3's Einsum does not
 # cast, so all seven of its projections are.
 QUANTIZED = {
-    ("qwen3", "int8"): [(MLP, True), (ATTENTION, False)],
-    ("qwen3", "nf4"): [(MLP, True), (ATTENTION, False)],
-    ("llama3", "int8"): [(TARGETS, True)],
+  ("qwen3", "int8"): [(MLP, True), (ATTENTION, False)],
+  ("qwen3", "nf4"): [(MLP, True), (ATTENTION, False)],
+  ("llama3", "int8"): [(TARGETS, True)],
 }
 
 
@@ -272,30 +307,37 @@ def base_weight_bytes(model: nnx.Module, module_path: str) -> int:
   for key, value in flat_arrays(model).items():
     parts = key.split("/")
     for i, part in enumerate(parts):
-      weight_here = part in WEIGHTS and parts[i + 1:i + 2] == [WEIGHTS[part][0]]
-      if weight_here and re.fullmatch(module_path, "/".join(parts[:i + 1])):
+      weight_here = part in WEIGHTS and parts[i + 1 : i + 2] == [WEIGHTS[part][0]]
+      if weight_here and re.fullmatch(module_path, "/".join(parts[: i + 1])):
         total += value.nbytes
   return total
 
 
 @pytest.mark.parametrize("family,qtype", sorted(QUANTIZED))
 def test_sora_on_a_quantized_base_trains_zeroes_gates_and_prunes(family, qtype):
-  rules = [sora_jax.SoraRule(module_path=path, rank=RANK, alpha=ALPHA, weight_qtype=qtype if quantized else None)
-           for path, quantized in QUANTIZED[family, qtype]]
+  rules = [
+    sora_jax.SoraRule(module_path=path, rank=RANK, alpha=ALPHA, weight_qtype=qtype if quantized else None)
+    for path, quantized in QUANTIZED[family, qtype]
+  ]
   provider = sora_jax.SoraProvider(rules)
   base = tiny_model(family)
   model = with_sora(base, provider)
   stored = {k: v.dtype for k, v in flat_arrays(model).items() if k.endswith("/qvalue")}
   want_dtype = {"int8": jnp.int8, "nf4": jnp.uint4}[qtype]
   assert len(stored) == 2 * sum(len(path.split("|")) for path, q in QUANTIZED[family, qtype] if q) and all(
-      dtype == want_dtype for dtype in stored.values()), stored
+    dtype == want_dtype for dtype in stored.values()
+  ), stored
   for path, quantized in QUANTIZED[family, qtype]:  # int8 values and float32 scales: ~0.27 of float32
     assert (base_weight_bytes(model, path) < 0.3 * base_weight_bytes(base, path)) == quantized, path
   inputs = lm_inputs(seed=5)
   # gates at one and B = 0: the quantized model is qwix's own quantized base (PTQ) to the last bit
-  ptq = qwix.quantize_model(base, qwix.PtqProvider([qwix.QuantizationRule(module_path=path, weight_qtype=qtype)
-                                                   for path, q in QUANTIZED[family, qtype] if q]),
-                            **lm_inputs(batch=1, seq=4))
+  ptq = qwix.quantize_model(
+    base,
+    qwix.PtqProvider(
+      [qwix.QuantizationRule(module_path=path, weight_qtype=qtype) for path, q in QUANTIZED[family, qtype] if q]
+    ),
+    **lm_inputs(batch=1, seq=4),
+  )
   np.testing.assert_array_equal(np.asarray(logits(model, inputs)), np.asarray(logits(ptq, inputs)))
   before = flat_arrays(model)
   optimizer = sora_optimizer(model, 2e-2, 2.0)
@@ -319,7 +361,7 @@ def _expected_spec(leaf: str, weight_spec: tuple, proj: str) -> tuple:
   if leaf == "a":
     return (*weight_spec[:n_in], None)
   if leaf == "b":
-    return (None, *weight_spec[n_in:len(axes)])
+    return (None, *weight_spec[n_in : len(axes)])
   return (None,)
 
 
@@ -355,33 +397,52 @@ def _mesh_check(families: list[str]) -> dict:
       if got != want:
         wrong.append(f"{'/'.join(map(str, path))}: {got} (weight {base.sharding.spec}), expected {want}")
     inputs = lm_inputs(seed=5, batch=8)
-    sharded_inputs = dict(inputs, **{k: jax.device_put(inputs[k], jax.NamedSharding(mesh, jax.P("fsdp")))
-                                     for k in ("input_tokens", "positions", "attention_mask")})
+    sharded_inputs = dict(
+      inputs,
+      **{
+        k: jax.device_put(inputs[k], jax.NamedSharding(mesh, jax.P("fsdp")))
+        for k in ("input_tokens", "positions", "attention_mask")
+      },
+    )
     opt_single, opt_sharded = sora_optimizer(single, 2e-2, 1.0), sora_optimizer(sharded, 2e-2, 1.0)
     # One step each: a second one would compile again (the optimizer's step counter comes back with a new sharding).
     losses = [(float(train_step(single, opt_single, inputs)), float(train_step(sharded, opt_sharded, sharded_inputs)))]
     a, b = flat_arrays(single, nnx.LoRAParam), flat_arrays(sharded, nnx.LoRAParam)
-    after = [f"{'/'.join(map(str, path))}: {var.get_value().sharding.spec}"
-             for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.LoRAParam))
-             if not isinstance(var.get_value().sharding, jax.NamedSharding)]
-    report[family] = {"wrong_sharding": wrong, "lost_sharding_after_step": after,
-                      "adapter_leaves": len(a), "sharded_leaves": sum(
-                          1 for _, var in nnx.to_flat_state(nnx.state(sharded, nnx.LoRAParam))
-                          if any(s is not None for s in var.get_value().sharding.spec)),
-                      "loss_diff": max(abs(x - y) for x, y in losses),
-                      "adapter_diff": max(float(np.abs(a[k] - b[k]).max()) for k in a),
-                      "gate_zeros": int(sum((v == 0).sum() for k, v in b.items() if k.endswith("_lora_gate")))}
+    after = [
+      f"{'/'.join(map(str, path))}: {var.get_value().sharding.spec}"
+      for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.LoRAParam))
+      if not isinstance(var.get_value().sharding, jax.NamedSharding)
+    ]
+    report[family] = {
+      "wrong_sharding": wrong,
+      "lost_sharding_after_step": after,
+      "adapter_leaves": len(a),
+      "sharded_leaves": sum(
+        1
+        for _, var in nnx.to_flat_state(nnx.state(sharded, nnx.LoRAParam))
+        if any(s is not None for s in var.get_value().sharding.spec)
+      ),
+      "loss_diff": max(abs(x - y) for x, y in losses),
+      "adapter_diff": max(float(np.abs(a[k] - b[k]).max()) for k in a),
+      "gate_zeros": int(sum((v == 0).sum() for k, v in b.items() if k.endswith("_lora_gate"))),
+    }
   return report
 
 
 @pytest.mark.slow
 def test_fsdp_tp_mesh_shards_adapters_like_their_weights_and_matches_one_device():
   # Qwen3 only: Llama3 has the same ShardingConfig and weight layouts, and each family costs ~40 s here.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--mesh", "qwen3"], env=env, capture_output=True,
-                       text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]
+    ),
+  )
+  out = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), "--mesh", "qwen3"], env=env, capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   for family, r in report.items():
@@ -397,8 +458,9 @@ def test_jitted_forward_equals_eager_and_the_train_step_traces_once():
   model = with_sora(tiny_model("qwen3"))
   randomize_b(model, seed=4)
   inputs = lm_inputs(seed=8)
-  np.testing.assert_allclose(np.asarray(nnx.jit(logits)(model, inputs)), np.asarray(logits(model, inputs)),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(nnx.jit(logits)(model, inputs)), np.asarray(logits(model, inputs)), atol=1e-5, rtol=1e-5
+  )
   traces = []
 
   @nnx.jit

@@ -15,6 +15,7 @@ computation). The cost is memory: the process keeps its peak resident size until
 form of `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...` that the
 benches set (`bench.measure.MALLOC_MODES["retain"]`).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,29 +30,29 @@ RETAIN = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 
 def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
-    except OSError:
-        return None
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+  except OSError:
+    return None
 
 
 def retain_freed_memory() -> bool:
-    """Set glibc's malloc to keep freed memory in this process (`RETAIN`, see the module docstring).
+  """Set glibc's malloc to keep freed memory in this process (`RETAIN`, see the module docstring).
 
-    Returns True when glibc accepted every setting; False where the C library is not glibc (macOS, musl), which
-    leaves the allocator as it was.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return all(libc.mallopt(param, value) == 1 for param, value in RETAIN)
+  Returns True when glibc accepted every setting; False where the C library is not glibc (macOS, musl), which
+  leaves the allocator as it was.
+  """
+  libc = _libc()
+  if libc is None:
+    return False
+  libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  return all(libc.mallopt(param, value) == 1 for param, value in RETAIN)
 
 
 def configure(malloc: str) -> bool:
-    """Apply the `train.malloc` setting: "retain" calls `retain_freed_memory` (and returns its answer), "default"
-    leaves glibc as it is (False). Call it before JAX's first computation."""
-    return retain_freed_memory() if malloc == "retain" else False
+  """Apply the `train.malloc` setting: "retain" calls `retain_freed_memory` (and returns its answer), "default"
+  leaves glibc as it is (False). Call it before JAX's first computation."""
+  return retain_freed_memory() if malloc == "retain" else False

@@ -15,6 +15,7 @@ and formats them as a table with the device memories the step fits in. `python -
 counts and temporaries are the CPU compiler's (an accelerator's combines and schedules differently), to be read as
 ratios between methods rather than as a device's numbers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,32 @@ GiB = 2**30
 DEVICE_MEMORIES_GIB = (16, 32, 80, 96, 141)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) +
-                 r")(?P<start>-start)?\((?P<rest>.*)$")
+_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s4": 1,
+  "u4": 1,
+}
+_OP = re.compile(
+  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+(?P<op>"
+  + "|".join(COLLECTIVES)
+  + r")(?P<start>-start)?\((?P<rest>.*)$"
+)
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]")
 _IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 # XLA's mesh form: replica_groups=mesh['axis_0'=8,'axis_1'=8], device_ids=([8,8]T(1,0)) {'axis_0'}
@@ -42,6 +65,7 @@ _LIST = re.compile(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,]*\}(?:,\{[
 @dataclasses.dataclass(frozen=True)
 class Collective:
   """One collective kind over one set of mesh axes: how many ops and their summed result bytes (per device)."""
+
   kind: str
   axes: str
   count: int
@@ -57,6 +81,7 @@ class StepCost:
     flops: `cost_analysis()["flops"]`.
     collectives: one `Collective` per (kind, axes), sorted.
   """
+
   argument: int
   output: int
   alias: int
@@ -80,9 +105,15 @@ class StepCost:
     return self.peak <= gib * GiB
 
   def as_dict(self) -> dict[str, Any]:
-    return {"argument": self.argument, "output": self.output, "alias": self.alias, "temp": self.temp,
-            "peak": self.peak, "flops": self.flops,
-            "collectives": [dataclasses.asdict(c) for c in self.collectives]}
+    return {
+      "argument": self.argument,
+      "output": self.output,
+      "alias": self.alias,
+      "temp": self.temp,
+      "peak": self.peak,
+      "flops": self.flops,
+      "collectives": [dataclasses.asdict(c) for c in self.collectives],
+    }
 
 
 def _shape_bytes(shape: str) -> int:
@@ -169,10 +200,14 @@ def step_cost(compiled: Any, mesh: Any) -> StepCost:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else {}
-  return StepCost(argument=int(memory.argument_size_in_bytes), output=int(memory.output_size_in_bytes),
-                  alias=int(memory.alias_size_in_bytes), temp=int(memory.temp_size_in_bytes),
-                  flops=float(cost.get("flops", 0.0)),
-                  collectives=collectives(compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names)))
+  return StepCost(
+    argument=int(memory.argument_size_in_bytes),
+    output=int(memory.output_size_in_bytes),
+    alias=int(memory.alias_size_in_bytes),
+    temp=int(memory.temp_size_in_bytes),
+    flops=float(cost.get("flops", 0.0)),
+    collectives=collectives(compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names)),
+  )
 
 
 def sharded_bytes(abstract: Any) -> int:
@@ -180,8 +215,12 @@ def sharded_bytes(abstract: Any) -> int:
   them): the check on `memory_analysis()`'s argument bytes. Leaves without a sharding (an input the compiled
   program does not use, which jit drops) count nothing."""
   import jax
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(abstract) if x.sharding is not None)
+
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(abstract)
+    if x.sharding is not None
+  )
 
 
 def _mib(n: float) -> str:
@@ -190,8 +229,10 @@ def _mib(n: float) -> str:
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
   widths = [max(map(len, column)) for column in zip(header, *rows)]
-  lines = [[cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-           for row in [header, ["-" * w for w in widths], *rows]]
+  lines = [
+    [cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+    for row in [header, ["-" * w for w in widths], *rows]
+  ]
   return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
@@ -199,14 +240,15 @@ def format_cost(rows: Sequence[tuple[str, StepCost]], memories: Sequence[float] 
   """A markdown table, one row per (label, cost): memory in MiB, GFLOP, collectives by kind, and the device
   memories (GiB) the peak fits in."""
   kinds = [k for k in COLLECTIVES if any(c.count(k) for _, c in rows)]
-  header = (["step", "argument MiB", "temp MiB", "peak MiB", "GFLOP"] + [f"{k} n / MiB" for k in kinds]
-            + ["fits (GiB)"])
+  header = ["step", "argument MiB", "temp MiB", "peak MiB", "GFLOP"] + [f"{k} n / MiB" for k in kinds] + ["fits (GiB)"]
   table = []
   for label, c in rows:
     fits = [f"{m:g}" for m in memories if c.fits(m)]
-    table.append([label, _mib(c.argument), _mib(c.temp), _mib(c.peak), f"{c.flops / 1e9:,.0f}"]
-                 + [f"{c.count(k)} / {_mib(c.collective_bytes(k))}" for k in kinds]
-                 + [" ".join(fits) if fits else "none"])
+    table.append(
+      [label, _mib(c.argument), _mib(c.temp), _mib(c.peak), f"{c.flops / 1e9:,.0f}"]
+      + [f"{c.count(k)} / {_mib(c.collective_bytes(k))}" for k in kinds]
+      + [" ".join(fits) if fits else "none"]
+    )
   return _markdown(header, table)
 
 

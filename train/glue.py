@@ -10,6 +10,7 @@ Examples:
   python -m train.glue configs/glue/rte.yaml mesh.fsdp=8 train.compile_only=true   # size the step, no training
 Errors in the configuration or the data are one line on stderr with exit code 2.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,17 +21,24 @@ from train.config import help_text, load_config
 
 
 def _run(config, _):
-    if config.train.compile_only:  # size the configured step on its mesh, train nothing
-        from train.plan import print_plan
-        return print_plan(config)
-    from train.loop import run
-    return run(config)
+  if config.train.compile_only:  # size the configured step on its mesh, train nothing
+    from train.plan import print_plan
+
+    return print_plan(config)
+  from train.loop import run
+
+  return run(config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(argv, doc=__doc__, help_text=lambda: "config keys (key=value, or the bare key where unique):\n"
-                    + help_text(), load=lambda path, overrides, _: (load_config(path, overrides), None), run=_run)
+  return cli.main(
+    argv,
+    doc=__doc__,
+    help_text=lambda: "config keys (key=value, or the bare key where unique):\n" + help_text(),
+    load=lambda path, overrides, _: (load_config(path, overrides), None),
+    run=_run,
+  )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -20,6 +20,7 @@ LoRA with the largest planted rank everywhere, and runs `sora_proximal` over a l
 
 The builders (`PLANTS`, `planted_problem`, `run_linen`, `run_nnx`) are imported by tests/test_planted.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,20 +48,22 @@ SGD_LR = 0.1  # the plain proximal-gradient candidate's gate step (raw gradient,
 @dataclasses.dataclass(frozen=True)
 class Plant:
   """Planted ranks k_m and singular-value scales of the six modules m0..m5 (rank 0: nothing planted)."""
+
   name: str
   ranks: tuple[int, ...]
   strengths: tuple[float, ...]
 
 
 PLANTS = {
-    "two_of_six": Plant("two_of_six", (0, 0, 0, 0, 6, 6), (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)),
-    "mixed": Plant("mixed", (0, 1, 2, 4, 0, 3), (0.0, 2.0, 1.0, 0.5, 0.0, 1.0)),
+  "two_of_six": Plant("two_of_six", (0, 0, 0, 0, 6, 6), (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)),
+  "mixed": Plant("mixed", (0, 1, 2, 4, 0, 3), (0.0, 2.0, 1.0, 0.5, 0.0, 1.0)),
 }
 MODULES = tuple(f"m{i}" for i in range(6))
 
 
 class Modules(nn.Module):
   """Six bias-free Dense(width) modules m0..m5 in a residual chain, h <- h + tanh(h W_m), on input x."""
+
   width: int = WIDTH
 
   @nn.compact
@@ -85,6 +88,7 @@ class NnxModules(nnx.Module):
 
 class Problem(NamedTuple):
   """Inputs xs (samples, width), teacher outputs ys, and the student's frozen base params (linen)."""
+
   xs: jax.Array
   ys: jax.Array
   base: dict
@@ -116,8 +120,9 @@ def base_loss(problem: Problem) -> float:
   return float(_loss(Modules().apply({"params": problem.base}, problem.xs), problem.ys))
 
 
-def optimizer(method: str, steps: int, *, lam: float = 0.0, target: float | None = None, lr: float = LR,
-              gate_lr: float = GATE_LR) -> optax.GradientTransformation:
+def optimizer(
+  method: str, steps: int, *, lam: float = 0.0, target: float | None = None, lr: float = LR, gate_lr: float = GATE_LR
+) -> optax.GradientTransformation:
   """The optimizer of one study method: "lora" (gates fixed at one), or SoRA with gate update "gradient", "adam" or
   "adam_metric" (module docstring), proximal at `lam` or (`target`) steered to a budget."""
   not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))  # noqa: E731
@@ -125,16 +130,19 @@ def optimizer(method: str, steps: int, *, lam: float = 0.0, target: float | None
     return optax.chain(optax.adamw(lr, mask=not_gate), optax.masked(optax.set_to_zero(), sora_jax.gate_mask))
   if method == "gradient":
     if target is not None:
-      return sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=gate_lr,
-                                  optimizer=optax.adamw(lr))
+      return sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=gate_lr, optimizer=optax.adamw(lr))
     return sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr))
   if method == "sgd" and target is None:
-    return optax.chain(optax.masked(optax.adamw(lr), not_gate), optax.masked(optax.scale(-SGD_LR), sora_jax.gate_mask),
-                       sora_jax.sora_proximal(lam, learning_rate=SGD_LR))
+    return optax.chain(
+      optax.masked(optax.adamw(lr), not_gate),
+      optax.masked(optax.scale(-SGD_LR), sora_jax.gate_mask),
+      sora_jax.sora_proximal(lam, learning_rate=SGD_LR),
+    )
   if method == "adam":
     if target is not None:
-      return optax.chain(optax.adamw(lr, mask=not_gate),
-                         sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=lr))
+      return optax.chain(
+        optax.adamw(lr, mask=not_gate), sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=lr)
+      )
     return optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
   if method == "adam_metric" and target is None:
     return _adam_metric(lam, lr, optax.adamw(lr))
@@ -163,8 +171,8 @@ def _adam_metric(lam: float, lr: float, others: optax.GradientTransformation) ->
     gate_state = adam_on_gates.update(grads, state.gates, params)[1]
     inner = gate_state.inner_state
     count = inner.count
-    nu_hat = jax.tree.map(lambda v: v / (1 - 0.999 ** count), inner.nu)
-    mu_hat = jax.tree.map(lambda m: m / (1 - 0.9 ** count), inner.mu)
+    nu_hat = jax.tree.map(lambda v: v / (1 - 0.999**count), inner.nu)
+    mu_hat = jax.tree.map(lambda m: m / (1 - 0.9**count), inner.mu)
 
     def step(is_gate, u, p, m, v):
       if not is_gate:
@@ -180,6 +188,7 @@ def _adam_metric(lam: float, lr: float, others: optax.GradientTransformation) ->
 
 class Outcome(NamedTuple):
   """One run: final loss, retained adapter parameters and the rank (nonzero gates) per module."""
+
   loss: float
   retained_params: int
   ranks: tuple[int, ...]
@@ -190,8 +199,9 @@ def _config(rank: int) -> sora_jax.SoraConfig:
   return sora_jax.SoraConfig(rank=rank, alpha=float(rank), targets=(r"m\d/kernel",))
 
 
-def run_linen(problem: Problem, tx: optax.GradientTransformation, steps: int = STEPS, rank: int = RANK_MAX,
-              seed: int = 0) -> Outcome:
+def run_linen(
+  problem: Problem, tx: optax.GradientTransformation, steps: int = STEPS, rank: int = RANK_MAX, seed: int = 0
+) -> Outcome:
   """Trains the adapter of `Modules` (linen, `sora_jax.init`/`split`/`factored`) with `tx` for `steps` full-batch
   steps."""
   config = _config(rank)
@@ -210,6 +220,7 @@ def run_linen(problem: Problem, tx: optax.GradientTransformation, steps: int = S
       updates, state = tx.update(grads, state, t)
       t = optax.apply_updates(t, updates)
       return (t, state), sum(jnp.sum(g != 0) for g in _gates(t))
+
     (t, _), active = jax.lax.scan(step, (t, tx.init(t)), None, length=steps)
     return t, loss_fn(t), jnp.min(active)
 
@@ -223,8 +234,9 @@ def _gates(tree) -> list:
   return [tree[m]["sora_gate"] for m in MODULES]
 
 
-def run_nnx(problem: Problem, tx: optax.GradientTransformation, steps: int = STEPS, rank: int = RANK_MAX,
-            seed: int = 0) -> Outcome:
+def run_nnx(
+  problem: Problem, tx: optax.GradientTransformation, steps: int = STEPS, rank: int = RANK_MAX, seed: int = 0
+) -> Outcome:
   """As `run_linen`, on `NnxModules` adapted by `sora_jax.SoraProvider` / `apply_sora`, trained by `nnx.Optimizer`."""
   model = NnxModules(WIDTH, nnx.Rngs(0))
   for m in MODULES:
@@ -252,24 +264,34 @@ def _row(name: str, outcomes: Sequence[Outcome], base: float) -> str:
   losses = np.array([o.loss for o in outcomes]) / base
   ranks = ["/".join(str(o.ranks[i]) for o in outcomes) for i in range(len(MODULES))]
   params = sorted({o.retained_params for o in outcomes})
-  return (f"| {name} | {losses.mean():.4f} ± {losses.std():.4f} | {'/'.join(map(str, params))} | "
-          + " | ".join(ranks) + " |")
+  return (
+    f"| {name} | {losses.mean():.4f} ± {losses.std():.4f} | {'/'.join(map(str, params))} | " + " | ".join(ranks) + " |"
+  )
 
 
 def study(seeds: Sequence[int], steps: int = STEPS) -> str:
   """The study's markdown: per plant, equal-budget table and lambda sweep (loss relative to the base model's)."""
-  header = ("| method | loss / base loss (mean ± std) | retained params | " + " | ".join(MODULES) + " |\n"
-            + "|---" * (3 + len(MODULES)) + "|")
+  header = (
+    "| method | loss / base loss (mean ± std) | retained params | "
+    + " | ".join(MODULES)
+    + " |\n"
+    + "|---" * (3 + len(MODULES))
+    + "|"
+  )
   out = []
   for plant in PLANTS.values():
     problems = [planted_problem(plant, s) for s in seeds]
     bases = np.mean([base_loss(p) for p in problems])
     planted_max = max(plant.ranks)
-    lines = [f"### Plant `{plant.name}`: planted ranks "
-             + ", ".join(f"{m} {k}" for m, k in zip(MODULES, plant.ranks))
-             + f" (strengths {', '.join(f'{s:g}' for s in plant.strengths)}); base loss {bases:.3f}", "",
-             "Equal budget (SoRA at r_max 8 steered to the parameters of uniform LoRA r; ranks per seed):", "",
-             header]
+    lines = [
+      f"### Plant `{plant.name}`: planted ranks "
+      + ", ".join(f"{m} {k}" for m, k in zip(MODULES, plant.ranks))
+      + f" (strengths {', '.join(f'{s:g}' for s in plant.strengths)}); base loss {bases:.3f}",
+      "",
+      "Equal budget (SoRA at r_max 8 steered to the parameters of uniform LoRA r; ranks per seed):",
+      "",
+      header,
+    ]
 
     def runs(make, rank=RANK_MAX):
       return [run_linen(p, make(), steps, rank=rank, seed=s) for p, s in zip(problems, seeds)]
@@ -277,13 +299,19 @@ def study(seeds: Sequence[int], steps: int = STEPS) -> str:
     for r in (1, 2, 4):
       lines.append(_row(f"LoRA r={r}", runs(lambda: optimizer("lora", steps), rank=r), bases))
       for gate in ("gradient", "adam"):
-        lines.append(_row(f"SoRA budget {r}/8, {gate}",
-                          runs(lambda: optimizer(gate, steps, target=r / RANK_MAX)), bases))
-    lines.append(_row(f"LoRA r={planted_max} (planted max)",
-                      runs(lambda: optimizer("lora", steps), rank=planted_max), bases))
+        lines.append(
+          _row(f"SoRA budget {r}/8, {gate}", runs(lambda: optimizer(gate, steps, target=r / RANK_MAX)), bases)
+        )
+    lines.append(
+      _row(f"LoRA r={planted_max} (planted max)", runs(lambda: optimizer("lora", steps), rank=planted_max), bases)
+    )
     lines += ["", "Lambda sweep of `sora_proximal` (r_max 8):", "", header]
-    for gate, lams in (("gradient", (0.1, 0.3, 1.0)), ("sgd", (0.01, 0.03, 0.1)), ("adam", (0.1, 0.3, 1.0, 3.0)),
-                       ("adam_metric", (0.03, 0.3))):
+    for gate, lams in (
+      ("gradient", (0.1, 0.3, 1.0)),
+      ("sgd", (0.01, 0.03, 0.1)),
+      ("adam", (0.1, 0.3, 1.0, 3.0)),
+      ("adam_metric", (0.03, 0.3)),
+    ):
       for lam in lams:
         lines.append(_row(f"{gate}, lambda {lam:g}", runs(lambda: optimizer(gate, steps, lam=lam)), bases))
     out.append("\n".join(lines))
@@ -298,9 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   started = time.time()
   text = study(args.seeds, args.steps)
-  stamp = (f"`python -m train.planted --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`, "
-           f"{platform.machine()} CPU x{jax.local_device_count()} ({jax.default_backend()}), "
-           f"{datetime.date.today().isoformat()}, {time.time() - started:.0f} s")
+  stamp = (
+    f"`python -m train.planted --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`, "
+    f"{platform.machine()} CPU x{jax.local_device_count()} ({jax.default_backend()}), "
+    f"{datetime.date.today().isoformat()}, {time.time() - started:.0f} s"
+  )
   print(text + "\n\n" + stamp)
   if args.out:
     with open(args.out, "w") as f:

@@ -11,6 +11,7 @@ On several processes every process must save at the same step (orbax's save is c
 takes the maximum of the processes' flags at each step (one small all-gather), so a signal that reaches one
 process, or reaches them at different steps, stops all of them after the same step.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,62 +25,73 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after `step`, with a checkpoint of that step in `directory`."""
+  """The run stopped on a signal after `step`, with a checkpoint of that step in `directory`."""
 
-    def __init__(self, signal_name: str, step: int, directory: str):
-        self.signal_name, self.step, self.directory = signal_name, step, directory
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint of step {step} saved in "
-                         f"{directory}; rerun the same command with resume=true to continue")
+  def __init__(self, signal_name: str, step: int, directory: str):
+    self.signal_name, self.step, self.directory = signal_name, step, directory
+    super().__init__(
+      f"stopped by {signal_name} after step {step}; checkpoint of step {step} saved in "
+      f"{directory}; rerun the same command with resume=true to continue"
+    )
 
 
 class StopSignal:
-    """While installed (or as a context manager), the first SIGTERM/SIGINT is recorded, the second exits at once.
+  """While installed (or as a context manager), the first SIGTERM/SIGINT is recorded, the second exits at once.
 
-    Handlers are installed only in the main thread (Python delivers signals there) and the previous ones are put
-    back on exit.
-    """
+  Handlers are installed only in the main thread (Python delivers signals there) and the previous ones are put
+  back on exit.
+  """
 
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous: dict = {}
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous: dict = {}
 
-    def install(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in _SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+  def install(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      for sig in _SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
-    def __enter__(self) -> "StopSignal":
-        return self.install()
+  def __enter__(self) -> "StopSignal":
+    return self.install()
 
-    def __exit__(self, *exc) -> None:
-        self.restore()
+  def __exit__(self, *exc) -> None:
+    self.restore()
 
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            print(f"{signal.Signals(signum).name} again: exiting now without a checkpoint (the previous one is "
-                  "intact)", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.received = signum
-        print(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint (send it again "
-              "to exit at once)", file=sys.stderr, flush=True)
+  def _handle(self, signum, frame) -> None:
+    if self.received is not None:
+      print(
+        f"{signal.Signals(signum).name} again: exiting now without a checkpoint (the previous one is intact)",
+        file=sys.stderr,
+        flush=True,
+      )
+      os._exit(128 + signum)
+    self.received = signum
+    print(
+      f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint (send it again "
+      "to exit at once)",
+      file=sys.stderr,
+      flush=True,
+    )
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
 
-    def agreed(self) -> bool:
-        """Whether any process has received a stop signal; the same answer on every process (collective when there
-        are several, so every process must call it at the same step)."""
-        import jax
-        if jax.process_count() == 1:
-            return self.received is not None
-        import numpy as np
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-        return bool(np.max(flags))
+  def agreed(self) -> bool:
+    """Whether any process has received a stop signal; the same answer on every process (collective when there
+    are several, so every process must call it at the same step)."""
+    import jax
+
+    if jax.process_count() == 1:
+      return self.received is not None
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return bool(np.max(flags))

@@ -13,6 +13,7 @@
 On several processes (a shared file system) only process 0 holds the lock; the others wait at a barrier for its
 decision.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,116 +29,122 @@ RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "results.json", "p
 
 
 class RunDirectoryError(RuntimeError):
-    """The output directory is owned by another live run, or holds a run that a new run would mix with."""
+  """The output directory is owned by another live run, or holds a run that a new run would mix with."""
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
     return True
+  return True
 
 
 def _read_lock(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            owner = json.load(f)
-        return owner if isinstance(owner, dict) else {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # half-written by a process killed while taking it
-        return {}
+  try:
+    with open(path) as f:
+      owner = json.load(f)
+    return owner if isinstance(owner, dict) else {}
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):  # half-written by a process killed while taking it
+    return {}
 
 
 def _take(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
-    return True
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "w") as f:
+    json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+  return True
 
 
 def _lock(output_dir: str) -> str:
-    path = os.path.join(output_dir, LOCK_NAME)
-    for _ in range(3):  # a stale lock removed by two starters at once: one of them wins the retake
-        if _take(path):
-            return path
-        owner = _read_lock(path)
-        if owner is None:
-            continue
-        pid, host = owner.get("pid"), owner.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
-            print(f"note: {path} was left by process {pid} on {host}, which is gone; taking the run directory over")
-            os.remove(path)
-            continue
-        if host == socket.gethostname() and pid == os.getpid():
-            return path  # already ours (a second fit of the same process)
-        where = f"process {pid} on {host}" if pid is not None else "an unreadable lock"
-        raise RunDirectoryError(f"{output_dir} is in use by another run ({where}, lock {path}); wait for it, use "
-                                "another output_dir, or delete the lock if that run is gone")
-    raise RunDirectoryError(f"cannot take the lock {path}; another run is starting in {output_dir}")
+  path = os.path.join(output_dir, LOCK_NAME)
+  for _ in range(3):  # a stale lock removed by two starters at once: one of them wins the retake
+    if _take(path):
+      return path
+    owner = _read_lock(path)
+    if owner is None:
+      continue
+    pid, host = owner.get("pid"), owner.get("host")
+    if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
+      print(f"note: {path} was left by process {pid} on {host}, which is gone; taking the run directory over")
+      os.remove(path)
+      continue
+    if host == socket.gethostname() and pid == os.getpid():
+      return path  # already ours (a second fit of the same process)
+    where = f"process {pid} on {host}" if pid is not None else "an unreadable lock"
+    raise RunDirectoryError(
+      f"{output_dir} is in use by another run ({where}, lock {path}); wait for it, use "
+      "another output_dir, or delete the lock if that run is gone"
+    )
+  raise RunDirectoryError(f"cannot take the lock {path}; another run is starting in {output_dir}")
 
 
 def _holds_run(output_dir: str) -> list[str]:
-    return [name for name in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, name))]
+  return [name for name in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, name))]
 
 
 def claim(output_dir: str, resume: bool, overwrite: bool) -> Optional[str]:
-    """Locks `output_dir` for this run and checks it may be used; returns the lock path (None on processes > 0).
+  """Locks `output_dir` for this run and checks it may be used; returns the lock path (None on processes > 0).
 
-    Raises `RunDirectoryError` when another live run holds the directory, or when `resume` and `overwrite` are
-    false and the directory holds a run; with `overwrite` (and no `resume`) that run's files are deleted.
-    """
-    import jax
-    lock, error = None, None
-    if jax.process_index() == 0:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock = _lock(output_dir)
-            atexit.register(release, lock)
-            found = _holds_run(output_dir)
-            if found and not resume:
-                if not overwrite:
-                    release(lock)
-                    lock = None
-                    raise RunDirectoryError(
-                        f"{output_dir} holds another run ({', '.join(found)}); resume=true continues it, "
-                        "overwrite=true deletes it and starts afresh, or give another output_dir")
-                for name in found:
-                    path = os.path.join(output_dir, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-                print(f"overwrite=true: deleted the previous run in {output_dir} ({', '.join(found)})")
-        except RunDirectoryError as e:
-            error = e
-    _agree(error)
-    return lock
+  Raises `RunDirectoryError` when another live run holds the directory, or when `resume` and `overwrite` are
+  false and the directory holds a run; with `overwrite` (and no `resume`) that run's files are deleted.
+  """
+  import jax
+
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      os.makedirs(output_dir, exist_ok=True)
+      lock = _lock(output_dir)
+      atexit.register(release, lock)
+      found = _holds_run(output_dir)
+      if found and not resume:
+        if not overwrite:
+          release(lock)
+          lock = None
+          raise RunDirectoryError(
+            f"{output_dir} holds another run ({', '.join(found)}); resume=true continues it, "
+            "overwrite=true deletes it and starts afresh, or give another output_dir"
+          )
+        for name in found:
+          path = os.path.join(output_dir, name)
+          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"overwrite=true: deleted the previous run in {output_dir} ({', '.join(found)})")
+    except RunDirectoryError as e:
+      error = e
+  _agree(error)
+  return lock
 
 
 def _agree(error: Optional[RunDirectoryError]) -> None:
-    """Raises process 0's error on every process (a refused run stops everywhere, not only on process 0)."""
-    import jax
-    if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-        refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-        if error is None and int(refused):
-            raise RunDirectoryError("process 0 refused the output_dir (its error says why)")
-    if error is not None:
-        raise error
+  """Raises process 0's error on every process (a refused run stops everywhere, not only on process 0)."""
+  import jax
+
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is None and int(refused):
+      raise RunDirectoryError("process 0 refused the output_dir (its error says why)")
+  if error is not None:
+    raise error
 
 
 def release(lock: Optional[str]) -> None:
-    """Removes the lock if this process still holds it."""
-    if lock is None:
-        return
-    owner = _read_lock(lock)
-    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        try:
-            os.remove(lock)
-        except FileNotFoundError:
-            pass
+  """Removes the lock if this process still holds it."""
+  if lock is None:
+    return
+  owner = _read_lock(lock)
+  if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+    try:
+      os.remove(lock)
+    except FileNotFoundError:
+      pass

@@ -4,6 +4,7 @@
 (`hf_module_name`, `convert`, `HEAD`, `TARGETS`) and the loader's layer stacking; `sora_jax.models.tunix.TunixNaming`
 does the same for Tunix's causal LMs in the qwix layout.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -11,6 +11,7 @@ and this module runs that table backwards: a Tunix weight path (`layers/3/attn/q
 k axes) is read off the model's own modules: the axes an `Einsum`'s `einsum_str` contracts with the input (d for
 q_proj 'BTD,DNH->BTNH', n and h for o_proj 'BTNH,NHD->BTD'), and the first axis of an `nnx.Linear` kernel.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,8 @@ Path = tuple[Any, ...]
 # Tunix family (module under tunix.models) -> (transformers model_type, causal-LM class, the ModelConfig field that
 # ties the output head to the embedding).
 _FAMILIES = {
-    "qwen3": ("qwen3", "Qwen3ForCausalLM", "use_tied_embedding"),
-    "llama3": ("llama", "LlamaForCausalLM", "weight_tying"),
+  "qwen3": ("qwen3", "Qwen3ForCausalLM", "use_tied_embedding"),
+  "llama3": ("llama", "LlamaForCausalLM", "weight_tying"),
 }
 
 
@@ -39,8 +40,10 @@ def _tunix_family(model: Any) -> str:
     match = re.fullmatch(r"tunix\.models\.(\w+)\.model", cls.__module__)
     if match is not None and match[1] in _FAMILIES:
       return match[1]
-  raise ValueError(f"TunixNaming: {type(model).__name__} ({module}) is not a supported Tunix model; supported: "
-                   f"{', '.join(f'tunix.models.{f}' for f in sorted(_FAMILIES))}.")
+  raise ValueError(
+    f"TunixNaming: {type(model).__name__} ({module}) is not a supported Tunix model; supported: "
+    f"{', '.join(f'tunix.models.{f}' for f in sorted(_FAMILIES))}."
+  )
 
 
 def _template_regex(template: str, torch_regex: str) -> re.Pattern:
@@ -122,8 +125,14 @@ class TunixNaming:
     self._entries = []
     for torch_regex, (template, transform) in table.items():
       permute, reshape = transform if transform is not None else (None, None)
-      self._entries.append(_Entry(torch_regex, _template_regex(template, torch_regex),
-                                  tuple(permute) if permute else None, tuple(reshape) if reshape else None))
+      self._entries.append(
+        _Entry(
+          torch_regex,
+          _template_regex(template, torch_regex),
+          tuple(permute) if permute else None,
+          tuple(reshape) if reshape else None,
+        )
+      )
     self._in_axes: dict[Path, int] = {}
     self._weights: dict[str, Path] | None = None
     for path, module in nnx.iter_modules(model):
@@ -133,8 +142,10 @@ class TunixNaming:
         x_sub, w_sub = inputs.split(",")
         contracted = [i for i, c in enumerate(w_sub) if c in x_sub]
         if contracted != list(range(len(contracted))):
-          raise ValueError(f"TunixNaming: {'/'.join(map(str, path))} contracts weight axes {contracted} of "
-                           f"{einsum_str!r}; a transformers Linear needs its input axes first.")
+          raise ValueError(
+            f"TunixNaming: {'/'.join(map(str, path))} contracts weight axes {contracted} of "
+            f"{einsum_str!r}; a transformers Linear needs its input axes first."
+          )
         self._in_axes[tuple(path) + ("w",)] = len(contracted)
       elif isinstance(module, nnx.Linear):
         self._in_axes[tuple(path) + ("kernel",)] = 1
@@ -162,14 +173,15 @@ class TunixNaming:
     name = self.hf_name(weight)
     if name is None or not name.endswith(".weight") or weight not in self._in_axes:
       return None
-    return name[:-len(".weight")]
+    return name[: -len(".weight")]
 
   def in_axes(self, weight: Path) -> int:
     """k: the first k axes of the weight are the Linear's input features, the rest its outputs (torch's (out, in)
     weight is `W.reshape(prod(shape[:k]), -1).T`)."""
     if weight not in self._in_axes:
-      raise ValueError(f"{'/'.join(map(str, weight))} is not the weight of an Einsum or Linear of this "
-                       f"{self.family} model.")
+      raise ValueError(
+        f"{'/'.join(map(str, weight))} is not the weight of an Einsum or Linear of this {self.family} model."
+      )
     return self._in_axes[weight]
 
   def weight_path(self, module_name: str) -> Path | None:
@@ -182,8 +194,10 @@ class TunixNaming:
     """(transformers key, tensor) of one Tunix weight: the inverse of Tunix's load transform."""
     found = self._entry(weight)
     if found is None:
-      raise ValueError(f"{'/'.join(map(str, weight))} has no transformers name in Tunix's {self.family} table "
-                       f"(tunix.models.{self.family}.params); it cannot be written to a transformers checkpoint.")
+      raise ValueError(
+        f"{'/'.join(map(str, weight))} has no transformers name in Tunix's {self.family} table "
+        f"(tunix.models.{self.family}.params); it cannot be written to a transformers checkpoint."
+      )
     entry, name = found
     array = np.asarray(array)
     if entry.reshape is not None:
@@ -199,19 +213,19 @@ class TunixNaming:
     cfg = self.config
     rope_theta = inspect.signature(self._model_module.apply_rope).parameters["rope_theta"].default
     return {
-        "architectures": [self.architecture],
-        "model_type": self.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.embed_dim,
-        "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": float(rope_theta),
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "tie_word_embeddings": bool(getattr(cfg, self._tie_field)),
-        "dtype": "float32",
+      "architectures": [self.architecture],
+      "model_type": self.model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.embed_dim,
+      "intermediate_size": cfg.hidden_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "rms_norm_eps": cfg.norm_eps,
+      "rope_theta": float(rope_theta),
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "tie_word_embeddings": bool(getattr(cfg, self._tie_field)),
+      "dtype": "float32",
     }

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models import activations
+from sora_jax.models import activations, layers
 from sora_jax.models import loading
 
 # The six dense kernels of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
@@ -45,41 +45,7 @@ def _classifier_dropout(config) -> float:
   return config.hidden_dropout_prob if rate is None else rate
 
 
-class _Module(nn.Module):
-  """Fields shared by every module here, and constructors for its layers with transformers' init."""
-
-  config: Any  # transformers.PretrainedConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def _dense(self, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
-      features,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
-
-  def _layer_norm(self, name: str = "LayerNorm") -> nn.LayerNorm:
-    # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
-    return nn.LayerNorm(
-      epsilon=self.config.layer_norm_eps,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      use_fast_variance=False,
-      name=name,
-    )
-
-  def _embed(self, num: int, features: int, name: str) -> nn.Embed:
-    return nn.Embed(
-      num,
-      features,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      embedding_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
+_Module = layers.EncoderModule
 
 
 def position_ids(input_ids, config):
@@ -210,10 +176,7 @@ class BertModel(_Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
+    attention_mask, token_type_ids = layers.default_inputs(input_ids, attention_mask, token_type_ids)
     args = (self.config, self.dtype, self.param_dtype)
     x = BertEmbeddings(*args, name="embeddings")(input_ids, token_type_ids, deterministic)
     if x.shape[-1] != self.config.hidden_size:  # ELECTRA's smaller embeddings

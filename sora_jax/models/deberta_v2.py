@@ -17,14 +17,13 @@ The conv branch of DeBERTa-v2 xlarge/xxlarge (conv_kernel_size > 0) is supported
 
 import functools
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models import activations
+from sora_jax.models import activations, layers
 
 # The six dense layers of a block, in both layouts (`layer_<i>` unrolled, `layer` under nn.scan). They match the
 # '/'-joined path of the module or of its kernel.
@@ -90,42 +89,7 @@ def relative_positions(seq_len: int, bucket_size: int = -1, max_position: int = 
   return relative.astype(np.int32)
 
 
-class _Module(nn.Module):
-  """Fields shared by every module here, and constructors for its layers with transformers' init."""
-
-  config: Any  # transformers.DebertaV2Config
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def _dense(self, features: int, name: str | None, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
-
-  def _layer_norm(self, name: str) -> nn.LayerNorm:
-    # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
-    return nn.LayerNorm(
-      epsilon=self.config.layer_norm_eps,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      use_fast_variance=False,
-      name=name,
-    )
-
-  def _embed(self, num: int, features: int, name: str) -> nn.Embed:
-    return nn.Embed(
-      num,
-      features,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      embedding_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
+_Module = layers.EncoderModule
 
 
 class DebertaV2Embeddings(_Module):
@@ -473,10 +437,7 @@ class DebertaV2Model(_Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
     """input_ids, attention_mask, token_type_ids: (batch, seq)."""
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
+    attention_mask, token_type_ids = layers.default_inputs(input_ids, attention_mask, token_type_ids)
     common = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     embeddings = DebertaV2Embeddings(**common, name="embeddings")(
       input_ids, token_type_ids, attention_mask, deterministic

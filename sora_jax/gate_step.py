@@ -165,12 +165,16 @@ def own_gates(
     count = optax.safe_increment(state.count)
     nu = _NU_DECAY * state.nu + (1 - _NU_DECAY) * mean_square
     nu_hat = nu / (1 - _NU_DECAY ** count.astype(jnp.float32))
-    step_size = schedule_value(learning_rate, state.count) * jax.lax.rsqrt(nu_hat + 1e-30)
+    eta = schedule_value(learning_rate, state.count)
+    inverse_rms = jax.lax.rsqrt(nu_hat + 1e-30)
 
     def descend(is_gate, u):
       if not is_gate or u is None:
         return u
-      return leaves.rewrap(u, (-step_size * leaves.value(u)).astype(leaves.value(u).dtype))
+      # (u / rms) first: a zero gradient (every gate's at step 1, where B = 0) stays an exact zero step for any eta,
+      # where eta / rms could overflow to inf and make inf * 0 = NaN.
+      value = leaves.value(u)
+      return leaves.rewrap(u, (-eta * (value * inverse_rms)).astype(value.dtype))
 
     updates = jax.tree.map(descend, gates, updates, is_leaf=is_leaf)
     updates, gate_state = gate_step.update(updates, state.gate_step, params)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train_loop import tiny_config, tiny_data, tiny_model  # noqa: E402,F401  (fixtures)
+from test_train_loop import tiny_args, tiny_config, tiny_data, tiny_model  # noqa: E402,F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(
@@ -74,25 +74,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tiny_model, tiny_data
 
 
 def _cli_args(model, data_dir, output_dir):
-  return [
-    f"model.name={model}",
-    "data.task=local",
-    f"data.data_dir={data_dir}",
-    f"output_dir={output_dir}",
-    "max_length=16",
-    "padding=fixed",
-    "batch_size=8",
-    "eval_batch_size=16",
-    "log_every=1",
-    "progress=false",
-    "learning_rate=1e-2",
-    "gate_init=normal",
-    "sparse_lambda=0.05",
-    "lambda_scaled_by_lr=false",
-    "gate_learning_rate=1e-2",
-    "mesh.fsdp_min_size=0",
-    *RUN,
-  ]
+  return tiny_args(model, data_dir, output_dir, *RUN)
 
 
 def test_second_signal_exits_at_once():

@@ -118,7 +118,9 @@ def test_jax_env_is_passed_to_initialize_explicitly(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
   assert sharding.maybe_initialize_distributed() is True
-  assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+  assert calls == [
+    {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1, "initialization_timeout": 300}
+  ]
   monkeypatch.delenv("JAX_PROCESS_ID")
   with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
     sharding.maybe_initialize_distributed()
@@ -129,4 +131,4 @@ def test_jax_env_is_passed_to_initialize_explicitly(monkeypatch):
   monkeypatch.setenv("SLURM_NTASKS", "2")
   monkeypatch.delenv("JAX_NUM_PROCESSES")
   assert sharding.maybe_initialize_distributed() is True
-  assert calls[-1] == {}  # the cluster (SLURM here) is detected by JAX itself
+  assert calls[-1] == {"initialization_timeout": 300}  # the cluster (SLURM here) is detected by JAX itself

@@ -55,33 +55,35 @@ def tiny_data(tmp_path_factory):
   return str(path)
 
 
+def tiny_args(model, data_dir, output_dir, *overrides) -> list[str]:
+  """The tiny run's `key=value` arguments, as the command line takes them; later overrides win."""
+  return [
+    f"model.name={model}",
+    "data.task=local",
+    f"data.data_dir={data_dir}",
+    f"output_dir={output_dir}",
+    "max_length=16",
+    "padding=fixed",
+    "batch_size=8",
+    "eval_batch_size=16",
+    "max_steps=12",
+    "eval_every=6",
+    "save_every=4",
+    "log_every=1",
+    "progress=false",
+    "learning_rate=1e-2",
+    "gate_init=normal",
+    "sparse_lambda=1.0",
+    "gate_learning_rate=0.1",
+    "mesh.fsdp_min_size=0",
+    *overrides,
+  ]
+
+
 def tiny_config(model, data_dir, output_dir, *overrides):
   from train.config import load_config
 
-  return load_config(
-    None,
-    [
-      f"model.name={model}",
-      "data.task=local",
-      f"data.data_dir={data_dir}",
-      f"output_dir={output_dir}",
-      "max_length=16",
-      "padding=fixed",
-      "batch_size=8",
-      "eval_batch_size=16",
-      "max_steps=12",
-      "eval_every=6",
-      "save_every=4",
-      "log_every=1",
-      "progress=false",
-      "learning_rate=1e-2",
-      "gate_init=normal",
-      "sparse_lambda=1.0",
-      "gate_learning_rate=0.1",
-      "mesh.fsdp_min_size=0",
-      *overrides,
-    ],
-  )
+  return load_config(None, tiny_args(model, data_dir, output_dir, *overrides))
 
 
 @pytest.mark.slow

@@ -11,16 +11,9 @@ import textwrap
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_reliability import ENV, ROOT  # noqa: E402  (the subprocesses' environment)
 from test_train_loop import tiny_args, tiny_config, tiny_data, tiny_model  # noqa: E402,F401  (fixtures)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(
-  os.environ,
-  PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  HF_HUB_OFFLINE="1",
-  HF_DATASETS_OFFLINE="1",
-  JAX_PLATFORMS="cpu",
-)
 RUN = ("max_steps=12", "eval_every=6", "save_every=100", "log_every=3", "export_peft=false")
 
 

@@ -344,42 +344,32 @@ def _optimizer(config: RunConfig, trainable, hyper: Hyper) -> optax.GradientTran
   )
   clip = optax.clip_by_global_norm(opt.max_grad_norm)
   gates = adapters.gate_mask(trainable)
-  if method == "sora" and a.gate_update == "gradient":
-    if budget_mode(config):
-      return optax.chain(
-        clip,
-        sora_budget(
-          hyper.target_fraction,
-          hyper.total_steps,
-          lam_init=hyper.lam,
-          learning_rate=gate_schedule,
-          start=a.budget_start,
-          reach=a.budget_reach,
-          mask=gates,
-          optimizer=adamw,
-        ),
-      )
-    return optax.chain(clip, sora_proximal(hyper.lam, learning_rate=gate_schedule, mask=gates, optimizer=adamw))
-  chain = [clip, adamw]
+  chain = [clip]
   if method == "sora":
-    if opt.gate_learning_rate is not None:
-      chain.append(optax.masked(optax.scale(hyper.gate_learning_rate / hyper.learning_rate), gates))
-    scaled = schedule if a.lambda_scaled_by_lr else None
+    if a.gate_update == "gradient":  # the SoRA transform owns the gates' step and runs AdamW on the rest
+      gate_rate, optimizer = gate_schedule, adamw
+    else:  # the chain form: AdamW's step on the gates too (scaled to the gates' rate), then the threshold
+      chain.append(adamw)
+      if opt.gate_learning_rate is not None:
+        chain.append(optax.masked(optax.scale(hyper.gate_learning_rate / hyper.learning_rate), gates))
+      gate_rate, optimizer = (schedule if a.lambda_scaled_by_lr else None), None
     if budget_mode(config):
-      chain.append(
-        sora_budget(
-          hyper.target_fraction,
-          hyper.total_steps,
-          lam_init=hyper.lam,
-          learning_rate=scaled,
-          start=a.budget_start,
-          reach=a.budget_reach,
-          mask=gates,
-        )
+      gate_step = sora_budget(
+        hyper.target_fraction,
+        hyper.total_steps,
+        lam_init=hyper.lam,
+        learning_rate=gate_rate,
+        start=a.budget_start,
+        reach=a.budget_reach,
+        mask=gates,
+        optimizer=optimizer,
       )
     else:
-      chain.append(sora_proximal(hyper.lam, learning_rate=scaled, mask=gates))
-  elif method == "lora":
+      gate_step = sora_proximal(hyper.lam, learning_rate=gate_rate, mask=gates, optimizer=optimizer)
+    chain.append(gate_step)
+    return optax.chain(*chain)
+  chain.append(adamw)
+  if method == "lora":
     chain.append(optax.masked(optax.set_to_zero(), gates))
   elif opt.head_learning_rate is not None and opt.head_learning_rate != opt.learning_rate:
     # Full fine-tuning: the fresh head (adapter.trainable) keeps an adapter-sized rate while the pretrained

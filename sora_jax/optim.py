@@ -51,6 +51,7 @@ def sora_proximal(
   mask: GateMask = None,
   *,
   optimizer: optax.GradientTransformation | None = None,
+  refit_from: int | jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Proximal L1 step on SoRA gates.
 
@@ -81,6 +82,9 @@ def sora_proximal(
       none is an error.
     optimizer: the optimizer of every other leaf (A, B, a head). Given, the transform owns the gates' update
       (state `sora_jax.gate_step.OwnedGatesState`); None, it thresholds the update a preceding transform made.
+    refit_from: the step from which the selection is over: a gate that is zero stays exactly zero and the others
+      take their step u without the threshold (g <- g + u), so the ranks kept train free of L1's shrinkage for the
+      rest of the run. None (default): the threshold acts at every step.
 
   Returns:
     A transformation whose update of a gate leaf is `S_tau(p + u) - p`; other leaves get `optimizer`'s update (or
@@ -94,7 +98,10 @@ def sora_proximal(
   check_nonnegative("lam", lam, "sora_proximal")
   check_nonnegative("learning_rate", learning_rate, "sora_proximal")
   if optimizer is not None:
-    return own_gates(sora_proximal(lam, learning_rate, mask), optimizer, learning_rate, mask, "sora_proximal")
+    step = sora_proximal(lam, learning_rate, mask, refit_from=refit_from)
+    return own_gates(step, optimizer, learning_rate, mask, "sora_proximal")
+  if refit_from is not None and not isinstance(refit_from, jax.Array) and refit_from < 0:
+    raise ValueError(f"sora_proximal: refit_from must be a step >= 0 or None, got {refit_from!r}")
 
   def init_fn(params):
     del params
@@ -108,13 +115,16 @@ def sora_proximal(
     tau = schedule_value(lam, state.count)
     if learning_rate is not None:
       tau = tau * schedule_value(learning_rate, state.count)
+    refit = False if refit_from is None else state.count >= refit_from
 
     def step(is_gate, u, p):
       if not is_gate or u is None:
         return u
       u_value, p_value = leaves.value(u), leaves.value(p)
       z = p_value + u_value.astype(p_value.dtype)
-      return leaves.rewrap(u, (soft_threshold(z, tau) - p_value).astype(u_value.dtype))
+      # refit: z where the gate is on, exactly 0 where it is off (p + (0 - p) = 0 in floating point).
+      new = jnp.where(refit, jnp.where(p_value != 0, z, jnp.zeros_like(z)), soft_threshold(z, tau))
+      return leaves.rewrap(u, (new - p_value).astype(u_value.dtype))
 
     new_updates = jax.tree.map(step, gates, updates, params, is_leaf=lambda x: x is None or is_variable(x))
     return new_updates, SoraProximalState(count=optax.safe_increment(state.count))

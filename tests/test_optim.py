@@ -60,6 +60,26 @@ def test_zero_stays_exactly_zero():
   assert np.all(np.asarray(new)[~expected_zero] != 0)
 
 
+def test_refit_keeps_zeros_and_moves_kept_gates_without_threshold():
+  """Before `refit_from` the update is the soft-threshold step; from it on a zero gate stays exactly 0 and a kept gate
+  takes u unshrunk (NumPy reference)."""
+  rs = np.random.RandomState(3)
+  params, updates = _tree(rs), _tree(rs)
+  params["dense"]["sora_gate"] = params["dense"]["sora_gate"].at[1].set(0.0)
+  tx = sora_jax.sora_proximal(0.7, refit_from=1)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  before, state = update(updates, state, params)
+  p, u = np.asarray(params["dense"]["sora_gate"]), np.asarray(updates["dense"]["sora_gate"])
+  np.testing.assert_allclose(before["dense"]["sora_gate"], _np_soft_threshold(p + u, 0.7) - p, atol=1e-6)
+  after, _ = update(updates, state, params)
+  new = np.asarray(optax.apply_updates(params, after)["dense"]["sora_gate"])
+  np.testing.assert_allclose(new, np.where(p != 0, p + u, 0.0), atol=1e-6)
+  assert new[1] == 0.0 and np.all(new[p != 0] != 0)
+  with pytest.raises(ValueError, match="refit_from"):
+    sora_jax.sora_proximal(0.1, refit_from=-1)
+
+
 def test_schedules_are_read_at_count():
   params = {"sora_gate": jnp.asarray([1.0, -1.0, 0.05])}
   updates = jax.tree.map(jnp.zeros_like, params)

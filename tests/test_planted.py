@@ -37,6 +37,23 @@ def test_some_lambda_isolates_the_planted_modules(plant_name):
   assert all(rank >= k for rank, k in zip(out.ranks, plant.ranks) if k > 0), out.ranks
 
 
+def test_refit_removes_the_shrinkage_on_the_kept_ranks():
+  """lambda 1 leaves the kept gates shrunk; refitting from 70 % of the steps (zeros frozen, no threshold) keeps the
+  unplanted modules at zero and at least halves the loss."""
+  plant = planted.PLANTS["two_of_six"]
+  problem = planted.planted_problem(plant, seed=0)
+  outs = [
+    planted.run_linen(
+      problem,
+      sora_jax.sora_proximal(1.0, learning_rate=planted.GATE_LR, optimizer=optax.adamw(planted.LR), refit_from=refit),
+      STEPS,
+    )
+    for refit in (None, int(0.7 * STEPS))
+  ]
+  assert all(out.ranks[:4] == (0, 0, 0, 0) for out in outs), outs
+  assert outs[1].loss <= 0.5 * outs[0].loss, outs
+
+
 def test_nnx_provider_recipe_isolates_the_planted_modules():
   plant = planted.PLANTS["two_of_six"]
   problem = planted.planted_problem(plant, seed=1)

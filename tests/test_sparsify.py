@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ def _args(tiny, output_dir, *extra):
     "adapter.gate_init=normal",
     "shape=linear",
     "start=0",
-    "max_lambda=0.1",
+    "max_lambda=4",
     "lambda_num=3",
     "stage_steps=4",
     "memorization_examples=40",
@@ -69,7 +68,7 @@ def test_staged_run_writes_table_and_pictures(fresh_run):
   out, table, printed = fresh_run
   stages = table["stages"]
   assert [s["stage"] for s in stages] == [0, 1, 2]
-  np.testing.assert_allclose([s["lambda"] for s in stages], [0.0, 0.05, 0.1], rtol=1e-12)
+  np.testing.assert_allclose([s["lambda"] for s in stages], [0.0, 2.0, 4.0], rtol=1e-12)
   assert [s["steps"] for s in stages] == [6, 4, 4]
   retained = [s["retained_params"] for s in stages]
   assert all(b <= a for a, b in zip(retained, retained[1:])), retained
@@ -111,23 +110,24 @@ def test_rerun_skips_completed_stages_and_redoes_an_unfinished_one(fresh_run, ti
   assert redone["stages"][2]["ranks"] == stages[2]["ranks"]
   assert redone["stages"][2]["metrics"] == stages[2]["metrics"]
 
-  # Changing the schedule under a finished run is an error, not a silent mix.
+  # Changing the schedule or a training setting under a finished run is an error, not a silent mix.
   with pytest.raises(ValueError, match="was run with lambda"):
-    _run(tiny, out, "max_lambda=0.2")
+    _run(tiny, out, "max_lambda=5")
+  with pytest.raises(ValueError, match="adapter.gate_update: 'gradient' -> 'adam'"):
+    _run(tiny, out, "adapter.gate_update=adam")
 
 
 @pytest.mark.slow
-def test_official_stage_schedule_only_thresholds(fresh_run, tiny, tmp_path):
-  out, table, _ = fresh_run
+def test_official_stage_schedule_only_thresholds(tiny, tmp_path):
   official = tmp_path / "official"
-  # The same stage 0 (same config, lambda and steps): reuse it, which also exercises resuming.
-  shutil.copytree(out / "stages" / "stage_00", official / "stages" / "stage_00")
-  result, printed = _run_printing(tiny, official, "stage_schedule=official", "lambda_num=2", "max_lambda=0.05")
-  assert printed.count("done before") == 1
+  gates = ["adapter.gate_update=adam", "adapter.lambda_scaled_by_lr=false", "optim.gate_learning_rate=null"]
+  result, printed = _run_printing(tiny, official, *gates, "stage_schedule=official", "lambda_num=2", "max_lambda=0.05")
   first, second = result["stages"]
-  assert first["ranks"] == table["stages"][0]["ranks"]
   assert second["schedule"] == "official" and second["retained_params"] < first["retained_params"]
   assert result["retained_non_increasing"]
+  # A rerun reads both finished stages back.
+  again, printed = _run_printing(tiny, official, *gates, "stage_schedule=official", "lambda_num=2", "max_lambda=0.05")
+  assert printed.count("done before") == 2 and again["stages"][1]["ranks"] == second["ranks"]
 
 
 def _adapted_tree(rng, lead=()):
@@ -198,8 +198,10 @@ def test_config_parsing(tmp_path):
     sparsify.load_configs(None, ["lambda_num=three"])
   with pytest.raises(ValueError, match="exp_linear"):
     sparsify.check(*sparsify.load_configs(None, ["shape=exp_linear", "start=0"]))
+  with pytest.raises(ValueError, match="gate_update=adam"):
+    sparsify.check(*sparsify.load_configs(None, ["stage_schedule=official"]))
   with pytest.raises(ValueError, match="lambda_scaled_by_lr"):
-    sparsify.check(*sparsify.load_configs(None, ["stage_schedule=official", "adapter.lambda_scaled_by_lr=true"]))
+    sparsify.check(*sparsify.load_configs(None, ["stage_schedule=official", "adapter.gate_update=adam"]))
   with pytest.raises(ValueError, match="method"):
     sparsify.check(*sparsify.load_configs(None, ["adapter.method=lora"]))
   assert sparsify.main(["stage_schedule=sometimes"]) == 2
@@ -255,7 +257,7 @@ def test_stages_share_one_compiled_training_step(tiny, tmp_path, caplog):
 
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     table = _run(tiny, tmp_path / "run")
-  assert [s["lambda"] for s in table["stages"]] == [0.0, 0.05, 0.1]
+  assert [s["lambda"] for s in table["stages"]] == [0.0, 2.0, 4.0]
   assert [s["steps"] for s in table["stages"]] == [6, 4, 4]
   compiled = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
   steps = [r for r in compiled if r.getMessage().startswith("Compiling jit(step)")]

@@ -169,3 +169,25 @@ def test_the_three_programs_share_one_main(program, capsys, monkeypatch):
   assert calls == [("malloc", "retain"), ("distributed",), ("run",)]
   monkeypatch.setattr(target, runner[1], lambda *a: None)  # a run that stopped without a result
   assert module.main([]) == 1
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+  """`python -m train.glue --help | head -1`: the reader has gone; no BrokenPipeError traceback, exit 0."""
+  import subprocess
+  import sys
+
+  read_end, write_end = os.pipe()
+  os.close(read_end)  # every write to the pipe now fails with EPIPE
+  try:
+    program = subprocess.run(
+      [sys.executable, "-c", "import sys; from train import glue; sys.exit(glue.main(['--help']))"],
+      cwd=ROOT,
+      stdout=write_end,
+      stderr=subprocess.PIPE,
+      text=True,
+      timeout=120,
+      env={**os.environ, "PYTHONPATH": ROOT},
+    )
+  finally:
+    os.close(write_end)
+  assert program.returncode == 0 and "Traceback" not in program.stderr, program.stderr

@@ -178,6 +178,19 @@ def test_lora_keeps_gates_at_one(tiny_model, tiny_data, tmp_path):
   assert any(np.abs(x).max() > 0 for x in b)  # the factors did train
 
 
+def test_refit_freezes_the_selection_and_config_checks(tiny_model, tiny_data, tmp_path):
+  from train.config import ConfigError
+  from train.loop import build, fit
+
+  # lambda 3 switches ranks off in the first half; from step ceil(0.5 * 12) = 6 on the set of ranks stays as it is.
+  outcome = fit(build(tiny_config(tiny_model, tiny_data, tmp_path, "sparse_lambda=3", "adapter.refit_from=0.5")))
+  ranks = {r["step"]: r["active_ranks"] for r in outcome.history}
+  assert ranks[6] < ranks[1] and len({ranks[s] for s in range(7, 13)}) == 1, ranks
+  for extra, match in (("method=lora", "refit_from refits SoRA"), ("target_fraction=0.5", "drop adapter.refit_from")):
+    with pytest.raises(ConfigError, match=match):
+      tiny_config(tiny_model, tiny_data, tmp_path, "adapter.refit_from=0.5", extra)
+
+
 _MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax

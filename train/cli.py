@@ -146,8 +146,11 @@ def main(
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] in ("-h", "--help"):
-    print(doc)
-    print(help_text())
+    try:
+      print(doc)
+      print(help_text(), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has gone; point stdout at devnull so the exit flush is quiet
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
   unknown = [a for a in argv if a.startswith("--") and a not in flags]
   if unknown:

@@ -105,6 +105,12 @@ class AdapterConfig:
   lambda_scaled_by_lr: bool = setting(
     True, "gate_update=adam: threshold tau = lr_t * lambda (paper); false: tau = lambda (official)"
   )
+  refit_from: Optional[float] = setting(
+    None,
+    "proximal mode: fraction of the steps after which zero gates stay zero and the kept ranks train without the "
+    "L1 threshold (e.g. 0.7); None: the threshold acts to the end",
+    "0..1",
+  )
   # Budget mode (sora_jax.sora_budget): every step keeps the largest gates that fit a cubic schedule of retained
   # adapter parameters, from all of them (at budget_start of the steps) to the budget (at budget_reach), after the
   # L1 step at sparse_lambda; then the kept ranks train on without threshold.
@@ -360,8 +366,15 @@ def check(config: Any, prefix: str = "") -> None:
 
 
 def _check_budget(adapter: "AdapterConfig") -> None:
+  if adapter.refit_from is not None and adapter.method != "sora":
+    raise ConfigError(f"adapter.refit_from refits SoRA's kept ranks: adapter.method is {adapter.method!r}; drop it")
   if adapter.target_fraction is None and adapter.target_params is None:
     return
+  if adapter.refit_from is not None:
+    raise ConfigError(
+      "budget mode refits the kept ranks from adapter.budget_reach on: drop adapter.refit_from (it is for the "
+      "proximal mode, without a budget)"
+    )
   if adapter.target_fraction is not None and adapter.target_params is not None:
     raise ConfigError("give one budget: adapter.target_fraction or adapter.target_params, not both")
   if adapter.method != "sora":
@@ -566,8 +579,11 @@ def _flat_values(values: dict, prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
   """`key: saved -> now` for each key outside `RESUMABLE_KEYS` whose value differs between `saved` (`to_dict` of
-  the config a checkpoint was written with) and `config`; a key one side lacks counts as changed."""
+  the config a checkpoint was written with) and `config`; a key one side lacks counts as changed, unless the
+  checkpoint lacks it and `config` has its default (a setting added after the checkpoint was written)."""
   old, new = _flat_values(saved), _flat_values(to_dict(config))
+  defaults = _flat_values(to_dict(RunConfig()))
+  old.update({key: value for key, value in new.items() if key not in old and defaults.get(key) == value})
   show = lambda values, key: repr(values[key]) if key in values else "(absent)"  # noqa: E731
   return [
     f"{key}: {show(old, key)} -> {show(new, key)}"

@@ -365,7 +365,10 @@ def _optimizer(config: RunConfig, trainable, hyper: Hyper) -> optax.GradientTran
         optimizer=optimizer,
       )
     else:
-      gate_step = sora_proximal(hyper.lam, learning_rate=gate_rate, mask=gates, optimizer=optimizer)
+      refit_from = None if a.refit_from is None else jnp.ceil(a.refit_from * hyper.total_steps)
+      gate_step = sora_proximal(
+        hyper.lam, learning_rate=gate_rate, mask=gates, optimizer=optimizer, refit_from=refit_from
+      )
     chain.append(gate_step)
     return optax.chain(*chain)
   chain.append(adamw)

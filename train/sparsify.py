@@ -16,8 +16,9 @@ as a percentage of the same metric of the first stage, and logs the retained par
                decayed to zero, to every later stage, so AdamW moves nothing and only the threshold acts. With an
                update of zero each step is g <- S_lambda(g), so a stage of n steps is computed exactly as n
                applications of `sora_proximal(lambda_k)` to zero updates (no forward or backward pass). This needs
-               the official unscaled threshold (`adapter.lambda_scaled_by_lr=false`): with tau = lr * lambda a
-               decayed learning rate would threshold nothing.
+               the official gate update and unscaled threshold (`adapter.gate_update=adam
+               adapter.lambda_scaled_by_lr=false`, lambdas as the official ones, e.g. max_lambda=0.015): with
+               tau = lr * lambda a decayed learning rate would threshold nothing.
   Reference    memorization and generalization are percentages of stage 0's metric on the same data (the official
                BEST_TRAIN_METRIC / BEST_EVAL_METRIC), i.e. of the model trained before any sparsifying stage; with
                start = 0 that is the dense SoRA model (gates trained, nothing thresholded).
@@ -32,7 +33,9 @@ with it is complete and is skipped on a rerun, a stage without it resumes from i
 `stages.json` (the table), `memorization_generalization.png`, `rank_heatmap.png` and `rank_over_steps.png`.
 
   python -m train.sparsify                                   # built-in default: MiniLM-L6 + WordNet, offline
-  python -m train.sparsify configs/sparsify/wordnet.yaml lambda_num=5 stage_schedule=official
+  python -m train.sparsify configs/sparsify/wordnet.yaml lambda_num=5
+  python -m train.sparsify adapter.gate_update=adam adapter.lambda_scaled_by_lr=false optim.gate_learning_rate=null \
+      max_lambda=0.015 stage_schedule=official       # the official gate update and stage schedule
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from train import cli
-from train.config import RunConfig, load_with_section, section_help_text, setting, to_dict
+from train.config import RunConfig, load_with_section, resume_changes, section_help_text, setting, to_dict
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -58,7 +61,7 @@ MEMORIZATION_SPLIT = "train_memorization"
 class SparsifyConfig:
   shape: str = setting("linear", "official lambda_schedule: linear, log_linear or exp_linear")
   start: float = setting(0.0, "lambda_0 (official sparse_lambda_2); stage 0 trains at it; exp_linear needs > 0", ">=0")
-  max_lambda: float = setting(1.5e-2, "the last lambda", ">=0")
+  max_lambda: float = setting(1.5, "the last lambda (units of adapter.sparse_lambda)", ">=0")
   lambda_num: int = setting(4, "number of stages, stage 0 included", ">0")
   stage_schedule: str = setting("fresh", "fresh or official (see the module docstring)")
   stage_steps: int = setting(20, "optimizer steps of each stage k > 0", ">0")
@@ -75,14 +78,13 @@ DEFAULT_OUTPUT_DIR = "runs/sparsify"
 # fit in minutes on two CPU cores. gate_init "normal" is the official code's init: gates of spread magnitude reach zero
 # one by one under a growing threshold, where gates that all start at one would fall together. Trainer evaluation only
 # at a stage's end (the stage evaluation follows it). A YAML file or key=value overrides any of these.
-# Stage lambdas are the official per-step threshold (unscaled, gates taking AdamW's step at the A/B learning rate),
-# so the staged run does not inherit the single-run default (the gates' proximal-gradient step).
+# The gates take the trainer's update (the proximal-gradient step, `adapter.gate_update=gradient`), so the stage
+# lambdas are in the units of `adapter.sparse_lambda` (relative to the gate-gradient RMS). The official update and
+# thresholds: `adapter.gate_update=adam adapter.lambda_scaled_by_lr=false optim.gate_learning_rate=null
+# max_lambda=0.015` (configs/sparsify/rte_official.yaml).
 RUN_DEFAULTS = {
   "output_dir": DEFAULT_OUTPUT_DIR,
   "adapter.gate_init": "normal",
-  "adapter.lambda_scaled_by_lr": False,
-  "adapter.gate_update": "adam",
-  "optim.gate_learning_rate": None,
   "train.max_steps": 60,
   "train.eval_every": 10**9,
   "data.max_eval_examples": 500,
@@ -118,7 +120,8 @@ def check(config: RunConfig, sparsify: SparsifyConfig) -> None:
   if sparsify.stage_schedule == "official" and config.adapter.gate_update != "adam":
     raise ValueError(
       "stage_schedule=official replays the official optimizer, whose gates take AdamW's step: set "
-      "adapter.gate_update=adam"
+      "adapter.gate_update=adam adapter.lambda_scaled_by_lr=false optim.gate_learning_rate=null and the official "
+      "stage lambdas (e.g. max_lambda=0.015)"
     )
   if sparsify.stage_schedule == "official" and config.adapter.lambda_scaled_by_lr:
     raise ValueError(
@@ -300,6 +303,11 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
           f"schedule={record['schedule']}, not lambda={lam}, steps={steps}, "
           f"schedule={schedule}: use another output_dir or delete it"
         )
+      changed = resume_changes(record["config"], config) if "config" in record else []
+      if changed:
+        raise ValueError(
+          f"{stage_dir} was run with other settings ({'; '.join(changed)}): use another output_dir or delete it"
+        )
       params = _restore_params(os.path.join(stage_dir, "params"), experiment.trainable)
       print(f"stage {k}: done before (lambda={lam:.4g}), skipped")
     else:
@@ -332,6 +340,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
         "eval_metric": results[f"{eval_split}/{main}"],
         "metrics": results,
         "wall_time_s": time.time() - stage_started,
+        "config": to_dict(config),
       }
       _save_params(os.path.join(stage_dir, "params"), params)
       _write_json(record_path, record)  # last: marks the stage complete

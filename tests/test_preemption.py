@@ -170,6 +170,13 @@ def test_resume_changes_name_each_key_and_both_values():
     "seed: 1 -> 2",
     "train.batch_size: 16 -> 32",
   ]
+  # A checkpoint written before a setting existed: absent and at its default is no change, anything else is.
+  older = json.loads(json.dumps(saved))
+  del older["adapter"]["refit_from"]
+  assert resume_changes(older, same) == []
+  assert resume_changes(older, load_config(None, ["seed=1", "max_length=32", "adapter.refit_from=0.7"])) == [
+    "adapter.refit_from: (absent) -> 0.7"
+  ]
   from train.config import valid_keys
 
   assert set(RESUMABLE_KEYS) <= set(valid_keys())

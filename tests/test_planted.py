@@ -62,35 +62,43 @@ def test_nnx_provider_recipe_isolates_the_planted_modules():
   assert out.ranks[:4] == (0, 0, 0, 0) and min(out.ranks[4:]) >= 6, out.ranks
 
 
-@pytest.mark.parametrize("target", [0.125, 0.5])
-def test_short_budget_run_follows_its_schedule_and_lands_within_one_rank(target):
-  """100 steps: never every gate at zero, the retained fraction at most the schedule and within one rank of it at
-  every step, and on the budget at the end."""
-  problem = planted.planted_problem(planted.PLANTS["mixed"], seed=2)
-  steps, width, total = 100, planted.WIDTH, planted.RANK_MAX * len(planted.MODULES)
+@pytest.mark.parametrize("target, steps", [(0.125, 100), (0.5, 100), (0.125, 10_000)])
+def test_budget_run_follows_its_schedule_and_lands_within_one_rank(target, steps):
+  """100 steps as 10,000: never every gate at zero, the retained fraction at most the schedule at every step and within
+  one rank of it unless the L1 step alone keeps fewer, but never fewer than the planted ranks (10 on `mixed`: the
+  budget is an upper bound, the loss does not pay for more), and on the budget at the end."""
+  import jax.numpy as jnp
+
+  plant = planted.PLANTS["mixed"]
+  problem = planted.planted_problem(plant, seed=2)
+  width, total = planted.WIDTH, planted.RANK_MAX * len(planted.MODULES)
   tx = sora_jax.sora_budget(
     target, steps, lam_init=0.3, learning_rate=planted.GATE_LR, optimizer=optax.adamw(planted.LR)
   )
   config = sora_jax.SoraConfig(rank=planted.RANK_MAX, alpha=float(planted.RANK_MAX), targets=(r"m\d/kernel",))
   trainable, frozen = sora_jax.split(sora_jax.init(jax.random.key(0), problem.base, config))
-  schedule = sora_jax.budget_schedule(target, steps)
-  state = tx.init(trainable)
+
+  def loss_fn(t):
+    with sora_jax.factored(config):
+      return planted._loss(planted.Modules().apply({"params": sora_jax.combine(t, frozen)}, problem.xs), problem.ys)
 
   @jax.jit
-  def step(t, state):
-    def loss_fn(t):
-      with sora_jax.factored(config):
-        return planted._loss(planted.Modules().apply({"params": sora_jax.combine(t, frozen)}, problem.xs), problem.ys)
+  def train(t):
+    def step(carry, _):
+      t, state = carry
+      updates, state = tx.update(jax.grad(loss_fn)(t), state, t)
+      t = optax.apply_updates(t, updates)
+      return (t, state), sum(jnp.sum(t[m]["sora_gate"] != 0) for m in planted.MODULES)
 
-    updates, state = tx.update(jax.grad(loss_fn)(t), state, t)
-    return optax.apply_updates(t, updates), state
+    (t, _), active = jax.lax.scan(step, (t, tx.init(t)), None, length=steps)
+    return t, active
 
-  for count in range(steps):
-    trainable, state = step(trainable, state)
-    active = sum(int(np.sum(np.asarray(trainable[m]["sora_gate"]) != 0)) for m in planted.MODULES)
-    scheduled = float(schedule(count)) * total
-    # sora_budget rounds the budget to whole parameters (+ 0.5 of the 32 of a rank).
-    assert 0 < active and scheduled - 1 <= active <= scheduled + 0.5 / (2 * width), (count, active, scheduled)
+  trainable, active = train(trainable)
+  active = np.asarray(active)
+  scheduled = np.asarray(jax.vmap(sora_jax.budget_schedule(target, steps))(jnp.arange(steps))) * total
+  # sora_budget rounds the budget to whole parameters (+ 0.5 of the 32 of a rank).
+  low, high = np.minimum(scheduled - 1, sum(plant.ranks)) <= active, active <= scheduled + 0.5 / (2 * width)
+  assert active.min() > 0 and low.all() and high.all(), np.flatnonzero(~(low & high))[:5]
   report = sora_jax.rank_report(sora_jax.combine(trainable, frozen), config)
   assert target * report.max_params - 2 * width <= report.retained_params <= target * report.max_params
 

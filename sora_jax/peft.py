@@ -473,6 +473,35 @@ def _read_adapter(directory: str) -> _Adapter:
   return _Adapter(peft_config, dict(factors), plain)
 
 
+LINEN_DENSE = layout.linen_roles(2, 2, 2)  # a linen Dense kernel (in, out): A (in, r), B (r, out), gate (r,)
+
+
+def _as_adapter(
+  directory: str,
+  adapter: _Adapter,
+  name: str,
+  w_shape: Sequence[int],
+  in_axes: int,
+  roles: layout.WeightRoles,
+  scale: float,
+  where: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """PEFT module `name` (lora_A (r, in), lora_B (out, r), a transformers Linear) as our A, B and gate for a weight of
+  shape `w_shape` whose first `in_axes` axes are the Linear's input, in the shapes `roles` gives: A = lora_A^T,
+  B = (c_m / s) lora_B^T with c_m the module's PEFT scale and s = `scale` ours, gate = ones. Both layouts use it."""
+  pair = adapter.factors[name]
+  lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
+  fan_in, fan_out = math.prod(w_shape[:in_axes]), math.prod(w_shape[in_axes:])
+  if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
+    raise ValueError(
+      f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
+      f"{tuple(w_shape)} of {where} (a Linear {fan_in} -> {fan_out}); was the adapter made for another model size?"
+    )
+  a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
+  b = (adapter.scale(name, rank) / scale) * lora_b.T
+  return lora_a.T.reshape(a_shape), b.reshape(b_shape), np.ones(g_shape)
+
+
 def load_peft(
   directory: str | os.PathLike,
   params,
@@ -535,20 +564,14 @@ def load_peft(
       f"layers of this {naming.model_type} model (e.g. {sorted(kernel_modules)[:2]}); was the adapter "
       f"made for base model {peft_config.get('base_model_name_or_path')!r}?"
     )
-  for name, pair in sorted(factors.items()):
+  for name in sorted(factors):
     module = kernel_modules[name]
     kernel = flat[module + ("kernel",)]
-    lora_a, lora_b, rank = pair["A"], pair["B"], ranks[name]
-    if kernel.ndim != 2 or lora_a.shape != (rank, kernel.shape[0]) or lora_b.shape != (kernel.shape[1], rank):
-      raise ValueError(
-        f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the "
-        f"kernel {tuple(kernel.shape)} (in, out) of {path_str(module)}"
-      )
-    scale = adapter.scale(name, rank)
-    dtype = kernel.dtype
-    flat[module + (A,)] = np.asarray(lora_a.T, dtype)
-    flat[module + (B,)] = np.asarray((scale / config.scale) * lora_b.T, dtype)
-    flat[module + (GATE,)] = np.ones((rank,), dtype)
+    if kernel.ndim != 2:
+      raise ValueError(f"{directory}: {name} is a PEFT Linear, the kernel of {path_str(module)} is {kernel.shape}")
+    values = _as_adapter(directory, adapter, name, kernel.shape, 1, LINEN_DENSE, config.scale, path_str(module))
+    for leaf, value in zip((A, B, GATE), values):
+      flat[module + (leaf,)] = np.asarray(value, kernel.dtype)
 
   if plain:
     converted, unexpected = naming.convert(plain)
@@ -778,25 +801,13 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
     rec = records[weight]
     vals = {p: leaves.value(v) for p, v in flat.items()}
     w_shape = leaves.weight_shape(vals, rec.weight)
-    a, b, gate = (vals.get(p) for p in rec.leaves)
     roles = _linear_roles(rec, vals, naming)
-    k = naming.in_axes(weight)
-    lora_a, lora_b, rank = pair["A"], pair["B"], pair["A"].shape[0]
-    fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
-    if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
-      raise ValueError(
-        f"{directory}: {name} lora_A {lora_a.shape} / lora_B {lora_b.shape} do not fit the weight "
-        f"{tuple(w_shape)} of {path_str(weight)} (a Linear {fan_in} -> {fan_out}); was the "
-        "adapter made for another model size?"
-      )
     scale, _ = scale_and_rank(config, weight)
-    a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
-    new_b = (adapter.scale(name, rank) / scale) * lora_b.T
-    values = (lora_a.T.reshape(a_shape), new_b.reshape(b_shape), np.ones(g_shape))
-    for path, old, value in zip(rec.leaves, (a, b, gate), values):
-      if old is not None:
-        out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
-    ranks[name] = rank
+    values = _as_adapter(directory, adapter, name, w_shape, naming.in_axes(weight), roles, scale, path_str(weight))
+    for path, value in zip(rec.leaves, values):
+      if vals.get(path) is not None:
+        out[path] = leaves.rewrap(flat[path], jnp.asarray(value, vals[path].dtype))
+    ranks[name] = pair["A"].shape[0]
     loaded.add(weight)
   for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
     if weight in loaded:

@@ -135,6 +135,12 @@ def _nan(x):
     ("empty tensor file", None, lambda t: {}, ["adapter_model.safetensors", "no LoRA factors"]),
     ("missing head", None, _without_head, ["modules_to_save", "'classifier'", "no weights"]),
     ("rank 0", None, _rank_zero, ["adapter_model.safetensors", ".lora_", "rank 0"]),
+    (
+      "another width",
+      None,
+      lambda t: _set(t, ".lora_A.", lambda x: np.concatenate([x, x], axis=1)),
+      ["lora_A", "do not fit the weight", "another model size"],
+    ),
     ("alpha nan", lambda c: {**c, "lora_alpha": float("nan")}, None, ["adapter_config.json", "lora_alpha", "nan"]),
     ("alpha string", lambda c: {**c, "lora_alpha": "8"}, None, ["adapter_config.json", "lora_alpha", "'8'"]),
     ("alpha zero", lambda c: {**c, "lora_alpha": 0}, None, ["lora_alpha", "positive"]),

@@ -29,13 +29,15 @@ as a percentage of the same metric of the first stage, and logs the retained par
 
 Output (under `output_dir`, default runs/sparsify): `stages/stage_<k>/` with the trainer's logs and checkpoints, the
 stage's final trainable params as an orbax checkpoint (`params/`) and its record (`stage.json`, written last: a stage
-with it is complete and is skipped on a rerun, a stage without it resumes from its latest trainer checkpoint);
+with it is complete and is skipped on a rerun, refused if its settings differ; a stage without it resumes from its
+latest trainer checkpoint);
 `stages.json` (the table), `memorization_generalization.png`, `rank_heatmap.png` and `rank_over_steps.png`.
 
   python -m train.sparsify                                   # built-in default: MiniLM-L6 + WordNet, offline
   python -m train.sparsify configs/sparsify/wordnet.yaml lambda_num=5
-  python -m train.sparsify adapter.gate_update=adam adapter.lambda_scaled_by_lr=false optim.gate_learning_rate=null \
-      max_lambda=0.015 stage_schedule=official       # the official gate update and stage schedule
+  # the official gate update, thresholds and stage schedule:
+  python -m train.sparsify adapter.gate_update=adam adapter.lambda_scaled_by_lr=false optim.gate_learning_rate=null
+      max_lambda=0.015 stage_schedule=official
 """
 
 from __future__ import annotations

@@ -62,3 +62,19 @@ def tiny(tmp_path_factory):
         label = int(any(w in ("cat", "dog", "bird") for w in words))
         f.write(json.dumps({"sentence": " ".join(words), "label": label}) + "\n")
   return str(model_dir), str(data_dir)
+
+
+def tiny_run_args(tiny, output_dir) -> list[str]:
+  """The `key=value` arguments that point a trainer run at the `tiny` model and data (two classes, length 16, batch
+  8); each test adds its own steps, rates and method after them."""
+  model_dir, data_dir = tiny
+  return [
+    f"output_dir={output_dir}",
+    f"model.name={model_dir}",
+    "data.task=local",
+    f"data.data_dir={data_dir}",
+    "data.num_labels=2",
+    "data.max_length=16",
+    "train.batch_size=8",
+    "train.eval_batch_size=16",
+  ]

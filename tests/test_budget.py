@@ -16,6 +16,8 @@ import sora_jax
 from sora_jax.budget import budget_schedule, cut_to_budget, retained_fraction, sora_budget
 from train.config import ConfigError, load_config
 
+from conftest import tiny_run_args
+
 
 def test_schedule_holds_one_then_falls_cubically_to_the_target():
   schedule = budget_schedule(0.25, 100, start=0.1, reach=0.7)
@@ -165,16 +167,8 @@ def test_nnx_optimizer_with_sora_budget_lands_on_its_budget():
 
 
 def _trainer_args(tiny, output_dir, *extra):
-  model_dir, data_dir = tiny
   return [
-    f"output_dir={output_dir}",
-    f"model.name={model_dir}",
-    "data.task=local",
-    f"data.data_dir={data_dir}",
-    "data.num_labels=2",
-    "data.max_length=16",
-    "train.batch_size=8",
-    "train.eval_batch_size=16",
+    *tiny_run_args(tiny, output_dir),
     "train.max_steps=30",
     "train.eval_every=10",
     "train.save_every=30",

@@ -9,6 +9,8 @@ import pytest
 from train import pareto
 from train.config import ConfigError
 
+from conftest import tiny_run_args
+
 
 def _record(method, family, rate, seed, validation, test, retained):
   # A LoRA run's max_params is at its own rank: rank 1 keeps all of its 100.
@@ -69,17 +71,9 @@ def test_bad_study_keys_are_one_clear_error():
 
 @pytest.mark.slow
 def test_quick_study_writes_table_and_picture_and_resumes(tiny, tmp_path, monkeypatch):
-  model_dir, data_dir = tiny
   args = [
     "--quick",
-    f"output_dir={tmp_path}",
-    f"model.name={model_dir}",
-    "data.task=local",
-    f"data.data_dir={data_dir}",
-    "data.num_labels=2",
-    "data.max_length=16",
-    "train.batch_size=8",
-    "train.eval_batch_size=16",
+    *tiny_run_args(tiny, tmp_path),
     "train.max_steps=6",
     "optim.learning_rate=1e-2",
     "lora_ranks=[1]",

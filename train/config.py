@@ -63,7 +63,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  task: str = setting("wordnet", "a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), wordnet or local")
+  task: str = setting(
+    "wordnet", "a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), wordnet, rotten_tomatoes or local"
+  )
   data_dir: Optional[str] = setting(
     None, "folder of <split>.csv/tsv/jsonl/parquet files; None: the hub or the built-in data"
   )

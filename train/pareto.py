@@ -75,11 +75,12 @@ class StudyConfig:
 
 
 DEFAULT_OUTPUT_DIR = "runs/pareto"
-# Each run evaluates once, at its end (validation and test), writes one checkpoint (resume after a kill), and no PEFT
-# export; the tables report the final step's parameters for every arm. STUDY_RUN holds over a YAML file's values
-# (the study's own protocol); key=value overrides still win.
-RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR, "train.max_steps": 300}
+# Each run trains 200 steps, evaluates once, at its end (validation and test), writes one checkpoint (resume after a
+# kill), and no PEFT export; the tables report the final step's parameters for every arm. STUDY_RUN holds over a YAML
+# file's values (the study's own protocol, the same on every task); key=value overrides still win.
+RUN_DEFAULTS = {"output_dir": DEFAULT_OUTPUT_DIR}
 STUDY_RUN = {
+  "train.max_steps": 200,
   "train.eval_every": 10**9,
   "train.save_every": 100,
   "train.keep_checkpoints": 1,
@@ -87,9 +88,10 @@ STUDY_RUN = {
   "train.progress": False,
   "export_peft": False,
 }
-# --quick: one budget, one learning rate, two seeds (a paired difference needs two), a third of the steps.
+# --quick: one budget, one learning rate, two seeds (a paired difference needs two), half the steps.
 QUICK = {"seeds": (0, 1), "learning_rates": (2e-3,), "budgets": (0.125,)}
-QUICK_RUN = {"train.max_steps": 100, "data.max_eval_examples": 500}
+QUICK_RUN = {"data.max_eval_examples": 500}
+QUICK_STEPS = 100
 
 
 def load_configs(
@@ -98,7 +100,9 @@ def load_configs(
   """Defaults (`--quick`'s on top), the YAML file (trainer sections plus a `study:` section), the study's run
   settings, then `key=value` overrides; keys of the study are `study.<name>` or the bare name, every other key goes
   to the trainer."""
-  fixed = [f"{key}={value}" for key, value in STUDY_RUN.items()]
+  fixed = [
+    f"{key}={value}" for key, value in dict(STUDY_RUN, **({"train.max_steps": QUICK_STEPS} if quick else {})).items()
+  ]
   config, study = load_with_section(
     path,
     fixed + list(overrides),

@@ -42,6 +42,8 @@ from sora_jax.provider import apply_sora as apply_sora
 from sora_jax.schedules import LAMBDA_SHAPES as LAMBDA_SHAPES
 from sora_jax.schedules import lambda_schedule as lambda_schedule
 from sora_jax.schedules import lambda_stages as lambda_stages
+from sora_jax.truncate import TruncateReport as TruncateReport
+from sora_jax.truncate import truncate as truncate
 
 __all__ = [
   "BudgetCut",
@@ -57,6 +59,7 @@ __all__ = [
   "SoraProvider",
   "SoraProximalState",
   "SoraRule",
+  "TruncateReport",
   "adapter_mask",
   "adapter_params",
   "apply_factored",
@@ -85,5 +88,6 @@ __all__ = [
   "sora_budget",
   "sora_proximal",
   "split",
+  "truncate",
   "unmerge",
 ]

@@ -468,15 +468,25 @@ def prune(params: PyTree, config: Config | None = None) -> PyTree:
     batching = layout.batching(weight_roles(vals, rec))
     ones = np.ones(np.shape(b)[: batching.nb] + (np.shape(a)[-1],), np.float32)
     new = layout.prune_one(*(np.asarray(x, np.float32) for x in (a, b, ones if gate is None else gate)), batching)
-    for path, old, value in zip(rec.leaves, (a, b, gate), new):
-      if old is not None:
-        out[path] = leaves.rewrap(flat[path], jnp.asarray(value, old.dtype))
-    if rec.layout == "linen":  # the gate is folded in; at rank 0 the module has no adapter
-      out.pop(rec.gate, None)
-      if new[0].shape[-1] == 0:
-        out.pop(rec.a)
-        out.pop(rec.b)
+    put_adapter(out, flat, rec, new)
   return rebuild(out)
+
+
+def put_adapter(out: dict[Path, Any], flat: dict[Path, Any], rec: leaves.AdapterPaths, new: tuple) -> None:
+  """Writes one adapter's new (A, B, gate) at rank k into the flat tree `out` in the format `prune` leaves.
+
+  Each leaf is cast to its old dtype and put in its old container (`flat`'s leaf). linen: the gate is dropped (it is
+  folded in, or ones) and at k = 0 so are A and B (the module has no adapter). qwix: every leaf stays, zero-size at
+  k = 0; a leaf absent from `flat` (a plain qwix LoRA's gate) stays absent.
+  """
+  for path, value in zip(rec.leaves, new):
+    if path in flat:
+      out[path] = leaves.rewrap(flat[path], jnp.asarray(value, leaves.value(flat[path]).dtype))
+  if rec.layout == "linen":
+    out.pop(rec.gate, None)
+    if new[0].shape[-1] == 0:
+      out.pop(rec.a)
+      out.pop(rec.b)
 
 
 class RankRow(NamedTuple):

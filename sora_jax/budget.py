@@ -98,6 +98,12 @@ def budget_phases(total_steps: int | jax.Array, start: float = 0.1, reach: float
   return t0, jnp.maximum(jnp.ceil(reach * total), jnp.floor(t0) + 1.0)
 
 
+def rank_params(a_size: int, b_size: int, gate_size: int) -> float:
+  """The adapter parameters of one rank of one gate entry, (|A| + |B|) / |gate|: fan_in + fan_out of its module (of
+  one layer when stacked). The one cost of a rank that `sora_budget`, `cut_to_budget` and `sora_jax.truncate` count."""
+  return (a_size + b_size) / max(gate_size, 1)
+
+
 def _rank_costs(params: PyTree, gates: PyTree) -> PyTree:
   """Per gate leaf the parameters of one of its ranks, (|A| + |B|) / |gate| (a Python float; None elsewhere)."""
   flat, _ = leaves.flatten(params)
@@ -116,8 +122,9 @@ def _rank_costs(params: PyTree, gates: PyTree) -> PyTree:
         "sees; sora_budget counts a rank's parameters from their shapes, so optimise A, B and the "
         "gate together"
       )
-    size = np.size(leaves.value(leaf))
-    costs.append((np.size(leaves.value(flat[rec.a])) + np.size(leaves.value(flat[rec.b]))) / max(size, 1))
+    costs.append(
+      rank_params(np.size(leaves.value(flat[rec.a])), np.size(leaves.value(flat[rec.b])), np.size(leaves.value(leaf)))
+    )
   return costs
 
 
@@ -285,7 +292,7 @@ def cut_to_budget(params: PyTree, budget_params: int) -> tuple[PyTree, BudgetCut
     gate = np.asarray(leaves.value(flat[rec.gate]))
     if not np.isfinite(gate).all():
       raise ValueError(f"gate {leaves.path_str(rec.gate)} is not finite; the run diverged, nothing to cut")
-    cost = (np.size(leaves.value(flat[rec.a])) + np.size(leaves.value(flat[rec.b]))) // max(gate.size, 1)
+    cost = int(rank_params(np.size(leaves.value(flat[rec.a])), np.size(leaves.value(flat[rec.b])), gate.size))
     max_params += cost * gate.size
     for index in zip(*np.nonzero(gate)):
       entries.append((abs(float(gate[index])), rec.gate, index, cost))

@@ -175,9 +175,9 @@ def save_peft(
 ) -> dict[str, int]:
   """Writes a SoRA tree as a PEFT LoRA adapter: `adapter_config.json` and `adapter_model.safetensors`.
 
-  The tree is unstacked (if it comes from `nn.scan`) and pruned (if it still holds gates: `sora_jax.prune` with
-  `config`) first, so every module
-  gets its own rank r_m = its number of nonzero gates. Modules at rank 0 are left out: PEFT requires r > 0.
+  The tree is unstacked (if it comes from `nn.scan`) and pruned (`sora_jax.prune`: zero gates and the zero rows of B
+  that pad a stacked module's layers are cut) first, so every module gets its own rank r_m = its number of nonzero
+  gates. Modules at rank 0 are left out: PEFT requires r > 0.
   `lora_A = A^T (r_m, in)`, `lora_B = (s * diag(gate) B)^T (out, r_m)`, alpha_m = r_m, so PEFT's scale is 1 per
   module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
   their full module names, each of which matches exactly one module by PEFT's rules.
@@ -233,7 +233,9 @@ def save_peft(
   task_type = task_type or "SEQ_CLS"
   flat, _ = _unstacked_flat(params, naming)
   adapter_records(flat, "save_peft", config)
-  if any(path[-1] == GATE for path in flat):
+  # Pruned even without gates: a stacked module's layers share one rank, padded with zero rows of B, which `prune`
+  # cuts per layer once unstacked.
+  if any(path[-1] == A for path in flat):
     flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
   flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
   tensors, ranks = _lora_tensors(flat, config, naming)

@@ -118,7 +118,7 @@ def test_quick_study_writes_tables_and_picture_and_resumes(tiny, tmp_path, monke
   assert [(c["comparison"], c["best_baseline"]) for c in table["comparisons"]][1] == ("paper form", "lora_r8")
   budget = table["comparisons"][0]
   assert set(budget["against"]) == {"lora_r4", "truncate0.5"}
-  assert budget["against"]["lora_r4"]["test"]["n"] == 2
+  assert budget["against"]["lora_r4"]["validation"]["n"] == 2  # the tiny task has no test split
   assert (tmp_path / "pareto.png").stat().st_size > 10_000
   assert "truncate0.5" in (tmp_path / "pareto.md").read_text()
 

@@ -22,14 +22,14 @@ def evaluate_truncations(experiment, trainable, fractions: Sequence[float]) -> d
   from sora_jax.truncate import truncate
   from train import loop
 
-  host = loop._gather(trainable)
-  max_params = adapters.rank_report(host, experiment.sora).max_params
+  full = adapters.combine(loop._gather(trainable), loop._gather(experiment.frozen))
+  max_params = adapters.rank_report(full, experiment.sora).max_params
   splits = experiment.eval_splits + experiment.test_splits
   out = {}
   for fraction in fractions:
     budget = int(fraction * max_params)
-    cut, report = truncate(host, experiment.sora, budget)
-    merged = adapters.merge(adapters.combine(cut, loop._gather(experiment.frozen)), experiment.sora)
+    cut, report = truncate(full, experiment.sora, budget)
+    merged = adapters.merge(cut, experiment.sora)
     config = experiment.config
     merged = jax.device_put(
       merged, shd.named(shd.param_specs(merged, experiment.mesh, config.mesh.fsdp_min_size), experiment.mesh)

@@ -260,84 +260,108 @@ def main(argv=None) -> str:
   return text
 
 
+def _train_rows(cases, model_label, batch) -> list:
+  """The train-step table's rows of one model and batch: ours against theirs, time and memory."""
+  rows = []
+  ms = lambda r: "error" if r and "error" in r else _fmt_ms(_median(r)) if _median(r) else "-"  # noqa: E731
+  for label, ours, theirs, theirs_label in TRAIN_ROWS:
+    o, t, together = _side_by_side(cases, ("jax", ours), ("torch", theirs))
+    if o is None and t is None:
+      continue
+    rows.append(
+      [
+        model_label,
+        batch,
+        label,
+        f"ours {ours}",
+        ms(o),
+        theirs_label,
+        ms(t),
+        _ratio(_median(o), _median(t)),
+        _spread(o, t) if together else "-",
+        f"{_mib(o):.0f}" if _mib(o) else "-",
+        f"{_mib(t):.0f}" if _mib(t) else "-",
+        _ratio(_mib(o), _mib(t)),
+      ]
+    )
+  return rows
+
+
+def _train_checks(cases, where: str) -> list[str]:
+  """The train-step ratios against their targets, and the floors."""
+  checks = []
+  for a, b, name, target in (
+    (("jax", "sora"), ("torch", "lora"), "our SoRA / PEFT LoRA", 0.75),
+    (("jax", "sora"), ("jax", "lora"), "our SoRA / our LoRA", 1.05),
+  ):
+    ra, rb, together = _side_by_side(cases, a, b)
+    if _median(ra) and _median(rb):
+      ratio = _median(ra) / _median(rb)
+      rounds_note = f"per round {_spread(ra, rb)}" if together else "timed in different rounds"
+      checks.append(
+        f"{where}: {name} = {ratio:.2f}, {rounds_note} (target <= {target}: {'met' if ratio <= target else 'missed'})"
+      )
+  ours_floor, torch_floor, _ = _side_by_side(cases, ("jax", "floor"), ("torch", "floor"))
+  ours_floor, torch_floor = _median(ours_floor), _median(torch_floor)
+  if ours_floor and torch_floor:
+    sora, peft_lora = _median(_first(cases, ("jax", "sora"))), _median(_first(cases, ("torch", "lora")))
+    checks.append(
+      f"{where}: our floor / torch floor = {ours_floor / torch_floor:.2f}; our SoRA / our floor = "
+      f"{_ratio(sora, ours_floor)}, PEFT LoRA / torch floor = {_ratio(peft_lora, torch_floor)} "
+      "(separate rounds from the adapter rows)"
+    )
+  return checks
+
+
+def _inference(cases, model_label, batch, where: str) -> tuple[list, list[str]]:
+  """The inference table's row of one model and batch ([] when neither side ran) and its check."""
+  o, t, _ = _side_by_side(cases, ("jax", "inference"), ("torch", "inference"))
+  if not ((o and "error" not in o) or (t and "error" not in t)):
+    return [], []
+  cell = lambda r, k: _fmt_ms(_median(r, k)) if _median(r, k) else "-"  # noqa: E731
+  row = [
+    model_label,
+    batch,
+    cell(o, "base"),
+    cell(o, "sora_merged"),
+    _ratio(_median(o, "sora_merged"), _median(o, "base")),
+    cell(o, "sora_factored"),
+    _ratio(_median(o, "sora_factored"), _median(o, "base")),
+    cell(t, "base"),
+    cell(t, "lora_merged"),
+    cell(t, "lora_unmerged"),
+    _ratio(_median(o, "base"), _median(t, "base")),
+    _ratio(_median(o, "sora_merged"), _median(t, "lora_merged")),
+    _ratio(_median(o, "sora_factored"), _median(t, "lora_unmerged")),
+  ]
+  checks = []
+  if _median(o, "sora_merged") and _median(o, "base"):
+    ratio = _median(o, "sora_merged") / _median(o, "base")
+    checks.append(
+      f"{where}: our merged / base inference = {ratio:.3f}, per round "
+      f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
+      f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})"
+    )
+  return [row], checks
+
+
 def report(results, models, batches, args, label_of, seq, threads, errors) -> str:
   """The tables and the checks against issue 7's targets."""
   rows, inf_rows, checks = [], [], []
   for model in models:
     for batch in batches:
       cases = results.get((model, batch), {})
-      pair = lambda a, b: _side_by_side(cases, a, b)
-      for label, ours, theirs, theirs_label in TRAIN_ROWS:
-        o, t, together = pair(("jax", ours), ("torch", theirs))
-        if o is None and t is None:
-          continue
-        ms = lambda r: "error" if r and "error" in r else _fmt_ms(_median(r)) if _median(r) else "-"
-        rows.append(
-          [
-            label_of(model),
-            batch,
-            label,
-            f"ours {ours}",
-            ms(o),
-            theirs_label,
-            ms(t),
-            _ratio(_median(o), _median(t)),
-            _spread(o, t) if together else "-",
-            f"{_mib(o):.0f}" if _mib(o) else "-",
-            f"{_mib(t):.0f}" if _mib(t) else "-",
-            _ratio(_mib(o), _mib(t)),
-          ]
-        )
       where = f"{label_of(model)} b{batch}"
-      for a, b, name, target in (
-        (("jax", "sora"), ("torch", "lora"), "our SoRA / PEFT LoRA", 0.75),
-        (("jax", "sora"), ("jax", "lora"), "our SoRA / our LoRA", 1.05),
-      ):
-        ra, rb, together = pair(a, b)
-        if _median(ra) and _median(rb):
-          ratio = _median(ra) / _median(rb)
-          rounds_note = f"per round {_spread(ra, rb)}" if together else "timed in different rounds"
-          checks.append(
-            f"{where}: {name} = {ratio:.2f}, {rounds_note} (target <= {target}: "
-            f"{'met' if ratio <= target else 'missed'})"
-          )
-      ours_floor, torch_floor, _ = pair(("jax", "floor"), ("torch", "floor"))
-      ours_floor, torch_floor = _median(ours_floor), _median(torch_floor)
-      if ours_floor and torch_floor:
-        sora, peft_lora = _median(_first(cases, ("jax", "sora"))), _median(_first(cases, ("torch", "lora")))
-        checks.append(
-          f"{where}: our floor / torch floor = {ours_floor / torch_floor:.2f}; our SoRA / our floor = "
-          f"{_ratio(sora, ours_floor)}, PEFT LoRA / torch floor = {_ratio(peft_lora, torch_floor)} "
-          "(separate rounds from the adapter rows)"
-        )
-      o, t, _ = pair(("jax", "inference"), ("torch", "inference"))
-      if (o and "error" not in o) or (t and "error" not in t):
-        cell = lambda r, k: _fmt_ms(_median(r, k)) if _median(r, k) else "-"
-        inf_rows.append(
-          [
-            label_of(model),
-            batch,
-            cell(o, "base"),
-            cell(o, "sora_merged"),
-            _ratio(_median(o, "sora_merged"), _median(o, "base")),
-            cell(o, "sora_factored"),
-            _ratio(_median(o, "sora_factored"), _median(o, "base")),
-            cell(t, "base"),
-            cell(t, "lora_merged"),
-            cell(t, "lora_unmerged"),
-            _ratio(_median(o, "base"), _median(t, "base")),
-            _ratio(_median(o, "sora_merged"), _median(t, "lora_merged")),
-            _ratio(_median(o, "sora_factored"), _median(t, "lora_unmerged")),
-          ]
-        )
-        if _median(o, "sora_merged") and _median(o, "base"):
-          ratio = _median(o, "sora_merged") / _median(o, "base")
-          checks.append(
-            f"{where}: our merged / base inference = {ratio:.3f}, per round "
-            f"{_spread(o, o, 'sora_merged', 'base')} (target 1.00 +- 0.03: "
-            f"{'met' if abs(ratio - 1) <= 0.03 else 'missed'})"
-          )
+      rows += _train_rows(cases, label_of(model), batch)
+      checks += _train_checks(cases, where)
+      row, inference_checks = _inference(cases, label_of(model), batch, where)
+      inf_rows += row
+      checks += inference_checks
+  return _format_report(rows, inf_rows, checks, batches, args, seq, threads, errors)
 
+
+def _format_report(rows, inf_rows, checks, batches, args, seq, threads, errors) -> str:
+  """The report's text: the train-step table, the inference table, the checks and any errors."""
   rounds = ", ".join(
     f"batch {b} ({_layout(b, args)}): " + ", ".join(f"{n} {k}" for k, n in _rounds(b, args).items()) for b in batches
   )

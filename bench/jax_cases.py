@@ -7,7 +7,8 @@ It prints one JSON object: seconds per step (median) and peak resident memory ab
 
 Methods of a train step (all jitted, the trainable state donated to the step):
   sora   factored forward (`sora_jax.factored`), gradients w.r.t. adapters and classifier only,
-         `optax.chain(adamw(mask=not_gate), sora_proximal(lam, learning_rate=lr))`
+         `sora_jax.sora_optimizer(lr, lam, adamw(lr))` (the trainer's recipe: AdamW on A, B and classifier, the
+         gates' own proximal step on their raw gradient)
   lora   the same forward with the gates frozen at one: gradients w.r.t. A, B and classifier, plain AdamW
   merge  SoRA merge-then-apply: `merge(combine(trainable, frozen))` inside the differentiated function
   full   every parameter trained with AdamW (no adapters)
@@ -105,10 +106,7 @@ def train_step(model_name: str, method: str, module, params, inputs, labels):
       frozen = sora_jax.combine(frozen, traverse_util.unflatten_dict(gates))
       tx = optax.adamw(LEARNING_RATE)
     elif method in ("sora", "merge"):
-      not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
-      tx = optax.chain(
-        optax.adamw(LEARNING_RATE, mask=not_gate), sora_jax.sora_proximal(SORA_LAMBDA, learning_rate=LEARNING_RATE)
-      )
+      tx = sora_jax.sora_optimizer(LEARNING_RATE, SORA_LAMBDA, optax.adamw(LEARNING_RATE))  # the trainer's recipe
     else:
       raise ValueError(f"unknown method {method!r}")
     if method == "merge":

@@ -6,7 +6,8 @@ every layer (attention einsums q/k/v/o, MLP gate/up/down), seq `--seq`, batch `-
 jitted program called as Tunix's PeftTrainer calls its step (`nnx.jit`, the graph cached with `nnx.cached_partial`):
 
   sora step    next-token loss, gradients w.r.t. A, B and gates (`nnx.LoRAParam`), then
-               optax.chain(adamw, sora_jax.sora_proximal) through `nnx.Optimizer(..., wrt=nnx.LoRAParam)`
+               `sora_jax.sora_optimizer(lr, lam, adamw)` (the trainer's recipe: AdamW on A and B, the gates'
+               own proximal step) through `nnx.Optimizer(..., wrt=nnx.LoRAParam)`
   lora step    the same model with `qwix.LoraProvider` (A and B, no gates) and adamw alone
   merged       inference (logits) of the base model whose weights hold W + s A diag(g) B (`sora_jax.merge`)
   base         inference of the base model
@@ -135,9 +136,7 @@ def build(args) -> dict:
     optimizer.update(model, grads)
     return loss
 
-  not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
-  proximal = sora_jax.sora_proximal(LAM, learning_rate=LR)
-  sora_tx = optax.chain(optax.adamw(LR, weight_decay=0.01, mask=not_gate), proximal)
+  sora_tx = sora_jax.sora_optimizer(LR, LAM, optax.adamw(LR, weight_decay=0.01))  # the trainer's recipe
   lora_tx = optax.adamw(LR, weight_decay=0.01)
   jitted_step = nnx.jit(train_step, donate_argnames=("optimizer",))
   sora_step = nnx.cached_partial(jitted_step, sora, nnx.Optimizer(sora, sora_tx, wrt=nnx.LoRAParam))
@@ -159,6 +158,7 @@ def build(args) -> dict:
   base_forward = nnx.cached_partial(forward, base)
 
   adapters = nnx.to_pure_dict(nnx.state(sora, nnx.LoRAParam))
+  proximal = sora_jax.sora_proximal(LAM, learning_rate=LR)  # the threshold alone, on the update it is given
   prox_state = proximal.init(adapters)
   prox_update = jax.jit(proximal.update)
 

@@ -1,7 +1,7 @@
 """One train step of an abstract model, compiled ahead of time on a mesh: never executed, nothing allocated.
 
-  sora     gradients w.r.t. A, B and gates (`nnx.LoRAParam`), `sora_optimizer`: adamw on A and B, then the proximal
-           gate step
+  sora     gradients w.r.t. A, B and gates (`nnx.LoRAParam`), `sora_jax.sora_optimizer`: adamw on A and B, the gates' own
+           proximal step
   lora     qwix LoRA: gradients w.r.t. A and B, adamw
   full     gradients w.r.t. every `nnx.Param`, adamw
   forward  the loss alone (no gradients, no optimizer)
@@ -23,16 +23,13 @@ from bench import scale_model
 
 
 def sora_optimizer(learning_rate: float, lam: float) -> Any:
-  """SoRA's optimizer: adamw on A and B, then `sora_jax.sora_proximal` on the gates (its one definition here)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  """SoRA's optimizer as the trainer builds it (`sora_jax.sora_optimizer`): adamw on A and B, the gates' own
+  proximal step."""
   import optax  # pylint: disable=import-outside-toplevel
 
   import sora_jax  # pylint: disable=import-outside-toplevel
 
-  not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
-  return optax.chain(
-    optax.adamw(learning_rate, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=learning_rate)
-  )
+  return sora_jax.sora_optimizer(learning_rate, lam, optax.adamw(learning_rate))
 
 
 def optimizer(method: str, learning_rate: float = 1e-4, lam: float = 0.1) -> Any:

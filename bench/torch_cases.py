@@ -9,7 +9,8 @@ SoRA here follows the method's description (Ding et al. 2023, Sec. 3): every ada
 `W x + s * B (g * (A x))` with a gate g of shape (rank,) between the factors; A, B and the classifier take an AdamW step,
 the gates, in a separate optimizer, take an AdamW step (no weight decay) followed by the proximal operator of the L1
 penalty, the soft threshold `S_tau(z) = sign(z) * max(|z| - tau, 0)` with `tau = lr * lam` -- the same update as
-`optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))`.
+`sora_jax.sora_optimizer(lr, lam, gate_update="adam")`, i.e. `optax.chain(optax.adamw(lr, mask=sora_jax.not_gate_mask),
+sora_jax.sora_proximal(lam, learning_rate=lr))`.
 """
 
 import json

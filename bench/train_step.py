@@ -53,6 +53,53 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
+def _measure(args, methods, shape, batch, seq) -> dict:
+  """{method: {"time_s", "peak_mib", "trainable"} or {"error"}}: each method in a process of its own, or all in one
+  (`--interleave`)."""
+  base = {"model": args.model, "batch": batch, "seq": seq, "shape": shape, "warmup": args.warmup}
+  if not args.interleave:
+    return {
+      method: measure.run_case(
+        "bench.jax_cases",
+        {"kind": "train", **base, "method": _CASE_METHOD[method], "repeats": args.repeats},
+        malloc=args.malloc,
+      )
+      for method in methods
+    }
+  spec = {"kind": "train_interleaved", **base, "methods": [_CASE_METHOD[m] for m in methods], "repeats": args.repeats}
+  joint = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
+  if "error" in joint:
+    return {method: joint for method in methods}
+  return {
+    method: {"time_s": joint["time_s"][_CASE_METHOD[method]], "peak_mib": None, "trainable": None} for method in methods
+  }
+
+
+def _rows(results: dict, cost: dict, with_cost: bool) -> list:
+  """The table's rows: ms per step, against the floor and full fine-tuning, memory, trainable parameters."""
+  floor = results.get("floor", {}).get("time_s")
+  full = results.get("full", {}).get("time_s")
+  rows = []
+  for method, r in results.items():
+    if "error" in r:
+      rows.append([method, "error: " + r["error"][:120], "", "", "", ""] + (["", ""] if with_cost else []))
+      continue
+    t = r["time_s"]
+    row = [
+      method,
+      f"{1e3 * t:.1f}",
+      f"{t / floor:.2f}" if floor else "-",
+      f"{t / full:.2f}" if full else "-",
+      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+      "-" if r["trainable"] is None else f"{r['trainable']:,}",
+    ]
+    if with_cost:
+      c = cost.get(_CASE_METHOD[method], {})
+      row += [f"{c['gflop']:.1f}" if c else "-", f"{c['gbytes']:.2f}" if c else "-"]
+    rows.append(row)
+  return rows
+
+
 def main(argv=None) -> str:
   args = parse_args(argv)
   methods = [m for m in args.methods.split(",") if m]
@@ -70,37 +117,7 @@ def main(argv=None) -> str:
     }
     batch, seq = args.batch, args.seq
   start = time.perf_counter()
-  results = {}
-  if args.interleave:
-    spec = {
-      "kind": "train_interleaved",
-      "model": args.model,
-      "methods": [_CASE_METHOD[m] for m in methods],
-      "batch": batch,
-      "seq": seq,
-      "shape": shape,
-      "warmup": args.warmup,
-      "repeats": args.repeats,
-    }
-    joint = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
-    for method in methods:
-      if "error" in joint:
-        results[method] = joint
-      else:
-        results[method] = {"time_s": joint["time_s"][_CASE_METHOD[method]], "peak_mib": None, "trainable": None}
-  else:
-    for method in methods:
-      spec = {
-        "kind": "train",
-        "model": args.model,
-        "method": _CASE_METHOD[method],
-        "batch": batch,
-        "seq": seq,
-        "shape": shape,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-      }
-      results[method] = measure.run_case("bench.jax_cases", spec, malloc=args.malloc)
+  results = _measure(args, methods, shape, batch, seq)
   cost = {}
   if args.cost:
     spec = {
@@ -113,25 +130,6 @@ def main(argv=None) -> str:
     }
     cost = measure.run_case("bench.jax_cases", spec, malloc=args.malloc).get("cost", {})
   floor = results.get("floor", {}).get("time_s")
-  full = results.get("full", {}).get("time_s")
-  rows = []
-  for method, r in results.items():
-    if "error" in r:
-      rows.append([method, "error: " + r["error"][:120], "", "", "", ""] + (["", ""] if args.cost else []))
-      continue
-    t = r["time_s"]
-    row = [
-      method,
-      f"{1e3 * t:.1f}",
-      f"{t / floor:.2f}" if floor else "-",
-      f"{t / full:.2f}" if full else "-",
-      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
-      "-" if r["trainable"] is None else f"{r['trainable']:,}",
-    ]
-    if args.cost:
-      c = cost.get(_CASE_METHOD[method], {})
-      row += [f"{c['gflop']:.1f}" if c else "-", f"{c['gbytes']:.2f}" if c else "-"]
-    rows.append(row)
   title = (
     f"JAX train step, {args.model} {shape['layers']} layers x {shape['hidden']} hidden, seq {seq}, "
     f"batch {batch}, rank 8 on six kernels per layer; median of {args.repeats} steps after {args.warmup} "
@@ -139,7 +137,9 @@ def main(argv=None) -> str:
     f"{measure.cpu_count()} CPU cores, {measure.malloc_setting(measure.case_env(malloc=args.malloc))}"
   )
   header = ["method", "ms/step", "x floor", "x full FT", "peak MiB", "trainable params"]
-  table = measure.format_table(header + (["XLA GFLOP", "XLA GB accessed"] if args.cost else []), rows)
+  table = measure.format_table(
+    header + (["XLA GFLOP", "XLA GB accessed"] if args.cost else []), _rows(results, cost, args.cost)
+  )
   notes = []
   if floor and "factored" in results and "time_s" in results["factored"]:
     ratio = results["factored"]["time_s"] / floor

@@ -7,8 +7,8 @@
 
   params <- sora_jax.init(...)                  W x  ->  W x + s * B (g * (A x)),  s = alpha / r
   trainable, frozen <- sora_jax.split(...)      gradients only for A, B, g and the fresh classifier head
-  tx = sora_proximal(lam, gate_lr,              gates: g <- S_{eta lam}(g - eta dL/dg / rms), the proximal-gradient
-                     optimizer=adamw(lr))       step on their raw gradient; AdamW on A, B and the head
+  tx = sora_optimizer(gate_lr, lam,             gates: g <- S_{eta lam}(g - eta dL/dg / rms), the proximal-gradient
+                      adamw(lr))                step on their raw gradient; AdamW on A, B and the head
   sora_jax.rank_report / prune / merge / save_peft
 
 It prints each check it makes and exits non-zero when one fails (tests/test_docs.py runs it).
@@ -57,7 +57,7 @@ def read_split(tokenizer, split: str, limit: int | None = None) -> dict[str, np.
   }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch", type=int, default=16)
@@ -72,21 +72,11 @@ def main() -> None:
     help="L1 strength: a gate ends at zero unless |dL/dg| > lam * (RMS of all gate gradients)",
   )
   parser.add_argument("--out", default=None, help="where to write the PEFT adapter (default: a temporary folder)")
-  args = parser.parse_args()
-  start = time.perf_counter()
+  return parser.parse_args()
 
-  with open(os.path.join(DATA, "labels.json")) as f:
-    labels = json.load(f)
-  model, params, hf_config, report = from_pretrained(model_dir(), num_labels=len(labels))
-  print(report)
-  tokenizer = AutoTokenizer.from_pretrained(model_dir())
-  train, validation = read_split(tokenizer, "train"), read_split(tokenizer, "validation")
 
-  # What to adapt: the six dense kernels of every layer (regexes over '/'-joined parameter paths).
-  config = sora_jax.SoraConfig(rank=8, alpha=16.0, targets=bert.TARGETS)
-  params = sora_jax.init(jax.random.key(0), params, config)  # adds sora_a, sora_b, sora_gate beside each kernel
-  trainable, frozen = sora_jax.split(params, trainable=(r"classifier/.*",))  # the head is new: train it too
-
+def train_sora(args, model, config, trainable, frozen, train):
+  """`args.steps` steps of SoRA's optimizer on shuffled batches of `train`; the trained `trainable` params."""
   warmup = max(args.steps // 10, 1)
   schedule = optax.join_schedules(
     [optax.linear_schedule(0.0, args.lr, warmup), optax.linear_schedule(args.lr, 0.0, args.steps - warmup)], [warmup]
@@ -95,16 +85,11 @@ def main() -> None:
   # The gates step on their raw gradient: g <- S_{eta lam}(g - eta dL/dg / rms), rms one running RMS of all gate
   # gradients, so a gate ends at zero unless its gradient outweighs lam * rms; AdamW trains A, B and the head and never
   # sees the gates (no moments, no weight decay on them).
-  tx = sora_jax.sora_proximal(args.lam, learning_rate=gate_schedule, optimizer=optax.adamw(schedule, weight_decay=0.01))
+  tx = sora_jax.sora_optimizer(gate_schedule, args.lam, optax.adamw(schedule, weight_decay=0.01))
   opt_state = tx.init(trainable)
 
-  def logits_fn(params, batch):
-    """(batch, 8) logits; inside `factored` every adapted Dense computes W x + s * B (g * (A x))."""
-    with sora_jax.factored(config):
-      return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True)
-
   def loss_fn(trainable, batch):
-    logits = logits_fn(sora_jax.combine(trainable, frozen), batch)
+    logits = logits_of(model, config, sora_jax.combine(trainable, frozen), batch)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
   @jax.jit
@@ -122,6 +107,30 @@ def main() -> None:
     trainable, opt_state, loss = train_step(trainable, opt_state, {k: v[idx] for k, v in train.items()})
     if step % 50 == 0 or step == args.steps - 1:
       print(f"step {step:4d}  loss {float(loss):.4f}")
+  return trainable
+
+
+def logits_of(model, config, params, batch):
+  """(batch, 8) logits; inside `factored` every adapted Dense computes W x + s * B (g * (A x))."""
+  with sora_jax.factored(config):
+    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True)
+
+
+def main() -> None:
+  args = parse_args()
+  start = time.perf_counter()
+  with open(os.path.join(DATA, "labels.json")) as f:
+    labels = json.load(f)
+  model, params, hf_config, report = from_pretrained(model_dir(), num_labels=len(labels))
+  print(report)
+  tokenizer = AutoTokenizer.from_pretrained(model_dir())
+  train, validation = read_split(tokenizer, "train"), read_split(tokenizer, "validation")
+
+  # What to adapt: the six dense kernels of every layer (regexes over '/'-joined parameter paths).
+  config = sora_jax.SoraConfig(rank=8, alpha=16.0, targets=bert.TARGETS)
+  params = sora_jax.init(jax.random.key(0), params, config)  # adds sora_a, sora_b, sora_gate beside each kernel
+  trainable, frozen = sora_jax.split(params, trainable=(r"classifier/.*",))  # the head is new: train it too
+  trainable = train_sora(args, model, config, trainable, frozen, train)
 
   params = sora_jax.combine(trainable, frozen)
   gates = np.concatenate(
@@ -132,7 +141,7 @@ def main() -> None:
   report = sora_jax.rank_report(params, config)
   print(report)
 
-  eval_logits = jax.jit(logits_fn)
+  eval_logits = jax.jit(lambda p, b: logits_of(model, config, p, b))
   plain_logits = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"]))
   batch = {k: v[:256] for k, v in validation.items()}
   trained = eval_logits(params, batch)

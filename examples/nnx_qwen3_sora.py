@@ -11,7 +11,7 @@ with 0 (no gloss contains a NUL byte); padding is left out of the loss.
 
 SoRA sits on the seven projections of every layer (attention einsums q/k/v/o with weights (d, n, h) / (n, h, d), MLP
 nn.Linear gate/up/down) through qwix: `sora_jax.apply_sora`. Training is `nnx.Optimizer(..., wrt=nnx.LoRAParam)` with
-`sora_proximal(lam, learning_rate=gate_lr, optimizer=adamw(lr))`; Tunix's `PeftTrainer` takes the same model and an
+`sora_optimizer(gate_lr, lam, adamw(lr))`; Tunix's `PeftTrainer` takes the same model and an
 Optax chain (`tests/test_tunix.py`). At the end it prints the rank report, prunes (zero-gate ranks cut), checks that
 the pruned model and the merged one (adapters added into the base weights) give the trained model's logits, and writes
 the pruned adapter to `<output_dir>/adapter.safetensors` ('/'-joined paths -> arrays) with `adapter_config.json`.
@@ -126,7 +126,7 @@ def load_adapter(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
   nnx.update(model, state)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch", type=int, default=16)
@@ -143,7 +143,33 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output_dir", default="/tmp/nnx_qwen3_sora")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def save_adapter(args, pruned_state) -> tuple[dict, dict]:
+  """Writes the pruned adapter's arrays and a small config to `args.output_dir`; (arrays, rank per weight)."""
+  os.makedirs(args.output_dir, exist_ok=True)
+  adapter = adapter_arrays(pruned_state)
+  save_file(adapter, os.path.join(args.output_dir, "adapter.safetensors"))
+  ranks = {k[: -len("_lora_a")]: int(v.shape[-1]) for k, v in adapter.items() if k.endswith("_lora_a")}
+  with open(os.path.join(args.output_dir, "adapter_config.json"), "w") as f:
+    json.dump(
+      {
+        "base_model": "random-weight tiny Tunix Qwen3 (examples/nnx_qwen3_sora.py, seed %d)" % args.seed,
+        "module_path": TARGETS,
+        "rank_max": args.rank,
+        "alpha": args.alpha,
+        "scale": args.alpha / args.rank,
+        "ranks": ranks,
+      },
+      f,
+      indent=1,
+    )
+  return adapter, ranks
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
   start = time.perf_counter()
 
   train, valid = byte_tokens(read_glosses("train"), args.seq), byte_tokens(read_glosses("validation")[:128], args.seq)
@@ -156,7 +182,7 @@ def main(argv=None) -> dict:
   # Gates: the proximal-gradient step on their raw gradient, g <- S_{eta lam}(g - eta dL/dg / rms); AdamW on A and B.
   tx = optax.chain(
     optax.clip_by_global_norm(1.0),
-    sora_jax.sora_proximal(args.lam, learning_rate=args.gate_lr, optimizer=optax.adamw(args.lr, weight_decay=0.01)),
+    sora_jax.sora_optimizer(args.gate_lr, args.lam, optax.adamw(args.lr, weight_decay=0.01)),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
@@ -191,23 +217,7 @@ def main(argv=None) -> dict:
     f"rtol = 1e-5: {diffs['equal']}"
   )
 
-  os.makedirs(args.output_dir, exist_ok=True)
-  adapter = adapter_arrays(pruned_state)
-  save_file(adapter, os.path.join(args.output_dir, "adapter.safetensors"))
-  ranks = {k[: -len("_lora_a")]: int(v.shape[-1]) for k, v in adapter.items() if k.endswith("_lora_a")}
-  with open(os.path.join(args.output_dir, "adapter_config.json"), "w") as f:
-    json.dump(
-      {
-        "base_model": "random-weight tiny Tunix Qwen3 (examples/nnx_qwen3_sora.py, seed %d)" % args.seed,
-        "module_path": TARGETS,
-        "rank_max": args.rank,
-        "alpha": args.alpha,
-        "scale": args.alpha / args.rank,
-        "ranks": ranks,
-      },
-      f,
-      indent=1,
-    )
+  adapter, ranks = save_adapter(args, pruned_state)
   reloaded = sora_jax.apply_sora(base, provider, **lm_inputs(train[:1, :8]), rngs=nnx.Rngs(99))
   load_adapter(reloaded, load_file(os.path.join(args.output_dir, "adapter.safetensors")))
   reloaded_logits = np.asarray(logits_of(reloaded, valid_inputs))

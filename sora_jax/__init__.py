@@ -5,10 +5,10 @@ from sora_jax.adapters import RankRow as RankRow
 from sora_jax.adapters import SoraConfig as SoraConfig
 from sora_jax.adapters import adapter_mask as adapter_mask
 from sora_jax.adapters import combine as combine
-from sora_jax.adapters import delta_kernel as delta_kernel
 from sora_jax.adapters import gate_mask as gate_mask
 from sora_jax.adapters import init as init
 from sora_jax.adapters import merge as merge
+from sora_jax.adapters import not_gate_mask as not_gate_mask
 from sora_jax.adapters import param_labels as param_labels
 from sora_jax.adapters import prune as prune
 from sora_jax.adapters import rank_report as rank_report
@@ -31,6 +31,7 @@ from sora_jax.optim import SoraProximalState as SoraProximalState
 from sora_jax.optim import gate_l1_penalty as gate_l1_penalty
 from sora_jax.gate_step import soft_threshold as soft_threshold
 from sora_jax.optim import sora_proximal as sora_proximal
+from sora_jax.recipe import sora_optimizer as sora_optimizer
 from sora_jax.peft import LoadedPeft as LoadedPeft
 from sora_jax.peft import load_peft as load_peft
 from sora_jax.peft import PeftNaming as PeftNaming
@@ -68,7 +69,6 @@ __all__ = [
   "budget_schedule",
   "combine",
   "cut_to_budget",
-  "delta_kernel",
   "factored",
   "gate_l1_penalty",
   "gate_mask",
@@ -78,6 +78,7 @@ __all__ = [
   "load_peft",
   "low_rank_product",
   "merge",
+  "not_gate_mask",
   "param_labels",
   "prune",
   "rank_report",
@@ -86,6 +87,7 @@ __all__ = [
   "save_peft",
   "soft_threshold",
   "sora_budget",
+  "sora_optimizer",
   "sora_proximal",
   "split",
   "truncate",

@@ -46,7 +46,6 @@ from sora_jax.provider import SoraProvider
 PyTree = Any
 Path = tuple[Any, ...]
 
-ADAPTER_LEAVES = leaves.LINEN_LEAVES
 _GATE_INITS = ("ones", "normal")
 
 
@@ -120,23 +119,6 @@ def _check_finite_adapters(flat: dict[Path, Any], action: str) -> None:
         f"{path_str(path)} holds NaN or inf values, so no {action} (a non-finite gate is not a "
         "pruned rank); the training diverged: lower the learning rate"
       )
-
-
-def delta_kernel(a, b, gate=None, *, scale: float, lead: int = 0):
-  """delta W = s * A diag(gate) B, shaped like the kernel.
-
-  Args:
-    a: (*lead, *in_shape, rank).
-    b: (*lead, rank, *out_shape).
-    gate: (*lead, rank), or None for ones.
-    scale: s.
-    lead: number of leading layer axes.
-
-  Returns:
-    (*lead, *in_shape, *out_shape).
-  """
-  kernel_shape = a.shape[:-1] + b.shape[lead + 1 :]
-  return layout.delta(layout.linen_roles(len(kernel_shape), a.ndim, b.ndim), kernel_shape, a, b, gate, scale)
 
 
 def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
@@ -214,6 +196,12 @@ def adapter_mask(params: PyTree) -> PyTree:
 def gate_mask(params: PyTree) -> PyTree:
   """Bool tree, True at gate leaves (`sora_gate`, `<w>_lora_gate`, NNX `SoraGate`): what `sora_proximal` acts on."""
   return leaves.map_leaves(params, leaves.is_gate)
+
+
+def not_gate_mask(params: PyTree) -> PyTree:
+  """Bool tree, True at every leaf that is not a gate (the complement of `gate_mask`, a tree of the same kind): the
+  mask of an optimizer that must not touch the gates, e.g. `optax.adamw(lr, mask=sora_jax.not_gate_mask)`."""
+  return leaves.map_leaves(params, lambda path, leaf: not leaves.is_gate(path, leaf))
 
 
 def _label(path: Path, leaf: Any, trainable: Sequence[str]) -> str:

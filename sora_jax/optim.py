@@ -55,7 +55,8 @@ def sora_proximal(
 ) -> optax.GradientTransformationExtraArgs:
   """Proximal L1 step on SoRA gates.
 
-  The recipe (the gates take the proximal-gradient step on their raw gradient; `optimizer` trains the rest):
+  The recipe (the gates take the proximal-gradient step on their raw gradient; `optimizer` trains the rest; built
+  also by `sora_jax.sora_optimizer(gate_lr, lam, optimizer)`):
 
     tx = sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr, weight_decay=0.01))
 
@@ -65,8 +66,7 @@ def sora_proximal(
   (the gates take AdamW's normalised step, then the threshold; lam in the units of that step) is the chain form
   without `optimizer`:
 
-    not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
-    tx = optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam))   # tau = lam, as SparseAdamW
+    tx = optax.chain(optax.adamw(lr, mask=sora_jax.not_gate_mask), sora_jax.sora_proximal(lam))  # tau = lam
 
   (`learning_rate=lr` there gives the paper's tau = lr * lam.) docs/rank_learning.md measures both on planted
   low-rank problems.

@@ -105,8 +105,7 @@ def test_torch_sora_step_matches_optax_chain():
   opt.step()
 
   params = {"dense": {"sora_gate": jnp.asarray(gate0)}}
-  not_gate = lambda p: __import__("jax").tree.map(lambda m: not m, sora_jax.gate_mask(p))
-  tx = optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
+  tx = sora_jax.sora_optimizer(lr, lam, gate_update="adam")  # optax.chain(adamw(mask=not_gate), sora_proximal)
   updates, _ = tx.update({"dense": {"sora_gate": jnp.asarray(grad)}}, tx.init(params), params)
   want = optax.apply_updates(params, updates)["dense"]["sora_gate"]
   np.testing.assert_allclose(gate.detach().numpy(), np.asarray(want), rtol=1e-6, atol=1e-6)

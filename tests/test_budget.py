@@ -100,7 +100,7 @@ def test_linen_run_lands_on_its_budget_and_the_state_reports_it(target):
   params = sora_jax.init(jax.random.key(2), model.init(jax.random.key(0), x)["params"], config)
   trainable, frozen = sora_jax.split(params, trainable=(r"head/.*",))
   lr, steps = 1e-2, 120
-  not_gate = jax.tree.map(lambda g: not g, sora_jax.gate_mask(trainable))
+  not_gate = sora_jax.not_gate_mask(trainable)
   tx = optax.chain(optax.adamw(lr, mask=not_gate), sora_budget(target, steps, lam_init=0.5, learning_rate=lr))
   opt_state = tx.init(trainable)
 
@@ -145,7 +145,7 @@ def test_nnx_optimizer_with_sora_budget_lands_on_its_budget():
   provider = sora_jax.SoraProvider(module_path=".*", rank=6, alpha=6.0)
   model = sora_jax.apply_sora(Stack(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
   lr, steps = 2e-2, 100
-  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  not_gate = sora_jax.not_gate_mask
   tx = optax.chain(optax.adamw(lr, mask=not_gate), sora_budget(0.5, steps, lam_init=0.5, learning_rate=lr))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 

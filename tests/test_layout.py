@@ -285,7 +285,7 @@ def test_orbax_checkpoint_read_in_a_new_process_with_a_fresh_provider(tmp_path):
   y = jnp.sin(x)
   provider = sora_jax.SoraProvider(module_path="up|down", rank=2, alpha=4.0)
   model = sora_jax.apply_sora(Square(nnx.Rngs(0)), provider, x, rngs=nnx.Rngs(1))
-  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  not_gate = sora_jax.not_gate_mask
   tx = optax.chain(optax.adamw(5e-2, mask=not_gate), sora_jax.sora_proximal(0.5, learning_rate=5e-2))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 

@@ -146,7 +146,7 @@ def test_adamw_mask_from_gate_mask_under_nnx_optimizer(adapted):
   """What nnx.Optimizer hands the transformation (a State of arrays) works with a callable gate mask."""
   model, _ = adapted
   model = nnx.clone(model)
-  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  not_gate = sora_jax.not_gate_mask
   seen = []
 
   def spy(updates, state, params=None):

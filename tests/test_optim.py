@@ -152,7 +152,7 @@ def test_toy_regression_reaches_true_rank_exactly():
       p1, p2 = model.apply({"params": sora_jax.combine(t, frozen)}, x1, x2)
     return jnp.mean((p1 - y1) ** 2) + jnp.mean((p2 - y2) ** 2)
 
-  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  not_gate = sora_jax.not_gate_mask
   tx = optax.chain(
     optax.adamw(lr, weight_decay=weight_decay, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr)
   )

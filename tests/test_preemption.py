@@ -152,34 +152,3 @@ def test_a_new_run_into_a_used_directory_is_refused_before_anything_is_touched(t
 
 # ---------------------------------------------------------------------------------------------------------------
 # resume with a changed config
-
-
-def test_resume_changes_name_each_key_and_both_values():
-  from train.config import RESUMABLE_KEYS, load_config, resume_changes, to_dict
-
-  saved = json.loads(json.dumps(to_dict(load_config(None, ["seed=1", "max_length=32"]))))  # as in a checkpoint
-  same = load_config(
-    None,
-    ["seed=1", "max_length=32", "max_steps=500", "log_every=5", "resume=true", "output_dir=/elsewhere", "mesh.data=2"],
-  )
-  assert resume_changes(saved, same) == []
-  changed = load_config(None, ["seed=2", "max_length=64", "targets=[query]", "batch_size=32"])
-  assert resume_changes(saved, changed) == [
-    "adapter.targets: None -> ['query']",
-    "data.max_length: 32 -> 64",
-    "seed: 1 -> 2",
-    "train.batch_size: 16 -> 32",
-  ]
-  # A checkpoint written before a setting existed: absent and at its default is no change, anything else is.
-  older = json.loads(json.dumps(saved))
-  del older["adapter"]["refit_from"]
-  assert resume_changes(older, same) == []
-  assert resume_changes(older, load_config(None, ["seed=1", "max_length=32", "adapter.refit_from=0.7"])) == [
-    "adapter.refit_from: (absent) -> 0.7"
-  ]
-  from train.config import valid_keys
-
-  assert set(RESUMABLE_KEYS) <= set(valid_keys())
-  with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
-    documented = f.read()
-  assert [key for key in RESUMABLE_KEYS if f"`{key}`" not in documented] == []

@@ -239,7 +239,7 @@ def test_optimizer_loop_zeroes_gates_trains_factors_freezes_base():
   x = jax.random.normal(jax.random.key(1), (16, 6))
   target = jax.random.normal(jax.random.key(2), (16, 3, 4))
   lr = 0.05
-  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))
+  not_gate = sora_jax.not_gate_mask
   tx = optax.chain(optax.adamw(lr, weight_decay=0.0, mask=not_gate), sora_jax.sora_proximal(1.3, learning_rate=lr))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
   base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

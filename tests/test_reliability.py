@@ -513,7 +513,7 @@ def test_two_formats_of_one_split_are_an_error_naming_both(tmp_path):
 def test_max_length_above_the_model_s_positions_is_a_config_error():
   import transformers
   from train.config import ConfigError, load_config
-  from train.loop import _check_max_length
+  from train.build import _check_max_length
 
   bert = transformers.BertConfig(max_position_embeddings=512)
   _check_max_length(load_config(None, ["max_length=512"]), bert)
@@ -527,7 +527,7 @@ def test_max_length_above_the_model_s_positions_is_a_config_error():
 
 
 def test_metrics_log_drops_a_line_cut_short_on_resume(tmp_path, capsys):
-  from train.loop import _truncate_log
+  from train.runlog import _truncate_log
 
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.9}\n{"step": 3, "train/lo')

@@ -110,6 +110,14 @@ def test_rerun_skips_completed_stages_and_redoes_an_unfinished_one(fresh_run, ti
   with pytest.raises(ValueError, match="adapter.gate_update: 'gradient' -> 'adam'"):
     _run(tiny, out, "adapter.gate_update=adam")
 
+  # A finished stage whose params no longer match the checksum saved in its record is refused, not reused.
+  record_path = out / "stages" / "stage_01" / "stage.json"
+  record = json.loads(record_path.read_text())
+  assert len(record["params_checksum"]) == 16
+  record_path.write_text(json.dumps({**record, "params_checksum": "0" * 16}))
+  with pytest.raises(ValueError, match="differ from the checksum saved in its stage.json"):
+    _run(tiny, out)
+
 
 @pytest.mark.slow
 def test_official_stage_schedule_only_thresholds(tiny, tmp_path):

@@ -567,28 +567,3 @@ RESUMABLE_KEYS = (
   "mesh.tensor",
   "mesh.fsdp_min_size",
 )
-
-
-def _flat_values(values: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in values.items():
-    if isinstance(value, dict):
-      out.update(_flat_values(value, prefix + key + "."))
-    else:
-      out[prefix + key] = list(value) if isinstance(value, tuple) else value
-  return out
-
-
-def resume_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
-  """`key: saved -> now` for each key outside `RESUMABLE_KEYS` whose value differs between `saved` (`to_dict` of
-  the config a checkpoint was written with) and `config`; a key one side lacks counts as changed, unless the
-  checkpoint lacks it and `config` has its default (a setting added after the checkpoint was written)."""
-  old, new = _flat_values(saved), _flat_values(to_dict(config))
-  defaults = _flat_values(to_dict(RunConfig()))
-  old.update({key: value for key, value in new.items() if key not in old and defaults.get(key) == value})
-  show = lambda values, key: repr(values[key]) if key in values else "(absent)"  # noqa: E731
-  return [
-    f"{key}: {show(old, key)} -> {show(new, key)}"
-    for key in sorted(set(old) | set(new))
-    if key not in RESUMABLE_KEYS and (key not in old or key not in new or old[key] != new[key])
-  ]

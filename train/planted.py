@@ -137,26 +137,23 @@ def optimizer(
   """The optimizer of one study method: "lora" (gates fixed at one), or SoRA with gate update "gradient", "adam" or
   "adam_metric" (module docstring), proximal at `lam` or (`target`) steered to a budget; `refit`: the fraction of the
   steps after which the proximal recipe refits the kept ranks (`sora_proximal(refit_from=...)`)."""
-  not_gate = lambda p: jax.tree.map(lambda g: not g, sora_jax.gate_mask(p))  # noqa: E731
+  not_gate = sora_jax.not_gate_mask
   if method == "lora":
     return optax.chain(optax.adamw(lr, mask=not_gate), optax.masked(optax.set_to_zero(), sora_jax.gate_mask))
+  # A budget's L1 strength is lam, or 1.0 when none is given; it refits its kept ranks itself.
+  budget = {} if target is None else {"target_fraction": target, "total_steps": steps}
+  lam = lam if target is None else lam or 1.0
   if method == "gradient":
-    if target is not None:
-      return sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=gate_lr, optimizer=optax.adamw(lr))
-    refit_from = None if refit is None else int(refit * steps)
-    return sora_jax.sora_proximal(lam, learning_rate=gate_lr, optimizer=optax.adamw(lr), refit_from=refit_from)
+    refit_from = None if refit is None or target is not None else int(refit * steps)
+    return sora_jax.sora_optimizer(gate_lr, lam, optax.adamw(lr), refit_from=refit_from, **budget)
+  if method == "adam":
+    return sora_jax.sora_optimizer(lr, lam, gate_update="adam", **budget)
   if method == "sgd" and target is None:
     return optax.chain(
       optax.masked(optax.adamw(lr), not_gate),
       optax.masked(optax.scale(-SGD_LR), sora_jax.gate_mask),
       sora_jax.sora_proximal(lam, learning_rate=SGD_LR),
     )
-  if method == "adam":
-    if target is not None:
-      return optax.chain(
-        optax.adamw(lr, mask=not_gate), sora_jax.sora_budget(target, steps, lam_init=lam or 1.0, learning_rate=lr)
-      )
-    return optax.chain(optax.adamw(lr, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
   if method == "adam_metric" and target is None:
     return _adam_metric(lam, lr, optax.adamw(lr))
   raise ValueError(f"unknown study method {method!r} (target={target})")
@@ -172,8 +169,7 @@ def _adam_metric(lam: float, lr: float, others: optax.GradientTransformation) ->
   eps = 1e-8
   adam = optax.scale_by_adam(eps=eps)
   gate_mask = sora_jax.gate_mask
-  not_gate = lambda p: jax.tree.map(lambda g: not g, gate_mask(p))  # noqa: E731
-  others = optax.masked(others, not_gate)
+  others = optax.masked(others, sora_jax.not_gate_mask)
   adam_on_gates = optax.masked(adam, gate_mask)
 
   def init_fn(params):

@@ -43,7 +43,6 @@ latest trainer checkpoint);
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -53,7 +52,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from train import cli
-from train.config import RunConfig, load_with_section, resume_changes, section_help_text, setting, to_dict
+from train.config import RunConfig, load_with_section, section_help_text, setting, to_dict
+from train.jsonio import read_json, write_json
+from train.settings import setting_changes
 
 STAGE_SCHEDULES = ("fresh", "official")
 MEMORIZATION_SPLIT = "train_memorization"
@@ -241,14 +242,11 @@ def _host(tree):
 
 
 def _write_json(path: str, value) -> None:
+  """`train.jsonio.write_json` on process 0 (atomic: a reader sees the old file or the new one)."""
   import jax
 
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, default=str)
-  os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+  if jax.process_index() == 0:
+    write_json(path, value)
 
 
 def _stage_dir(output_dir: str, k: int) -> str:
@@ -259,95 +257,84 @@ def _stage_dir(output_dir: str, k: int) -> str:
 # the staged run
 
 
-def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
-  """Runs (or resumes) every stage and writes the table and pictures; returns the table, None when aborted."""
-  import jax
+def _reuse_stage(stage_dir: str, stage: dict, config: RunConfig, like) -> tuple[object, dict]:
+  """A finished stage's (params, record), after checking that it ran with `stage`'s lambda, steps and schedule and
+  the same settings (`train.settings.setting_changes`), and that its params match their checksum."""
+  from train.checkpoint import fingerprint
+
+  record = read_json(os.path.join(stage_dir, "stage.json"))
+  lam, steps, schedule = stage["lambda"], stage["steps"], stage["schedule"]
+  if (
+    not math.isclose(record["lambda"], lam, rel_tol=1e-9, abs_tol=1e-15)
+    or record["steps"] != steps
+    or record["schedule"] != schedule
+  ):
+    raise ValueError(
+      f"{stage_dir} was run with lambda={record['lambda']}, steps={record['steps']}, "
+      f"schedule={record['schedule']}, not lambda={lam}, steps={steps}, "
+      f"schedule={schedule}: use another output_dir or delete it"
+    )
+  changed = setting_changes(record["config"], config) if "config" in record else []
+  if changed:
+    raise ValueError(
+      f"{stage_dir} was run with other settings ({'; '.join(changed)}): use another output_dir or delete it"
+    )
+  params = _restore_params(os.path.join(stage_dir, "params"), like)
+  saved = record.get("params_checksum")  # stages written before their params were checksummed have none
+  if saved is not None and fingerprint(params)[0] != saved:
+    raise ValueError(
+      f"{stage_dir}/params differ from the checksum saved in its stage.json (damaged data): delete {stage_dir} "
+      "to run the stage again"
+    )
+  print(f"stage {stage['stage']}: done before (lambda={lam:.4g}), skipped")
+  return params, record
+
+
+def _run_stage(experiment, sparsify: SparsifyConfig, stage: dict, params, stage_dir: str, splits) -> Optional[tuple]:
+  """Trains (or thresholds) one stage from `params` and writes its params and record; (params, record), or None
+  when the run was aborted (`train.abort_at_step`)."""
   from sora_jax import adapters
-  from train import loop, plots
+  from train import loop
+  from train.checkpoint import fingerprint
 
-  check(config, sparsify)
-  lambdas = stage_lambdas(sparsify)
-  output_dir = config.output_dir
-  os.makedirs(output_dir, exist_ok=True)
-  from train import rundir
+  started, k, lam, steps = time.time(), stage["stage"], stage["lambda"], stage["steps"]
+  if k > 0:
+    params = cut_dead_ranks(params)
+  if k == 0 or sparsify.stage_schedule == "fresh":
+    outcome = loop.fit(
+      experiment, output_dir=stage_dir, trainable=params, sparse_lambda=lam, resume=True, total_steps=steps
+    )
+    if outcome.aborted:
+      print(f"stage {k} aborted after step {outcome.step} (train.abort_at_step); rerun to continue")
+      return None
+    params = outcome.params
+  else:
+    params = threshold_only(params, lam, steps)
+  full = adapters.combine(params, experiment.frozen)
+  results = loop.evaluate(experiment, full, splits)
+  report = adapters.rank_report(_host(full), experiment.sora)
+  main, eval_split = experiment.spec.main_metric, experiment.eval_splits[0]
+  record = {
+    **stage,
+    "retained_params": report.retained_params,
+    "max_params": report.max_params,
+    "fraction": report.fraction,
+    "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
+    "train_metric": results[f"{MEMORIZATION_SPLIT}/{main}"],
+    "eval_metric": results[f"{eval_split}/{main}"],
+    "metrics": results,
+    "wall_time_s": time.time() - started,
+    "config": to_dict(experiment.config),
+    "params_checksum": fingerprint(params)[0],
+  }
+  _save_params(os.path.join(stage_dir, "params"), params)
+  _write_json(os.path.join(stage_dir, "stage.json"), record)  # last: marks the stage complete
+  return params, record
 
-  rundir.claim(output_dir, resume=True, overwrite=False)  # the lock only (stages resume by design); freed at exit
-  started = time.time()
-  experiment = loop.build(config)
-  n_memorize = add_memorization_split(experiment, sparsify.memorization_examples, sparsify.memorization_seed)
-  stage0_steps = experiment.total_steps
-  later_steps = (
-    sparsify.stage_steps
-    if sparsify.stage_epochs is None
-    else max(1, math.ceil(sparsify.stage_epochs * experiment.batches.steps_per_epoch))
-  )
-  main = experiment.spec.main_metric
-  eval_split = experiment.eval_splits[0]
-  splits = (MEMORIZATION_SPLIT,) + experiment.eval_splits + (experiment.test_splits if sparsify.evaluate_test else ())
 
-  params, stages = experiment.trainable, []
-  for k, lam in enumerate(lambdas):
-    lam = float(lam)
-    stage_dir = _stage_dir(output_dir, k)
-    record_path = os.path.join(stage_dir, "stage.json")
-    steps = stage0_steps if k == 0 else later_steps
-    schedule = "initial" if k == 0 else sparsify.stage_schedule
-    if os.path.exists(record_path):
-      with open(record_path) as f:
-        record = json.load(f)
-      if (
-        not math.isclose(record["lambda"], lam, rel_tol=1e-9, abs_tol=1e-15)
-        or record["steps"] != steps
-        or record["schedule"] != schedule
-      ):
-        raise ValueError(
-          f"{stage_dir} was run with lambda={record['lambda']}, steps={record['steps']}, "
-          f"schedule={record['schedule']}, not lambda={lam}, steps={steps}, "
-          f"schedule={schedule}: use another output_dir or delete it"
-        )
-      changed = resume_changes(record["config"], config) if "config" in record else []
-      if changed:
-        raise ValueError(
-          f"{stage_dir} was run with other settings ({'; '.join(changed)}): use another output_dir or delete it"
-        )
-      params = _restore_params(os.path.join(stage_dir, "params"), experiment.trainable)
-      print(f"stage {k}: done before (lambda={lam:.4g}), skipped")
-    else:
-      stage_started = time.time()
-      if k > 0:
-        params = cut_dead_ranks(params)
-      if k == 0 or sparsify.stage_schedule == "fresh":
-        outcome = loop.fit(
-          experiment, output_dir=stage_dir, trainable=params, sparse_lambda=lam, resume=True, total_steps=steps
-        )
-        if outcome.aborted:
-          print(f"stage {k} aborted after step {outcome.step} (train.abort_at_step); rerun to continue")
-          return None
-        params = outcome.params
-      else:
-        params = threshold_only(params, lam, steps)
-      full = adapters.combine(params, experiment.frozen)
-      results = loop.evaluate(experiment, full, splits)
-      report = adapters.rank_report(_host(full), experiment.sora)
-      record = {
-        "stage": k,
-        "lambda": lam,
-        "steps": steps,
-        "schedule": schedule,
-        "retained_params": report.retained_params,
-        "max_params": report.max_params,
-        "fraction": report.fraction,
-        "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
-        "train_metric": results[f"{MEMORIZATION_SPLIT}/{main}"],
-        "eval_metric": results[f"{eval_split}/{main}"],
-        "metrics": results,
-        "wall_time_s": time.time() - stage_started,
-        "config": to_dict(config),
-      }
-      _save_params(os.path.join(stage_dir, "params"), params)
-      _write_json(record_path, record)  # last: marks the stage complete
-    stages.append(record)
-
+def _stage_table(experiment, sparsify: SparsifyConfig, lambdas, stages: list, n_memorize: int, started: float) -> dict:
+  """stages.json: the stages with memorization and generalization as percentages of stage 0's metrics."""
+  main, eval_split = experiment.spec.main_metric, experiment.eval_splits[0]
   reference = {
     "source": "stage 0",
     "metric": main,
@@ -360,9 +347,9 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     record["memorization"] = _percent(record["train_metric"], reference["train_metric"])
     record["generalization"] = _percent(record["eval_metric"], reference["eval_metric"])
   retained = [s["retained_params"] for s in stages]
-  table = {
+  return {
     "task": experiment.spec.name,
-    "model": config.model.name,
+    "model": experiment.config.model.name,
     "lambdas": [float(x) for x in lambdas],
     "sparsify": dataclasses.asdict(sparsify),
     "rank_max": experiment.sora.rank,
@@ -372,8 +359,50 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     "wall_time_s": time.time() - started,
     "stages_wall_time_s": sum(s["wall_time_s"] for s in stages),
     "stages": stages,
-    "config": to_dict(config),
+    "config": to_dict(experiment.config),
   }
+
+
+def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
+  """Runs (or resumes) every stage and writes the table and pictures; returns the table, None when aborted."""
+  import jax
+  from train import loop, plots, rundir
+
+  check(config, sparsify)
+  lambdas = stage_lambdas(sparsify)
+  output_dir = config.output_dir
+  os.makedirs(output_dir, exist_ok=True)
+  rundir.claim(output_dir, resume=True, overwrite=False)  # the lock only (stages resume by design); freed at exit
+  started = time.time()
+  experiment = loop.build(config)
+  n_memorize = add_memorization_split(experiment, sparsify.memorization_examples, sparsify.memorization_seed)
+  stage0_steps = experiment.total_steps
+  later_steps = (
+    sparsify.stage_steps
+    if sparsify.stage_epochs is None
+    else max(1, math.ceil(sparsify.stage_epochs * experiment.batches.steps_per_epoch))
+  )
+  splits = (MEMORIZATION_SPLIT,) + experiment.eval_splits + (experiment.test_splits if sparsify.evaluate_test else ())
+
+  params, stages = experiment.trainable, []
+  for k, lam in enumerate(lambdas):
+    stage = {
+      "stage": k,
+      "lambda": float(lam),
+      "steps": stage0_steps if k == 0 else later_steps,
+      "schedule": "initial" if k == 0 else sparsify.stage_schedule,
+    }
+    stage_dir = _stage_dir(output_dir, k)
+    if os.path.exists(os.path.join(stage_dir, "stage.json")):
+      params, record = _reuse_stage(stage_dir, stage, config, experiment.trainable)
+    else:
+      done = _run_stage(experiment, sparsify, stage, params, stage_dir, splits)
+      if done is None:
+        return None
+      params, record = done
+    stages.append(record)
+
+  table = _stage_table(experiment, sparsify, lambdas, stages, n_memorize, started)
   _write_json(os.path.join(output_dir, "stages.json"), table)
   if jax.process_index() != 0:
     return table
@@ -382,7 +411,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
   for path in [os.path.join(output_dir, "stages.json")] + pictures:
     print(f"wrote {path}")
   if not table["retained_non_increasing"]:
-    print(f"WARNING: retained parameters increased across stages: {retained}")
+    print(f"WARNING: retained parameters increased across stages: {[s['retained_params'] for s in stages]}")
   return table
 
 

@@ -21,8 +21,9 @@ def evaluate_truncations(experiment, trainable, fractions: Sequence[float]) -> d
   adapter's parameters at its full rank; `trainable`: the run's trainable params (any sharding)."""
   from sora_jax.truncate import truncate
   from train import loop
+  from train.finish import gather
 
-  full = adapters.combine(loop._gather(trainable), loop._gather(experiment.frozen))
+  full = adapters.combine(gather(trainable), gather(experiment.frozen))
   max_params = adapters.rank_report(full, experiment.sora).max_params
   splits = experiment.eval_splits + experiment.test_splits
   out = {}

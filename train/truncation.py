@@ -14,15 +14,14 @@ import jax
 
 from sora_jax import adapters
 from sora_jax import sharding as shd
+from sora_jax.truncate import truncate
+from train.evaluate import evaluate
+from train.finish import gather
 
 
 def evaluate_truncations(experiment, trainable, fractions: Sequence[float]) -> dict:
   """{f"{fraction:g}": {"budget_params", "retained_params", "max_params", "ranks", "metrics"}} for each fraction of the
   adapter's parameters at its full rank; `trainable`: the run's trainable params (any sharding)."""
-  from sora_jax.truncate import truncate
-  from train import loop
-  from train.finish import gather
-
   full = adapters.combine(gather(trainable), gather(experiment.frozen))
   max_params = adapters.rank_report(full, experiment.sora).max_params
   splits = experiment.eval_splits + experiment.test_splits
@@ -35,7 +34,7 @@ def evaluate_truncations(experiment, trainable, fractions: Sequence[float]) -> d
     merged = jax.device_put(
       merged, shd.named(shd.param_specs(merged, experiment.mesh, config.mesh.fsdp_min_size), experiment.mesh)
     )
-    metrics = loop.evaluate(experiment, merged, splits, adapted=False)
+    metrics = evaluate(experiment, merged, splits, adapted=False)
     out[f"{fraction:g}"] = {
       "budget_params": budget,
       "retained_params": int(report.retained_params),

@@ -46,7 +46,7 @@ class TruncateReport(NamedTuple):
   retained_params: sum_m k_m c_m of the result (<= budget_params).
   ranks: module name ('path', or 'path[layer]' per batch entry, as `rank_report` rows) -> k_m, for every module
     with adapter leaves (a linen module that `prune` left without any is not listed).
-  threshold: the smallest kept singular value of s B diag(g) A over all modules (inf when none is kept).
+  threshold: the smallest kept singular value of a delta s A diag(g) B over all modules (inf when none is kept).
   kept_energy: sum of kept sigma^2 / sum of all sigma^2 (1.0 for a tree whose deltas are all zero).
   """
 

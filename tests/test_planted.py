@@ -116,3 +116,18 @@ def test_bad_hyperparameters_raise_one_clear_error():
     sora_jax.sora_budget(0.5, 10, lam_init=-1.0)
   with pytest.raises(ValueError, match="needs learning_rate"):
     sora_jax.sora_proximal(0.1, optimizer=optax.adamw(1e-3))
+
+
+def test_truncation_rows_exist_and_meet_the_budget(capsys):
+  """The equal-budget table has both truncation rows at the budget of LoRA r = 1 (192 params), within it; truncating
+  the r_max LoRA to its own full budget changes nothing."""
+  assert planted.main(["--seeds", "0", "--steps", "30", "--budgets", "1", "--plants", "two_of_six", "--no-sweep"]) == 0
+  out = capsys.readouterr().out
+  for name in ("LoRA r_max 8 -> truncate to r=1 budget", "LoRA r_max 8, truncate at 70 % + train 30 %, r=1 budget"):
+    row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+    params = [int(p) for p in row.split("|")[3].strip().split("/")]
+    assert 0 < max(params) <= planted.uniform_budget(1) == 192, row
+  problem = planted.planted_problem(planted.PLANTS["two_of_six"], seed=0)
+  full = planted.run_truncated(problem, [planted.uniform_budget(planted.RANK_MAX)], 30)[0]
+  lora = planted.run_linen(problem, planted.optimizer("lora", 30), 30)
+  assert full.ranks == (planted.RANK_MAX,) * 6 and abs(full.loss - lora.loss) <= 1e-5 * lora.loss, (full, lora)

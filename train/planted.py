@@ -1,4 +1,5 @@
-"""`python -m train.planted [--seeds 0 1 2] [--out docs/rank_learning_planted.md]`: rank learning against planted ranks.
+"""`python -m train.planted [--seeds 0 1 2] [--steps 600] [--budgets 1 2 4] [--plants ...] [--no-sweep] [--out FILE]`:
+rank learning against planted ranks.
 
 An oracle for rank allocation. The teacher is the student's frozen base plus known low-rank changes in some modules:
 
@@ -6,8 +7,10 @@ An oracle for rank allocation. The teacher is the student's frozen base plus kno
 
 over a residual chain of six (width, width) modules m0..m5, full batch, mean squared error on the chain's output. A learned-rank
 adapter should give rank to the planted modules (at least k_m) and none to the others. The study compares, for each
-budget that a uniform LoRA of rank r = 1, 2, 4 occupies, SoRA steered to that budget against that LoRA and against a
-LoRA with the largest planted rank everywhere, and runs `sora_proximal` over a lambda sweep; for each gate update:
+budget that a uniform LoRA of rank r = 1, 2, 4 occupies, SoRA steered to that budget against that LoRA, against the
+truncation baseline (a LoRA at r_max 8 trained as long, then cut to the budget by `sora_jax.truncate`; or cut at 70 %
+of the steps and its truncated factors trained for the other 30 %) and against a LoRA with the largest planted rank
+everywhere, and runs `sora_proximal` over a lambda sweep; for each gate update:
 
   gradient     the recipe: `sora_proximal(lam, learning_rate=eta, optimizer=adamw(lr))`, the gates' proximal-gradient
                step on their raw gradient over one running RMS of all gate gradients,
@@ -21,7 +24,8 @@ LoRA with the largest planted rank everywhere, and runs `sora_proximal` over a l
 and the recipe with a refit phase (`sora_proximal(..., refit_from=0.7 * steps)`: from there a zero gate stays zero
 and the kept gates train without the threshold, which removes L1's shrinkage of the kept ranks).
 
-The builders (`PLANTS`, `planted_problem`, `run_linen`, `run_nnx`) are imported by tests/test_planted.py.
+The builders (`PLANTS`, `planted_problem`, `run_linen`, `run_truncated`, `run_nnx`) are imported by
+tests/test_planted.py.
 """
 
 from __future__ import annotations
@@ -215,6 +219,12 @@ def run_linen(
   steps."""
   config = _config(rank)
   trainable, frozen = sora_jax.split(sora_jax.init(jax.random.key(seed + 1000), problem.base, config))
+  trainable, loss, min_active = _train(problem, config, trainable, frozen, tx, steps)
+  return _outcome(config, sora_jax.combine(trainable, frozen), loss, min_active)
+
+
+def _train(problem: Problem, config, trainable, frozen, tx, steps: int):
+  """(trainable after `steps` full-batch steps of `tx`, its loss, the fewest active ranks after any step)."""
   model = Modules()
 
   def loss_fn(t):
@@ -228,19 +238,57 @@ def run_linen(
       grads = jax.grad(loss_fn)(t)
       updates, state = tx.update(grads, state, t)
       t = optax.apply_updates(t, updates)
-      return (t, state), sum(jnp.sum(g != 0) for g in _gates(t))
+      return (t, state), _active(t)
 
     (t, _), active = jax.lax.scan(step, (t, tx.init(t)), None, length=steps)
-    return t, loss_fn(t), jnp.min(active)
+    return t, loss_fn(t), jnp.min(active, initial=_active(t))
 
-  trainable, loss, min_active = train(trainable)
-  report = sora_jax.rank_report(sora_jax.combine(trainable, frozen), config)
+  return train(trainable)
+
+
+def _active(tree) -> jax.Array:
+  """Active ranks over the modules: nonzero gates, or the rank of a pruned module (no gate; no leaves at rank 0)."""
+  counts = [
+    jnp.sum(tree[m]["sora_gate"] != 0) if "sora_gate" in tree[m] else tree[m]["sora_a"].shape[-1]
+    for m in MODULES
+    if m in tree
+  ]
+  return sum(counts, jnp.zeros([], jnp.int32))
+
+
+def _outcome(config, params, loss, min_active) -> Outcome:
+  report = sora_jax.rank_report(params, config)
   ranks = {row.path: row.rank for row in report.rows}
   return Outcome(float(loss), int(report.retained_params), tuple(ranks.get(m, 0) for m in MODULES), int(min_active))
 
 
-def _gates(tree) -> list:
-  return [tree[m]["sora_gate"] for m in MODULES]
+def uniform_budget(rank: int) -> int:
+  """The adapter parameters of a uniform LoRA of `rank` on the six modules: rank * 6 * (WIDTH + WIDTH)."""
+  return rank * len(MODULES) * 2 * WIDTH
+
+
+def run_truncated(
+  problem: Problem, budgets: Sequence[int], steps: int = STEPS, *, at: float = 1.0, rank: int = RANK_MAX, seed: int = 0
+) -> list[Outcome]:
+  """The truncation baseline, one outcome per budget: a LoRA at r_max `rank` (gates fixed at one) trained for
+  `round(at * steps)` steps, cut to each budget by `sora_jax.truncate` (best rank-k_m approximation of every module,
+  one global singular-value threshold), then its truncated factors trained for the remaining steps with a fresh AdamW
+  (none when `at` = 1), so every outcome costs `steps` steps. The LoRA is trained once for all budgets."""
+  config = _config(rank)
+  first = round(at * steps)
+  trainable, frozen = sora_jax.split(sora_jax.init(jax.random.key(seed + 1000), problem.base, config))
+  trainable, _, min_active = _train(problem, config, trainable, frozen, optimizer("lora", first), first)
+  lora = sora_jax.combine(trainable, frozen)
+  out = []
+  for budget in budgets:
+    cut, _ = sora_jax.truncate(lora, config, budget)
+    cut_trainable, cut_frozen = sora_jax.split(cut)
+    rest = steps - first
+    cut_trainable, loss, cut_active = _train(problem, config, cut_trainable, cut_frozen, optimizer("lora", rest), rest)
+    out.append(
+      _outcome(config, sora_jax.combine(cut_trainable, cut_frozen), loss, min(int(min_active), int(cut_active)))
+    )
+  return out
 
 
 def run_nnx(
@@ -278,8 +326,16 @@ def _row(name: str, outcomes: Sequence[Outcome], base: float) -> str:
   )
 
 
-def study(seeds: Sequence[int], steps: int = STEPS) -> str:
-  """The study's markdown: per plant, equal-budget table and lambda sweep (loss relative to the base model's)."""
+def study(
+  seeds: Sequence[int],
+  steps: int = STEPS,
+  *,
+  budgets: Sequence[int] = (1, 2, 4),
+  plants: Sequence[str] = tuple(PLANTS),
+  sweep: bool = True,
+) -> str:
+  """The study's markdown: per plant, equal-budget table (at the parameters of uniform LoRA r for r in `budgets`) and
+  lambda sweep (loss relative to the base model's); `sweep=False` leaves the sweep out."""
   header = (
     "| method | loss / base loss (mean ± std) | retained params | "
     + " | ".join(MODULES)
@@ -288,7 +344,7 @@ def study(seeds: Sequence[int], steps: int = STEPS) -> str:
     + "|"
   )
   out = []
-  for plant in PLANTS.values():
+  for plant in (PLANTS[name] for name in plants):
     problems = [planted_problem(plant, s) for s in seeds]
     bases = np.mean([base_loss(p) for p in problems])
     planted_max = max(plant.ranks)
@@ -305,15 +361,29 @@ def study(seeds: Sequence[int], steps: int = STEPS) -> str:
     def runs(make, rank=RANK_MAX):
       return [run_linen(p, make(), steps, rank=rank, seed=s) for p, s in zip(problems, seeds)]
 
-    for r in (1, 2, 4):
+    cuts = {
+      at: [
+        run_truncated(p, [uniform_budget(r) for r in budgets], steps, at=at, seed=s) for p, s in zip(problems, seeds)
+      ]
+      for at in (1.0, REFIT)
+    }
+    for i, r in enumerate(budgets):
       lines.append(_row(f"LoRA r={r}", runs(lambda: optimizer("lora", steps), rank=r), bases))
       for gate in ("gradient", "adam"):
         lines.append(
           _row(f"SoRA budget {r}/8, {gate}", runs(lambda: optimizer(gate, steps, target=r / RANK_MAX)), bases)
         )
+      lines.append(_row(f"LoRA r_max 8 -> truncate to r={r} budget", [c[i] for c in cuts[1.0]], bases))
+      lines.append(
+        _row(f"LoRA r_max 8, truncate at 70 % + train 30 %, r={r} budget", [c[i] for c in cuts[REFIT]], bases)
+      )
     lines.append(
       _row(f"LoRA r={planted_max} (planted max)", runs(lambda: optimizer("lora", steps), rank=planted_max), bases)
     )
+    lines.append(_row(f"LoRA r={RANK_MAX} (r_max, before truncation)", runs(lambda: optimizer("lora", steps)), bases))
+    if not sweep:
+      out.append("\n".join(lines))
+      continue
     lines += ["", "Lambda sweep of `sora_proximal` (r_max 8):", "", header]
     for gate, lams in (
       ("gradient", (0.1, 0.3, 1.0)),
@@ -339,12 +409,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train.planted", description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=STEPS)
+  parser.add_argument(
+    "--budgets", type=int, nargs="+", default=[1, 2, 4], help="uniform LoRA ranks r whose budgets are compared"
+  )
+  parser.add_argument("--plants", nargs="+", choices=sorted(PLANTS), default=list(PLANTS))
+  parser.add_argument("--no-sweep", action="store_true", help="leave the lambda sweep out (equal-budget tables only)")
   parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
   args = parser.parse_args(argv)
+  bad = [r for r in args.budgets if not 1 <= r <= RANK_MAX]
+  if bad:
+    parser.error(f"--budgets {bad}: each must be a uniform LoRA rank in 1..{RANK_MAX} (r_max)")
   started = time.time()
-  text = study(args.seeds, args.steps)
+  text = study(args.seeds, args.steps, budgets=args.budgets, plants=args.plants, sweep=not args.no_sweep)
+  flags = " ".join(
+    [f"--seeds {' '.join(map(str, args.seeds))} --steps {args.steps}"]
+    + ([f"--budgets {' '.join(map(str, args.budgets))}"] if args.budgets != [1, 2, 4] else [])
+    + ([f"--plants {' '.join(args.plants)}"] if args.plants != list(PLANTS) else [])
+    + (["--no-sweep"] if args.no_sweep else [])
+  )
   stamp = (
-    f"`python -m train.planted --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`, "
+    f"`python -m train.planted {flags}`, "
     f"{platform.machine()} CPU x{jax.local_device_count()} ({jax.default_backend()}), "
     f"{datetime.date.today().isoformat()}, {time.time() - started:.0f} s"
   )

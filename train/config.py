@@ -365,6 +365,10 @@ def check(config: Any, prefix: str = "") -> None:
     _check_budget(config.adapter)
     if config.adapter.gate_update not in ("gradient", "adam"):
       raise ConfigError(f"adapter.gate_update must be gradient or adam, got {config.adapter.gate_update!r}")
+    if config.resume and config.overwrite:
+      raise ConfigError(
+        "resume=true continues the run in output_dir and overwrite=true deletes it: give one of them, not both"
+      )
 
 
 def _check_budget(adapter: "AdapterConfig") -> None:

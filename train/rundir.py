@@ -9,6 +9,11 @@
 - A new run (`resume=false`) into a directory that holds another run's checkpoints or results is refused, before
   anything of the old run is touched: `resume=true` continues it, `overwrite=true` deletes it first (checkpoints,
   metrics.jsonl, tensorboard, results.json, peft), another `output_dir` keeps it.
+- `resume=true` with nothing to resume from: a finished run (results.json or peft) without a checkpoint is refused
+  like a new run (a fresh start would replace its results); a run killed before its first checkpoint starts from
+  step 0, with a line that says so.
+- A lock file that is empty, unreadable or names a dead process on this host is stale (a run killed while taking
+  it, or a crash): it is reported and taken over.
 
 On several processes (a shared file system) only process 0 holds the lock; the others wait at a barrier for its
 decision.
@@ -90,6 +95,28 @@ def _holds_run(output_dir: str) -> list[str]:
   return [name for name in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, name))]
 
 
+def _has_checkpoint(output_dir: str) -> bool:
+  """Whether `<output_dir>/checkpoints` holds a complete checkpoint (a step folder orbax has finalised)."""
+  for kind in ("latest", "best"):
+    folder = os.path.join(output_dir, "checkpoints", kind)
+    if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+      return True
+  return False
+
+
+def _check_resumable(output_dir: str, found: list[str]) -> None:
+  """resume=true into a folder without a checkpoint: refused when it holds a finished run's outputs, else noted."""
+  if not found or _has_checkpoint(output_dir):
+    return
+  finished = [name for name in ("results.json", "peft") if name in found]
+  if finished:
+    raise RunDirectoryError(
+      f"resume=true but {output_dir} holds a finished run ({', '.join(finished)}) and no checkpoint to resume "
+      "from; overwrite=true deletes it and starts afresh, or give another output_dir"
+    )
+  print(f"resume=true: {output_dir} holds no checkpoint yet (the run stopped before its first); starting at step 0")
+
+
 def claim(output_dir: str, resume: bool, overwrite: bool) -> Optional[str]:
   """Locks `output_dir` for this run and checks it may be used; returns the lock path (None on processes > 0).
 
@@ -105,6 +132,13 @@ def claim(output_dir: str, resume: bool, overwrite: bool) -> Optional[str]:
       lock = _lock(output_dir)
       atexit.register(release, lock)
       found = _holds_run(output_dir)
+      if resume:
+        try:
+          _check_resumable(output_dir, found)
+        except RunDirectoryError:
+          release(lock)
+          lock = None
+          raise
       if found and not resume:
         if not overwrite:
           release(lock)

@@ -1,10 +1,14 @@
 """Files of an exported adapter or merged model: written whole or not at all, and checked when read.
 
 `atomic_folder(target, owned)` yields a staging folder beside `target` (same file system); the writer puts its files
-there, and only when it returns is the staging folder renamed into place. Files of the old `target` that the write
-does not own (`owned`: glob patterns such as `adapter_*`) are moved over first, so a README or a tokenizer beside the
-adapter stays. A failure at any point leaves the old `target` whole (or no `target`), never a mix of old and new
-files; the staging folder is removed.
+there, and only when it returns is the staging folder renamed into place. A symlinked `target` (`current -> v1/`) is
+resolved first: the link stays and the folder it points to is replaced. The write touches only its own files: the
+files it writes now, the files the previous export listed in its manifest (`.sora_jax_export.json`, written with
+every export), and the names in `owned` that a loader would read instead of the new files (a stale
+`adapter_model.bin`); every other entry of the old `target` (a README, a tokenizer, the user's own `adapter_*` files)
+is kept. Folders and files get the modes the umask gives (an existing `target` keeps its folder mode), so a serving
+account can read them. A failure at any point leaves the old `target` whole (or no `target`), never a mix of old and
+new files; the staging folder is removed, and so are staging folders that a killed export of this host left behind.
 
 `read_adapter_config` and `check_adapter_tensors` are `load_peft`'s checks of a PEFT LoRA adapter: each problem
 (malformed JSON, a non-numeric, non-finite or non-positive `lora_alpha` or `r`, an empty tensor file, a non-finite
@@ -19,47 +23,122 @@ import json
 import math
 import os
 import shutil
+import socket
+import stat
 import tempfile
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+MANIFEST = ".sora_jax_export.json"  # the names of the files the last export wrote into its folder
+
 
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, owned: Sequence[str]) -> Iterator[str]:
+def atomic_folder(target: str | os.PathLike, owned: Sequence[str] = ()) -> Iterator[str]:
   """Yields a staging folder that replaces `target` when the `with` block finishes without an exception.
 
   Args:
-    target: the folder to write; created if missing, replaced if present.
-    owned: glob patterns of the file names the writer owns; the old folder's other entries are kept.
+    target: the folder to write (a symlink to a folder is followed); created if missing, replaced if present.
+    owned: exact names or glob patterns of files a loader would read in place of the new ones (stale weights of
+      another format or shard count); they are replaced even when the previous export left no manifest.
   """
-  target = os.path.abspath(os.fspath(target))
+  target = os.path.realpath(os.fspath(target))
   parent, name = os.path.split(target)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{name}.writing-", dir=parent)
+  _clean_interrupted(parent, name)
+  staging = tempfile.mkdtemp(prefix=f".{name}.writing-{_tag()}~", dir=parent)
   try:
+    os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else 0o777 & ~_umask())
     yield staging
+    _seal(staging)
     _swap(staging, target, owned)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _tag() -> str:
+  """`<pid>-<host>`: which process of which host a staging folder belongs to (hostnames hold no '~')."""
+  return f"{os.getpid()}-{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _clean_interrupted(parent: str, name: str) -> None:
+  """Removes the staging folders that an export of `name` killed on this host left in `parent` (their process is
+  gone); a moved-aside old folder whose replacement never arrived is put back first."""
+  host = socket.gethostname()
+  for entry in sorted(os.listdir(parent)):
+    for kind in ("writing", "old"):
+      prefix = f".{name}.{kind}-"
+      if not entry.startswith(prefix) or "~" not in entry:
+        continue
+      pid, _, owner = entry[len(prefix) :].rpartition("~")[0].partition("-")
+      if owner != host or not pid.isdigit() or _alive(int(pid)):
+        continue
+      path, target = os.path.join(parent, entry), os.path.join(parent, name)
+      if kind == "old" and not os.path.exists(target):
+        os.rename(path, target)  # killed between the two renames of `_swap`: the old folder is the one to keep
+      else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _seal(staging: str) -> None:
+  """Gives the written files the umask's modes and lists them in the folder's manifest."""
+  mode = 0o666 & ~_umask()
+  written = sorted(os.listdir(staging))
+  for entry in written:
+    path = os.path.join(staging, entry)
+    if os.path.isfile(path) and not os.path.islink(path):
+      os.chmod(path, mode)
+  with open(os.path.join(staging, MANIFEST), "w") as f:
+    json.dump({"files": written}, f)
+  os.chmod(os.path.join(staging, MANIFEST), mode)
+
+
+def _previous_files(target: str) -> set[str]:
+  """The files the previous export wrote into `target`, from its manifest (none without a readable one)."""
+  try:
+    with open(os.path.join(target, MANIFEST)) as f:
+      files = json.load(f).get("files", [])
+  except (OSError, ValueError, AttributeError):
+    return set()
+  return {f for f in files if isinstance(f, str) and os.sep not in f and f not in (".", "..")}
+
+
 def _swap(staging: str, target: str, owned: Sequence[str]) -> None:
-  """Renames `staging` to `target`, the old `target`'s entries outside `owned` moved into `staging` first."""
+  """Renames `staging` to `target`, the old `target`'s entries that are not this writer's moved into `staging`
+  first."""
   if not os.path.isdir(target):
     os.rename(staging, target)
     return
   written = set(os.listdir(staging))
+  ours = _previous_files(target)
   kept = [
-    entry for entry in os.listdir(target) if entry not in written and not any(fnmatch.fnmatch(entry, p) for p in owned)
+    entry
+    for entry in os.listdir(target)
+    if entry not in written and entry not in ours and not any(fnmatch.fnmatch(entry, p) for p in owned)
   ]
   moved = []
   try:
     for entry in kept:
       os.rename(os.path.join(target, entry), os.path.join(staging, entry))
       moved.append(entry)
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-{_tag()}~", dir=os.path.dirname(target))
     os.rmdir(old)
     os.rename(target, old)
   except OSError:

@@ -330,7 +330,9 @@ def _write_adapter(
   }
   from safetensors.numpy import save_file
 
-  with adapter_files.atomic_folder(directory, owned=("adapter_*",)) as staging:  # old adapter whole, or the new
+  with adapter_files.atomic_folder(
+    directory, owned=(WEIGHTS_NAME, _BIN_WEIGHTS_NAME, CONFIG_NAME)
+  ) as staging:  # old adapter whole, or the new
     save_file(
       {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
       os.path.join(staging, WEIGHTS_NAME),
@@ -735,7 +737,9 @@ def save_merged(
     files = ["model.safetensors"]
   else:
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  with adapter_files.atomic_folder(directory, owned=("model*.safetensors*", "config.json")) as staging:
+  with adapter_files.atomic_folder(
+    directory, owned=("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors", "config.json")
+  ) as staging:
     if len(shards) > 1:
       index = {
         "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},

@@ -11,7 +11,9 @@ from sora_jax.adapter_files import atomic_folder
 
 
 def _files(directory):
-  return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+  """The folder's files, without the export's manifest of the names it wrote."""
+  names = sorted(n for n in os.listdir(directory) if n != ".sora_jax_export.json")
+  return {name: open(os.path.join(directory, name), "rb").read() for name in names}
 
 
 def test_atomic_folder_keeps_the_old_folder_on_failure_and_other_files_on_success(tmp_path):

@@ -8,6 +8,7 @@ one rank, values that pass a range check and crash later, hostile PEFT configs, 
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,3 +90,97 @@ def test_best_checkpoint_is_a_starting_point_when_no_latest_one_restores(tmp_pat
   restored, meta = reader.restore_latest(like)
   reader.close()
   assert meta["step"] == 2 and float(restored["params"]["w"][0, 0]) == 2.0 and float(restored["opt"][2]) == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exports
+
+
+def _write_adapter_files(staging, *names):
+  from safetensors.numpy import save_file
+
+  for name in names:
+    if name.endswith(".safetensors"):
+      save_file({"w": np.zeros(2, np.float32)}, os.path.join(staging, name))
+    else:
+      with open(os.path.join(staging, name), "w") as f:
+        f.write("{}")
+
+
+def test_export_through_a_symlinked_folder_keeps_the_link_and_the_user_s_files(tmp_path):
+  from sora_jax.adapter_files import atomic_folder
+
+  (tmp_path / "v1").mkdir()
+  (tmp_path / "v1" / "README.md").write_text("serving notes")
+  (tmp_path / "v1" / "adapter_notes.txt").write_text("the user's own adapter_* file")
+  (tmp_path / "current").symlink_to("v1")
+  owned = ("adapter_model.safetensors", "adapter_config.json")
+  with atomic_folder(tmp_path / "current", owned) as staging:
+    _write_adapter_files(staging, "adapter_model.safetensors", "adapter_config.json", "adapter_extra.json")
+  assert os.path.islink(tmp_path / "current") and os.readlink(tmp_path / "current") == "v1"
+  listed = lambda: sorted(n for n in os.listdir(tmp_path / "v1") if not n.startswith("."))  # noqa: E731
+  assert listed() == ["README.md", "adapter_config.json", "adapter_extra.json", "adapter_model.safetensors"] + [
+    "adapter_notes.txt"
+  ]
+  # A later export removes what the earlier one wrote and this one does not; the user's files stay.
+  with atomic_folder(tmp_path / "current", owned) as staging:
+    _write_adapter_files(staging, "adapter_model.safetensors", "adapter_config.json")
+  assert listed() == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_notes.txt"]
+  assert (tmp_path / "v1" / "README.md").read_text() == "serving notes"
+  assert sorted(os.listdir(tmp_path)) == ["current", "v1"]  # no staging or old folder left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_export_respects_the_umask(tmp_path, umask):
+  from sora_jax.adapter_files import atomic_folder
+
+  previous = os.umask(umask)
+  try:
+    with atomic_folder(tmp_path / "peft", ("adapter_*",)) as staging:
+      _write_adapter_files(staging, "adapter_model.safetensors", "adapter_config.json")
+  finally:
+    os.umask(previous)
+  mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+  assert mode(tmp_path / "peft") == 0o777 & ~umask
+  for name in ("adapter_model.safetensors", "adapter_config.json"):
+    assert mode(tmp_path / "peft" / name) == 0o666 & ~umask, name
+
+
+def test_save_peft_writes_readable_files_under_the_default_umask(tiny, tmp_path):
+  import jax
+  from sora_jax import SoraConfig, init, save_peft
+  from sora_jax.models import EncoderNaming
+  from sora_jax.models.loading import family_module, from_pretrained
+
+  pretrained = from_pretrained(tiny[0], num_labels=2)
+  config = SoraConfig(rank=2, alpha=2.0, targets=family_module("bert").TARGETS)
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.1, init(jax.random.key(0), pretrained.params, config))
+  previous = os.umask(0o022)
+  try:
+    save_peft(tmp_path / "peft", params, config, naming=EncoderNaming(pretrained.config))
+  finally:
+    os.umask(previous)
+  assert os.stat(tmp_path / "peft").st_mode & 0o777 == 0o755
+  assert all(os.stat(tmp_path / "peft" / n).st_mode & 0o777 == 0o644 for n in os.listdir(tmp_path / "peft"))
+
+
+def test_staging_folders_of_an_interrupted_export_are_removed(tmp_path):
+  import socket
+  import subprocess
+  from sora_jax.adapter_files import atomic_folder
+
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  pid, host = int(gone.stdout), socket.gethostname()
+  stale = tmp_path / f".peft.writing-{pid}-{host}~abc123"
+  stale.mkdir()
+  (stale / "adapter_model.safetensors").write_text("half written")
+  with atomic_folder(tmp_path / "peft", ("adapter_*",)) as staging:
+    _write_adapter_files(staging, "adapter_config.json")
+  assert sorted(os.listdir(tmp_path)) == ["peft"]
+  # Killed between moving the old folder aside and renaming the new one into place: the old one comes back.
+  old = tmp_path / f".peft.old-{pid}-{host}~def456"
+  os.rename(tmp_path / "peft", old)
+  with pytest.raises(RuntimeError):
+    with atomic_folder(tmp_path / "peft", ("adapter_*",)):
+      raise RuntimeError("killed")
+  assert sorted(os.listdir(tmp_path)) == ["peft"] and (tmp_path / "peft" / "adapter_config.json").exists()

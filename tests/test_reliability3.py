@@ -184,3 +184,23 @@ def test_staging_folders_of_an_interrupted_export_are_removed(tmp_path):
     with atomic_folder(tmp_path / "peft", ("adapter_*",)):
       raise RuntimeError("killed")
   assert sorted(os.listdir(tmp_path)) == ["peft"] and (tmp_path / "peft" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# budget
+
+
+@pytest.mark.parametrize(
+  "budget, key",
+  [("adapter.target_params=1", "adapter.target_params"), ("adapter.target_fraction=1e-6", "adapter.target_fraction")],
+)
+def test_a_budget_below_one_rank_is_refused_naming_the_key_and_the_minimum(tiny, tmp_path, budget, key):
+  from train import loop
+  from train.config import ConfigError
+
+  experiment = loop.build(_config(tiny, tmp_path, "adapter.rank=2", budget))
+  with pytest.raises(ConfigError) as e:
+    loop.budget_params(experiment)
+  message = str(e.value)
+  # the tiny BERT's smallest module is an attention projection: one rank is 32 + 32 parameters
+  assert "\n" not in message and key in message and "64" in message, message

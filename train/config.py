@@ -20,6 +20,7 @@ YAML file and the overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence
@@ -400,6 +401,23 @@ def _check_budget(adapter: "AdapterConfig") -> None:
     raise ConfigError(
       f"adapter.budget_start ({adapter.budget_start}) must be below adapter.budget_reach ({adapter.budget_reach})"
     )
+
+
+def check_budget_keeps_a_rank(adapter: "AdapterConfig", budget: int, least: int, full: int) -> None:
+  """Raises `ConfigError` when a budget of `budget` adapter parameters (of `full` at full rank) is below `least`,
+  one rank of the smallest adapted module: it would keep nothing and export an empty adapter."""
+  if budget >= least:
+    return
+  if adapter.target_params is not None:
+    raise ConfigError(
+      f"adapter.target_params={adapter.target_params} is below one rank of the smallest module ({least} adapter "
+      f"parameters): the budget would keep nothing; give adapter.target_params={least} or more"
+    )
+  fraction = math.ceil(least / full * 1e4) / 1e4
+  raise ConfigError(
+    f"adapter.target_fraction={adapter.target_fraction:g} is {budget} adapter parameters, below one rank of the "
+    f"smallest module ({least}): the budget would keep nothing; give adapter.target_fraction={fraction:g} or more"
+  )
 
 
 def _check_fields(config: Any, prefix: str) -> None:

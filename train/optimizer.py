@@ -18,7 +18,7 @@ import sora_jax
 from sora_jax import adapters
 from sora_jax import sharding as shd
 from train.build import Experiment
-from train.config import ConfigError, RunConfig
+from train.config import ConfigError, RunConfig, check_budget_keeps_a_rank
 
 
 def _flat_paths(tree) -> dict:
@@ -95,20 +95,20 @@ def hyper_for(
 def budget_params(experiment: Experiment) -> Optional[int]:
   """The budget in adapter parameters (`adapter.target_params`, or `target_fraction` of the parameters at full
   rank, rounded down); None outside budget mode."""
-  from sora_jax.budget import adapter_params
+  from sora_jax.budget import adapter_params, smallest_rank_params
 
   a = experiment.config.adapter
   if not budget_mode(experiment.config):
     return None
   full = adapter_params(experiment.trainable)
-  if a.target_params is not None:
-    if a.target_params > full:
-      raise ConfigError(
-        f"adapter.target_params={a.target_params} is above the {full} adapter parameters at "
-        f"rank {a.rank}; give at most {full}, or a larger adapter.rank"
-      )
-    return a.target_params
-  return int(math.floor(a.target_fraction * full))
+  if a.target_params is not None and a.target_params > full:
+    raise ConfigError(
+      f"adapter.target_params={a.target_params} is above the {full} adapter parameters at "
+      f"rank {a.rank}; give at most {full}, or a larger adapter.rank"
+    )
+  budget = a.target_params if a.target_params is not None else int(math.floor(a.target_fraction * full))
+  check_budget_keeps_a_rank(a, budget, smallest_rank_params(experiment.trainable), full)
+  return budget
 
 
 def target_fraction(experiment: Experiment) -> Optional[float]:

@@ -20,6 +20,7 @@ from sora_jax.budget import adapter_params as adapter_params
 from sora_jax.budget import budget_phases as budget_phases
 from sora_jax.budget import budget_schedule as budget_schedule
 from sora_jax.budget import cut_to_budget as cut_to_budget
+from sora_jax.budget import rank_params as rank_params
 from sora_jax.budget import retained_fraction as retained_fraction
 from sora_jax.budget import sora_budget as sora_budget
 from sora_jax.forward import apply_factored as apply_factored
@@ -81,6 +82,7 @@ __all__ = [
   "not_gate_mask",
   "param_labels",
   "prune",
+  "rank_params",
   "rank_report",
   "retained_fraction",
   "save_merged",

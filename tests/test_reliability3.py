@@ -204,3 +204,82 @@ def test_a_budget_below_one_rank_is_refused_naming_the_key_and_the_minimum(tiny,
   message = str(e.value)
   # the tiny BERT's smallest module is an attention projection: one rank is 32 + 32 parameters
   assert "\n" not in message and key in message and "64" in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# values from files and the command line
+
+
+@pytest.mark.parametrize(
+  "override, words",
+  [
+    ("train.epochs=1e999", ["train.epochs", "finite"]),
+    ("adapter.sparse_lambda=inf", ["adapter.sparse_lambda", "finite"]),
+    ("optim.learning_rate=.nan", ["optim.learning_rate", "finite"]),
+    ("mesh.data=0", ["mesh.data", "-1"]),
+    ("mesh.data=-3", ["mesh.data", "-1"]),
+    (f"seed={2**70}", ["seed", "4294967295"]),
+    ("seed=-1", ["seed", "4294967295"]),
+    (f"train.max_steps={2**40}", ["train.max_steps", "2147483647"]),
+    ("adapter.alpha=0", ["adapter.alpha", "positive"]),
+  ],
+)
+def test_values_that_pass_a_range_check_but_crash_later_are_refused(override, words):
+  from train.config import ConfigError, load_config
+
+  with pytest.raises(ConfigError) as e:
+    load_config(None, [override])
+  message = str(e.value)
+  assert "\n" not in message and len(message) < 400, message
+  for word in words:
+    assert word in message, message
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
+  from train.config import ConfigError, load_config
+
+  lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+  lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 10)]
+  lines.append("adapter: {targets: *a9}")
+  path = tmp_path / "bomb.yaml"
+  path.write_text("\n".join(lines) + "\n")
+  assert path.stat().st_size < 600
+  with pytest.raises(ConfigError) as e:
+    load_config(str(path))
+  message = str(e.value)
+  assert "\n" not in message and len(message) < 400 and str(path) in message, message[:400]
+
+
+def test_a_huge_wrong_value_is_shown_shortened():
+  from train.config import ConfigError, load_config
+
+  for override in ["seed=" + "9" * 5000, "train.on_nonfinite=" + "x" * 5000, "train.epochs=" + "x" * 5000]:
+    with pytest.raises(ConfigError) as e:
+      load_config(None, [override])
+    assert "\n" not in str(e.value) and override[-100:] not in str(e.value)
+
+
+@pytest.mark.parametrize("content", ['["a", "b"', '{"a": 0}', "[1, 2]", '"ab"', ""])
+def test_a_malformed_labels_json_names_the_file(tmp_path, content):
+  from train.config import DataConfig
+  from train.data import DataError, task_spec
+
+  (tmp_path / "labels.json").write_text(content)
+  with pytest.raises(DataError) as e:
+    task_spec(DataConfig(task="local", data_dir=str(tmp_path)))
+  assert "\n" not in str(e.value) and str(tmp_path / "labels.json") in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("task", ["wordnet", "local"])
+def test_the_official_split_protocol_on_non_glue_data_is_refused(tiny, task):
+  """The official protocol is the SoRA code's split of the GLUE tasks: on WordNet it used to replace the test split
+  with the validation one, on small local data it failed with an IndexError."""
+  from train.config import DataConfig
+  from train.data import DataError, load_raw, task_spec
+
+  data_dir = tiny[1] if task == "local" else None
+  config = DataConfig(task=task, data_dir=data_dir, num_labels=2 if task == "local" else None)
+  config = DataConfig(**{**config.__dict__, "split_protocol": "official"})
+  with pytest.raises(DataError) as e:
+    load_raw(task_spec(config), config)
+  assert "\n" not in str(e.value) and "split_protocol" in str(e.value) and "validation" in str(e.value)

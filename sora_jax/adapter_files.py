@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import stat
@@ -162,25 +163,115 @@ def _number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _positive(value: Any, whole: bool = False) -> bool:
+  """A positive finite number (not a string or boolean); with `whole`, an integer up to 2^31 - 1 (a rank)."""
+  if not _number(value):
+    return False
+  try:
+    number = float(value)
+  except OverflowError:  # an integer beyond any float
+    return False
+  if not (math.isfinite(number) and number > 0):
+    return False
+  return not whole or (number.is_integer() and number <= _MAX_RANK)
+
+
+_MAX_RANK = 2**31 - 1
+_MAX_PATTERN = 500  # characters of a rank_pattern / alpha_pattern key; module names are far shorter
+
+
+def _shown(text: Any) -> str:
+  text = repr(text)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _nested_repetition(pattern: str) -> bool:
+  """Whether a group that holds a repetition (`*`, `+`, `{m,n}`) or an alternation (`|`) is itself repeated, as in
+  `(a+)+` or `(a|a)*`: the shapes whose matching can take exponential time (catastrophic backtracking). Escapes
+  and character classes are skipped; a conservative syntactic check, no regex engine internals."""
+  groups = [False]  # per open group: whether it holds a repetition or alternation
+  i, closed = 0, None  # closed: whether the group that just closed held one
+  while i < len(pattern):
+    c = pattern[i]
+    repeat = c in "*+" or (c == "{" and re_bounded_repeat(pattern, i))
+    if repeat:
+      if closed:
+        return True
+      groups[-1] = True
+    closed = None
+    if c == "\\":
+      i += 2
+      continue
+    if c == "[":  # a character class: skip to its end
+      j = i + 1 + (pattern[i + 1 : i + 2] == "^")
+      j += pattern[j : j + 1] == "]"
+      while j < len(pattern) and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+      i = j + 1
+      continue
+    if c == "(":
+      groups.append(False)
+    elif c == ")" and len(groups) > 1:
+      closed = groups.pop()
+      groups[-1] = groups[-1] or closed
+    elif c == "|":
+      groups[-1] = True
+    i += 1
+  return False
+
+
+def re_bounded_repeat(pattern: str, i: int) -> bool:
+  """Whether `{` at `pattern[i]` opens a repetition of more than one (`{2}`, `{1,}`, `{0,5}`), not a literal brace."""
+  end = pattern.find("}", i)
+  body = pattern[i + 1 : end] if end > 0 else ""
+  low, comma, high = body.partition(",")
+  if not (low.isdigit() or (comma and not low)) or (high and not high.isdigit()):
+    return False
+  return bool(comma and not high) or int(high or low or 0) > 1
+
+
+def _check_pattern_key(path: str, field: str, key: Any) -> None:
+  """A `rank_pattern` / `alpha_pattern` key is a regex PEFT matches against module names (`(.*\\.)?(key)$`): it
+  must compile, be at most `_MAX_PATTERN` characters and hold no nested repetition."""
+  where = f"{path}: {field}[{_shown(key)}]"
+  if not isinstance(key, str) or len(key) > _MAX_PATTERN:
+    raise ValueError(f"{where} must be a module name or a short regex (at most {_MAX_PATTERN} characters)")
+  try:
+    re.compile(rf"(.*\.)?({key})$")
+  except re.error as e:
+    raise ValueError(
+      f"{where} is not a valid regex ({e}); PEFT matches these keys as regexes on module names"
+    ) from None
+  if _nested_repetition(key):
+    raise ValueError(
+      f"{where} has nested repetition (a repeated group that itself repeats or alternates), which can take "
+      "exponential time to match; give the module name or a simpler regex"
+    )
+
+
 def read_adapter_config(path: str) -> dict:
   """The mapping in a PEFT adapter_config.json, with `r`, `lora_alpha`, `rank_pattern` and `alpha_pattern` checked:
-  numbers (not strings or booleans), finite and positive."""
+  numbers (not strings or booleans), finite and positive, ranks whole; pattern keys valid, short regexes without
+  nested repetition."""
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
   except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-    raise ValueError(f"{path}: not valid JSON ({e}); re-export the adapter") from None
+    raise ValueError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]}); re-export the adapter") from None
   if not isinstance(config, dict):
     raise ValueError(f"{path}: expected a JSON object of PEFT settings, got a {type(config).__name__}")
-  checks = [("r", config.get("r", 8)), ("lora_alpha", config.get("lora_alpha", 8))]
+  checks = [("r", config.get("r", 8), True), ("lora_alpha", config.get("lora_alpha", 8), False)]
   for pattern in ("rank_pattern", "alpha_pattern"):
     values = config.get(pattern) or {}
     if not isinstance(values, dict):
-      raise ValueError(f"{path}: {pattern} must map module names to numbers, got {values!r}")
-    checks += [(f"{pattern}[{name!r}]", value) for name, value in values.items()]
-  for key, value in checks:
-    if not _number(value) or not math.isfinite(value) or value <= 0:
-      raise ValueError(f"{path}: {key} must be a positive finite number, got {value!r}")
+      raise ValueError(f"{path}: {pattern} must map module names to numbers, got {_shown(values)}")
+    for name, value in values.items():
+      _check_pattern_key(path, pattern, name)
+      checks.append((f"{pattern}[{_shown(name)}]", value, pattern == "rank_pattern"))
+  for key, value, whole in checks:
+    if not _positive(value, whole):
+      kind = f"a positive whole number up to {_MAX_RANK}" if whole else "a positive finite number"
+      raise ValueError(f"{path}: {key} must be {kind}, got {_shown(value)}")
   return config
 
 
@@ -194,6 +285,11 @@ def check_adapter_tensors(path: str, tensors: Mapping[str, np.ndarray], config: 
     )
   for key, value in tensors.items():
     value = np.asarray(value)
+    if (".lora_A" in key or ".lora_B" in key) and value.ndim != 2:
+      raise ValueError(
+        f"{path}: {key} has shape {value.shape}; LoRA factors of Linear layers are 2-D (lora_A (r, in), "
+        "lora_B (out, r)): the file is damaged or not a LoRA adapter of Linear layers"
+      )
     if (".lora_A" in key and value.ndim >= 1 and value.shape[0] == 0) or (
       ".lora_B" in key and value.ndim >= 2 and value.shape[1] == 0
     ):

@@ -502,7 +502,16 @@ def _as_adapter(
       f"{tuple(w_shape)} of {where} (a Linear {fan_in} -> {fan_out}); was the adapter made for another model size?"
     )
   a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
-  b = (adapter.scale(name, rank) / scale) * lora_b.T
+  factor = adapter.scale(name, rank) / scale
+  with np.errstate(over="ignore"):
+    b = factor * lora_b.T
+    # |(B A)_ij| <= rank max|A| max|B|: below float32's largest, the merged update is finite too
+    bound = rank * float(np.max(np.abs(lora_a), initial=0.0)) * float(np.max(np.abs(b), initial=0.0))
+  if not (math.isfinite(factor) and np.isfinite(b).all() and bound < np.finfo(np.float32).max):
+    raise ValueError(
+      f"{os.path.join(directory, CONFIG_NAME)}: lora_alpha / alpha_pattern give {name} a scale of "
+      f"{adapter.scale(name, rank):.3g}, which makes its LoRA update overflow float32; check the adapter's alpha"
+    )
   return lora_a.T.reshape(a_shape), b.reshape(b_shape), np.ones(g_shape)
 
 

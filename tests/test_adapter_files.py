@@ -149,6 +149,18 @@ def _nan(x):
     ("alpha pattern negative", lambda c: {**c, "alpha_pattern": {"query": -2}}, None, ["alpha_pattern['query']"]),
     ("r boolean", lambda c: {**c, "r": True}, None, ["adapter_config.json", "r must be", "True"]),
     ("json list", lambda c: [c], None, ["adapter_config.json", "JSON object", "list"]),
+    ("alpha huge", lambda c: {**c, "lora_alpha": 1e300}, None, ["adapter_config.json", "lora_alpha", "overflow"]),
+    ("alpha absurd int", lambda c: {**c, "lora_alpha": 10**400}, None, ["adapter_config.json", "lora_alpha"]),
+    ("r absurd int", lambda c: {**c, "r": 10**30}, None, ["adapter_config.json", "r must be"]),
+    ("r fraction", lambda c: {**c, "r": 2.5}, None, ["adapter_config.json", "r must be", "2.5"]),
+    ("bad regex", lambda c: {**c, "alpha_pattern": {"query(": 4}}, None, ["alpha_pattern['query(']", "regex"]),
+    (
+      "backtracking regex",
+      lambda c: {**c, "rank_pattern": {"(.*)*x": 4}},
+      None,
+      ["rank_pattern['(.*)*x']", "nested repetition"],
+    ),
+    ("0-D lora_A", None, lambda t: _set(t, ".lora_A.", lambda x: np.float32(1.0)), ["lora_A", "2-D", "()"]),
   ],
 )
 def test_load_peft_refuses_broken_adapters(adapter, tmp_path, case, config_change, tensor_change, words):

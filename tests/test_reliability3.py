@@ -283,3 +283,58 @@ def test_the_official_split_protocol_on_non_glue_data_is_refused(tiny, task):
   with pytest.raises(DataError) as e:
     load_raw(task_spec(config), config)
   assert "\n" not in str(e.value) and "split_protocol" in str(e.value) and "validation" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# signals and locks
+
+
+def test_sigterm_outside_training_exits_75_and_releases_the_lock(tmp_path):
+  """SIGTERM while the run is not in its training loop (loading data, the final export, a stage's save)."""
+  import subprocess
+  import textwrap
+
+  script = textwrap.dedent(f"""
+    import os, signal, sys
+    from train import cli, rundir
+
+    def start():
+      lock = rundir.claim({str(tmp_path)!r}, resume=False, overwrite=False)
+      try:
+        os.kill(os.getpid(), signal.SIGTERM)  # as during the final export or data loading
+        for _ in range(10**6):
+          pass
+        return 0
+      finally:
+        rundir.release(lock)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    code = cli.run_guarded(start)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    sys.exit(code)
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 75, proc.stderr[-2000:]
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and "SIGTERM" in err[0] and "resume=true" in err[0], err
+  assert not (tmp_path / ".lock").exists()
+
+
+def test_an_empty_or_dangling_lock_file_is_taken_over(tmp_path, capsys):
+  import time
+
+  from train.rundir import RunDirectoryError, claim, release
+
+  lock = tmp_path / ".lock"
+  lock.write_text("")  # a run killed between creating its lock and writing its pid
+  with pytest.raises(RunDirectoryError):  # just created: a run may be writing it now
+    claim(str(tmp_path), resume=False, overwrite=False)
+  old = time.time() - 600
+  os.utime(lock, (old, old))
+  release(claim(str(tmp_path), resume=False, overwrite=False))
+  assert "taking the run directory over" in capsys.readouterr().out and not lock.exists()
+  lock.symlink_to(tmp_path / "gone")
+  release(claim(str(tmp_path), resume=False, overwrite=False))
+  assert not os.path.lexists(lock)

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from typing import Optional
 
 LOCK_NAME = ".lock"
@@ -68,6 +69,18 @@ def _take(path: str) -> bool:
   return True
 
 
+STALE_UNREADABLE_S = 60  # an empty or unreadable lock older than this was left by a run killed while taking it
+
+
+def _unreadable_and_old(path: str) -> bool:
+  """A lock that is empty or not JSON and was last written over `STALE_UNREADABLE_S` seconds ago (a starting run
+  writes its pid right after creating the file)."""
+  try:
+    return time.time() - os.lstat(path).st_mtime > STALE_UNREADABLE_S
+  except FileNotFoundError:
+    return False
+
+
 def _lock(output_dir: str) -> str:
   path = os.path.join(output_dir, LOCK_NAME)
   for _ in range(3):  # a stale lock removed by two starters at once: one of them wins the retake
@@ -75,6 +88,16 @@ def _lock(output_dir: str) -> str:
       return path
     owner = _read_lock(path)
     if owner is None:
+      if os.path.islink(path):  # a link to nowhere: no run can hold it
+        print(f"note: {path} is a link to a missing file; removing it")
+        _remove(path)
+      continue
+    if not owner and _unreadable_and_old(path):
+      print(
+        f"note: {path} is empty or unreadable and older than {STALE_UNREADABLE_S} s (left by a run killed "
+        "while taking it); taking the run directory over"
+      )
+      _remove(path)
       continue
     pid, host = owner.get("pid"), owner.get("host")
     if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
@@ -89,6 +112,13 @@ def _lock(output_dir: str) -> str:
       "another output_dir, or delete the lock if that run is gone"
     )
   raise RunDirectoryError(f"cannot take the lock {path}; another run is starting in {output_dir}")
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
 
 
 def _holds_run(output_dir: str) -> list[str]:

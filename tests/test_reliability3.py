@@ -338,3 +338,22 @@ def test_an_empty_or_dangling_lock_file_is_taken_over(tmp_path, capsys):
   lock.symlink_to(tmp_path / "gone")
   release(claim(str(tmp_path), resume=False, overwrite=False))
   assert not os.path.lexists(lock)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records beside a run
+
+
+@pytest.mark.parametrize("content", ["", "{", "[1, 2]", "\xff"])
+def test_a_damaged_record_reads_as_absent_in_one_line(tmp_path, capsys, content):
+  """An empty study_run.json (a study killed while writing it) must not break every later study run."""
+  from train.records import read_record, write_record
+
+  path = tmp_path / "study_run.json"
+  path.write_bytes(content.encode("latin-1"))
+  assert read_record(str(path)) is None
+  out = capsys.readouterr().out.strip()
+  assert str(path) in out and "\n" not in out
+  assert read_record(str(tmp_path / "missing.json")) is None
+  write_record(str(path), {"wall_time_s": 1.5})
+  assert read_record(str(path)) == {"wall_time_s": 1.5} and sorted(os.listdir(tmp_path)) == ["study_run.json"]

@@ -5,6 +5,7 @@ first periodic one, a finished run whose checkpoints were deleted, exports throu
 one rank, values that pass a range check and crash later, hostile PEFT configs, stale stage records and lock files.
 """
 
+import json
 import os
 import sys
 
@@ -357,3 +358,31 @@ def test_a_damaged_record_reads_as_absent_in_one_line(tmp_path, capsys, content)
   assert read_record(str(tmp_path / "missing.json")) is None
   write_record(str(path), {"wall_time_s": 1.5})
   assert read_record(str(path)) == {"wall_time_s": 1.5} and sorted(os.listdir(tmp_path)) == ["study_run.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checksums of what a later run trusts
+
+
+def test_a_checkpoint_whose_meta_was_changed_is_moved_aside(tmp_path, capfd):
+  """The best score and the data position a resume trusts are under the checkpoint's checksum."""
+  import jax.numpy as jnp
+  from train.checkpoint import Checkpoints
+
+  like = {"w": jnp.zeros((4, 4)), "step": jnp.zeros((), jnp.int32)}
+  writer = Checkpoints(str(tmp_path), keep=3)
+  for step in (1, 2):
+    meta = {"step": step, "best": {"step": step, "score": 0.5}, "data_position": {"epoch": 0, "index": 8 * step}}
+    writer.save(step, {"w": jnp.full((4, 4), float(step)), "step": jnp.int32(step)}, meta)
+  writer.wait()
+  writer.close()
+  path = tmp_path / "latest" / "2" / "meta" / "metadata"
+  meta = json.loads(path.read_text())
+  meta["best"]["score"] = 0.99  # a damaged (or edited) best score
+  path.write_text(json.dumps(meta))
+  reader = Checkpoints(str(tmp_path), keep=3)
+  state, meta = reader.restore_latest(like)
+  reader.close()
+  assert meta["step"] == 1 and meta["best"]["score"] == 0.5
+  said = [line for line in capfd.readouterr().out.splitlines() if "cannot be restored" in line]
+  assert len(said) == 1 and "checksum" in said[0] and "2.corrupt" in said[0]

@@ -196,12 +196,12 @@ def test_staging_folders_of_an_interrupted_export_are_removed(tmp_path):
   [("adapter.target_params=1", "adapter.target_params"), ("adapter.target_fraction=1e-6", "adapter.target_fraction")],
 )
 def test_a_budget_below_one_rank_is_refused_naming_the_key_and_the_minimum(tiny, tmp_path, budget, key):
-  from train import loop
+  from train import loop, optimizer
   from train.config import ConfigError
 
   experiment = loop.build(_config(tiny, tmp_path, "adapter.rank=2", budget))
   with pytest.raises(ConfigError) as e:
-    loop.budget_params(experiment)
+    optimizer.budget_params(experiment)
   message = str(e.value)
   # the tiny BERT's smallest module is an attention projection: one rank is 32 + 32 parameters
   assert "\n" not in message and key in message and "64" in message, message
@@ -346,18 +346,18 @@ def test_an_empty_or_dangling_lock_file_is_taken_over(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", ["", "{", "[1, 2]", "\xff"])
-def test_a_damaged_record_reads_as_absent_in_one_line(tmp_path, capsys, content):
-  """An empty study_run.json (a study killed while writing it) must not break every later study run."""
-  from train.records import read_record, write_record
+def test_a_damaged_study_run_record_reads_as_absent(tmp_path, content):
+  """An empty study_run.json (a study killed while writing it) must not break every later train.pareto run; a
+  damaged results.json is one line naming it."""
+  from train import pareto
+  from train.config import ConfigError
 
   path = tmp_path / "study_run.json"
   path.write_bytes(content.encode("latin-1"))
-  assert read_record(str(path)) is None
-  out = capsys.readouterr().out.strip()
-  assert str(path) in out and "\n" not in out
-  assert read_record(str(tmp_path / "missing.json")) is None
-  write_record(str(path), {"wall_time_s": 1.5})
-  assert read_record(str(path)) == {"wall_time_s": 1.5} and sorted(os.listdir(tmp_path)) == ["study_run.json"]
+  assert pareto._read(str(path), required=False) is None
+  with pytest.raises(ConfigError) as e:
+    pareto._read(str(path))
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
+
+from train.values import INT_LIMIT, MAX_YAML_VALUES, count_values, shown
 
 
 class ConfigError(ValueError):
@@ -50,17 +51,6 @@ _CHECKS = {
   "-1|>0": (lambda v: v == -1 or v > 0, "-1 (all devices left) or a positive size"),
   "seed": (lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
 }
-INT_LIMIT = 2**31 - 1  # steps, sizes and counts fit an int32 (the step counter is one)
-MAX_YAML_VALUES = 100_000  # a config file holds a few dozen keys; more is an alias bomb or the wrong file
-
-
-def _show(value: Any) -> str:
-  """`repr(value)` cut to about 80 characters, whatever its size (a huge list, a 5000-digit number)."""
-  shower = reprlib.Repr()
-  shower.maxstring = shower.maxother = shower.maxlong = 60
-  shower.maxlist = shower.maxtuple = shower.maxdict = 6
-  text = shower.repr(value)
-  return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +249,7 @@ def _resolve_key(key: str) -> str:
 
 def _type_error(key: str, expected: str, value: Any) -> ConfigError:
   return ConfigError(
-    f"config key {key!r} expects {expected}, got {_show(value)}; valid keys: {', '.join(valid_keys())}"
+    f"config key {key!r} expects {expected}, got {shown(value)}; valid keys: {', '.join(valid_keys())}"
   )
 
 
@@ -278,10 +268,10 @@ def coerce(key: str, value: Any, tp) -> Any:
         return coerce(key, value, arg)
       except ConfigError as e:
         errors.append(str(e))
-    raise ConfigError(errors[0] if errors else f"{key}: bad value {_show(value)}")
+    raise ConfigError(errors[0] if errors else f"{key}: bad value {shown(value)}")
   if origin is Literal:
     if value not in args:
-      raise ConfigError(f"config key {key!r} expects one of {', '.join(map(repr, args))}, got {_show(value)}")
+      raise ConfigError(f"config key {key!r} expects one of {', '.join(map(repr, args))}, got {shown(value)}")
     return value
   if origin is tuple:
     if isinstance(value, str):
@@ -296,7 +286,7 @@ def coerce(key: str, value: Any, tp) -> Any:
     try:
       value = float(value)
     except OverflowError:  # an integer beyond any float
-      raise ConfigError(f"config key {key!r} must be a finite number, got {_show(value)}") from None
+      raise ConfigError(f"config key {key!r} must be a finite number, got {shown(value)}") from None
   if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
     try:
       value = float(value)
@@ -313,7 +303,7 @@ def coerce(key: str, value: Any, tp) -> Any:
   if tp is float and not math.isfinite(value):
     raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
   if tp is int and abs(value) > INT_LIMIT and key != "seed":
-    raise ConfigError(f"config key {key!r} must be at most {INT_LIMIT} in size, got {_show(value)}")
+    raise ConfigError(f"config key {key!r} must be at most {INT_LIMIT} in size, got {shown(value)}")
   return value
 
 
@@ -349,7 +339,7 @@ def apply_overrides(config: RunConfig, values: dict[str, Any]) -> RunConfig:
 
 def parse_override(text: str) -> tuple[str, Any]:
   if "=" not in text:
-    raise ConfigError(f"expected key=value, got {_show(text)}; valid keys: {', '.join(valid_keys())}")
+    raise ConfigError(f"expected key=value, got {shown(text)}; valid keys: {', '.join(valid_keys())}")
   key, raw = text.split("=", 1)
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
@@ -380,27 +370,12 @@ def read_yaml(path: str) -> dict:
     ) from None
   if not isinstance(values, dict):
     raise ConfigError(f"{path}: expected a mapping of config keys")
-  if _count_values(values, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+  if count_values(values, MAX_YAML_VALUES) > MAX_YAML_VALUES:
     raise ConfigError(
       f"{path}: holds more than {MAX_YAML_VALUES} values once its aliases are expanded (nested `*alias` "
       "references?); a config file holds a few dozen keys"
     )
   return values
-
-
-def _count_values(value: Any, limit: int) -> int:
-  """The number of values in `value` with YAML's shared (aliased) parts counted every time they appear; stops
-  counting past `limit`, so an alias bomb or a self-referencing alias costs at most `limit` steps."""
-  count, stack = 0, [value]
-  while stack and count <= limit:
-    item = stack.pop()
-    count += 1
-    if isinstance(item, dict):
-      stack.extend(item.keys())
-      stack.extend(item.values())
-    elif isinstance(item, (list, tuple)):
-      stack.extend(item)
-  return count
 
 
 def check(config: Any, prefix: str = "") -> None:
@@ -448,23 +423,6 @@ def _check_budget(adapter: "AdapterConfig") -> None:
     )
 
 
-def check_budget_keeps_a_rank(adapter: "AdapterConfig", budget: int, least: int, full: int) -> None:
-  """Raises `ConfigError` when a budget of `budget` adapter parameters (of `full` at full rank) is below `least`,
-  one rank of the smallest adapted module: it would keep nothing and export an empty adapter."""
-  if budget >= least:
-    return
-  if adapter.target_params is not None:
-    raise ConfigError(
-      f"adapter.target_params={adapter.target_params} is below one rank of the smallest module ({least} adapter "
-      f"parameters): the budget would keep nothing; give adapter.target_params={least} or more"
-    )
-  fraction = math.ceil(least / full * 1e4) / 1e4
-  raise ConfigError(
-    f"adapter.target_fraction={adapter.target_fraction:g} is {budget} adapter parameters, below one rank of the "
-    f"smallest module ({least}): the budget would keep nothing; give adapter.target_fraction={fraction:g} or more"
-  )
-
-
 def _check_fields(config: Any, prefix: str) -> None:
   for f in dataclasses.fields(config):
     value = getattr(config, f.name)
@@ -478,7 +436,7 @@ def _check_fields(config: Any, prefix: str) -> None:
     for v in value if isinstance(value, tuple) else (value,):
       if not ok(v):
         raise ConfigError(
-          f"config key {prefix + f.name!r} must be {expected}, got {_show(v)}" + _RANGE_HINTS.get(prefix + f.name, "")
+          f"config key {prefix + f.name!r} must be {expected}, got {shown(v)}" + _RANGE_HINTS.get(prefix + f.name, "")
         )
 
 

@@ -18,7 +18,7 @@ import sora_jax
 from sora_jax import adapters
 from sora_jax import sharding as shd
 from train.build import Experiment
-from train.config import ConfigError, RunConfig, check_budget_keeps_a_rank
+from train.config import AdapterConfig, ConfigError, RunConfig
 
 
 def _flat_paths(tree) -> dict:
@@ -89,6 +89,23 @@ def hyper_for(
     f32(lam),
     f32(1.0 if target_fraction is None else target_fraction),
     jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 2)),
+  )
+
+
+def check_budget_keeps_a_rank(adapter: AdapterConfig, budget: int, least: int, full: int) -> None:
+  """Raises `ConfigError` when a budget of `budget` adapter parameters (of `full` at full rank) is below `least`,
+  one rank of the smallest adapted module: it would keep nothing and export an empty adapter."""
+  if budget >= least:
+    return
+  if adapter.target_params is not None:
+    raise ConfigError(
+      f"adapter.target_params={adapter.target_params} is below one rank of the smallest module ({least} adapter "
+      f"parameters): the budget would keep nothing; give adapter.target_params={least} or more"
+    )
+  fraction = math.ceil(least / full * 1e4) / 1e4
+  raise ConfigError(
+    f"adapter.target_fraction={adapter.target_fraction:g} is {budget} adapter parameters, below one rank of the "
+    f"smallest module ({least}): the budget would keep nothing; give adapter.target_fraction={fraction:g} or more"
   )
 
 

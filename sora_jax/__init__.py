@@ -20,6 +20,8 @@ from sora_jax.budget import adapter_params as adapter_params
 from sora_jax.budget import budget_phases as budget_phases
 from sora_jax.budget import budget_schedule as budget_schedule
 from sora_jax.budget import cut_to_budget as cut_to_budget
+from sora_jax.budget import rank_params as rank_params
+from sora_jax.budget import smallest_rank_params as smallest_rank_params
 from sora_jax.budget import retained_fraction as retained_fraction
 from sora_jax.budget import sora_budget as sora_budget
 from sora_jax.forward import apply_factored as apply_factored
@@ -81,10 +83,12 @@ __all__ = [
   "not_gate_mask",
   "param_labels",
   "prune",
+  "rank_params",
   "rank_report",
   "retained_fraction",
   "save_merged",
   "save_peft",
+  "smallest_rank_params",
   "soft_threshold",
   "sora_budget",
   "sora_optimizer",

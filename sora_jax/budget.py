@@ -23,6 +23,8 @@ a budget: a no-op after `sora_budget`, and the tool to put any SoRA (or LoRA) ad
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -276,6 +278,20 @@ def adapter_params(params: PyTree) -> int:
       if rec.gate in flat
     )
   )
+
+
+def smallest_rank_params(params: PyTree) -> int:
+  """The adapter parameters of one rank (`rank_params`) of the smallest gated module: the least a budget must allow
+  to keep any rank (0 without gated modules)."""
+  flat, _ = leaves.flatten(params)
+  costs = [
+    rank_params(
+      np.size(leaves.value(flat[rec.a])), np.size(leaves.value(flat[rec.b])), np.size(leaves.value(flat[rec.gate]))
+    )
+    for rec in leaves.find_adapters(flat)
+    if rec.gate in flat
+  ]
+  return int(math.ceil(min(costs, default=0)))
 
 
 def cut_to_budget(params: PyTree, budget_params: int) -> tuple[PyTree, BudgetCut]:

@@ -330,7 +330,9 @@ def _write_adapter(
   }
   from safetensors.numpy import save_file
 
-  with adapter_files.atomic_folder(directory, owned=("adapter_*",)) as staging:  # old adapter whole, or the new
+  with adapter_files.atomic_folder(
+    directory, owned=(WEIGHTS_NAME, _BIN_WEIGHTS_NAME, CONFIG_NAME)
+  ) as staging:  # old adapter whole, or the new
     save_file(
       {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
       os.path.join(staging, WEIGHTS_NAME),
@@ -500,7 +502,16 @@ def _as_adapter(
       f"{tuple(w_shape)} of {where} (a Linear {fan_in} -> {fan_out}); was the adapter made for another model size?"
     )
   a_shape, b_shape, g_shape = roles.shapes(w_shape, rank)
-  b = (adapter.scale(name, rank) / scale) * lora_b.T
+  factor = adapter.scale(name, rank) / scale
+  with np.errstate(over="ignore"):
+    b = factor * lora_b.T
+    # |(B A)_ij| <= rank max|A| max|B|: below float32's largest, the merged update is finite too
+    bound = rank * float(np.max(np.abs(lora_a), initial=0.0)) * float(np.max(np.abs(b), initial=0.0))
+  if not (math.isfinite(factor) and np.isfinite(b).all() and bound < np.finfo(np.float32).max):
+    raise ValueError(
+      f"{os.path.join(directory, CONFIG_NAME)}: lora_alpha / alpha_pattern give {name} a scale of "
+      f"{adapter.scale(name, rank):.3g}, which makes its LoRA update overflow float32; check the adapter's alpha"
+    )
   return lora_a.T.reshape(a_shape), b.reshape(b_shape), np.ones(g_shape)
 
 
@@ -735,7 +746,9 @@ def save_merged(
     files = ["model.safetensors"]
   else:
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  with adapter_files.atomic_folder(directory, owned=("model*.safetensors*", "config.json")) as staging:
+  with adapter_files.atomic_folder(
+    directory, owned=("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors", "config.json")
+  ) as staging:
     if len(shards) > 1:
       index = {
         "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},

@@ -11,7 +11,9 @@ from sora_jax.adapter_files import atomic_folder
 
 
 def _files(directory):
-  return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+  """The folder's files, without the export's manifest of the names it wrote."""
+  names = sorted(n for n in os.listdir(directory) if n != ".sora_jax_export.json")
+  return {name: open(os.path.join(directory, name), "rb").read() for name in names}
 
 
 def test_atomic_folder_keeps_the_old_folder_on_failure_and_other_files_on_success(tmp_path):
@@ -147,6 +149,18 @@ def _nan(x):
     ("alpha pattern negative", lambda c: {**c, "alpha_pattern": {"query": -2}}, None, ["alpha_pattern['query']"]),
     ("r boolean", lambda c: {**c, "r": True}, None, ["adapter_config.json", "r must be", "True"]),
     ("json list", lambda c: [c], None, ["adapter_config.json", "JSON object", "list"]),
+    ("alpha huge", lambda c: {**c, "lora_alpha": 1e300}, None, ["adapter_config.json", "lora_alpha", "overflow"]),
+    ("alpha absurd int", lambda c: {**c, "lora_alpha": 10**400}, None, ["adapter_config.json", "lora_alpha"]),
+    ("r absurd int", lambda c: {**c, "r": 10**30}, None, ["adapter_config.json", "r must be"]),
+    ("r fraction", lambda c: {**c, "r": 2.5}, None, ["adapter_config.json", "r must be", "2.5"]),
+    ("bad regex", lambda c: {**c, "alpha_pattern": {"query(": 4}}, None, ["alpha_pattern['query(']", "regex"]),
+    (
+      "backtracking regex",
+      lambda c: {**c, "rank_pattern": {"(.*)*x": 4}},
+      None,
+      ["rank_pattern['(.*)*x']", "nested repetition"],
+    ),
+    ("0-D lora_A", None, lambda t: _set(t, ".lora_A.", lambda x: np.float32(1.0)), ["lora_A", "2-D", "()"]),
   ],
 )
 def test_load_peft_refuses_broken_adapters(adapter, tmp_path, case, config_change, tensor_change, words):

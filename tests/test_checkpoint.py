@@ -49,6 +49,7 @@ def test_a_checkpoint_whose_arrays_differ_from_their_checksum_is_moved_aside(tmp
   meta = json.loads(open(_metadata(latest / "3")).read())
   assert len(meta["state_checksum"]) == 16 and meta["finite"] is True
   meta["state_checksum"] = "0" * 16  # as if the arrays had changed after the save
+  meta.pop("meta_checksum")  # (a meta as written before it had its own checksum)
   open(_metadata(latest / "3"), "w").write(json.dumps(meta))
   reader = Checkpoints(str(tmp_path), keep=3)
   state, meta = reader.restore_latest(like)

@@ -120,6 +120,39 @@ def test_rerun_skips_completed_stages_and_redoes_an_unfinished_one(fresh_run, ti
 
 
 @pytest.mark.slow
+def test_finished_stages_are_evaluated_again_under_other_settings_and_refused_when_damaged(fresh_run, tiny):
+  out, table, _ = fresh_run
+  stages = table["stages"]
+  # Another memorization subset: the finished stages' numbers are recomputed, never relabelled.
+  again, printed = _run_printing(tiny, out, "memorization_examples=20")
+  assert printed.count("evaluated with other settings") == 3
+  assert all(s["evaluation"]["memorization_examples"] == 20 for s in again["stages"])
+  record = json.loads((out / "stages" / "stage_01" / "stage.json").read_text())
+  assert record["evaluation"]["memorization_examples"] == 20
+  assert [s["ranks"] for s in again["stages"]] == [s["ranks"] for s in stages]
+  # Stage 1's params replaced by stage 0's (readable, but not its own): the checksum refuses them in one line.
+  import shutil
+
+  params_1 = out / "stages" / "stage_01" / "params"
+  kept = out / "stage_01_params"
+  shutil.move(params_1, kept)
+  shutil.copytree(out / "stages" / "stage_00" / "params", params_1)
+  with pytest.raises(ValueError, match="stage_01/params differ from the checksum"):
+    _run(tiny, out, "memorization_examples=20")
+  shutil.rmtree(params_1)
+  with pytest.raises(ValueError, match="stage_01/params cannot be read"):
+    _run(tiny, out, "memorization_examples=20")
+  shutil.move(kept, params_1)
+  # A stage record cut short by a kill is one line too.
+  record_path = out / "stages" / "stage_02" / "stage.json"
+  text = record_path.read_text()
+  record_path.write_text("")
+  with pytest.raises(ValueError, match="stage_02/stage.json cannot be read"):
+    _run(tiny, out, "memorization_examples=20")
+  record_path.write_text(text)
+
+
+@pytest.mark.slow
 def test_official_stage_schedule_only_thresholds(tiny, tmp_path):
   official = tmp_path / "official"
   gates = ["adapter.gate_update=adam", "adapter.lambda_scaled_by_lr=false", "optim.gate_learning_rate=null"]

@@ -3,12 +3,14 @@
 `<output_dir>/checkpoints/latest/<step>/` holds `state` (trainable params: adapters, head, optional LayerNorms;
 optimizer state; step) and `meta` (JSON: data position, best score so far, config). Orbax writes each step into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
-`<output_dir>/checkpoints/best/<step>/` keeps the trainable params of the best evaluation.
+`<output_dir>/checkpoints/best/<step>/` keeps the trainable params of the best evaluation and, in a training run, the
+rest of the state (`rest`: optimizer state, step) with the same `meta`, so it is a starting point too: a run killed
+after its first kept-best checkpoint but before its first periodic one resumes from the best one.
 
-Resume walks back: a latest checkpoint that cannot be restored (a truncated array file, an unreadable `meta`, arrays
-whose checksum differs from the one saved in `meta`) is reported in one line and moved aside to `<step>.corrupt`, and
-the next older one is tried; with none left, `CheckpointError`. After a resume only the newest `keep` checkpoints
-remain.
+Resume starts from the newest complete checkpoint, latest or best, and walks back: one that cannot be restored (a
+truncated array file, an unreadable `meta`, arrays or `meta` whose checksum differs from the one saved) is reported
+in one line and moved aside to `<step>.corrupt`, and the next older one is tried; with none left, `CheckpointError`.
+After a resume only the newest `keep` latest checkpoints remain.
 
 The checksum (`fingerprint`) is one uint32 per array, a position-weighted sum of the array's bits modulo 2^32 computed
 on the devices: integer sums are exact in any order, so it does not depend on the mesh the arrays are sharded over,
@@ -19,11 +21,12 @@ the last checkpoint that was written completely; orbax's own error logs are kept
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -42,11 +45,17 @@ def _abstract(tree):
 
 
 class Checkpoints:
-  """The latest and the best checkpoints of one run."""
+  """The latest and the best checkpoints of one run.
 
-  def __init__(self, directory: str, keep: int = 2):
+  With `parts` (`split(state) -> (params, rest)` and its inverse `join(params, rest) -> state`), `save_best` takes the
+  whole training state and keeps the rest of it (optimizer state, step) beside the params, so a kept-best checkpoint
+  is a starting point for a resume like a latest one.
+  """
+
+  def __init__(self, directory: str, keep: int = 2, parts: Optional[tuple[Callable, Callable]] = None):
     directory = os.path.abspath(directory)
     self.keep = keep
+    self.parts = parts
     self.failed = False  # a save failed: later waits and closes stay silent
     self._pending: Optional[int] = None  # the step of the save orbax may still be writing
     self.latest = ocp.CheckpointManager(
@@ -57,16 +66,17 @@ class Checkpoints:
     self.best = ocp.CheckpointManager(
       os.path.join(directory, "best"),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m["score"], best_mode="max"),
-      item_names=("params", "meta"),
+      item_names=("params", "meta", "rest"),
     )
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts writing `state` and `meta` as checkpoint `step` (orbax finishes it in the background).
 
-    `meta` gains the state's layout signature, its checksum (`fingerprint`) and whether all of it is finite.
+    `meta` gains the state's layout signature, its checksum (`fingerprint`), whether all of it is finite, and a
+    checksum of `meta` itself (the best score and the data position are trusted on resume).
     """
     checksum, finite = fingerprint(state)
-    meta = {**meta, "state_signature": _signature(state), "state_checksum": checksum, "finite": finite}
+    meta = _sealed({**meta, "state_signature": _signature(state), "state_checksum": checksum, "finite": finite})
     self._guarded(
       step,
       lambda: self.latest.save(
@@ -75,7 +85,7 @@ class Checkpoints:
     )
     self._pending = step
 
-  def _guarded(self, step: Optional[int], write) -> None:
+  def _guarded(self, step: Optional[int], write, manager=None) -> None:
     """Runs `write` (a save, or waiting for one); a failure becomes one `CheckpointError` line, and later waits
     stay silent, so the run stops with that line alone."""
     if self.failed:
@@ -94,7 +104,7 @@ class Checkpoints:
         else "no checkpoint was completed"
       )
       raise CheckpointError(
-        f"saving checkpoint step {step} to {self.latest.directory} failed ({reason}); "
+        f"saving checkpoint step {step} to {(manager or self.latest).directory} failed ({reason}); "
         f"stopped training; {kept}; free disk space and rerun with resume=true"
       ) from None
 
@@ -119,17 +129,31 @@ class Checkpoints:
         return step
     return None
 
-  def save_best(self, step: int, params: Any, meta: dict, score: float) -> None:
+  def save_best(self, step: int, state: Any, meta: dict, score: float) -> None:
+    """Keeps `state` (the params, or with `parts` the whole training state) as the best checkpoint at `step`."""
+    params, rest = self.parts[0](state) if self.parts else (state, None)
     meta = {**meta, "params_checksum": fingerprint(params)[0]}
+    items = {"params": ocp.args.StandardSave(params)}
+    if rest is not None:  # a starting point for a resume: the rest of the state, its checksum and layout
+      checksum, finite = fingerprint(rest)
+      meta.update(rest_checksum=checksum, state_signature=_signature((params, rest)), resumable=True)
+      meta["finite"] = finite and fingerprint(params)[1]
+      items["rest"] = ocp.args.StandardSave(rest)
+    meta = _sealed(meta)
     self._guarded(
       step,
       lambda: self.best.save(
         step,
-        args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)),
         metrics={"score": float(score)},
         force=True,
       ),
+      self.best,
     )
+
+  def has_checkpoint(self) -> bool:
+    """Whether any checkpoint a resume may start from is on disk (a latest one, or with `parts` a kept-best one)."""
+    return bool(self.latest.all_steps() or (self.parts and self.best.all_steps()))
 
   def drop_after(self, step: int) -> None:
     """Deletes checkpoints past `step`: on resume, those are from the lost part of a killed run."""
@@ -141,57 +165,84 @@ class Checkpoints:
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
 
+  def _candidates(self) -> list[tuple[int, Any]]:
+    """(step, manager) of every checkpoint a resume may start from, newest first; a latest one before a best one
+    of the same step."""
+    found = [(s, 1, self.latest) for s in self.latest.all_steps()]
+    if self.parts:
+      found += [(s, 0, self.best) for s in self.best.all_steps()]
+    return [(s, m) for s, _, m in sorted(found, key=lambda c: c[:2], reverse=True)]
+
   def restore_latest(self, like_state: Any) -> tuple[Any, dict]:
     """Restores the newest (state, meta) that can be restored; `like_state` gives structure, dtypes and shardings.
 
-    A checkpoint that fails is moved aside to `<step>.corrupt` (one line says why) and the next older one is
-    tried; then checkpoints beyond the newest `keep` are deleted. Raises `CheckpointError` when none restores.
+    Candidates are the latest checkpoints and, with `parts`, the kept-best ones (whichever is newer). A checkpoint
+    that fails is moved aside to `<step>.corrupt` (one line says why) and the next older one is tried; then latest
+    checkpoints beyond the newest `keep` are deleted. Raises `CheckpointError` when none restores.
     """
     moved = []
-    for step in sorted(self.latest.all_steps(), reverse=True):
+    for step, manager in self._candidates():
+      best = manager is self.best
+      layout = _signature(self.parts[0](like_state) if best else like_state)
       try:
         with _quiet_orbax():
-          meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
-        if missing:
-          raise ValueError(f"meta lacks {missing}")
-        if int(meta["step"]) != step:
-          raise ValueError(f"meta says step {meta['step']}")
+          meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if best and isinstance(meta, dict) and not meta.get("resumable"):
+          continue  # a best checkpoint of params alone: not a starting point, not damaged either
+        _check_meta(meta, step)
       except Exception as e:  # orbax/json raise many types for a damaged file
         _drop_closed_loop_reports()
-        moved.append(self._move_aside(step, e))
+        moved.append(self._move_aside(step, e, manager))
         continue
       # An intact checkpoint of another layout (a changed rank, method or optimizer) is not corrupt: never
       # move it aside, stop instead.
-      if meta.get("state_signature", _signature(like_state)) != _signature(like_state):
+      if meta.get("state_signature", layout) != layout:
         raise CheckpointError(
-          f"checkpoint {self.latest.directory}/{step} holds a different set or shape of parameters or "
+          f"checkpoint {manager.directory}/{step} holds a different set or shape of parameters or "
           "optimizer state than this config builds (another adapter.rank, method, targets or optimizer?); "
           "resume with the config of that run, or use a new output_dir"
         )
       try:
-        with _quiet_orbax():
-          restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()),
-          )
-        saved = meta.get("state_checksum")
-        if saved is not None and fingerprint(restored.state)[0] != saved:
-          raise ValueError("the arrays' checksum differs from the one saved with them (damaged data)")
+        state = self._restore_state(step, manager, like_state, meta)
       except Exception as e:  # orbax/tensorstore raise many types for a damaged file
         _drop_closed_loop_reports()
-        moved.append(self._move_aside(step, e))
+        moved.append(self._move_aside(step, e, manager))
         continue
       self._keep_newest()
-      return restored.state, restored.meta
+      return state, meta
     raise CheckpointError(
-      f"no checkpoint in {self.latest.directory} can be restored (moved aside: "
+      f"no checkpoint in {os.path.dirname(str(self.latest.directory))} can be restored (moved aside: "
       f"{', '.join(moved) or 'none'}); start over without resume=true, or point output_dir "
       "at a run with an intact checkpoint"
     )
 
-  def _move_aside(self, step: int, error: Exception) -> str:
-    path = os.path.join(str(self.latest.directory), str(step))
+  def _restore_state(self, step: int, manager, like_state: Any, meta: dict) -> Any:
+    """The state of checkpoint `step` of `manager`, its arrays checked against the checksums in `meta`."""
+    damaged = "the arrays' checksum differs from the one saved with them (damaged data)"
+    with _quiet_orbax():
+      if manager is self.latest:
+        state = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like_state)))
+        ).state
+        if meta.get("state_checksum") is not None and fingerprint(state)[0] != meta["state_checksum"]:
+          raise ValueError(damaged)
+        return state
+      like_params, like_rest = self.parts[0](like_state)
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(like_params)), rest=ocp.args.StandardRestore(_abstract(like_rest))
+        ),
+      )
+    if fingerprint(restored.params)[0] != meta.get("params_checksum") or fingerprint(restored.rest)[0] != meta.get(
+      "rest_checksum"
+    ):
+      raise ValueError(damaged)
+    return self.parts[1](restored.params, restored.rest)
+
+  def _move_aside(self, step: int, error: Exception, manager=None) -> str:
+    manager = manager or self.latest
+    path = os.path.join(str(manager.directory), str(step))
     reason = " ".join(str(error).split())[:200] or type(error).__name__
     target = path + ".corrupt"
     if jax.process_index() == 0:
@@ -204,7 +255,7 @@ class Checkpoints:
         "trying the next older one"
       )
     _sync(f"move_aside_{step}")
-    self.latest.reload()
+    manager.reload()
     return os.path.basename(target)
 
   def _keep_newest(self) -> None:
@@ -219,7 +270,10 @@ class Checkpoints:
       args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like_params)), meta=ocp.args.JsonRestore()),
     )
     saved = restored.meta.get("params_checksum")
-    if saved is not None and fingerprint(restored.params)[0] != saved:
+    sealed = restored.meta.get("meta_checksum")
+    if (saved is not None and fingerprint(restored.params)[0] != saved) or (
+      sealed is not None and sealed != _meta_checksum(restored.meta)
+    ):
       raise CheckpointError(
         f"the kept-best checkpoint {self.best.directory}/{step} is damaged (its arrays' "
         "checksum differs from the one saved with them); rerun with final_params=last, or "
@@ -311,6 +365,29 @@ def fingerprint(state: Any) -> tuple[str, bool]:
   sums, finite = jax.device_get(_fingerprints(leaves))
   digest = hashlib.sha256(b"".join(int(v).to_bytes(4, "little") for v in sums)).hexdigest()[:16]
   return digest, bool(finite)
+
+
+def _meta_checksum(meta: dict) -> str:
+  """A digest of `meta` (JSON with sorted keys) without its own `meta_checksum` entry."""
+  text = json.dumps({k: v for k, v in meta.items() if k != "meta_checksum"}, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sealed(meta: dict) -> dict:
+  """`meta` with its checksum: the best score, the data position and the config a resume trusts are covered."""
+  return {**meta, "meta_checksum": _meta_checksum(meta)}
+
+
+def _check_meta(meta: Any, step: int) -> None:
+  """Raises `ValueError` for a checkpoint `meta` that lacks a key a resume reads, names another step, or differs
+  from its checksum."""
+  missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
+  if missing:
+    raise ValueError(f"meta lacks {missing}")
+  if int(meta["step"]) != step:
+    raise ValueError(f"meta says step {meta['step']}")
+  if meta.get("meta_checksum") is not None and meta["meta_checksum"] != _meta_checksum(meta):
+    raise ValueError("meta differs from its checksum (damaged or edited: the best score or data position)")
 
 
 def _signature(state: Any) -> str:

@@ -8,8 +8,9 @@ A configuration or data problem (`ConfigError`, `DataError`) or an output direct
 (`RunDirectoryError`) is printed as one line `error: ...` on stderr with exit code 2; a run stopped by a non-finite
 step (`NonFiniteError`) or a checkpoint that cannot be saved or resumed (`CheckpointError`, also a resume with a
 changed config) as one line with exit code 1. A run stopped by SIGTERM/SIGINT after saving its checkpoint
-(`train.preemption.Preempted`) prints one line and exits with 75; a second signal exits at once with 128 + the
-signal's number; Ctrl-C outside training exits with 130. Any other exception is a bug and keeps its traceback.
+(`train.preemption.Preempted`) prints one line and exits with 75, and so does SIGTERM outside the training loop
+(`train.preemption.Terminated`: loading data, exporting; the lock is released); a second signal exits at once with
+128 + the signal's number; Ctrl-C outside training exits with 130. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -92,8 +93,14 @@ def fail(error: BaseException, code: int = 2) -> int:
 
 def run_guarded(start: Callable[[], int]) -> int:
   """Runs `start()`, turning the errors a user can fix into one line and an exit code (see the module docstring)."""
+  from train.preemption import EXIT_PREEMPTED, Terminated, stop_outside_training
+
   try:
-    return start()
+    with stop_outside_training():
+      return start()
+  except Terminated as e:
+    print(str(e), file=sys.stderr)
+    return EXIT_PREEMPTED
   except KeyboardInterrupt:  # Ctrl-C before or after training (during it, train.preemption saves and stops)
     print("error: interrupted (SIGINT) outside training; nothing to save", file=sys.stderr)
     return 130

@@ -4,7 +4,7 @@ A run config is composed of one dataclass per concern (model, data, adapter, opt
 values, either nested by section (`optim: {learning_rate: 8e-4}`) or flat; command-line overrides are `key=value`
 with a dotted key (`optim.learning_rate=1e-3`) or a bare field name that is unique across sections (`seed=21`,
 `output_dir=/tmp/rte`). Values are parsed as YAML scalars and checked against the field's type; an unknown key or a
-value of the wrong type raises `ConfigError` naming the valid keys.
+value of the wrong type raises `ConfigError` naming the valid keys; values are shown shortened.
 
 Each field is declared with `setting(default, help, check)`: the one-line description is what `--help` prints next to
 the key and its default, and `check` (">0", ">=0", "0..1") is the range `check(config)` enforces after loading, so
@@ -20,11 +20,14 @@ YAML file and the overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
+
+from train.values import INT_LIMIT, MAX_YAML_VALUES, count_values, shown
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,8 @@ _CHECKS = {
   ">0": (lambda v: v > 0, "a positive number"),
   ">=0": (lambda v: v >= 0, "zero or more"),
   "0..1": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+  "-1|>0": (lambda v: v == -1 or v > 0, "-1 (all devices left) or a positive size"),
+  "seed": (lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
 }
 
 
@@ -91,7 +96,7 @@ class DataConfig:
 class AdapterConfig:
   method: str = setting("sora", "sora (gated, proximal L1 step), lora (gates fixed at one) or full (all weights)")
   rank: int = setting(8, "rank r_max of each adapter", ">0")
-  alpha: float = setting(16.0, "scale s = alpha / rank")
+  alpha: float = setting(16.0, "scale s = alpha / rank", ">0")
   targets: Optional[tuple[str, ...]] = setting(None, "regexes over kernel paths; None: the family's six dense kernels")
   gate_init: str = setting("ones", "initial gates: ones or normal")
   dropout: float = setting(0.0, "dropout on the adapter input", "0..1")
@@ -189,7 +194,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  data: int = setting(-1, "data-parallel axis size; -1: all devices not used by the other axes")
+  data: int = setting(-1, "data-parallel axis size; -1: all devices not used by the other axes", "-1|>0")
   fsdp: int = setting(1, "FSDP axis size", ">0")
   tensor: int = setting(1, "tensor axis size (reserved; leave at 1)", ">0")
   fsdp_min_size: int = setting(2**14, "frozen leaves smaller than this stay replicated", ">=0")
@@ -198,7 +203,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   output_dir: str = setting("runs/default", "checkpoints, logs, results.json and the PEFT export go here")
-  seed: int = setting(42, "seed of init, dropout and batch order")
+  seed: int = setting(42, "seed of init, dropout and batch order", "seed")
   resume: bool = setting(False, "continue from the latest readable checkpoint in output_dir")
   overwrite: bool = setting(False, "start afresh in an output_dir that holds another run, deleting that run")
   export_peft: bool = setting(True, "sora/lora: write the pruned adapters as a PEFT LoRA adapter to <output_dir>/peft")
@@ -243,7 +248,9 @@ def _resolve_key(key: str) -> str:
 
 
 def _type_error(key: str, expected: str, value: Any) -> ConfigError:
-  return ConfigError(f"config key {key!r} expects {expected}, got {value!r}; valid keys: {', '.join(valid_keys())}")
+  return ConfigError(
+    f"config key {key!r} expects {expected}, got {shown(value)}; valid keys: {', '.join(valid_keys())}"
+  )
 
 
 def coerce(key: str, value: Any, tp) -> Any:
@@ -261,10 +268,10 @@ def coerce(key: str, value: Any, tp) -> Any:
         return coerce(key, value, arg)
       except ConfigError as e:
         errors.append(str(e))
-    raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    raise ConfigError(errors[0] if errors else f"{key}: bad value {shown(value)}")
   if origin is Literal:
     if value not in args:
-      raise ConfigError(f"config key {key!r} expects one of {', '.join(map(repr, args))}, got {value!r}")
+      raise ConfigError(f"config key {key!r} expects one of {', '.join(map(repr, args))}, got {shown(value)}")
     return value
   if origin is tuple:
     if isinstance(value, str):
@@ -276,10 +283,13 @@ def coerce(key: str, value: Any, tp) -> Any:
   if tp is Any:
     return value
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
+    try:
+      value = float(value)
+    except OverflowError:  # an integer beyond any float
+      raise ConfigError(f"config key {key!r} must be a finite number, got {shown(value)}") from None
   if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
     try:
-      return float(value)
+      value = float(value)
     except ValueError:
       pass
   if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -290,6 +300,10 @@ def coerce(key: str, value: Any, tp) -> Any:
     raise _type_error(key, "an integer", value)
   if not isinstance(value, tp):
     raise _type_error(key, tp.__name__, value)
+  if tp is float and not math.isfinite(value):
+    raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
+  if tp is int and abs(value) > INT_LIMIT and key != "seed":
+    raise ConfigError(f"config key {key!r} must be at most {INT_LIMIT} in size, got {shown(value)}")
   return value
 
 
@@ -325,11 +339,11 @@ def apply_overrides(config: RunConfig, values: dict[str, Any]) -> RunConfig:
 
 def parse_override(text: str) -> tuple[str, Any]:
   if "=" not in text:
-    raise ConfigError(f"expected key=value, got {text!r}; valid keys: {', '.join(valid_keys())}")
+    raise ConfigError(f"expected key=value, got {shown(text)}; valid keys: {', '.join(valid_keys())}")
   key, raw = text.split("=", 1)
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
-  except yaml.YAMLError:
+  except (yaml.YAMLError, ValueError):  # ValueError: an integer of more than 4300 digits
     value = raw  # not a YAML scalar (e.g. "a: b"): the raw string, checked against the field's type
   if isinstance(value, str) and value.lower() in ("none", "null"):
     value = None
@@ -341,6 +355,8 @@ def read_yaml(path: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       values = yaml.safe_load(f) or {}
+  except ValueError as e:  # an integer of more than 4300 digits (not a YAMLError)
+    raise ConfigError(f"{path}: {' '.join(str(e).split())[:120]}; fix the value in the file") from None
   except OSError as e:
     raise ConfigError(f"{path}: cannot read the config file ({e.strerror}); check the path") from None
   except UnicodeDecodeError as e:
@@ -354,6 +370,11 @@ def read_yaml(path: str) -> dict:
     ) from None
   if not isinstance(values, dict):
     raise ConfigError(f"{path}: expected a mapping of config keys")
+  if count_values(values, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+    raise ConfigError(
+      f"{path}: holds more than {MAX_YAML_VALUES} values once its aliases are expanded (nested `*alias` "
+      "references?); a config file holds a few dozen keys"
+    )
   return values
 
 
@@ -365,6 +386,10 @@ def check(config: Any, prefix: str = "") -> None:
     _check_budget(config.adapter)
     if config.adapter.gate_update not in ("gradient", "adam"):
       raise ConfigError(f"adapter.gate_update must be gradient or adam, got {config.adapter.gate_update!r}")
+    if config.resume and config.overwrite:
+      raise ConfigError(
+        "resume=true continues the run in output_dir and overwrite=true deletes it: give one of them, not both"
+      )
 
 
 def _check_budget(adapter: "AdapterConfig") -> None:
@@ -411,7 +436,7 @@ def _check_fields(config: Any, prefix: str) -> None:
     for v in value if isinstance(value, tuple) else (value,):
       if not ok(v):
         raise ConfigError(
-          f"config key {prefix + f.name!r} must be {expected}, got {v!r}" + _RANGE_HINTS.get(prefix + f.name, "")
+          f"config key {prefix + f.name!r} must be {expected}, got {shown(v)}" + _RANGE_HINTS.get(prefix + f.name, "")
         )
 
 

@@ -99,8 +99,7 @@ def task_spec(config: DataConfig) -> TaskSpec:
     label_names = config.label_names
     labels_path = os.path.join(data_dir, "labels.json")
     if label_names is None and os.path.exists(labels_path):
-      with open(labels_path) as f:
-        label_names = tuple(json.load(f))
+      label_names = _read_label_names(labels_path)
     num_labels = config.num_labels or (len(label_names) if label_names else None)
     if num_labels is None:
       raise DataError(f"task {name!r}: set data.num_labels or data.label_names, or put labels.json in {data_dir}")
@@ -325,7 +324,31 @@ def _labelled(dataset, spec: TaskSpec, where: str, split: str):
   return dataset
 
 
+def _read_label_names(path: str) -> tuple[str, ...]:
+  """The class names in a labels.json file: a JSON list of strings, in label order."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      names = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise DataError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]}); write a list of class names") from None
+  if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+    raise DataError(f'{path}: expected a non-empty JSON list of class names in label order, like ["neg", "pos"]')
+  return tuple(names)
+
+
 def _official_splits(spec: TaskSpec, raw: dict) -> dict:
+  if spec.name not in GLUE_KEYS:
+    raise DataError(
+      f"data.split_protocol=official is the SoRA code's split of the GLUE tasks; task {spec.name!r} has its own "
+      "validation (and test) files: use data.split_protocol=validation"
+    )
+  held_out = 0 if spec.name in _HALVE_VALIDATION else 1000
+  if len(raw["train"]) <= held_out:
+    raise DataError(
+      f"data.split_protocol=official holds out {held_out} training examples of task {spec.name!r} as validation, "
+      f"but its train split has {len(raw['train'])}; give the full GLUE train split or use "
+      "data.split_protocol=validation"
+    )
   out = {}
   if spec.name in _HALVE_VALIDATION:
     out["train"] = raw["train"]

@@ -64,6 +64,13 @@ __all__ = [
 ]
 
 
+# How a kept-best checkpoint stores a `TrainState`: the params, and the rest beside them (`Checkpoints(parts=...)`).
+STATE_PARTS = (
+  lambda state: (state.params, {"step": state.step, "opt_state": state.opt_state}),
+  lambda params, rest: TrainState(rest["step"], params, rest["opt_state"]),
+)
+
+
 def _start(experiment: Experiment, trainable, total: int, sparse_lambda: Optional[float]) -> tuple:
   """(hyper on the mesh, the initial TrainState, the jitted train step); the step programs are compiled once per
   experiment."""
@@ -75,9 +82,9 @@ def _start(experiment: Experiment, trainable, total: int, sparse_lambda: Optiona
 
 
 def _resume(checkpoints: Checkpoints, state: TrainState, config: RunConfig, output_dir: str) -> tuple:
-  """(state, start step, best, skipped steps, meta) from the latest checkpoint, checked to share the run's
-  settings; (state, 0, no best, 0, {}) when there is none."""
-  if checkpoints.latest_step() is None:
+  """(state, start step, best, skipped steps, meta) from the newest complete checkpoint (latest or kept-best),
+  checked to share the run's settings; (state, 0, no best, 0, {}) when there is none."""
+  if not checkpoints.has_checkpoint():
     return state, 0, {"step": None, "score": -math.inf, "metrics": None}, 0, {}
   state, meta = checkpoints.restore_latest(state)
   _check_resume_config(meta, config, checkpoints)
@@ -167,14 +174,15 @@ class _Fit:
     if self.bar is not None:
       _show(self.bar, record, self.config.adapter.method, self.skipped)
 
-  def evaluate(self, done: int, state: TrainState, checkpoints: Checkpoints) -> None:
+  def evaluate(self, done: int, state: TrainState, checkpoints: Checkpoints, window: list) -> None:
     results = evaluate(self.experiment, adapters.combine(state.params, self.experiment.frozen))
     self.log.write(done, {f"eval/{k}": v for k, v in results.items()})
     if self.bar is not None:
       self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     if results[self.key] > self.best["score"] and done >= self.best_from:
       self.best = {"step": done, "score": results[self.key], "metrics": results}
-      checkpoints.save_best(done, state.params, {"step": done, "metrics": results}, results[self.key])
+      # the whole state and what a resume reads: the kept-best checkpoint is a starting point too
+      checkpoints.save_best(done, state, {**self.meta(done, window), "metrics": results}, results[self.key])
 
   def meta(self, done: int, window: list) -> dict:
     """What a checkpoint at `done` carries besides the state."""
@@ -217,7 +225,7 @@ def fit(
   total = total_steps or experiment.total_steps
   trainable = experiment.trainable if trainable is None else trainable
   hyper, state, step_fn = _start(experiment, trainable, total, sparse_lambda)
-  checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints)
+  checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints, STATE_PARTS)
   start, best, skipped, meta = 0, {"step": None, "score": -math.inf, "metrics": None}, 0, {}
   if config.resume if resume is None else resume:
     state, start, best, skipped, meta = _resume(checkpoints, state, config, output_dir)
@@ -250,7 +258,7 @@ def fit(
       if progress.bar is not None:
         progress.bar.update(1)
       if eval_now:
-        progress.evaluate(done, state, checkpoints)
+        progress.evaluate(done, state, checkpoints, window)
       if save_now:
         checkpoints.save(done, state, progress.meta(done, window))
       if stop_now:

@@ -18,7 +18,7 @@ import sora_jax
 from sora_jax import adapters
 from sora_jax import sharding as shd
 from train.build import Experiment
-from train.config import ConfigError, RunConfig
+from train.config import AdapterConfig, ConfigError, RunConfig
 
 
 def _flat_paths(tree) -> dict:
@@ -92,23 +92,40 @@ def hyper_for(
   )
 
 
+def check_budget_keeps_a_rank(adapter: AdapterConfig, budget: int, least: int, full: int) -> None:
+  """Raises `ConfigError` when a budget of `budget` adapter parameters (of `full` at full rank) is below `least`,
+  one rank of the smallest adapted module: it would keep nothing and export an empty adapter."""
+  if budget >= least:
+    return
+  if adapter.target_params is not None:
+    raise ConfigError(
+      f"adapter.target_params={adapter.target_params} is below one rank of the smallest module ({least} adapter "
+      f"parameters): the budget would keep nothing; give adapter.target_params={least} or more"
+    )
+  fraction = math.ceil(least / full * 1e4) / 1e4
+  raise ConfigError(
+    f"adapter.target_fraction={adapter.target_fraction:g} is {budget} adapter parameters, below one rank of the "
+    f"smallest module ({least}): the budget would keep nothing; give adapter.target_fraction={fraction:g} or more"
+  )
+
+
 def budget_params(experiment: Experiment) -> Optional[int]:
   """The budget in adapter parameters (`adapter.target_params`, or `target_fraction` of the parameters at full
   rank, rounded down); None outside budget mode."""
-  from sora_jax.budget import adapter_params
+  from sora_jax.budget import adapter_params, smallest_rank_params
 
   a = experiment.config.adapter
   if not budget_mode(experiment.config):
     return None
   full = adapter_params(experiment.trainable)
-  if a.target_params is not None:
-    if a.target_params > full:
-      raise ConfigError(
-        f"adapter.target_params={a.target_params} is above the {full} adapter parameters at "
-        f"rank {a.rank}; give at most {full}, or a larger adapter.rank"
-      )
-    return a.target_params
-  return int(math.floor(a.target_fraction * full))
+  if a.target_params is not None and a.target_params > full:
+    raise ConfigError(
+      f"adapter.target_params={a.target_params} is above the {full} adapter parameters at "
+      f"rank {a.rank}; give at most {full}, or a larger adapter.rank"
+    )
+  budget = a.target_params if a.target_params is not None else int(math.floor(a.target_fraction * full))
+  check_budget_keeps_a_rank(a, budget, smallest_rank_params(experiment.trainable), full)
+  return budget
 
 
 def target_fraction(experiment: Experiment) -> Optional[float]:

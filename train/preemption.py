@@ -7,6 +7,12 @@ again": `resume=true` continues exactly where it stopped). A second signal ends 
 128 + the signal's number (143 for SIGTERM, 130 for SIGINT); the previous checkpoint stays intact because orbax
 writes each checkpoint to a temporary folder first.
 
+Outside the training loop (loading data, the final evaluation and export, a stage's save in `train.sparsify`),
+`stop_outside_training` turns the first SIGTERM into `Terminated`: the code stops where it is, its `finally` blocks
+run (the output directory's lock is released), and the program exits with `EXIT_PREEMPTED` too, since what it was
+doing is redone by the same command with `resume=true` (every file is written whole or not at all). A second SIGTERM
+ends the process at once (143).
+
 On several processes every process must save at the same step (orbax's save is collective). `StopSignal.agreed`
 takes the maximum of the processes' flags at each step (one small all-gather), so a signal that reaches one
 process, or reaches them at different steps, stops all of them after the same step.
@@ -33,6 +39,35 @@ class Preempted(Exception):
       f"stopped by {signal_name} after step {step}; checkpoint of step {step} saved in "
       f"{directory}; rerun the same command with resume=true to continue"
     )
+
+
+class Terminated(Exception):
+  """SIGTERM reached the program outside its training loop; nothing finished is lost."""
+
+  def __init__(self):
+    super().__init__(
+      "stopped by SIGTERM outside training (loading data, evaluating, exporting or saving a stage); what was "
+      "finished is kept: rerun the same command with resume=true to continue"
+    )
+
+
+class stop_outside_training:
+  """While active (a context manager, main thread only), the first SIGTERM raises `Terminated` where the program
+  is; the second one ends it at once. `StopSignal` takes over during the training loop and gives it back after."""
+
+  def __enter__(self) -> "stop_outside_training":
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while cleaning up ends the process
+    raise Terminated()
 
 
 class StopSignal:

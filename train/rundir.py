@@ -9,6 +9,11 @@
 - A new run (`resume=false`) into a directory that holds another run's checkpoints or results is refused, before
   anything of the old run is touched: `resume=true` continues it, `overwrite=true` deletes it first (checkpoints,
   metrics.jsonl, tensorboard, results.json, peft), another `output_dir` keeps it.
+- `resume=true` with nothing to resume from: a finished run (results.json or peft) without a checkpoint is refused
+  like a new run (a fresh start would replace its results); a run killed before its first checkpoint starts from
+  step 0, with a line that says so.
+- A lock file that is empty, unreadable or names a dead process on this host is stale (a run killed while taking
+  it, or a crash): it is reported and taken over.
 
 On several processes (a shared file system) only process 0 holds the lock; the others wait at a barrier for its
 decision.
@@ -21,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from typing import Optional
 
 LOCK_NAME = ".lock"
@@ -63,6 +69,18 @@ def _take(path: str) -> bool:
   return True
 
 
+STALE_UNREADABLE_S = 60  # an empty or unreadable lock older than this was left by a run killed while taking it
+
+
+def _unreadable_and_old(path: str) -> bool:
+  """A lock that is empty or not JSON and was last written over `STALE_UNREADABLE_S` seconds ago (a starting run
+  writes its pid right after creating the file)."""
+  try:
+    return time.time() - os.lstat(path).st_mtime > STALE_UNREADABLE_S
+  except FileNotFoundError:
+    return False
+
+
 def _lock(output_dir: str) -> str:
   path = os.path.join(output_dir, LOCK_NAME)
   for _ in range(3):  # a stale lock removed by two starters at once: one of them wins the retake
@@ -70,6 +88,16 @@ def _lock(output_dir: str) -> str:
       return path
     owner = _read_lock(path)
     if owner is None:
+      if os.path.islink(path):  # a link to nowhere: no run can hold it
+        print(f"note: {path} is a link to a missing file; removing it")
+        _remove(path)
+      continue
+    if not owner and _unreadable_and_old(path):
+      print(
+        f"note: {path} is empty or unreadable and older than {STALE_UNREADABLE_S} s (left by a run killed "
+        "while taking it); taking the run directory over"
+      )
+      _remove(path)
       continue
     pid, host = owner.get("pid"), owner.get("host")
     if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
@@ -86,8 +114,37 @@ def _lock(output_dir: str) -> str:
   raise RunDirectoryError(f"cannot take the lock {path}; another run is starting in {output_dir}")
 
 
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
 def _holds_run(output_dir: str) -> list[str]:
   return [name for name in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, name))]
+
+
+def _has_checkpoint(output_dir: str) -> bool:
+  """Whether `<output_dir>/checkpoints` holds a complete checkpoint (a step folder orbax has finalised)."""
+  for kind in ("latest", "best"):
+    folder = os.path.join(output_dir, "checkpoints", kind)
+    if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+      return True
+  return False
+
+
+def _check_resumable(output_dir: str, found: list[str]) -> None:
+  """resume=true into a folder without a checkpoint: refused when it holds a finished run's outputs, else noted."""
+  if not found or _has_checkpoint(output_dir):
+    return
+  finished = [name for name in ("results.json", "peft") if name in found]
+  if finished:
+    raise RunDirectoryError(
+      f"resume=true but {output_dir} holds a finished run ({', '.join(finished)}) and no checkpoint to resume "
+      "from; overwrite=true deletes it and starts afresh, or give another output_dir"
+    )
+  print(f"resume=true: {output_dir} holds no checkpoint yet (the run stopped before its first); starting at step 0")
 
 
 def claim(output_dir: str, resume: bool, overwrite: bool) -> Optional[str]:
@@ -105,6 +162,13 @@ def claim(output_dir: str, resume: bool, overwrite: bool) -> Optional[str]:
       lock = _lock(output_dir)
       atexit.register(release, lock)
       found = _holds_run(output_dir)
+      if resume:
+        try:
+          _check_resumable(output_dir, found)
+        except RunDirectoryError:
+          release(lock)
+          lock = None
+          raise
       if found and not resume:
         if not overwrite:
           release(lock)

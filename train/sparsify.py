@@ -262,7 +262,13 @@ def _reuse_stage(stage_dir: str, stage: dict, config: RunConfig, like) -> tuple[
   the same settings (`train.settings.setting_changes`), and that its params match their checksum."""
   from train.checkpoint import fingerprint
 
-  record = read_json(os.path.join(stage_dir, "stage.json"))
+  try:
+    record = read_json(os.path.join(stage_dir, "stage.json"))
+    record["lambda"], record["steps"], record["schedule"]
+  except (ValueError, KeyError, TypeError) as e:  # cut short, edited, or not a record
+    raise ValueError(
+      f"{stage_dir}/stage.json cannot be read ({type(e).__name__}): delete {stage_dir} to run the stage again"
+    ) from None
   lam, steps, schedule = stage["lambda"], stage["steps"], stage["schedule"]
   if (
     not math.isclose(record["lambda"], lam, rel_tol=1e-9, abs_tol=1e-15)
@@ -279,21 +285,69 @@ def _reuse_stage(stage_dir: str, stage: dict, config: RunConfig, like) -> tuple[
     raise ValueError(
       f"{stage_dir} was run with other settings ({'; '.join(changed)}): use another output_dir or delete it"
     )
-  params = _restore_params(os.path.join(stage_dir, "params"), like)
+  try:
+    params = _restore_params(os.path.join(stage_dir, "params"), like)
+  except Exception as e:  # orbax/tensorstore raise many types for a damaged or missing file
+    raise ValueError(
+      f"{stage_dir}/params cannot be read ({type(e).__name__}): delete {stage_dir} to run the stage again"
+    ) from None
   saved = record.get("params_checksum")  # stages written before their params were checksummed have none
   if saved is not None and fingerprint(params)[0] != saved:
     raise ValueError(
       f"{stage_dir}/params differ from the checksum saved in its stage.json (damaged data): delete {stage_dir} "
       "to run the stage again"
     )
-  print(f"stage {stage['stage']}: done before (lambda={lam:.4g}), skipped")
   return params, record
+
+
+def _evaluation(experiment, sparsify: SparsifyConfig, splits) -> dict:
+  """Every setting that decides what a stage record's numbers mean, beside the run config's keys."""
+  return {
+    "memorization_examples": len(experiment.splits[MEMORIZATION_SPLIT].labels),
+    "memorization_seed": sparsify.memorization_seed,
+    "evaluate_test": sparsify.evaluate_test,
+    "splits": list(splits),
+  }
+
+
+def _stage_results(experiment, params, splits) -> dict:
+  """A stage's numbers: retained parameters, per-module ranks and the metrics on `splits`."""
+  from sora_jax import adapters
+  from train import loop
+
+  full = adapters.combine(params, experiment.frozen)
+  results = loop.evaluate(experiment, full, splits)
+  report = adapters.rank_report(_host(full), experiment.sora)
+  main, eval_split = experiment.spec.main_metric, experiment.eval_splits[0]
+  return {
+    "retained_params": report.retained_params,
+    "max_params": report.max_params,
+    "fraction": report.fraction,
+    "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
+    "train_metric": results[f"{MEMORIZATION_SPLIT}/{main}"],
+    "eval_metric": results[f"{eval_split}/{main}"],
+    "metrics": results,
+  }
+
+
+def _evaluated(experiment, record: dict, params, splits, evaluation: dict, stage_dir: str) -> dict:
+  """A finished stage's record whose numbers were made under `evaluation`: as it is, or evaluated again (and
+  rewritten) when they were made with other evaluation settings; never the old numbers under new labels."""
+  if record.get("evaluation") == evaluation:
+    print(f"stage {record['stage']}: done before (lambda={record['lambda']:.4g}), skipped")
+    return record
+  print(
+    f"stage {record['stage']}: done before, evaluated with other settings ({record.get('evaluation')}); "
+    "evaluating it again"
+  )
+  record = {**record, **_stage_results(experiment, params, splits), "evaluation": evaluation}
+  _write_json(os.path.join(stage_dir, "stage.json"), record)
+  return record
 
 
 def _run_stage(experiment, sparsify: SparsifyConfig, stage: dict, params, stage_dir: str, splits) -> Optional[tuple]:
   """Trains (or thresholds) one stage from `params` and writes its params and record; (params, record), or None
   when the run was aborted (`train.abort_at_step`)."""
-  from sora_jax import adapters
   from train import loop
   from train.checkpoint import fingerprint
 
@@ -310,21 +364,12 @@ def _run_stage(experiment, sparsify: SparsifyConfig, stage: dict, params, stage_
     params = outcome.params
   else:
     params = threshold_only(params, lam, steps)
-  full = adapters.combine(params, experiment.frozen)
-  results = loop.evaluate(experiment, full, splits)
-  report = adapters.rank_report(_host(full), experiment.sora)
-  main, eval_split = experiment.spec.main_metric, experiment.eval_splits[0]
   record = {
     **stage,
-    "retained_params": report.retained_params,
-    "max_params": report.max_params,
-    "fraction": report.fraction,
-    "ranks": {(r.path if r.layer is None else f"{r.path}[{r.layer}]"): r.rank for r in report.rows},
-    "train_metric": results[f"{MEMORIZATION_SPLIT}/{main}"],
-    "eval_metric": results[f"{eval_split}/{main}"],
-    "metrics": results,
+    **_stage_results(experiment, params, splits),
     "wall_time_s": time.time() - started,
     "config": to_dict(experiment.config),
+    "evaluation": _evaluation(experiment, sparsify, splits),
     "params_checksum": fingerprint(params)[0],
   }
   _save_params(os.path.join(stage_dir, "params"), params)
@@ -395,6 +440,7 @@ def run_stages(config: RunConfig, sparsify: SparsifyConfig) -> Optional[dict]:
     stage_dir = _stage_dir(output_dir, k)
     if os.path.exists(os.path.join(stage_dir, "stage.json")):
       params, record = _reuse_stage(stage_dir, stage, config, experiment.trainable)
+      record = _evaluated(experiment, record, params, splits, _evaluation(experiment, sparsify, splits), stage_dir)
     else:
       done = _run_stage(experiment, sparsify, stage, params, stage_dir, splits)
       if done is None:

@@ -47,6 +47,7 @@ def tiny_model(tmp_path_factory):
   return str(folder)
 
 
+@pytest.mark.slow
 def test_job_runs_scores_trains_and_exports(tiny_model, tmp_path, capsys):
   out = tmp_path / "run"
   args = ["--model", tiny_model, "--steps", "4", "--batch", "2", "--seq", "48", "--eval", "8", "--eval_batch", "4"]

@@ -130,14 +130,13 @@ def load(args):
 
 
 def train(args) -> dict:
+  """Loads, scores zero-shot, fine-tunes, scores again and writes the outputs (see the module docstring)."""
   import jax.numpy as jnp
-  import numpy as np
   import optax
   from flax import nnx
 
   import sora_jax
-  from sora_jax.models import TunixNaming
-  from train import llm_data, llm_plot
+  from train import llm_data
 
   start = time.perf_counter()
   folder, tokenizer, base = load(args)
@@ -162,6 +161,20 @@ def train(args) -> dict:
     f"zero-shot: test accuracy {before['accuracy']:.3f}, answer NLL {before['answer_nll']:.3f} "
     f"({time.perf_counter() - t0:.0f} s)"
   )
+  losses, train_s = fit(model, optimizer, train_step, prompter, train_set, provider, args)
+  after = evaluate(score, model, prompter, test_set, args.eval_batch)
+  print(f"fine-tuned: test accuracy {after['accuracy']:.3f}, answer NLL {after['answer_nll']:.3f}")
+
+  return write_outputs(model, provider, folder, args, before, after, losses, train_s, start)
+
+
+def fit(model, optimizer, train_step, prompter, train_set, provider, args) -> tuple[list[float], float]:
+  """`args.steps` steps on batches drawn with replacement; (losses, seconds)."""
+  import numpy as np
+  from flax import nnx
+
+  import sora_jax
+
   rng = np.random.default_rng(args.seed)
   losses, t0 = [], time.perf_counter()
   for step in range(1, args.steps + 1):
@@ -174,9 +187,17 @@ def train(args) -> dict:
         f"step {step}: loss (last 20) {np.mean(losses[-20:]):.3f}, kept {100 * report.fraction:.1f} % of the "
         f"adapter ({time.perf_counter() - t0:.0f} s)"
       )
-  train_s = time.perf_counter() - t0
-  after = evaluate(score, model, prompter, test_set, args.eval_batch)
-  print(f"fine-tuned: test accuracy {after['accuracy']:.3f}, answer NLL {after['answer_nll']:.3f}")
+  return losses, time.perf_counter() - t0
+
+
+def write_outputs(model, provider, folder, args, before, after, losses, train_s, start) -> dict:
+  """Prints the rank report; writes rank_map.png, adapter/ (PEFT LoRA) and results.json; returns the results."""
+  import numpy as np
+  from flax import nnx
+
+  import sora_jax
+  from sora_jax.models import TunixNaming
+  from train import llm_plot
 
   state = nnx.state(model)
   report = sora_jax.rank_report(state, provider)
@@ -187,7 +208,7 @@ def train(args) -> dict:
     ranks,
     args.rank,
     os.path.join(args.output_dir, "rank_map.png"),
-    f"SoRA kept ranks, SmolLM2-135M, {args.steps} steps, lam {args.lam:g}\n"
+    f"SoRA kept ranks, {os.path.basename(os.path.normpath(folder))}, {args.steps} steps, lam {args.lam:g}\n"
     f"test accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, {100 * report.fraction:.1f} % kept",
   )
   exported = sora_jax.save_peft(

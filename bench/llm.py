@@ -24,6 +24,12 @@ quantized by qwix (`weight_qtype` int8 / nf4): Qwen3's MLP only (Tunix's Qwen3 a
   python -m bench.llm                     # 4 layers x 1024, seq 256, batch 4, vocab 32768, 5 rounds
   python -m bench.llm --layers 2 --seq 128 --rounds 3
   python -m bench.llm --quick             # 2 layers x 256, seq 64, batch 2, vocab 1024 (seconds per round)
+  python -m bench.llm --smollm2 --seq 128 --batch 4 --rounds 3 --no-memory
+
+With `--smollm2` the model is the real SmolLM2-135M-Instruct (`sora_jax.models.load_tunix_llama3`, Tunix Llama3, 30
+layers x 576, vocab 49,152, tied embedding) and one more case runs: PyTorch PEFT LoRA's train step on transformers'
+`LlamaForCausalLM` of the same folder, same tokens, rank 8, alpha 16 on the same seven projections, AdamW, torch on
+all cores (`peft step`: loss, backward, optimizer step, zero_grad), timed in turn with the JAX cases.
 """
 
 import argparse
@@ -37,6 +43,7 @@ from bench import measure
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 RANK, ALPHA, LR, LAM = 8, 16.0, 1e-3, 0.1
 CASES = ("sora step", "lora step", "merged", "base", "proximal")
+PEFT_CASE = "peft step"
 
 
 def parse_args(argv=None):
@@ -55,6 +62,9 @@ def parse_args(argv=None):
   parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each case first (the first compiles)")
   parser.add_argument("--quick", action="store_true", help="2 layers x 256, seq 64, batch 2, vocab 1024")
   parser.add_argument("--no-memory", action="store_true", help="skip the quantized-base memory table")
+  parser.add_argument(
+    "--smollm2", action="store_true", help="the real SmolLM2-135M-Instruct, and PyTorch PEFT LoRA on it (see above)"
+  )
   parser.add_argument("--malloc", default="retain", choices=sorted(measure.MALLOC_MODES))
   parser.add_argument("--in-process", action="store_true", help="run here, with this process's malloc settings")
   args = parser.parse_args(argv)
@@ -118,7 +128,13 @@ def build(args) -> dict:
 
   import sora_jax
 
-  base = _random_mlp(qwen3.Qwen3(_config(qwen3, args), rngs=nnx.Rngs(0)), seed=1)
+  if args.smollm2:
+    from sora_jax.models import load_tunix_llama3, smollm2_135m_instruct
+
+    base = load_tunix_llama3(smollm2_135m_instruct())
+    args.vocab = base.config.vocab_size
+  else:
+    base = _random_mlp(qwen3.Qwen3(_config(qwen3, args), rngs=nnx.Rngs(0)), seed=1)
   sample = _inputs(1, 4, args.vocab)
   sora_provider = sora_jax.SoraProvider(module_path=TARGETS, rank=RANK, alpha=ALPHA)
   sora = sora_jax.apply_sora(base, sora_provider, **sample, rngs=nnx.Rngs(2))
@@ -169,12 +185,42 @@ def build(args) -> dict:
     "base": lambda: base_forward(inputs).block_until_ready(),
     "proximal": lambda: jax.block_until_ready(prox_update(adapters, prox_state, adapters)),
   }
+  if args.smollm2:
+    calls[PEFT_CASE] = _peft_step(np.asarray(inputs["input_tokens"]))
   counts = {
     "adapter params (SoRA)": sum(v.size for v in jax.tree.leaves(adapters)),
     "adapter params (LoRA)": sum(v.size for v in jax.tree.leaves(nnx.state(lora, nnx.LoRAParam))),
     "base params": sum(v.size for v in jax.tree.leaves(nnx.state(base))),
   }
   return {"calls": calls, "counts": counts}
+
+
+def _peft_step(tokens):
+  """PyTorch PEFT LoRA's train step on transformers' SmolLM2 (same folder, tokens, rank, alpha and projections)."""
+  import peft
+  import torch
+  import transformers
+
+  from sora_jax.models import smollm2_135m_instruct
+
+  torch.set_num_threads(measure.cpu_count())
+  model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_135m_instruct(), dtype=torch.float32)
+  config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(_PROJECTIONS))
+  model = peft.get_peft_model(model, config).train()
+  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+  ids = torch.tensor(tokens, dtype=torch.long)
+
+  def step():
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+  return step
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def time_rounds(calls: dict, *, rounds: int, warmup: int, settle: int = 1) -> dict[str, list[float]]:
@@ -267,23 +313,29 @@ def main(argv=None) -> str:
   build_s = time.perf_counter() - start
   times = time_rounds(built["calls"], rounds=args.rounds, warmup=args.warmup)
   medians = {name: statistics.median(t) for name, t in times.items()}
+  model = (
+    "SmolLM2-135M-Instruct (Tunix Llama3, 30 layers x 576, vocab 49152; PEFT LoRA on transformers' model)"
+    if args.smollm2
+    else f"Tunix Qwen3 {args.layers} layers x {args.hidden} (heads {args.hidden // 128} x 128, MLP "
+    f"{3 * args.hidden}, vocab {args.vocab})"
+  )
   title = (
-    f"Tunix Qwen3 {args.layers} layers x {args.hidden} (heads {args.hidden // 128} x 128, MLP "
-    f"{3 * args.hidden}, vocab {args.vocab}), seq {args.seq}, batch {args.batch}, rank {RANK} on 7 projections "
+    f"{model}, seq {args.seq}, batch {args.batch}, rank {RANK} on 7 projections "
     f"per layer, float32; backend {jax.default_backend()} ({jax.device_count()} x "
     f"{jax.devices()[0].device_kind}), {measure.cpu_count()} CPU cores, {measure.malloc_setting()}; "
     f"{args.rounds} rounds, cases in turn"
   )
   table = measure.format_table(
     ["case", "ms (median)", "ms per round"],
-    [[name, f"{1e3 * medians[name]:.2f}", " ".join(f"{1e3 * t:.1f}" for t in times[name])] for name in CASES],
+    [[name, f"{1e3 * medians[name]:.2f}", " ".join(f"{1e3 * t:.1f}" for t in times[name])] for name in times],
   )
   rows = []
-  for label, a, b, target in (
+  pairs = [("SoRA step / PEFT LoRA step (PyTorch)", "sora step", PEFT_CASE, "<= 1")] if args.smollm2 else []
+  for label, a, b, target in pairs + [
     ("SoRA step / LoRA step", "sora step", "lora step", "<= 1.05"),
     ("merged / base inference", "merged", "base", "1.00 +- 0.03"),
     ("proximal / SoRA step", "proximal", "sora step", "< 0.01"),
-  ):
+  ]:
     overall, median, low, high = _ratio(times, a, b)
     rows.append(
       [
@@ -296,7 +348,7 @@ def main(argv=None) -> str:
   ratios = measure.format_table(["ratio", "of medians", "per round: median (range)", "target"], rows)
   counts = ", ".join(f"{k} {v:,}" for k, v in built["counts"].items())
   text = [title, "", table, "", ratios, "", counts]
-  if not args.no_memory:
+  if not args.no_memory and not args.smollm2:
     text += [
       "",
       "Base weights of the 7 adapted projections per layer (MiB), float32 against qwix weight_qtype:",

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import math
 import re
 from typing import Any
 
 import numpy as np
 from flax import nnx
+
+from sora_jax import _tunix
 
 Path = tuple[Any, ...]
 
@@ -119,6 +120,7 @@ class TunixNaming:
     self.family = _tunix_family(model)
     self.model_type, self.architecture, self._tie_field = _FAMILIES[self.family]
     self.config = model.config
+    self._rope_theta = _tunix.rope_theta(model)
     self._model_module = importlib.import_module(f"tunix.models.{self.family}.model")
     params = importlib.import_module(f"tunix.models.{self.family}.params")
     table = params._get_key_and_transform_mapping(self.config)  # Tunix's own transformers <-> Tunix table
@@ -208,10 +210,21 @@ class TunixNaming:
     return name, array
 
   def hf_config(self) -> dict:
-    """config.json of the matching transformers model. RoPE's theta is the one Tunix's `apply_rope` uses (its default;
-    Tunix's Qwen3 and Llama3 do not pass `ModelConfig.rope_theta` on)."""
+    """config.json of the matching transformers model, with the RoPE theta the model applies.
+
+    Raises:
+      ValueError: the model applies another theta than its `ModelConfig.rope_theta` (Tunix alone applies 1e6 whatever
+        the config says): transformers would get either the config's theta (other logits than ours) or Tunix's
+        (wrong for the checkpoint); fix the model with `sora_jax.models.use_rope_theta(model)`.
+    """
     cfg = self.config
-    rope_theta = inspect.signature(self._model_module.apply_rope).parameters["rope_theta"].default
+    rope_theta = self._rope_theta
+    if rope_theta != float(cfg.rope_theta):
+      raise ValueError(
+        f"this Tunix {self.family} model applies RoPE theta {rope_theta:g} (Tunix's default) but its config says "
+        f"{float(cfg.rope_theta):g}; call sora_jax.models.use_rope_theta(model) before training "
+        "(sora_jax.models.load_tunix_llama3 does), so that the model and its export agree."
+      )
     return {
       "architectures": [self.architecture],
       "model_type": self.model_type,

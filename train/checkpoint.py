@@ -132,12 +132,13 @@ class Checkpoints:
   def save_best(self, step: int, state: Any, meta: dict, score: float) -> None:
     """Keeps `state` (the params, or with `parts` the whole training state) as the best checkpoint at `step`."""
     params, rest = self.parts[0](state) if self.parts else (state, None)
-    meta = {**meta, "params_checksum": fingerprint(params)[0]}
+    params_checksum, params_finite = fingerprint(params)
+    meta = {**meta, "params_checksum": params_checksum}
     items = {"params": ocp.args.StandardSave(params)}
     if rest is not None:  # a starting point for a resume: the rest of the state, its checksum and layout
       checksum, finite = fingerprint(rest)
       meta.update(rest_checksum=checksum, state_signature=_signature((params, rest)), resumable=True)
-      meta["finite"] = finite and fingerprint(params)[1]
+      meta["finite"] = finite and params_finite
       items["rest"] = ocp.args.StandardSave(rest)
     meta = _sealed(meta)
     self._guarded(

@@ -78,3 +78,27 @@ def tiny_run_args(tiny, output_dir) -> list[str]:
     "train.batch_size=8",
     "train.eval_batch_size=16",
   ]
+
+
+# The tiny Tunix decoder of the tests (Qwen3 and Llama3 share these names): 2 layers, width 64, MLP 96, 4 query and 2
+# key/value heads of 24, vocab 128.
+TUNIX_SIZES = dict(
+  num_layers=2,
+  vocab_size=128,
+  embed_dim=64,
+  hidden_dim=96,
+  num_heads=4,
+  head_dim=24,
+  num_kv_heads=2,
+  rope_theta=10_000,
+  norm_eps=1e-6,
+)
+
+
+def tiny_tunix_config(family: str, **overrides):
+  """The `ModelConfig` of the tests' tiny Tunix model of `family` ("qwen3" or "llama3"): `TUNIX_SIZES` with
+  `overrides` (e.g. a tied head, one layer)."""
+  import importlib
+
+  module = importlib.import_module(f"tunix.models.{family}.model")
+  return module.ModelConfig(**{**TUNIX_SIZES, **overrides})

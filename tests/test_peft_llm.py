@@ -19,27 +19,15 @@ peft = pytest.importorskip("peft")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from tunix.models.llama3 import model as llama3  # noqa: E402
 from tunix.models.llama3 import params as llama3_params  # noqa: E402
-from tunix.models.qwen3 import model as qwen3  # noqa: E402
 from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
 
 import sora_jax  # noqa: E402
+from conftest import tiny_tunix_config  # noqa: E402
 from sora_jax.models.tunix import TunixNaming  # noqa: E402
 
 TOL = 1e-4
 VOCAB, SEQ = 128, 10
-SIZES = dict(
-  num_layers=2,
-  vocab_size=VOCAB,
-  embed_dim=64,
-  hidden_dim=96,
-  num_heads=4,
-  head_dim=24,
-  num_kv_heads=2,
-  rope_theta=1_000_000,
-  norm_eps=1e-6,
-)
 HF_SIZES = dict(
   vocab_size=VOCAB,
   hidden_size=64,
@@ -67,8 +55,10 @@ def _hf_model(family: str, tied: bool):
 def _tunix_from_safetensors(family: str, tied: bool, directory: str) -> nnx.Module:
   """Tunix's own loader, from a local transformers checkpoint."""
   if family == "qwen3":
-    return qwen3_params.create_model_from_safe_tensors(directory, qwen3.ModelConfig(use_tied_embedding=tied, **SIZES))
-  return llama3_params.create_model_from_safe_tensors(directory, llama3.ModelConfig(weight_tying=tied, **SIZES))
+    config = tiny_tunix_config("qwen3", vocab_size=VOCAB, rope_theta=1_000_000, use_tied_embedding=tied)
+    return qwen3_params.create_model_from_safe_tensors(directory, config)
+  config = tiny_tunix_config("llama3", vocab_size=VOCAB, rope_theta=1_000_000, weight_tying=tied)
+  return llama3_params.create_model_from_safe_tensors(directory, config)
 
 
 @pytest.fixture(scope="module")

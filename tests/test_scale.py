@@ -13,24 +13,14 @@ import pytest
 from flax import nnx
 
 from bench import scale_model
+from conftest import tiny_tunix_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(family: str):
   module = scale_model.tunix_module(family)
-  config = dict(
-    num_layers=1,
-    vocab_size=64,
-    embed_dim=32,
-    hidden_dim=64,
-    num_heads=2,
-    head_dim=16,
-    num_kv_heads=1,
-    rope_theta=10_000,
-    norm_eps=1e-6,
-  )
-  return getattr(module, scale_model._FAMILIES[family])(module.ModelConfig(**config), rngs=nnx.Rngs(0))
+  return getattr(module, scale_model._FAMILIES[family])(tiny_tunix_config(family, num_layers=1), rngs=nnx.Rngs(0))
 
 
 def _constraints(model, mesh) -> int:

@@ -33,6 +33,7 @@ from tunix.models.llama3 import model as llama3  # noqa: E402
 from tunix.models.qwen3 import model as qwen3  # noqa: E402
 
 import sora_jax  # noqa: E402
+from conftest import tiny_tunix_config  # noqa: E402
 
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 RANK, ALPHA = 4, 8.0
@@ -52,19 +53,7 @@ WEIGHTS = {
 
 def tiny_model(family: str, seed: int = 0, vocab: int = 128) -> nnx.Module:
   """A 2-layer random-weight Tunix model; MLP kernels drawn N(0, 1/fan_in) instead of Tunix's zeros."""
-  config_cls, model_cls = FAMILIES[family]
-  config = config_cls(
-    num_layers=2,
-    vocab_size=vocab,
-    embed_dim=64,
-    hidden_dim=96,
-    num_heads=4,
-    head_dim=24,
-    num_kv_heads=2,
-    rope_theta=10_000,
-    norm_eps=1e-6,
-  )
-  model = model_cls(config, rngs=nnx.Rngs(seed))
+  model = FAMILIES[family][1](tiny_tunix_config(family, vocab_size=vocab), rngs=nnx.Rngs(seed))
   key = jax.random.key(seed + 1)
   for _, module in nnx.iter_modules(model):
     if isinstance(module, nnx.Linear):
@@ -135,7 +124,7 @@ def randomize_b(model: nnx.Module, seed: int, scale: float = 0.2) -> None:
 
 
 def sora_optimizer(model: nnx.Module, lr: float, lam: float) -> nnx.Optimizer:
-  not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
+  not_gate = sora_jax.not_gate_mask
   tx = optax.chain(optax.adamw(lr, weight_decay=0.01, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
   return nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
@@ -242,7 +231,7 @@ def test_tunix_peft_trainer_trains_sora_gates_to_zero():
   model = with_sora(tiny_model("qwen3"))
   before = flat_arrays(model)
   lr, lam, steps = 2e-2, 2.0, 30
-  not_gate = lambda params: jax.tree.map(lambda g: not g, sora_jax.gate_mask(params))
+  not_gate = sora_jax.not_gate_mask
   tx = optax.chain(optax.adamw(lr, weight_decay=0.01, mask=not_gate), sora_jax.sora_proximal(lam, learning_rate=lr))
   trainer = peft_trainer.PeftTrainer(
     model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=10**6, max_steps=steps, pbar_description=None)

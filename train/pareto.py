@@ -43,6 +43,8 @@ import time
 from typing import Optional, Sequence
 
 from train import cli, study_stats
+from train.jsonio import write_json
+from train.settings import FINISHED_RUN_FREE, setting_changes
 from train.config import (
   ConfigError,
   RunConfig,
@@ -186,13 +188,6 @@ def _read(path: str, required: bool = True) -> Optional[dict]:
   raise ConfigError(f"{path} is not a JSON object (damaged?); delete it and rerun to train that run again")
 
 
-def _write(path: str, value: dict) -> None:
-  """Writes `value` as JSON to `path` atomically (a kill leaves the old file or the new one, whole)."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
-
-
 def _run_config(config: RunConfig, study: StudyConfig, method: Method, rate: float, seed: int, directory: str):
   overrides = {**method.overrides, "optim.learning_rate": rate, "seed": seed, "output_dir": directory, "resume": True}
   if method.family != "lora" and study.gate_rate_scale > 0:
@@ -209,7 +204,7 @@ def _train(run_config: RunConfig, method: Method, directory: str) -> dict:
   def truncate(experiment, outcome):
     if method.truncate_to:
       cut = truncation.evaluate_truncations(experiment, outcome.params, method.truncate_to)
-      _write(os.path.join(directory, "truncated.json"), cut)
+      write_json(os.path.join(directory, "truncated.json"), cut)
 
   started = time.time()
   os.makedirs(directory, exist_ok=True)
@@ -217,7 +212,7 @@ def _train(run_config: RunConfig, method: Method, directory: str) -> dict:
     results = loop.run(run_config, after_fit=truncate)  # its printout (rank report, metrics) goes to run.log
   if results is None:
     raise RuntimeError(f"run {directory} was aborted (train.abort_at_step); rerun to continue")
-  _write(os.path.join(directory, "study_run.json"), {"wall_time_s": time.time() - started})
+  write_json(os.path.join(directory, "study_run.json"), {"wall_time_s": time.time() - started})
   return results
 
 
@@ -228,7 +223,7 @@ def _run_one(
   directory = _run_dir(output_dir, method, rate, seed)
   run_config = _run_config(config, study, method, rate, seed, directory)
   results = _read(os.path.join(directory, "results.json"))
-  changed = "" if results is None else _differs(results["config"], to_dict(run_config))
+  changed = "" if results is None else "; ".join(setting_changes(results["config"], run_config, free=FINISHED_RUN_FREE))
   if changed:
     raise ConfigError(
       f"{directory} holds a finished run with other settings ({changed}); use another output_dir or delete it"
@@ -274,18 +269,6 @@ def _run_one(
 
 def _keys(fractions: Sequence[float]) -> set:
   return {f"{f:g}" for f in fractions}
-
-
-def _differs(done: dict, wanted: dict) -> str:
-  """The first training setting in which a finished run's config differs from the one asked for ('' if none)."""
-  for section in ("model", "data", "adapter", "optim", "train"):
-    for key, value in wanted[section].items():
-      if key in ("progress", "abort_at_step"):
-        continue
-      old = done.get(section, {}).get(key)
-      if (list(old) if isinstance(old, tuple) else old) != (list(value) if isinstance(value, tuple) else value):
-        return f"{section}.{key}: {old!r}, now {value!r}"
-  return "seed" if done.get("seed") != wanted["seed"] else ""
 
 
 def _metric_name(metrics: dict) -> str:
@@ -378,7 +361,7 @@ def _write_outputs(config: RunConfig, study: StudyConfig, records: list[dict], t
     "runs_wall_time_s": runs_wall,
     "config": to_dict(config),
   }
-  _write(os.path.join(output_dir, "pareto.json"), table)
+  write_json(os.path.join(output_dir, "pareto.json"), table)
   text = study_stats.markdown(rows, compared, study.rank_max)
   with open(os.path.join(output_dir, "pareto.md"), "w") as f:
     f.write(text)

@@ -35,7 +35,7 @@ from sora_jax.gate_step import soft_threshold as soft_threshold
 from sora_jax.optim import sora_proximal as sora_proximal
 from sora_jax.recipe import sora_optimizer as sora_optimizer
 from sora_jax.peft import LoadedPeft as LoadedPeft
-from sora_jax.peft import load_peft as load_peft
+from sora_jax.peft_load import load_peft as load_peft
 from sora_jax.peft import PeftNaming as PeftNaming
 from sora_jax.peft import save_merged as save_merged
 from sora_jax.peft import save_peft as save_peft

@@ -15,7 +15,8 @@ from flax import traverse_util  # noqa: E402
 
 from sora_jax import SoraConfig, apply_factored, init, merge, prune  # noqa: E402
 from sora_jax.models import EncoderNaming, family_module, from_pretrained  # noqa: E402
-from sora_jax.peft import load_peft, save_peft  # noqa: E402
+from sora_jax.peft import save_peft  # noqa: E402
+from sora_jax.peft_load import load_peft  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 99

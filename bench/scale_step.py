@@ -115,13 +115,14 @@ def compile_step(
     opt_state, opt_sh = (), ()
   else:
     opt_state = jax.eval_shape(tx.init, trainable)
+    # A masked transform (AdamW without the gates) holds MaskedNode where a gate is: it stays, with no sharding.
     opt_sh = optax.tree_map_params(
       tx,
-      lambda _, sharding: sharding,
+      lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
       opt_state,
       trainable_sh,
       transform_non_params=lambda _: named(P()),
-      is_leaf=lambda x: isinstance(x, NamedSharding),
+      is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)),
     )
   batch_sh = named(P("fsdp"))
   abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)

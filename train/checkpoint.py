@@ -151,6 +151,10 @@ class Checkpoints:
       ),
       self.best,
     )
+    if jax.process_count() > 1:
+      # Several processes: finish this write before the next checksum, whose reductions run on every process, so
+      # that no process's orbax thread is still writing when another starts a collective (a hang seen under load).
+      self._guarded(step, self.best.wait_until_finished, self.best)
 
   def has_checkpoint(self) -> bool:
     """Whether any checkpoint a resume may start from is on disk (a latest one, or with `parts` a kept-best one)."""

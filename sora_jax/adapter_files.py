@@ -156,7 +156,8 @@ def _swap(staging: str, target: str, owned: Sequence[str]) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-_PEFT_HEAD_NAMES = ("classifier", "score", "qa_outputs")  # the heads PEFT adds to modules_to_save by task type
+# The heads PEFT adds to modules_to_save by task type (peft >= 0.22 adds DistilBERT's pre_classifier to a classifier's).
+_PEFT_HEAD_NAMES = ("classifier", "score", "pre_classifier", "qa_outputs")
 
 
 def _number(value: Any) -> bool:

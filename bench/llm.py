@@ -11,7 +11,8 @@ jitted program called as Tunix's PeftTrainer calls its step (`nnx.jit`, the grap
   lora step    the same model with `qwix.LoraProvider` (A and B, no gates) and adamw alone
   merged       inference (logits) of the base model whose weights hold W + s A diag(g) B (`sora_jax.merge`)
   base         inference of the base model
-  proximal     `sora_proximal`'s update alone on the model's adapter tree, jitted
+  proximal     the recipe's gate update alone on the model's adapter tree, jitted: `sora_jax.sora_optimizer(lr, lam,
+               optax.identity())`, the gates' proximal step with every other leaf passed through
 
 All cases run in one process started with the benches' malloc settings (`bench.measure.case_env`), in turn each
 round, the order reversed every other round; each timed call follows one untimed call of the same case (as in
@@ -174,7 +175,7 @@ def build(args) -> dict:
   base_forward = nnx.cached_partial(forward, base)
 
   adapters = nnx.to_pure_dict(nnx.state(sora, nnx.LoRAParam))
-  proximal = sora_jax.sora_proximal(LAM, learning_rate=LR)  # the threshold alone, on the update it is given
+  proximal = sora_jax.sora_optimizer(LR, LAM, optax.identity())  # the recipe's gate step alone
   prox_state = proximal.init(adapters)
   prox_update = jax.jit(proximal.update)
 

@@ -80,7 +80,17 @@ def test_comparisons_pick_the_best_baseline_on_validation_not_test():
 def test_methods_cover_each_budget_the_truncated_lora_and_the_paper_form():
   study = pareto.StudyConfig()
   names = [m.name for m in pareto.methods(study)]
-  assert names == ["lora_r1", "sora_budget0.125", "lora_r2", "sora_budget0.25", "sora_lambda", "lora_r8"]
+  assert names == [
+    "lora_r1",
+    "sora_budget0.125",
+    "trunc_train0.125",
+    "lora_r2",
+    "sora_budget0.25",
+    "trunc_train0.25",
+    "sora_lambda",
+    "lora_r8",
+  ]
+  assert pareto.methods(study)[2].overrides["adapter.truncate_at"] == 0.7
   assert pareto.methods(study)[-1].truncate_to == (0.125, 0.25)
   assert pareto.arm_names(study)[-2:] == ["truncate0.125", "truncate0.25"]
 
@@ -108,16 +118,17 @@ def test_quick_study_writes_tables_and_picture_and_resumes(tiny, tmp_path, monke
   assert pareto.main(args) == 0
   table = json.loads((tmp_path / "pareto.json").read_text())
   rows = {r["arm"]: r for r in table["rows"]}
-  assert list(rows) == ["lora_r4", "sora_budget0.5", "sora_lambda", "lora_r8", "truncate0.5"]
+  assert list(rows) == ["lora_r4", "sora_budget0.5", "trunc_train0.5", "sora_lambda", "lora_r8", "truncate0.5"]
   assert all(r["seeds"] == [0, 1] for r in rows.values())
   rank_cost = 8 * 64 + 4 * 80  # one rank on 12 modules: 8 of 32 + 32, 4 of 32 + 48
   assert rows["lora_r4"]["retained_params"] == 4 * rank_cost
   assert rows["sora_budget0.5"]["retained_params"] <= 0.5 * rows["sora_budget0.5"]["max_params"]
   # the truncation arm: at most the budget, and within one rank of the most expensive module of it
   assert 4 * rank_cost - 80 <= rows["truncate0.5"]["retained_params"] <= 4 * rank_cost
+  assert 0 < rows["trunc_train0.5"]["retained_params"] <= 4 * rank_cost  # cut at 70 %, then trained: still cut
   assert [(c["comparison"], c["best_baseline"]) for c in table["comparisons"]][1] == ("paper form", "lora_r8")
   budget = table["comparisons"][0]
-  assert set(budget["against"]) == {"lora_r4", "truncate0.5"}
+  assert set(budget["against"]) == {"lora_r4", "truncate0.5", "trunc_train0.5"}
   assert budget["against"]["lora_r4"]["validation"]["n"] == 2  # the tiny task has no test split
   assert (tmp_path / "pareto.png").stat().st_size > 10_000
   assert "truncate0.5" in (tmp_path / "pareto.md").read_text()
@@ -128,4 +139,4 @@ def test_quick_study_writes_tables_and_picture_and_resumes(tiny, tmp_path, monke
   monkeypatch.setattr(loop, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
   assert pareto.main(args) == 0
   assert json.loads((tmp_path / "pareto.json").read_text())["rows"] == table["rows"]
-  assert len(os.listdir(tmp_path / "runs")) == 8
+  assert len(os.listdir(tmp_path / "runs")) == 10

@@ -85,7 +85,8 @@ def test_yaml_syntax_error_is_one_line_exit_2(tmp_path):
 
 
 def test_help_lists_every_key_with_default_and_description():
-  from train.config import describe, valid_keys
+  from train.config import valid_keys
+  from train.config_help import describe
 
   proc = _cli("--help")
   assert proc.returncode == 0

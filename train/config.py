@@ -118,6 +118,14 @@ class AdapterConfig:
     "L1 threshold (e.g. 0.7); None: the threshold acts to the end",
     "0..1",
   )
+  # Truncate, then train (method lora, `train.cut`): at truncate_at of the steps the adapter is cut by singular values
+  # to truncate_fraction of its parameters at full rank, and the kept ranks train for the rest.
+  truncate_at: Optional[float] = setting(
+    None, "lora: fraction of the steps after which the adapter is cut to truncate_fraction by SVD (e.g. 0.7)", "0..1"
+  )
+  truncate_fraction: Optional[float] = setting(
+    None, "lora with truncate_at: adapter params kept by the cut / params at full rank (e.g. 0.25)", "0..1"
+  )
   # Budget mode (sora_jax.sora_budget): every step keeps the largest gates that fit a cubic schedule of retained
   # adapter parameters, from all of them (at budget_start of the steps) to the budget (at budget_reach), after the
   # L1 step at sparse_lambda; then the kept ranks train on without threshold.
@@ -384,12 +392,32 @@ def check(config: Any, prefix: str = "") -> None:
   _check_fields(config, prefix)
   if isinstance(config, RunConfig):
     _check_budget(config.adapter)
+    _check_truncate(config.adapter)
     if config.adapter.gate_update not in ("gradient", "adam"):
       raise ConfigError(f"adapter.gate_update must be gradient or adam, got {config.adapter.gate_update!r}")
     if config.resume and config.overwrite:
       raise ConfigError(
         "resume=true continues the run in output_dir and overwrite=true deletes it: give one of them, not both"
       )
+
+
+def _check_truncate(adapter: "AdapterConfig") -> None:
+  if (adapter.truncate_at is None) != (adapter.truncate_fraction is None):
+    raise ConfigError(
+      "adapter.truncate_at (when to cut) and adapter.truncate_fraction (the budget) go together: give both or neither"
+    )
+  if adapter.truncate_at is None:
+    return
+  if adapter.method != "lora":
+    raise ConfigError(
+      f"adapter.truncate_at cuts a LoRA by singular values: adapter.method is {adapter.method!r}; use lora "
+      "(SoRA's own budget is adapter.target_fraction)"
+    )
+  if not 0 < adapter.truncate_at < 1 or not 0 < adapter.truncate_fraction < 1:
+    raise ConfigError(
+      f"adapter.truncate_at={adapter.truncate_at:g} and truncate_fraction={adapter.truncate_fraction:g} must both "
+      "lie strictly between 0 and 1 (e.g. 0.7 and 0.25)"
+    )
 
 
 def _check_budget(adapter: "AdapterConfig") -> None:
@@ -511,44 +539,6 @@ def load_with_section(
   check(config)
   check(settings, section + ".")
   return config, settings
-
-
-def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-  """(dotted key, default as YAML, description) for every leaf field, in declaration order."""
-  rows = []
-  for f in dataclasses.fields(cls):
-    if dataclasses.is_dataclass(f.default):
-      rows.extend(describe(type(f.default), prefix + f.name + "."))
-      continue
-    default = f.default
-    shown = (
-      "none"
-      if default is None
-      else yaml.safe_dump(
-        list(default) if isinstance(default, tuple) else default, default_flow_style=True, width=10**6
-      )
-      .strip()
-      .removesuffix("...")
-      .strip()
-    )
-    rows.append((prefix + f.name, shown, f.metadata.get("help", "")))
-  return rows
-
-
-def help_text(cls=RunConfig) -> str:
-  """`--help`'s table: one line per key with its default and description."""
-  rows = describe(cls)
-  width = max(len(k) for k, _, _ in rows)
-  return "\n".join(f"  {key:<{width}}  {text}  [default: {default}]" for key, default, text in rows)
-
-
-def section_help_text(section: str, cls: type, run_defaults: dict[str, Any], program: str) -> str:
-  """`--help` of a program with a section of its own: the section's keys, then the trainer's with its defaults."""
-  changed = ", ".join(f"{k}={v}" for k, v in run_defaults.items())
-  return (
-    f"{section} keys ({section}.<key> or the bare key):\n{help_text(cls)}\n"
-    f"trainer keys ({program}'s defaults differ: {changed}):\n{help_text()}"
-  )
 
 
 def config_warnings(config: RunConfig) -> list[str]:

@@ -17,7 +17,8 @@ import sys
 from typing import Optional, Sequence
 
 from train import cli
-from train.config import help_text, load_config
+from train.config import load_config
+from train.config_help import help_text
 
 
 def _run(config, _):

@@ -33,6 +33,7 @@ import numpy as np
 from sora_jax import adapters
 from sora_jax import sharding as shd
 from train.build import Experiment, build, resolve_model
+from train import cut
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import RunConfig, to_dict
 from train.evaluate import evaluate, predict, score_key
@@ -225,6 +226,7 @@ def fit(
   total = total_steps or experiment.total_steps
   trainable = experiment.trainable if trainable is None else trainable
   hyper, state, step_fn = _start(experiment, trainable, total, sparse_lambda)
+  cut_at = cut.cut_step(config, total)
   checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), config.train.keep_checkpoints, STATE_PARTS)
   start, best, skipped, meta = 0, {"step": None, "score": -math.inf, "metrics": None}, 0, {}
   if config.resume if resume is None else resume:
@@ -240,6 +242,8 @@ def fit(
       )
       done = step + 1
       pending.append((done, step_metrics))
+      if done == cut_at:
+        state = cut.truncate_state(experiment, state)
       stop_now = stop.agreed()
       checkpoints.check()  # a checkpoint write that failed in the background stops the run here
       train = config.train

@@ -10,6 +10,8 @@ would use instead? At each budget b (a fraction of the adapter parameters at ran
   truncate{b}       LoRA at r_max trained the same steps, then cut by singular values to the budget
                     (`sora_jax.truncate`: each module's best rank-k approximation, one global threshold); no step
                     is trained after the cut, so the LoRA r_max runs give this arm for free
+  trunc_train{b}    LoRA at r_max cut the same way at 70 % of the steps, its kept factors trained for the other 30 %
+                    (`adapter.truncate_at=0.7`, `train.cut`): the strongest baseline on the planted problems
 
 and the paper's own form: `sora_lambda` (SoRA at r_max with the trainer's sparse_lambda, no budget) against `lora_r
 {r_max}`. Each arm picks its learning rate from `learning_rates` on the validation metric of the first seed (SoRA's
@@ -27,7 +29,7 @@ step's parameters (no best-checkpoint selection, which would see the validation 
 Runs share one compiled training step per adapter shape (learning rates, lambda, budget and the dropout key enter the
 step as arrays) through JAX's persistent compilation cache in `<output_dir>/jax_cache`.
 
-  python -m train.pareto            # the full study: 6 trained methods x (3 learning rates + 4 more seeds) = 42 runs
+  python -m train.pareto            # the full study: 8 trained methods x (3 learning rates + 4 more seeds) = 56 runs
   python -m train.pareto --quick    # one budget, one learning rate, two seeds, 100 steps: a few minutes
   python -m train.pareto configs/glue/rotten_tomatoes.yaml output_dir=runs/pareto_rotten_tomatoes
 """
@@ -43,6 +45,7 @@ import time
 from typing import Optional, Sequence
 
 from train import cli, study_stats
+from train.config_help import section_help_text
 from train.jsonio import write_json
 from train.settings import FINISHED_RUN_FREE, setting_changes
 from train.config import (
@@ -51,7 +54,6 @@ from train.config import (
   apply_overrides,
   check as check_ranges,
   load_with_section,
-  section_help_text,
   setting,
   to_dict,
 )
@@ -73,6 +75,8 @@ class StudyConfig:
   )
   rank_max: int = setting(8, "r_max of SoRA and of the LoRA that is truncated", ">0")
   truncate: bool = setting(True, "the truncation arm (LoRA r_max, then sora_jax.truncate to each budget)")
+  truncate_train: bool = setting(True, "the truncate-then-train arm (LoRA r_max cut at truncate_at, then trained)")
+  truncate_at: float = setting(0.7, "the truncate-then-train arm: fraction of the steps at the cut", "0..1")
   paper_form: bool = setting(True, "also SoRA at adapter.sparse_lambda (no budget) against LoRA r_max")
 
 
@@ -154,6 +158,20 @@ def methods(study: StudyConfig) -> list[Method]:
         budget_fraction=fraction,
       )
     )
+    if study.truncate_train:
+      out.append(
+        Method(
+          f"trunc_train{fraction:g}",
+          "truncate, then train",
+          {
+            "adapter.method": "lora",
+            "adapter.rank": study.rank_max,
+            "adapter.truncate_at": study.truncate_at,
+            "adapter.truncate_fraction": fraction,
+          },
+          budget_fraction=fraction,
+        )
+      )
   if study.paper_form:
     out.append(Method("sora_lambda", "sora lambda", {"adapter.method": "sora", "adapter.rank": study.rank_max}))
   if study.truncate or study.paper_form:
@@ -190,7 +208,7 @@ def _read(path: str, required: bool = True) -> Optional[dict]:
 
 def _run_config(config: RunConfig, study: StudyConfig, method: Method, rate: float, seed: int, directory: str):
   overrides = {**method.overrides, "optim.learning_rate": rate, "seed": seed, "output_dir": directory, "resume": True}
-  if method.family != "lora" and study.gate_rate_scale > 0:
+  if method.overrides["adapter.method"] == "sora" and study.gate_rate_scale > 0:
     overrides["optim.gate_learning_rate"] = study.gate_rate_scale * rate
   run_config = apply_overrides(config, overrides)
   check_ranges(run_config)

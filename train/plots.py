@@ -203,7 +203,7 @@ def plot_pareto(rows: Sequence[Mapping], path: str, title: Optional[str] = None)
   the test metric where every row has one, else validation."""
   split = "test" if all(r.get("test") is not None for r in rows) else "validation"
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  markers = {"lora": "o", "sora budget": "s", "sora lambda": "*", "truncate": "^"}
+  markers = {"lora": "o", "sora budget": "s", "sora lambda": "*", "truncate": "^", "truncate, then train": "v"}
   for family in dict.fromkeys(r["family"] for r in rows):
     group = sorted((r for r in rows if r["family"] == family), key=lambda r: r["retained_params"])
     x = [r["retained_params"] for r in group]

@@ -52,7 +52,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from train import cli
-from train.config import RunConfig, load_with_section, section_help_text, setting, to_dict
+from train.config import RunConfig, load_with_section, setting, to_dict
+from train.config_help import section_help_text
 from train.jsonio import read_json, write_json
 from train.settings import setting_changes
 

@@ -86,9 +86,9 @@ def verdict(diff: Optional[dict]) -> str:
 
 
 def comparisons(rows: Sequence[dict], budgets: Sequence[float], rank_max: int) -> list[dict]:
-  """For each budget: SoRA's budget arm against each baseline at that budget (uniform LoRA, truncation) and against
-  the best baseline (the one of higher mean validation metric); then the paper's form, SoRA at its lambda against
-  LoRA r_max. Differences on validation and test."""
+  """For each budget: SoRA's budget arm against each baseline at that budget (uniform LoRA, truncation, truncation
+  then training) and against the best baseline (the one of higher mean validation metric); then the paper's form,
+  SoRA at its lambda against LoRA r_max. Differences on validation and test."""
   by_arm = {row["arm"]: row for row in rows}
   out = []
 
@@ -108,7 +108,8 @@ def comparisons(rows: Sequence[dict], budgets: Sequence[float], rank_max: int) -
 
   for fraction in budgets:
     rank = fraction * rank_max
-    compare(f"budget {fraction:g}", f"sora_budget{fraction:g}", [f"lora_r{rank:g}", f"truncate{fraction:g}"])
+    baselines = [f"lora_r{rank:g}", f"truncate{fraction:g}", f"trunc_train{fraction:g}"]
+    compare(f"budget {fraction:g}", f"sora_budget{fraction:g}", baselines)
   compare("paper form", "sora_lambda", [f"lora_r{rank_max}"])
   return out
 

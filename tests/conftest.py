@@ -43,14 +43,9 @@ def tiny(tmp_path_factory):
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
   (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
   transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-  config = transformers.BertConfig(
-    vocab_size=len(vocab),
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=32,
-    num_labels=2,
+  # the tiny encoder with this tokenizer and task; its MLP (48) and positions (32) as the trainer tests have them
+  config = tiny_encoder_config(
+    "bert", vocab_size=len(vocab), num_labels=2, intermediate_size=48, max_position_embeddings=32
   )
   torch.manual_seed(0)
   transformers.BertForSequenceClassification(config).save_pretrained(model_dir)

@@ -10,6 +10,10 @@ Tunix, no global patched; qwix swaps a model's class the same way). Other models
 same family, keep Tunix's behaviour. `rope_theta(model)` says which theta a model applies. `tests/test_tunix_private.py`
 pins what this relies on (block reads `apply_rope` from its module's globals and does not pass a theta), so a Tunix
 upgrade that changes it fails there first.
+
+`checkpoint_table(family, config)` is Tunix's own transformers <-> Tunix weight table, which its safetensors loader
+reads and which Tunix keeps private (`tunix.models.<family>.params._get_key_and_transform_mapping`); the same test file
+pins its signature, its entries for a tiny model and that the loader still reads it.
 """
 
 from __future__ import annotations
@@ -83,3 +87,14 @@ def rope_theta(model: Any) -> float:
     )
   (theta,) = thetas
   return default_rope_theta(model) if theta is None else float(theta)
+
+
+def checkpoint_table(family: str, config: Any) -> dict[str, tuple[str, tuple[Any, Any] | None]]:
+  """Tunix's table from transformers weights to `family`'s ("llama3" or "qwen3") Tunix weights for `config` (its
+  `ModelConfig`): {transformers key regex: (Tunix key template, (permute, reshape) or None)}. Tunix's loader reads a
+  transformers tensor T matching the regex as `T.transpose(permute).reshape(reshape)` (reshape None: no reshape) into
+  the Tunix path the template gives (`\\1` the regex's layer index)."""
+  if family not in _FAMILIES:
+    raise ValueError(f"{family!r} is not a Tunix family with a checkpoint table here; expected one of {_FAMILIES}.")
+  params = importlib.import_module(f"tunix.models.{family}.params")
+  return params._get_key_and_transform_mapping(config)

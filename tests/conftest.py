@@ -1,4 +1,5 @@
-"""Fixtures shared by the trainer, sparsify, budget and study tests."""
+"""Fixtures shared by the tests: the trainer's tiny BERT and task, and the tiny model of each family (the Tunix
+Qwen3 / Llama3 decoder and its transformers twin, the BERT-family encoder)."""
 
 import json
 
@@ -42,14 +43,9 @@ def tiny(tmp_path_factory):
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
   (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
   transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-  config = transformers.BertConfig(
-    vocab_size=len(vocab),
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=32,
-    num_labels=2,
+  # the tiny encoder with this tokenizer and task; its MLP (48) and positions (32) as the trainer tests have them
+  config = tiny_encoder_config(
+    "bert", vocab_size=len(vocab), num_labels=2, intermediate_size=48, max_position_embeddings=32
   )
   torch.manual_seed(0)
   transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
@@ -95,6 +91,22 @@ TUNIX_SIZES = dict(
 )
 
 
+# The same decoder in transformers' names (a `Qwen3Config` / `LlamaConfig`), plus the positions transformers sizes its
+# tables for. Both sides default to an untied output head.
+_HF_NAMES = dict(
+  num_layers="num_hidden_layers",
+  vocab_size="vocab_size",
+  embed_dim="hidden_size",
+  hidden_dim="intermediate_size",
+  num_heads="num_attention_heads",
+  head_dim="head_dim",
+  num_kv_heads="num_key_value_heads",
+  rope_theta="rope_theta",
+  norm_eps="rms_norm_eps",
+)
+HF_SIZES = {_HF_NAMES[name]: value for name, value in TUNIX_SIZES.items()} | dict(max_position_embeddings=64)
+
+
 def tiny_tunix_config(family: str, **overrides):
   """The `ModelConfig` of the tests' tiny Tunix model of `family` ("qwen3" or "llama3"): `TUNIX_SIZES` with
   `overrides` (e.g. a tied head, one layer)."""
@@ -102,3 +114,33 @@ def tiny_tunix_config(family: str, **overrides):
 
   module = importlib.import_module(f"tunix.models.{family}.model")
   return module.ModelConfig(**{**TUNIX_SIZES, **overrides})
+
+
+def tiny_hf_config(family: str, **overrides):
+  """transformers' config of the same tiny model of `family` ("qwen3": `Qwen3Config`, "llama3": `LlamaConfig`):
+  `HF_SIZES` with `overrides` (transformers' names, e.g. `tie_word_embeddings=True`)."""
+  import transformers
+
+  config_class = {"qwen3": transformers.Qwen3Config, "llama3": transformers.LlamaConfig}[family]
+  return config_class(**{**HF_SIZES, **overrides})
+
+
+# The tests' tiny BERT-family encoder in transformers' names (BERT, RoBERTa, ELECTRA and DeBERTa-v2 configs share
+# them): 2 layers, width 32, 4 heads, MLP 37, 64 positions, vocab 99, 3 labels.
+ENCODER_SIZES = dict(
+  vocab_size=99,
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=37,
+  max_position_embeddings=64,
+  num_labels=3,
+)
+
+
+def tiny_encoder_config(model_type: str, **overrides):
+  """transformers' config of the tiny encoder for `model_type` ("bert", "roberta", "electra", "deberta-v2", ...):
+  `ENCODER_SIZES` with `overrides`."""
+  import transformers
+
+  return transformers.AutoConfig.for_model(model_type, **{**ENCODER_SIZES, **overrides})

@@ -15,32 +15,22 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from conftest import ENCODER_SIZES, tiny_encoder_config
 from sora_jax.models import FAMILIES, family_module, from_pretrained, stack_layers, unstack_layers
 from sora_jax.models import bert
 
 TOL = 1e-4
-VOCAB = 99
+VOCAB = ENCODER_SIZES["vocab_size"]
+# Each family's own settings on top of conftest's tiny encoder.
+_FAMILY_OVERRIDES = {
+  "bert": {},
+  "roberta": dict(pad_token_id=1),
+  "electra": dict(embedding_size=16, hidden_act="gelu_new"),  # embedding_size != hidden_size: embeddings_project
+}
 
 
 def _tiny_config(model_type: str, **overrides):
-  common = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-    type_vocab_size=2,
-    num_labels=3,
-  )
-  common.update(overrides)
-  if model_type == "bert":
-    return transformers.BertConfig(**common)
-  if model_type == "roberta":
-    return transformers.RobertaConfig(pad_token_id=1, **common)
-  if model_type == "electra":  # embedding_size != hidden_size exercises embeddings_project
-    return transformers.ElectraConfig(embedding_size=16, hidden_act="gelu_new", **common)
-  raise ValueError(model_type)
+  return tiny_encoder_config(model_type, type_vocab_size=2, **{**_FAMILY_OVERRIDES[model_type], **overrides})
 
 
 def _torch_model(config, cls=transformers.AutoModelForSequenceClassification):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from flax import traverse_util  # noqa: E402
 
+from conftest import ENCODER_SIZES  # noqa: E402
 from sora_jax.models import deberta_v2  # noqa: E402
 from sora_jax.models.loading import from_pretrained  # noqa: E402
 
@@ -21,10 +22,8 @@ VOCAB = 100
 # DeBERTa-v3-base's shape (relative attention, 256 log buckets, shared keys, c2p|p2c, no absolute positions, no token
 # types, LayerNorm on the relative embeddings), scaled down in width and depth.
 V3_BASE = dict(
+  ENCODER_SIZES,  # conftest's tiny encoder
   vocab_size=VOCAB,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
   intermediate_size=64,
   max_position_embeddings=512,
   relative_attention=True,

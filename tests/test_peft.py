@@ -13,26 +13,19 @@ peft = pytest.importorskip("peft")
 
 from flax import traverse_util  # noqa: E402
 
+from conftest import ENCODER_SIZES, tiny_encoder_config  # noqa: E402
 from sora_jax import SoraConfig, apply_factored, init, merge, prune  # noqa: E402
 from sora_jax.models import EncoderNaming, family_module, from_pretrained  # noqa: E402
 from sora_jax.peft import save_peft  # noqa: E402
 from sora_jax.peft_load import load_peft  # noqa: E402
 
 TOL = 1e-4
-VOCAB = 99
-_COMMON = dict(
-  vocab_size=VOCAB,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=37,
-  max_position_embeddings=64,
-  num_labels=3,
-)
+VOCAB = ENCODER_SIZES["vocab_size"]
 CONFIGS = {
-  "bert": lambda: transformers.BertConfig(**_COMMON),
-  "roberta": lambda: transformers.RobertaConfig(pad_token_id=1, **_COMMON),  # classifier = dense + out_proj
-  "deberta-v2": lambda: transformers.DebertaV2Config(
+  "bert": lambda: tiny_encoder_config("bert"),
+  "roberta": lambda: tiny_encoder_config("roberta", pad_token_id=1),  # classifier = dense + out_proj
+  "deberta-v2": lambda: tiny_encoder_config(
+    "deberta-v2",
     relative_attention=True,
     position_buckets=16,
     max_relative_positions=-1,
@@ -42,7 +35,6 @@ CONFIGS = {
     norm_rel_ebd="layer_norm",
     type_vocab_size=0,
     pad_token_id=0,
-    **_COMMON,
   ),
 }
 # PEFT's own way of naming the six dense layers of a block (a regex over transformers module names).

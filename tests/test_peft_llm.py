@@ -2,8 +2,8 @@
 
 References are independent of our code: transformers' own `Qwen3ForCausalLM` / `LlamaForCausalLM` (random weights,
 saved with `save_pretrained`), loaded into Tunix through Tunix's own safetensors loader, and `peft.PeftModel` on the
-torch model. Tiny configs: 2 layers, hidden 64, 4 query heads of 24, 2 key/value heads (GQA), MLP 96, vocab 128;
-tied and untied output heads. Tunix's Qwen3/Llama3 apply RoPE with theta 1e6 whatever `ModelConfig.rope_theta` says,
+torch model. The tests' tiny model (conftest's `TUNIX_SIZES` / `HF_SIZES`: 2 layers, hidden 64, 4 query heads of 24,
+2 key/value heads (GQA), MLP 96, vocab 128), with tied and untied output heads. Tunix's Qwen3/Llama3 apply RoPE with theta 1e6 whatever `ModelConfig.rope_theta` says,
 so the transformers configs use 1e6.
 """
 
@@ -23,23 +23,12 @@ from tunix.models.llama3 import params as llama3_params  # noqa: E402
 from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
 
 import sora_jax  # noqa: E402
-from conftest import tiny_tunix_config  # noqa: E402
+from conftest import TUNIX_SIZES, tiny_hf_config, tiny_tunix_config  # noqa: E402
 from sora_jax.models.tunix import TunixNaming  # noqa: E402
 
 TOL = 1e-4
-VOCAB, SEQ = 128, 10
-HF_SIZES = dict(
-  vocab_size=VOCAB,
-  hidden_size=64,
-  intermediate_size=96,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=24,
-  rms_norm_eps=1e-6,
-  rope_theta=1e6,
-  max_position_embeddings=64,
-)
+VOCAB, SEQ = TUNIX_SIZES["vocab_size"], 10
+THETA = 1e6  # the RoPE theta Tunix's Qwen3 / Llama3 apply (see the module docstring)
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 R_MAX, ALPHA = 8, 16.0
 # (Tunix family, tied output head)
@@ -47,17 +36,16 @@ CASES = [("qwen3", True), ("qwen3", False), ("llama3", True), ("llama3", False)]
 
 
 def _hf_model(family: str, tied: bool):
-  if family == "qwen3":
-    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(tie_word_embeddings=tied, **HF_SIZES))
-  return transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=tied, **HF_SIZES))
+  config = tiny_hf_config(family, rope_theta=THETA, tie_word_embeddings=tied)
+  return (transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.LlamaForCausalLM)(config)
 
 
 def _tunix_from_safetensors(family: str, tied: bool, directory: str) -> nnx.Module:
   """Tunix's own loader, from a local transformers checkpoint."""
   if family == "qwen3":
-    config = tiny_tunix_config("qwen3", vocab_size=VOCAB, rope_theta=1_000_000, use_tied_embedding=tied)
+    config = tiny_tunix_config("qwen3", rope_theta=THETA, use_tied_embedding=tied)
     return qwen3_params.create_model_from_safe_tensors(directory, config)
-  config = tiny_tunix_config("llama3", vocab_size=VOCAB, rope_theta=1_000_000, weight_tying=tied)
+  config = tiny_tunix_config("llama3", rope_theta=THETA, weight_tying=tied)
   return llama3_params.create_model_from_safe_tensors(directory, config)
 
 

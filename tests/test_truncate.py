@@ -14,6 +14,7 @@ from flax import nnx
 from flax import traverse_util
 
 import sora_jax
+from conftest import tiny_encoder_config
 
 R, ALPHA = 4, 8.0
 S = ALPHA / R
@@ -248,12 +249,10 @@ def test_nnx_qwix_matches_numpy_svd_truncation(budget):
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_save_peft_round_trip_keeps_the_truncated_deltas(tmp_path, scan_layers):
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   from sora_jax.models import EncoderNaming, bert
 
-  hf = transformers.BertConfig(
-    vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=2
-  )
+  hf = tiny_encoder_config("bert", hidden_size=16)  # narrower: the budget below counts 16 x 16 modules
   ids = jnp.ones((1, 4), jnp.int32)
   shapes = jax.eval_shape(lambda: bert.build(hf, scan_layers=scan_layers).init(jax.random.key(0), ids)["params"])
   rng = np.random.default_rng(0)

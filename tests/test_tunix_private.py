@@ -1,12 +1,14 @@
-"""Pins the Tunix behaviour that sora_jax/_tunix.py works around (RoPE theta), and checks the fix on tiny models.
+"""Pins the Tunix behaviour that sora_jax/_tunix.py works around (RoPE theta) or reads from Tunix's private code (the
+checkpoint table), and checks the fix on tiny models.
 
 Tunix's Llama3 / Qwen3 ignore `ModelConfig.rope_theta`: if a Tunix upgrade honours it, `test_tunix_ignores_the_
 configured_theta` fails and `use_rope_theta` should go. The reference for the fixed model is transformers' own
 `LlamaForCausalLM` / `Qwen3ForCausalLM` at the same theta, loaded through `sora_jax.models.load_tunix_llama3` (Llama)
-and Tunix's safetensors loader (Qwen3). Tiny random-weight models: 2 layers, hidden 64, 4 query / 2 key-value heads of
-24, MLP 96, vocab 128.
+and Tunix's safetensors loader (Qwen3). Random weights on the tests' tiny model (conftest's `tiny_tunix_config` /
+`tiny_hf_config`, tied head): 2 layers, hidden 64, 4 query / 2 key-value heads of 24, MLP 96, vocab 128.
 """
 
+import inspect
 import json
 
 import numpy as np
@@ -21,25 +23,14 @@ import tunix  # noqa: E402
 from flax import nnx  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
 from tunix.models.qwen3 import model as qwen3  # noqa: E402
+from tunix.models.llama3 import params as llama3_params  # noqa: E402
 from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
 
 import sora_jax  # noqa: E402
 from sora_jax import _tunix  # noqa: E402
+from conftest import tiny_hf_config, tiny_tunix_config  # noqa: E402
 from sora_jax.models import TunixNaming, load_tunix_llama3, use_rope_theta  # noqa: E402
 
-SIZES = dict(num_layers=2, vocab_size=128, embed_dim=64, hidden_dim=96, num_heads=4, head_dim=24, num_kv_heads=2)
-HF_SIZES = dict(
-  vocab_size=128,
-  hidden_size=64,
-  intermediate_size=96,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=24,
-  rms_norm_eps=1e-6,
-  max_position_embeddings=64,
-  tie_word_embeddings=True,
-)
 SEQ = 24  # long enough for the RoPE frequencies to matter
 
 
@@ -54,18 +45,14 @@ def _logits(model, ids: np.ndarray) -> np.ndarray:
 
 
 def _tunix_model(family, theta: float, seed: int = 0):
-  if family == "llama3":
-    return llama3.Llama3(llama3.ModelConfig(rope_theta=theta, norm_eps=1e-6, **SIZES), rngs=nnx.Rngs(seed))
-  return qwen3.Qwen3(qwen3.ModelConfig(rope_theta=theta, norm_eps=1e-6, **SIZES), rngs=nnx.Rngs(seed))
+  model_class = llama3.Llama3 if family == "llama3" else qwen3.Qwen3
+  return model_class(tiny_tunix_config(family, rope_theta=theta), rngs=nnx.Rngs(seed))
 
 
 def _hf_checkpoint(family: str, theta: float, directory) -> str:
   torch.manual_seed(0)
-  if family == "llama3":
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=theta, **HF_SIZES))
-  else:
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(rope_theta=theta, **HF_SIZES))
-  model.save_pretrained(directory)
+  model_class = transformers.LlamaForCausalLM if family == "llama3" else transformers.Qwen3ForCausalLM
+  model_class(tiny_hf_config(family, rope_theta=theta, tie_word_embeddings=True)).save_pretrained(directory)
   return str(directory)
 
 
@@ -91,6 +78,34 @@ def test_tunix_ignores_the_configured_theta(family):
   assert "apply_rope" in code.co_names and "apply_rope" in vars(module)  # looked up in the module's globals
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_checkpoint_table_is_the_one_tunix_loads_with(family):
+  """`_tunix.checkpoint_table` is Tunix's private `params._get_key_and_transform_mapping(cfg)`, the table its
+  safetensors loader reads: its signature, the loader's use of it, and the entries `TunixNaming` runs backwards for the
+  tiny model (d 64, 4 query / 2 key-value heads of 24; written out here, not read from Tunix)."""
+  params = {"llama3": llama3_params, "qwen3": qwen3_params}[family]
+  assert list(inspect.signature(params._get_key_and_transform_mapping).parameters) == ["cfg"]
+  assert "_get_key_and_transform_mapping" in params.create_model_from_safe_tensors.__code__.co_names
+  layer = r"model\.layers\.([0-9]+)\."
+  want = {
+    r"model\.embed_tokens\.weight": ("embedder.input_embedding", None),
+    r"model\.norm\.weight": ("final_norm.w", None),
+    r"lm_head\.weight": ("lm_head.w", ((1, 0), None)),
+    layer + r"self_attn\.q_proj\.weight": (r"layers.\1.attn.q_proj.w", ((1, 0), (64, 4, 24))),
+    layer + r"self_attn\.k_proj\.weight": (r"layers.\1.attn.k_proj.w", ((1, 0), (64, 2, 24))),
+    layer + r"self_attn\.v_proj\.weight": (r"layers.\1.attn.v_proj.w", ((1, 0), (64, 2, 24))),
+    layer + r"self_attn\.o_proj\.weight": (r"layers.\1.attn.o_proj.w", ((1, 0), (4, 24, 64))),
+    layer + r"input_layernorm\.weight": (r"layers.\1.input_layernorm.w", None),
+  }
+  for name in ("gate", "up", "down"):
+    want[layer + rf"mlp\.{name}_proj\.weight"] = (rf"layers.\1.mlp.{name}_proj.kernel", ((1, 0), None))
+  table = _tunix.checkpoint_table(family, tiny_tunix_config(family))
+  assert {key: table.get(key) for key in want} == want
+  assert table == params._get_key_and_transform_mapping(tiny_tunix_config(family))
+  with pytest.raises(ValueError, match="not a Tunix family"):
+    _tunix.checkpoint_table("gemma3", tiny_tunix_config(family))
+
+
 def test_loaded_llama_gives_transformers_logits_at_its_theta(tmp_path):
   directory = _hf_checkpoint("llama3", 1e4, tmp_path)
   ids = _ids()
@@ -106,7 +121,7 @@ def test_loaded_llama_gives_transformers_logits_at_its_theta(tmp_path):
 
 def test_qwen3_fixed_at_its_theta_gives_transformers_logits(tmp_path):
   directory = _hf_checkpoint("qwen3", 5e6, tmp_path)
-  config = qwen3.ModelConfig(rope_theta=5e6, norm_eps=1e-6, use_tied_embedding=True, **SIZES)
+  config = tiny_tunix_config("qwen3", rope_theta=5e6, use_tied_embedding=True)
   model = use_rope_theta(qwen3_params.create_model_from_safe_tensors(directory, config))
   np.testing.assert_allclose(_logits(model, _ids()), _torch_logits(directory, _ids()), atol=1e-4, rtol=0)
 

@@ -30,6 +30,12 @@ import sys
 import time
 
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# A --model folder's tokenizer: transformers' fast tokenizer, a sentencepiece model, or a byte-level BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class ModelFolderError(Exception):
+  """A `--model` folder this job cannot use; the message names the problem and the fix in one line."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,7 +131,21 @@ def load(args):
   from sora_jax.models import load_tunix_llama3, smollm2_135m_instruct
 
   folder = args.model or smollm2_135m_instruct()
-  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  if not os.path.isdir(folder):
+    raise ModelFolderError(f"--model {folder} is not a folder: give a local transformers Llama folder")
+  if not any(os.path.exists(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+    raise ModelFolderError(
+      f"--model {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
+      "model it came from into the folder, e.g. AutoTokenizer.from_pretrained(source).save_pretrained(folder)"
+    )
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  except Exception as e:  # transformers raises many types for a bad tokenizer, each over several lines
+    first = (str(e).strip().splitlines() or [""])[0].strip()
+    raise ModelFolderError(
+      f"--model {folder}: transformers cannot load its tokenizer ({type(e).__name__}: {first}); save a fast tokenizer "
+      "(tokenizer.json) into the folder with AutoTokenizer.from_pretrained(source).save_pretrained(folder)"
+    ) from None
   return folder, tokenizer, load_tunix_llama3(folder)
 
 
@@ -242,9 +262,9 @@ def main(argv=None) -> dict:
 
   quiet_libraries()
   args = parse_args(argv)
-  try:
+  try:  # a missing package or an unusable --model folder: one line naming it
     return train(args)
-  except (FileNotFoundError, rotten_tomatoes.RottenTomatoesError) as e:  # a missing package: one line naming it
+  except (FileNotFoundError, ModelFolderError, rotten_tomatoes.RottenTomatoesError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
 

@@ -1,7 +1,7 @@
 """Transformers names and weight layouts of Tunix's causal LMs (Qwen3, Llama3), for PEFT export/import and merged
 checkpoints.
 
-The names come from Tunix's own checkpoint table, `tunix.models.<family>.params._get_key_and_transform_mapping(cfg)`:
+The names come from Tunix's own checkpoint table, `sora_jax._tunix.checkpoint_table(family, cfg)`:
 {transformers key regex: (Tunix key template, (permute, reshape))}. Tunix loads a transformers weight T as
 
   W = T.transpose(permute).reshape(reshape)        e.g. q_proj: T (n*h, d) -> (d, n*h) -> W (d, n, h)
@@ -122,8 +122,7 @@ class TunixNaming:
     self.config = model.config
     self._rope_theta = _tunix.rope_theta(model)
     self._model_module = importlib.import_module(f"tunix.models.{self.family}.model")
-    params = importlib.import_module(f"tunix.models.{self.family}.params")
-    table = params._get_key_and_transform_mapping(self.config)  # Tunix's own transformers <-> Tunix table
+    table = _tunix.checkpoint_table(self.family, self.config)  # Tunix's own transformers <-> Tunix table
     self._entries = []
     for torch_regex, (template, transform) in table.items():
       permute, reshape = transform if transform is not None else (None, None)

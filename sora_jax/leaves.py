@@ -17,6 +17,11 @@ Three kinds of tree are accepted, and each function returns the kind it was give
   it.
 `flatten` gives {path tuple: leaf} and a function that rebuilds the same kind of tree from such a dict; `value` and
 `rewrap` read and replace a leaf's array while keeping an `nnx.Variable`'s type and metadata (e.g. sharding).
+
+`walk` is the one walk of any pytree (those three, and any container of them: a tuple of trees, an optax state, the
+params with `optax.MaskedNode`s that `optax.masked` hands its inner transform); `map_leaves` and the masks
+(`gate_mask`, `not_gate_mask`, and `sora_jax.adapter_mask` / `param_labels`) are made from it and return a tree of
+the kind and structure given.
 """
 
 from __future__ import annotations

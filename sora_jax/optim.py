@@ -76,9 +76,9 @@ def sora_proximal(
       size and required. Without it, the preceding optimizer's learning rate (paper), or None: tau = lam_t,
       unscaled, as the official code.
     mask: which leaves are gates: a bool pytree like params, or a callable params -> bool pytree (as in Optax).
-      None: every gate leaf (named `sora_gate` or `<weight>_lora_gate`, or an NNX `sora_jax.SoraGate`) of linen
-      params, an `nnx.State` (of Variables, or of arrays as `nnx.Optimizer` passes it) or a pure dict; finding
-      none is an error.
+      None: `sora_jax.gate_mask`, every gate leaf (named `sora_gate` or `<weight>_lora_gate`, or an NNX
+      `sora_jax.SoraGate`) of any pytree of params (linen params, an `nnx.State` of Variables or of arrays as
+      `nnx.Optimizer` passes it, a pure dict, or a container of them); finding none is an error.
     optimizer: the optimizer of every other leaf (A, B, a head). Given, the transform owns the gates' update
       (state `sora_jax.gate_step.OwnedGatesState`); None, it thresholds the update a preceding transform made.
     refit_from: the step from which the selection is over: a gate that is zero stays exactly zero and the others

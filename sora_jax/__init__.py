@@ -20,13 +20,14 @@ from sora_jax.budget import adapter_params as adapter_params
 from sora_jax.budget import budget_phases as budget_phases
 from sora_jax.budget import budget_schedule as budget_schedule
 from sora_jax.budget import cut_to_budget as cut_to_budget
-from sora_jax.budget import rank_params as rank_params
 from sora_jax.budget import smallest_rank_params as smallest_rank_params
 from sora_jax.budget import retained_fraction as retained_fraction
 from sora_jax.budget import sora_budget as sora_budget
 from sora_jax.forward import apply_factored as apply_factored
 from sora_jax.forward import factored as factored
 from sora_jax.forward import low_rank_product as low_rank_product
+from sora_jax.layout import RankCost as RankCost
+from sora_jax.layout import rank_cost as rank_cost
 from sora_jax.leaves import SoraAxes as SoraAxes
 from sora_jax.leaves import SoraGate as SoraGate
 from sora_jax.optim import SoraProximalState as SoraProximalState
@@ -53,6 +54,7 @@ __all__ = [
   "LAMBDA_SHAPES",
   "LoadedPeft",
   "PeftNaming",
+  "RankCost",
   "RankReport",
   "RankRow",
   "SoraBudgetState",
@@ -83,7 +85,7 @@ __all__ = [
   "not_gate_mask",
   "param_labels",
   "prune",
-  "rank_params",
+  "rank_cost",
   "rank_report",
   "retained_fraction",
   "save_merged",

@@ -41,6 +41,8 @@ from sora_jax import _qwix
 from sora_jax import layout
 from sora_jax import leaves
 from sora_jax.leaves import A, B, GATE, path_str
+from sora_jax.leaves import gate_mask as gate_mask  # the one gate walker (`sora_jax.leaves.walk`)
+from sora_jax.leaves import not_gate_mask as not_gate_mask
 from sora_jax.provider import SoraProvider
 
 PyTree = Any
@@ -191,17 +193,6 @@ def init(rng: jax.Array, params: PyTree, config: SoraConfig) -> dict:
 def adapter_mask(params: PyTree) -> PyTree:
   """Bool tree, True at A, B and gate leaves of either layout (`sora_a`..., `<w>_lora_a`...); same kind of tree."""
   return leaves.map_leaves(params, lambda path, leaf: leaves.is_adapter(path) or leaves.is_gate(path, leaf))
-
-
-def gate_mask(params: PyTree) -> PyTree:
-  """Bool tree, True at gate leaves (`sora_gate`, `<w>_lora_gate`, NNX `SoraGate`): what `sora_proximal` acts on."""
-  return leaves.map_leaves(params, leaves.is_gate)
-
-
-def not_gate_mask(params: PyTree) -> PyTree:
-  """Bool tree, True at every leaf that is not a gate (the complement of `gate_mask`, a tree of the same kind): the
-  mask of an optimizer that must not touch the gates, e.g. `optax.adamw(lr, mask=sora_jax.not_gate_mask)`."""
-  return leaves.map_leaves(params, lambda path, leaf: not leaves.is_gate(path, leaf))
 
 
 def _label(path: Path, leaf: Any, trainable: Sequence[str]) -> str:
@@ -478,7 +469,13 @@ def put_adapter(out: dict[Path, Any], flat: dict[Path, Any], rec: leaves.Adapter
 
 
 class RankRow(NamedTuple):
-  """One adapted module (one layer of it when stacked)."""
+  """One adapted module (one layer of it when stacked, one batch entry of a batched qwix weight).
+
+  fan_in, fan_out: the entry's input and output sizes (a batched einsum's entries each read all of the shared B).
+  retained_params: rank * `sora_jax.rank_cost(...).per_entry`: rank * (fan_in + fan_out), or for a batched einsum
+    whose B the n entries share rank * (fan_in + fan_out / n), each entry carrying its share of B (a float when that
+    leaves a fraction of a row).
+  """
 
   path: str
   layer: int | None
@@ -486,18 +483,19 @@ class RankRow(NamedTuple):
   rank: int
   fan_in: int
   fan_out: int
-  retained_params: int
+  retained_params: int | float
 
 
 class RankReport(NamedTuple):
   """Ranks and retained adapter parameters, per module and in total.
 
-  `retained_params = rank * (in + out)` per row; `fraction = retained_params / max_params` where
-  `max_params = rank_max * (in + out)` summed over rows; `base_params` counts the non-adapter leaves.
+  `retained_params` sums the rows' (`RankRow`); `max_params` is the same count at rank_max, |A| + |B| of the unpruned
+  adapters (`sora_jax.adapter_params`); `fraction = retained_params / max_params` (`sora_jax.retained_fraction` of
+  the unpruned params); `base_params` counts the non-adapter leaves.
   """
 
   rows: tuple[RankRow, ...]
-  retained_params: int
+  retained_params: int | float
   max_params: int
   base_params: int
 
@@ -536,27 +534,32 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
   rank_max: a SoraConfig, or the SoraProvider / rules (first matching module_path). With a SoraConfig, a kernel
   matched by its targets without adapter leaves (linen layout pruned to rank 0) is reported with rank 0; a qwix
   module at rank 0 keeps zero-size leaves and is reported from them. Rows of the qwix layout are named by the weight
-  path (`.../kernel`, `.../w`); for a batched einsum, whose B the entries share, counts are per entry.
+  path (`.../kernel`, `.../w`); for a batched einsum, whose B the entries share, counts are per entry, each carrying
+  its share of B. A rank's parameters are `sora_jax.rank_cost`'s, as `sora_budget`, `cut_to_budget` and `truncate`
+  count them.
   """
   flat, _ = leaves.flatten(params)
   vals = _values(flat)
   _check_finite_adapters(vals, "rank report")
-  rows = []
+  rows, retained, max_params = [], 0, 0
   records = adapter_records(vals, "rank_report", config)
   adapted = {rec.weight for rec in records}
   for rec in records:
     b, gate = vals[rec.b], vals.get(rec.gate)
     _, rank_max = scale_and_rank(config, rec.weight)
     batching = layout.batching(weight_roles(vals, rec))
-    ranks = layout.active_ranks(None if gate is None else np.asarray(gate), np.asarray(b), batching).sum(axis=-1)
-    fan_in, fan_out = layout.fans(np.shape(vals[rec.a]), np.shape(b), batching)
+    a_shape, b_shape = np.shape(vals[rec.a]), np.shape(b)
+    cost = layout.rank_cost(a_shape, b_shape, [a_shape[i] for i in batching.a_positions], batching.b_rank_axis)
+    on = layout.active_ranks(None if gate is None else np.asarray(gate), np.asarray(b), batching)
+    ranks = np.broadcast_to(on.sum(axis=-1), (cost.entries,))  # a gate-less shared B: each entry has B's ranks
+    fan_in, fan_out = layout.fans(a_shape, b_shape, batching)
     name = path_str(rec.module if rec.layout == "linen" else rec.weight)
     for layer, rank in enumerate(ranks):
       rows.append(
-        RankRow(
-          name, layer if batching.nb > 0 else None, rank_max, int(rank), fan_in, fan_out, int(rank) * (fan_in + fan_out)
-        )
+        RankRow(name, layer if batching.nb > 0 else None, rank_max, int(rank), fan_in, fan_out, cost.params(int(rank)))
       )
+    retained += cost.params(int(ranks.sum()))
+    max_params += cost.params(rank_max * cost.entries)
   if isinstance(config, SoraConfig):
     for path, kernel in vals.items():
       targeted = any(re.fullmatch(t, path_str(path)) for t in config.targets)
@@ -567,8 +570,7 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
         fan_out = math.prod(kernel.shape[lead + config.in_axes :])
         for layer in range(math.prod(kernel.shape[:lead])):
           rows.append(RankRow(path_str(path[:-1]), layer if lead else None, config.rank, 0, fan_in, fan_out, 0))
+          max_params += config.rank * (fan_in + fan_out)
   rows.sort(key=lambda row: (row.path, row.layer or 0))
   base = sum(int(np.size(v)) for p, v in vals.items() if not leaves.is_adapter_leaf(p))
-  return RankReport(
-    tuple(rows), sum(r.retained_params for r in rows), sum(r.rank_max * (r.fan_in + r.fan_out) for r in rows), base
-  )
+  return RankReport(tuple(rows), retained, max_params, base)

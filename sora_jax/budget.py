@@ -3,8 +3,8 @@
 SoRA's retained fraction is a side effect of lambda, the learning rate and the number of steps. `sora_budget` turns it
 into the thing the user states. Over a run of T steps:
 
-  retained fraction  f_t = sum_g cost_g [g != 0] / sum_g cost_g     cost_g = (|A| + |B|) / |gate| of g's module,
-                                                                     i.e. fan_in + fan_out, the parameters of a rank
+  retained fraction  f_t = sum_g cost_g [g != 0] / sum_g cost_g     cost_g = (|A| + |B|) / |gate| of g's module
+                                                                     (`sora_jax.rank_cost`): fan_in + fan_out
   target             f*_t = 1 before `start * T`, then f* + (1 - f*) (1 - u)^3 with u going 0 -> 1 until `reach * T`
                      (the cubic budget schedule of AdaLoRA, Zhang et al. 2023), then f*
   descent            z = S_tau(g + u), tau = eta_t * lam (as `sora_proximal`; lam = 0 by default), then the entries
@@ -23,6 +23,7 @@ a budget: a no-op after `sora_budget`, and the tool to put any SoRA (or LoRA) ad
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import dataclasses
@@ -33,14 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sora_jax import layout
 from sora_jax import leaves
 from sora_jax.gate_step import (
   GateMask,
   NO_PARAMS,
   check_nonnegative,
-  gate_leaves,
-  is_variable,
-  key_name,
+  gate_flags,
   own_gates,
   resolve_gates,
   schedule_value,
@@ -100,49 +100,46 @@ def budget_phases(total_steps: int | jax.Array, start: float = 0.1, reach: float
   return t0, jnp.maximum(jnp.ceil(reach * total), jnp.floor(t0) + 1.0)
 
 
-def rank_params(a_size: int, b_size: int, gate_size: int) -> float:
-  """The adapter parameters of one rank of one gate entry, (|A| + |B|) / |gate|: fan_in + fan_out of its module (of
-  one layer when stacked). The one cost of a rank that `sora_budget`, `cut_to_budget` and `sora_jax.truncate` count."""
-  return (a_size + b_size) / max(gate_size, 1)
+def module_cost(flat: leaves.Flat, rec: leaves.AdapterPaths) -> layout.RankCost:
+  """The `layout.RankCost` of a gated adapter of a flat tree, from the shapes of its A, B and gate (no base weight
+  needed: the trainable half of `split`, or what `nnx.Optimizer(wrt=nnx.LoRAParam)` optimises, is enough)."""
+  shape = lambda path: np.shape(leaves.value(flat[path]))  # noqa: E731
+  return layout.rank_cost(shape(rec.a), shape(rec.b), shape(rec.gate)[:-1])
 
 
-def _rank_costs(params: PyTree, gates: PyTree) -> PyTree:
-  """Per gate leaf the parameters of one of its ranks, (|A| + |B|) / |gate| (a Python float; None elsewhere)."""
-  flat, _ = leaves.flatten(params)
+def _gated(flat: leaves.Flat) -> list[leaves.AdapterPaths]:
+  return [rec for rec in leaves.find_adapters(flat) if rec.gate in flat]
+
+
+def _rank_costs(params: PyTree, flags: list[bool]) -> list[float | None]:
+  """Per leaf of `params` (an `nnx.Variable` one leaf; `flags` from `gate_flags`) the parameters of one rank of one
+  entry of its gate (`RankCost.per_entry`, a Python float), None where the leaf is not a gate."""
+  paths, found, _ = leaves.walk(params)
+  flat = dict(zip(paths, found))
   by_gate = {rec.gate: rec for rec in leaves.find_adapters(flat)}
-  paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]
   costs = []
-  for (path, leaf), is_gate in zip(paths, jax.tree.leaves(gates)):
-    if not is_gate:
-      costs.append(None)
-      continue
-    key = tuple(key_name(k) for k in path)
-    rec = by_gate.get(key)
-    if rec is None or rec.a not in flat or rec.b not in flat:
+  for path, is_gate in zip(paths, flags):
+    rec = by_gate.get(path) if is_gate else None
+    if is_gate and (rec is None or rec.b not in flat):
       raise ValueError(
-        f"gate {leaves.path_str(key)} has no A and B beside it among the params the optimizer "
+        f"gate {leaves.path_str(path)} has no A and B beside it among the params the optimizer "
         "sees; sora_budget counts a rank's parameters from their shapes, so optimise A, B and the "
         "gate together"
       )
-    costs.append(
-      rank_params(np.size(leaves.value(flat[rec.a])), np.size(leaves.value(flat[rec.b])), np.size(leaves.value(leaf)))
-    )
+    costs.append(module_cost(flat, rec).per_entry if is_gate else None)
   return costs
 
 
 def retained_fraction(params: PyTree, mask: PyTree | None = None) -> jax.Array:
-  """Fraction of the adapter parameters whose gate is nonzero: sum_g cost_g [g != 0] / sum_g cost_g.
+  """Fraction of the adapter parameters whose gate is nonzero: sum_g cost_g [g != 0] / sum_g cost_g, cost_g the
+  parameters of one rank of g's entry (`sora_jax.rank_cost`'s per_entry).
 
-  Works inside `jax.jit`; the costs come from the shapes of A and B. Equals `rank_report(...).fraction` of the
-  unpruned params (gates and B rows nonzero).
+  Any pytree of params (`sora_jax.gate_mask`'s); works inside `jax.jit`, the costs coming from the shapes of A and
+  B. Equals `rank_report(...).fraction` of the unpruned params (gates and B rows nonzero).
   """
-  gates = gate_leaves(params) if mask is None else mask
-  costs = _rank_costs(params, gates)
-  found = [
-    (leaves.value(leaf), cost)
-    for leaf, cost in zip(jax.tree.leaves(params, is_leaf=is_variable), costs)
-    if cost is not None
-  ]
+  treedef, flags = gate_flags(params, mask)
+  costs = _rank_costs(params, flags)
+  found = [(leaves.value(leaf), cost) for leaf, cost in zip(treedef.flatten_up_to(params), costs) if cost is not None]
   return _active_fraction([g for g, _ in found], [c for _, c in found])
 
 
@@ -209,11 +206,10 @@ def sora_budget(
     del extra_args
     if params is None:
       raise ValueError(f"sora_budget {NO_PARAMS}")
-    gates = resolve_gates(params, mask, "sora_budget")
+    treedef, gates = resolve_gates(params, mask, "sora_budget")
     costs = _rank_costs(params, gates)
-    treedef = jax.tree.structure(params, is_leaf=is_variable)
     flat_updates = treedef.flatten_up_to(updates)
-    flat_params = jax.tree.leaves(params, is_leaf=is_variable)
+    flat_params = treedef.flatten_up_to(params)
     where = [i for i, (u, cost) in enumerate(zip(flat_updates, costs)) if cost is not None and u is not None]
     where_costs = [costs[i] for i in where]
     old = [leaves.value(flat_params[i]) for i in where]
@@ -258,61 +254,49 @@ def _keep_within_budget(values: list[jax.Array], costs: list[float], target_frac
 
 @dataclasses.dataclass(frozen=True)
 class BudgetCut:
-  """What `cut_to_budget` did: ranks (gate entries) zeroed, and retained parameters before and after."""
+  """What `cut_to_budget` did: ranks (gate entries) zeroed, and retained parameters before and after (ints, unless a
+  batched einsum's shared B leaves a fraction of a row: then exact floats)."""
 
   cut_ranks: int
-  retained_before: int
-  retained_after: int
+  retained_before: int | float
+  retained_after: int | float
   budget_params: int
   max_params: int
 
 
 def adapter_params(params: PyTree) -> int:
-  """Adapter parameters at full rank: |A| + |B| summed over the gated modules (`rank_report(...).max_params` of the
-  unpruned params)."""
+  """Adapter parameters at full rank: |A| + |B| summed over the gated modules (`sora_jax.rank_cost`'s total;
+  `rank_report(...).max_params` of the unpruned params)."""
   flat, _ = leaves.flatten(params)
-  return int(
-    sum(
-      np.size(leaves.value(flat[rec.a])) + np.size(leaves.value(flat[rec.b]))
-      for rec in leaves.find_adapters(flat)
-      if rec.gate in flat
-    )
-  )
+  return int(sum(module_cost(flat, rec).total for rec in _gated(flat)))
 
 
 def smallest_rank_params(params: PyTree) -> int:
-  """The adapter parameters of one rank (`rank_params`) of the smallest gated module: the least a budget must allow
-  to keep any rank (0 without gated modules)."""
+  """The adapter parameters of one rank of one gate entry (`sora_jax.rank_cost`'s per_entry) of the cheapest gated
+  module, rounded up: the least a budget must allow to keep any rank (0 without gated modules)."""
   flat, _ = leaves.flatten(params)
-  costs = [
-    rank_params(
-      np.size(leaves.value(flat[rec.a])), np.size(leaves.value(flat[rec.b])), np.size(leaves.value(flat[rec.gate]))
-    )
-    for rec in leaves.find_adapters(flat)
-    if rec.gate in flat
-  ]
-  return int(math.ceil(min(costs, default=0)))
+  return int(math.ceil(min((module_cost(flat, rec).per_entry for rec in _gated(flat)), default=0)))
 
 
 def cut_to_budget(params: PyTree, budget_params: int) -> tuple[PyTree, BudgetCut]:
   """Zeroes the gates of smallest |g| until at most `budget_params` adapter parameters remain (host, not jitted).
 
-  A rank's parameters are fan_in + fan_out of its module ((|A| + |B|) / |gate|), as in `rank_report`. Returns the
-  same kind of tree and a `BudgetCut`; nothing changes when the params are already within the budget.
+  A gate entry's rank costs `sora_jax.rank_cost`'s per_entry, as in `rank_report` and `sora_budget`. Returns the
+  same kind of tree and a `BudgetCut` (its counts are ints unless a batched einsum's shared B leaves a fraction of a
+  row); nothing changes when the params are already within the budget.
   """
   flat, rebuild = leaves.flatten(params)
-  entries, retained, max_params = [], 0, 0
-  for rec in leaves.find_adapters(flat):
-    if rec.gate not in flat:
-      continue
+  entries, retained, max_params = [], fractions.Fraction(0), 0
+  for rec in _gated(flat):
     gate = np.asarray(leaves.value(flat[rec.gate]))
     if not np.isfinite(gate).all():
       raise ValueError(f"gate {leaves.path_str(rec.gate)} is not finite; the run diverged, nothing to cut")
-    cost = int(rank_params(np.size(leaves.value(flat[rec.a])), np.size(leaves.value(flat[rec.b])), gate.size))
-    max_params += cost * gate.size
+    cost = module_cost(flat, rec)
+    per_entry = fractions.Fraction(cost.slice, max(cost.entries, 1))  # exact: a shared B's share may be a fraction
+    max_params += cost.total
     for index in zip(*np.nonzero(gate)):
-      entries.append((abs(float(gate[index])), rec.gate, index, cost))
-      retained += cost
+      entries.append((abs(float(gate[index])), rec.gate, index, per_entry))
+      retained += per_entry
   before, cut = retained, {}
   for magnitude, path, index, cost in sorted(entries, key=lambda e: e[0]):
     if retained <= budget_params:
@@ -325,5 +309,6 @@ def cut_to_budget(params: PyTree, budget_params: int) -> tuple[PyTree, BudgetCut
     for index in indices:
       gate[index] = 0
     out[path] = leaves.rewrap(flat[path], jnp.asarray(gate, leaves.value(flat[path]).dtype))
-  report = BudgetCut(sum(len(v) for v in cut.values()), int(before), int(retained), int(budget_params), int(max_params))
+  count = lambda x: int(x) if x.denominator == 1 else float(x)  # noqa: E731
+  report = BudgetCut(sum(len(v) for v in cut.values()), count(before), count(retained), int(budget_params), max_params)
   return rebuild(out), report

@@ -24,9 +24,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from sora_jax import leaves
+from sora_jax.leaves import is_variable
 
 PyTree = Any
 GateMask = PyTree | Callable[[PyTree], PyTree] | None
@@ -72,41 +72,31 @@ def check_nonnegative(name: str, value: Any, transform: str) -> None:
     raise ValueError(f"{transform}: {name} must be a finite number >= 0 (or an optax schedule), got {value!r}")
 
 
-def is_variable(x: Any) -> bool:
-  """True for an `nnx.Variable`, which the gate functions treat as one leaf."""
-  return isinstance(x, nnx.Variable)
+def gate_tree(params: PyTree, mask: GateMask) -> PyTree:
+  """The bool gate tree of a gate step's `mask` argument: the given tree, `mask(params)`, or (None)
+  `sora_jax.gate_mask(params)`."""
+  if mask is None:
+    return leaves.gate_mask(params)
+  return mask(params) if callable(mask) else mask
 
 
-def key_name(key: Any) -> Any:
-  """The plain name of a pytree path key (DictKey, GetAttrKey, SequenceKey or a bare key)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return key
+def gate_flags(params: PyTree, mask: GateMask = None) -> tuple[Any, list[bool]]:
+  """(treedef, flags): `params`' structure with each `nnx.Variable` one leaf, and one bool per such leaf (in the order
+  of `treedef.flatten_up_to(params)`), True at gates. The mask tree may hold bools bare or in Variables."""
+  treedef = jax.tree.structure(params, is_leaf=is_variable)
+  return treedef, [bool(leaves.value(m)) for m in treedef.flatten_up_to(gate_tree(params, mask))]
 
 
-def gate_leaves(params: PyTree) -> PyTree:
-  """Bool tree like `params` (an `nnx.Variable` counts as one leaf), True at gates: leaves named `sora_gate` or
-  `<w>_lora_gate`, or of NNX type `SoraGate`."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
-  return jax.tree_util.tree_unflatten(
-    treedef, [leaves.is_gate(tuple(key_name(k) for k in path), leaf) for path, leaf in flat]
-  )
-
-
-def resolve_gates(params: PyTree, mask: GateMask, name: str) -> PyTree:
-  """The bool gate tree of a gate step's `mask` argument: the given tree, `mask(params)`, or (None) every gate leaf
-  of `params`, where finding none is an error."""
-  if mask is not None:
-    return mask(params) if callable(mask) else mask
-  gates = gate_leaves(params)
-  if not any(jax.tree.leaves(gates)):
+def resolve_gates(params: PyTree, mask: GateMask, name: str) -> tuple[Any, list[bool]]:
+  """`gate_flags` of a gate step; with `mask=None`, finding no gate in `params` is an error."""
+  treedef, flags = gate_flags(params, mask)
+  if mask is None and not any(flags):
     raise ValueError(
       f"{name} found no gate in params (no leaf named 'sora_gate' or '<weight>_lora_gate', no "
       "sora_jax.SoraGate): was the model adapted (sora_jax.init / sora_jax.apply_sora), and are the gates "
       "among the optimised params (e.g. nnx.Optimizer(..., wrt=nnx.LoRAParam))? Or pass mask=..."
     )
-  return gates
+  return treedef, flags
 
 
 def own_gates(
@@ -138,11 +128,7 @@ def own_gates(
       "(g <- S_{eta lam}(g - eta dL/dg / rms)), e.g. the optimizer's own learning rate"
     )
 
-  def gates_of(tree):
-    return resolve_gates(tree, mask, name)
-
-  not_gate = lambda tree: jax.tree.map(lambda g: not g, gates_of(tree))  # noqa: E731
-  others = optax.masked(optimizer, not_gate)
+  others = optax.masked(optimizer, lambda tree: leaves.complement(gate_tree(tree, mask)))
 
   def init_fn(params):
     return OwnedGatesState(
@@ -152,14 +138,12 @@ def own_gates(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(f"{name} {NO_PARAMS}")
-    gates = gates_of(params)
+    treedef, gates = resolve_gates(params, mask, name)
     # optax.masked leaves the gates' entries as they came in: the raw gradient.
     updates, optimizer_state = others.update(updates, state.optimizer, params, **extra_args)
-    is_leaf = lambda x: x is None or is_variable(x)  # noqa: E731
+    flat_updates = treedef.flatten_up_to(updates)
     grads = [
-      leaves.value(u).astype(jnp.float32)
-      for is_gate, u in zip(jax.tree.leaves(gates), jax.tree.leaves(updates, is_leaf=is_leaf))
-      if is_gate and u is not None
+      leaves.value(u).astype(jnp.float32) for is_gate, u in zip(gates, flat_updates) if is_gate and u is not None
     ]
     mean_square = sum(jnp.sum(g * g) for g in grads) / max(sum(g.size for g in grads), 1)
     count = optax.safe_increment(state.count)
@@ -176,7 +160,7 @@ def own_gates(
       value = leaves.value(u)
       return leaves.rewrap(u, (-eta * (value * inverse_rms)).astype(value.dtype))
 
-    updates = jax.tree.map(descend, gates, updates, is_leaf=is_leaf)
+    updates = treedef.unflatten([descend(is_gate, u) for is_gate, u in zip(gates, flat_updates)])
     updates, gate_state = gate_step.update(updates, state.gate_step, params)
     return updates, OwnedGatesState(count, optimizer_state, gate_state, nu)
 

@@ -243,6 +243,11 @@ class Batching(NamedTuple):
   b_batched: bool
   a_positions: tuple[int, ...]
 
+  @property
+  def b_rank_axis(self) -> int:
+    """Position of the rank axis in B: after the batch axes where B carries them, else first."""
+    return self.nb if self.b_batched else 0
+
 
 def batching(roles: WeightRoles) -> Batching:
   """How the gate's batch axes sit in A and B, from the weight's roles."""
@@ -253,12 +258,59 @@ def batching(roles: WeightRoles) -> Batching:
 
 
 def fans(a_shape, b_shape, layout: Batching) -> tuple[int, int]:
-  """(fan_in, fan_out) of one batch entry."""
+  """(fan_in, fan_out) of one batch entry (its slices of A and B; a batched einsum's entries each read all of B)."""
   batch = math.prod(a_shape[i] for i in layout.a_positions)
   fan_in = math.prod(a_shape[:-1]) // max(batch, 1)
   if layout.b_batched:
     return fan_in, math.prod(b_shape[layout.nb + 1 :])
   return fan_in, math.prod(b_shape[1:])
+
+
+class RankCost(NamedTuple):
+  """The adapter parameters of one adapter's ranks: the one count of `rank_report`, `sora_budget`, `cut_to_budget`,
+  `truncate` and `adapter_params`.
+
+  rank: the adapter's rank now (A's last axis).
+  slice: the parameters of one rank of the whole adapter, every batch entry included: prod(A's non-rank axes) +
+    prod(B's non-rank axes). (n, d) x (d, h) is d + h; a dot_general with n batch entries (B (n, r, h)) n (d + h);
+    a batched einsum 'bnd,ndh->bnh', whose B (r, h) the n entries share, n d + h.
+  entries: the gate entries of one rank (the product of the gate's batch axes; 1 without any).
+  """
+
+  rank: int
+  slice: int
+  entries: int
+
+  @property
+  def per_entry(self) -> float:
+    """One rank of one gate entry, slice / entries = (|A| + |B|) / |gate| (rank > 0): fan_in + fan_out of the entry
+    where B carries the batch axes, fan_in + fan_out / entries where the entries share B (each carries its share)."""
+    return self.slice / max(self.entries, 1)
+
+  @property
+  def total(self) -> int:
+    """|A| + |B|: every rank of every entry."""
+    return self.rank * self.slice
+
+  def params(self, ranks: int) -> int | float:
+    """`ranks` gate entries' parameters, ranks * per_entry; an int unless a shared B leaves a fraction of a row."""
+    whole, rest = divmod(ranks * self.slice, max(self.entries, 1))
+    return whole if rest == 0 else ranks * self.slice / self.entries
+
+
+def rank_cost(a_shape, b_shape, batch_shape, b_rank_axis: int | None = None) -> RankCost:
+  """The `RankCost` of an adapter from the shapes of A, B and the gate's batch axes (`batch_shape`, gate[:-1]).
+
+  `b_rank_axis` is B's rank axis (`Batching`: nb where B carries the batch axes, else 0); None reads it from the
+  shapes: len(batch_shape) when B starts with the batch shape and the rank, else 0 (at rank > 0 every axis of B of
+  size r gives the same slice, |B| / r, so the reading cannot go wrong there).
+  """
+  a_shape, b_shape, batch_shape = tuple(a_shape), tuple(b_shape), tuple(batch_shape)
+  rank, nb = a_shape[-1], len(batch_shape)
+  if b_rank_axis is None:
+    b_rank_axis = nb if b_shape[: nb + 1] == batch_shape + (rank,) else 0
+  b_slice = math.prod(b_shape[:b_rank_axis] + b_shape[b_rank_axis + 1 :])
+  return RankCost(rank, math.prod(a_shape[:-1]) + b_slice, math.prod(batch_shape))
 
 
 def active_ranks(gate: np.ndarray | None, b: np.ndarray, layout: Batching) -> np.ndarray:

@@ -17,13 +17,20 @@ Three kinds of tree are accepted, and each function returns the kind it was give
   it.
 `flatten` gives {path tuple: leaf} and a function that rebuilds the same kind of tree from such a dict; `value` and
 `rewrap` read and replace a leaf's array while keeping an `nnx.Variable`'s type and metadata (e.g. sharding).
+
+`walk` is the one walk of any pytree (those three, and any container of them: a tuple of trees, an optax state, the
+params with `optax.MaskedNode`s that `optax.masked` hands its inner transform); `map_leaves` and the masks
+(`gate_mask`, `not_gate_mask`, and `sora_jax.adapter_mask` / `param_labels`) are made from it and return a tree of
+the kind and structure given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable, Iterable, Literal
 
+import jax
 from flax import nnx
 from flax import traverse_util
 
@@ -201,7 +208,57 @@ def rewrap(like: Any, new_value: Any) -> Any:
   return new_value
 
 
+def key_name(key: Any) -> Any:
+  """The plain name of a pytree path key (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey, or a bare key)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def is_variable(x: Any) -> bool:
+  """True for an `nnx.Variable`, which the tree functions treat as one leaf."""
+  return isinstance(x, nnx.Variable)
+
+
+def walk(tree: PyTree) -> tuple[list[Path], list[Any], Any]:
+  """(paths, leaves, treedef) of any pytree: the one walk that every mask of this library is made from.
+
+  An `nnx.Variable` is one leaf; a path is the tuple of plain key names (dict keys, list indices, attribute names), so
+  linen params, an `nnx.State` (of Variables, or of arrays as `nnx.Optimizer` passes it to `update`), a pure dict, and
+  any container around them (a tuple of trees, an optax state) are read alike. When every path ends in orbax's
+  `value` key (an `nnx.State` restored without a target) that level is left out of the paths, as `flatten` does.
+  `jax.tree_util.tree_unflatten(treedef, new_leaves)` rebuilds the same kind of tree.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+  paths = [tuple(key_name(k) for k in path) for path, _ in flat]
+  if paths and all(len(path) > 1 and path[-1] == _ORBAX_VALUE for path in paths):
+    paths = [path[:-1] for path in paths]
+  return paths, [leaf for _, leaf in flat], treedef
+
+
 def map_leaves(tree: PyTree, fn: Callable[[Path, Any], Any]) -> PyTree:
-  """A tree of the same kind whose leaf at each path is `fn(path, leaf)` (rewrapped like the old leaf)."""
-  flat, rebuild = flatten(tree)
-  return rebuild({path: rewrap(leaf, fn(path, leaf)) for path, leaf in flat.items()})
+  """A tree of the same kind and structure whose leaf at each path is `fn(path, leaf)`, rewrapped like the old leaf
+  (an `nnx.Variable` stays a Variable of the same type holding the new value; a bare leaf stays bare). Any pytree
+  (`walk`)."""
+  paths, old, treedef = walk(tree)
+  return jax.tree_util.tree_unflatten(treedef, [rewrap(leaf, fn(path, leaf)) for path, leaf in zip(paths, old)])
+
+
+def gate_mask(params: PyTree) -> PyTree:
+  """Bool tree of `params`' kind and structure, True at gate leaves (`sora_gate`, `<w>_lora_gate`, NNX `SoraGate`):
+  what the gate steps act on. An `nnx.Variable` leaf gives a Variable holding the bool, a bare leaf a bare bool, so
+  the mask matches `params` leaf for leaf in `optax.masked` and under `nnx.Optimizer` (`init` sees Variables, `update`
+  arrays)."""
+  return map_leaves(params, is_gate)
+
+
+def not_gate_mask(params: PyTree) -> PyTree:
+  """The complement of `gate_mask`, a tree of the same kind: True at every leaf that is not a gate. The mask of an
+  optimizer that must not touch the gates, e.g. `optax.adamw(lr, mask=sora_jax.not_gate_mask)`."""
+  return complement(gate_mask(params))
+
+
+def complement(mask: PyTree) -> PyTree:
+  """The negation of a bool mask tree, of the same kind (inside an `nnx.Variable` too)."""
+  return jax.tree.map(operator.not_, mask)

@@ -28,8 +28,7 @@ from sora_jax.gate_step import (
   GateMask,
   NO_PARAMS,
   check_nonnegative,
-  gate_leaves,
-  is_variable,
+  gate_flags,
   own_gates,
   resolve_gates,
   schedule_value,
@@ -77,9 +76,9 @@ def sora_proximal(
       size and required. Without it, the preceding optimizer's learning rate (paper), or None: tau = lam_t,
       unscaled, as the official code.
     mask: which leaves are gates: a bool pytree like params, or a callable params -> bool pytree (as in Optax).
-      None: every gate leaf (named `sora_gate` or `<weight>_lora_gate`, or an NNX `sora_jax.SoraGate`) of linen
-      params, an `nnx.State` (of Variables, or of arrays as `nnx.Optimizer` passes it) or a pure dict; finding
-      none is an error.
+      None: `sora_jax.gate_mask`, every gate leaf (named `sora_gate` or `<weight>_lora_gate`, or an NNX
+      `sora_jax.SoraGate`) of any pytree of params (linen params, an `nnx.State` of Variables or of arrays as
+      `nnx.Optimizer` passes it, a pure dict, or a container of them); finding none is an error.
     optimizer: the optimizer of every other leaf (A, B, a head). Given, the transform owns the gates' update
       (state `sora_jax.gate_step.OwnedGatesState`); None, it thresholds the update a preceding transform made.
     refit_from: the step from which the selection is over: a gate that is zero stays exactly zero and the others
@@ -111,7 +110,7 @@ def sora_proximal(
     del extra_args
     if params is None:
       raise ValueError(f"sora_proximal {NO_PARAMS}")
-    gates = resolve_gates(params, mask, "sora_proximal")
+    treedef, gates = resolve_gates(params, mask, "sora_proximal")
     tau = schedule_value(lam, state.count)
     if learning_rate is not None:
       tau = tau * schedule_value(learning_rate, state.count)
@@ -126,7 +125,8 @@ def sora_proximal(
       new = jnp.where(refit, jnp.where(p_value != 0, z, jnp.zeros_like(z)), soft_threshold(z, tau))
       return leaves.rewrap(u, (new - p_value).astype(u_value.dtype))
 
-    new_updates = jax.tree.map(step, gates, updates, params, is_leaf=lambda x: x is None or is_variable(x))
+    flat = zip(gates, treedef.flatten_up_to(updates), treedef.flatten_up_to(params))
+    new_updates = treedef.unflatten([step(is_gate, u, p) for is_gate, u, p in flat])
     return new_updates, SoraProximalState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -138,11 +138,8 @@ def gate_l1_penalty(params: PyTree) -> jax.Array:
   The official trainer adds lam * sum_modules sum |g| / (number of gate entries) to the loss; with the proximal step
   in place this term is optional.
   """
-  gates = [
-    leaves.value(leaf)
-    for leaf, is_gate in zip(jax.tree.leaves(params, is_leaf=is_variable), jax.tree.leaves(gate_leaves(params)))
-    if is_gate
-  ]
+  treedef, flags = gate_flags(params)
+  gates = [leaves.value(leaf) for leaf, is_gate in zip(treedef.flatten_up_to(params), flags) if is_gate]
   if not gates:
     return jnp.zeros([], jnp.float32)
   total = sum(jnp.sum(jnp.abs(g)) for g in gates)

@@ -8,7 +8,7 @@ factorisations, never from the dense delta:
   P = Q_p R_p,  Q^T = Q_q R_q,  s R_p R_q^T = U' diag(sigma) V'^T,  delta = (Q_p U') diag(sigma) (Q_q V')^T
 
 so the work is O(r^2 (fan_in + fan_out)) per module. One rank of a module costs c_m = fan_in + fan_out adapter
-parameters (`sora_jax.budget.rank_params`). All modules' singular values are pooled and sorted from the largest, and
+parameters (`sora_jax.rank_cost`; a batched einsum's shared B: the whole rank, n fan_in + fan_out). All modules' singular values are pooled and sorted from the largest, and
 the longest prefix whose costs sum to at most the budget is kept: one global threshold (the smallest kept sigma), so
 every kept singular value is at least every dropped one. Module m keeps its k_m largest, which is its best rank-k_m
 approximation in the Frobenius and spectral norms (Eckart-Young), with error sqrt(sum of its dropped sigma^2).
@@ -34,7 +34,6 @@ import numpy as np
 from sora_jax import adapters
 from sora_jax import layout
 from sora_jax import leaves
-from sora_jax.budget import rank_params
 
 PyTree = Any
 
@@ -102,8 +101,9 @@ def _modules(vals: dict, rec: leaves.AdapterPaths, config) -> tuple[list[_Module
   scale, _ = adapters.scale_and_rank(config, rec.weight)
   p, q, batch = _factors(a, b, gate, batching)
   r, entries = a.shape[-1], p.shape[0]
-  # One rank of one gate entry costs (|A| + |B|) / |gate|; a rank of a shared B spans every gate entry.
-  cost = rank_params(a.size, b.size, math.prod(batch) * r) * (1 if batching.b_batched else math.prod(batch))
+  # A module's rank is one gate entry's where B carries the batch axes; a rank of a shared B spans every entry.
+  cost = layout.rank_cost(a.shape, b.shape, batch, batching.b_rank_axis)
+  cost = cost.params(1 if batching.b_batched else cost.entries)
   name = leaves.path_str(rec.module if rec.layout == "linen" else rec.weight)
   out = []
   for e in range(entries):
@@ -112,7 +112,7 @@ def _modules(vals: dict, rec: leaves.AdapterPaths, config) -> tuple[list[_Module
       u, sigma, vt = np.zeros((p.shape[1], 0)), np.zeros(0), np.zeros((0, q.shape[2]))
     else:
       u, sigma, vt = thin_svd(p[e], q[e], scale)
-    out.append(_Module(entry_name, int(round(cost)), u, sigma, vt))
+    out.append(_Module(entry_name, int(cost), u, sigma, vt))
   return out, batching, batch, scale
 
 

@@ -11,8 +11,9 @@ Under `nn.scan` every leaf carries the kernel's leading layer axes. The number o
 shapes, lead = a.ndim + b.ndim - 2 - kernel.ndim, so no function after `init` needs to be told about stacking.
 
 After `prune`, the gate is folded into `sora_b` and `sora_gate` is gone; code that reads adapters treats a missing
-gate as ones. A module whose rank reaches 0 keeps zero-size leaves, sora_a (*lead, *in, 0) and sora_b (*lead, 0, *out),
-as the qwix layout does: in both layouts an adapted module always has its A and B, and rank 0 is a shape, not an absence.
+gate as ones. A module whose rank reaches 0 keeps zero-size leaves, sora_a (*lead, *in, 0) and
+sora_b (*lead, 0, *out), as the qwix layout does: in both layouts an adapted module always has its A and B, and rank 0
+is a shape, not an absence.
 
 The same functions read the qwix layout that `sora_jax.SoraProvider` makes (`<w>_lora_a`, `<w>_lora_b`,
 `<w>_lora_gate` beside any weight; shapes in `sora_jax.layout`), in the same tree or another; `sora_jax.leaves` is

@@ -2,9 +2,9 @@
 
 The inverse of `sora_jax.peft.save_peft` for any PEFT LoRA adapter (ours or one trained with PyTorch PEFT): every
 module's own scale c_m (lora_alpha / r, alpha_pattern, use_rslora) is folded into B relative to the returned config's
-scale s, sora_b = (c_m / s) * lora_B^T, sora_a = lora_A^T, sora_gate = ones(r_m); one path serves both layouts: the naming object finds each module's weight
-(`module_name(weight)`) and its input axes (`in_axes(weight)`), and the factors take the layout of the tree they land
-on (linen: beside a 2-D kernel; qwix: the weight's own adapter leaves).
+scale s, sora_b = (c_m / s) * lora_B^T, sora_a = lora_A^T, sora_gate = ones(r_m). One path serves both layouts: the
+naming object finds each module's weight (`module_name(weight)`) and its input axes (`in_axes(weight)`), and the
+factors take the layout of the tree they land on (linen: beside a 2-D kernel; qwix: the weight's own adapter leaves).
 The adapter files are checked before anything is read into a tree (`sora_jax.adapter_files`), and every refusal is
 one line naming the file and the key.
 """

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 from flax import traverse_util  # noqa: E402
 
-from sora_jax import SoraConfig, apply_factored, init, merge, prune  # noqa: E402
+from sora_jax import SoraConfig, apply_factored, init, merge, prune, rank_report  # noqa: E402
 from sora_jax.models import EncoderNaming, family_module, from_pretrained  # noqa: E402
 from sora_jax.peft import save_peft  # noqa: E402
 from sora_jax.peft_load import load_peft  # noqa: E402
@@ -226,6 +226,9 @@ def test_every_module_pruned(checkpoints, tmp_path, caplog):
   loaded = load_peft(tmp_path, pretrained.params, EncoderNaming(pretrained.config))
   again = _logits(pretrained.model, loaded.params, ids, mask, loaded.config)
   np.testing.assert_allclose(np.asarray(again), ours, atol=TOL, rtol=0)
+  # The modules the adapter leaves out are at rank 0 (zero-size factors), and counted as such.
+  report = rank_report(loaded.params, loaded.config)
+  assert len(report.rows) == 6 * pretrained.config.num_hidden_layers and report.retained_params == 0
 
 
 def test_errors(checkpoints, tmp_path):

@@ -11,7 +11,9 @@ Under `nn.scan` every leaf carries the kernel's leading layer axes. The number o
 shapes, lead = a.ndim + b.ndim - 2 - kernel.ndim, so no function after `init` needs to be told about stacking.
 
 After `prune`, the gate is folded into `sora_b` and `sora_gate` is gone; code that reads adapters treats a missing
-gate as ones. A module whose rank reaches 0 has no adapter leaves at all.
+gate as ones. A module whose rank reaches 0 keeps zero-size leaves, sora_a (*lead, *in, 0) and
+sora_b (*lead, 0, *out), as the qwix layout does: in both layouts an adapted module always has its A and B, and rank 0
+is a shape, not an absence.
 
 The same functions read the qwix layout that `sora_jax.SoraProvider` makes (`<w>_lora_a`, `<w>_lora_b`,
 `<w>_lora_gate` beside any weight; shapes in `sora_jax.layout`), in the same tree or another; `sora_jax.leaves` is
@@ -297,13 +299,23 @@ def weight_roles(vals: dict[Path, Any], rec: leaves.AdapterPaths) -> layout.Weig
 
 
 def adapter_records(vals: dict[Path, Any], fn: str, config: Config | None = None) -> list[leaves.AdapterPaths]:
-  """The adapters of a flat tree; a tree without any is an error (unless a SoraConfig's targets show a linen tree
-  whose every module was pruned to rank 0)."""
+  """The adapters of a flat tree; a tree without any is an error, and so (given a SoraConfig) is a targeted kernel
+  without adapter leaves: a module pruned to rank 0 keeps zero-size ones, so its rank would go uncounted."""
   records = leaves.find_adapters(vals)
-  if records or (
-    isinstance(config, SoraConfig)
-    and any(path[-1] == "kernel" and any(re.fullmatch(t, path_str(path)) for t in config.targets) for path in vals)
-  ):
+  if isinstance(config, SoraConfig):
+    adapted = {rec.weight for rec in records}
+    bare = [
+      path_str(p)
+      for p in vals
+      if p[-1] == "kernel" and p not in adapted and any(re.fullmatch(t, path_str(p)) for t in config.targets)
+    ]
+    if bare:
+      raise ValueError(
+        f"{fn}: {bare[0]} is matched by SoraConfig.targets but has no sora_a / sora_b beside it; a module at rank 0 "
+        "keeps zero-size sora_a (in, 0) and sora_b (0, out) (`sora_jax.prune` writes them): pass the tree from "
+        "`init` / `prune`, or a SoraConfig whose targets match only the adapted kernels."
+      )
+  if records:
     return records
   examples = ", ".join(path_str(p) for p in list(vals)[:4])
   raise ValueError(
@@ -419,8 +431,8 @@ def prune(params: PyTree, config: Config | None = None) -> PyTree:
   columns of A and zero rows of B. A batched einsum's B is shared by the entries: the ranks active in any entry are
   kept and the gate is folded into A.
 
-  linen layout (`sora_*`): a (*lead, *in, k), b (*lead, k, *out), no `sora_gate`; a module with k = 0 loses all its
-  adapter leaves.
+  linen layout (`sora_*`): a (*lead, *in, k), b (*lead, k, *out), no `sora_gate`; a module at k = 0 keeps zero-size
+  a and b, which `factored` runs as a zero update.
 
   qwix layout (`<w>_lora_*`): the tree keeps its structure, only shapes change, so `nnx.merge(graphdef, pruned)` with
   the adapted model's graphdef and `nnx.update(model, pruned)` work (a dropped leaf would leave `nnx.update` running
@@ -454,18 +466,15 @@ def prune(params: PyTree, config: Config | None = None) -> PyTree:
 def put_adapter(out: dict[Path, Any], flat: dict[Path, Any], rec: leaves.AdapterPaths, new: tuple) -> None:
   """Writes one adapter's new (A, B, gate) at rank k into the flat tree `out` in the format `prune` leaves.
 
-  Each leaf is cast to its old dtype and put in its old container (`flat`'s leaf). linen: the gate is dropped (it is
-  folded in, or ones) and at k = 0 so are A and B (the module has no adapter). qwix: every leaf stays, zero-size at
-  k = 0; a leaf absent from `flat` (a plain qwix LoRA's gate) stays absent.
+  Each leaf is cast to its old dtype and put in its old container (`flat`'s leaf); A and B stay, zero-size at k = 0.
+  linen: the gate is dropped (it is folded in, or ones). qwix: the gate stays; a leaf absent from `flat` (a plain qwix
+  LoRA's gate) stays absent.
   """
   for path, value in zip(rec.leaves, new):
     if path in flat:
       out[path] = leaves.rewrap(flat[path], jnp.asarray(value, leaves.value(flat[path]).dtype))
   if rec.layout == "linen":
     out.pop(rec.gate, None)
-    if new[0].shape[-1] == 0:
-      out.pop(rec.a)
-      out.pop(rec.b)
 
 
 class RankRow(NamedTuple):
@@ -531,9 +540,8 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
   and now (`rank`), and the retained adapter parameters.
 
   The active rank counts nonzero gates with a nonzero row of B (after `prune`: the kept ranks). `config` gives
-  rank_max: a SoraConfig, or the SoraProvider / rules (first matching module_path). With a SoraConfig, a kernel
-  matched by its targets without adapter leaves (linen layout pruned to rank 0) is reported with rank 0; a qwix
-  module at rank 0 keeps zero-size leaves and is reported from them. Rows of the qwix layout are named by the weight
+  rank_max: a SoraConfig, or the SoraProvider / rules (first matching module_path). A module at rank 0 keeps
+  zero-size leaves in both layouts and is reported from them. Rows of the qwix layout are named by the weight
   path (`.../kernel`, `.../w`); for a batched einsum, whose B the entries share, counts are per entry, each carrying
   its share of B. A rank's parameters are `sora_jax.rank_cost`'s, as `sora_budget`, `cut_to_budget` and `truncate`
   count them.
@@ -542,9 +550,7 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
   vals = _values(flat)
   _check_finite_adapters(vals, "rank report")
   rows, retained, max_params = [], 0, 0
-  records = adapter_records(vals, "rank_report", config)
-  adapted = {rec.weight for rec in records}
-  for rec in records:
+  for rec in adapter_records(vals, "rank_report", config):
     b, gate = vals[rec.b], vals.get(rec.gate)
     _, rank_max = scale_and_rank(config, rec.weight)
     batching = layout.batching(weight_roles(vals, rec))
@@ -560,17 +566,6 @@ def rank_report(params: PyTree, config: Config) -> RankReport:
       )
     retained += cost.params(int(ranks.sum()))
     max_params += cost.params(rank_max * cost.entries)
-  if isinstance(config, SoraConfig):
-    for path, kernel in vals.items():
-      targeted = any(re.fullmatch(t, path_str(path)) for t in config.targets)
-      if path[-1] == "kernel" and path not in adapted and targeted:
-        # Targeted but without adapter leaves: pruned to rank 0.
-        lead = int(config.stacked is not None and re.fullmatch(config.stacked, path_str(path)) is not None)
-        fan_in = math.prod(kernel.shape[lead : lead + config.in_axes])
-        fan_out = math.prod(kernel.shape[lead + config.in_axes :])
-        for layer in range(math.prod(kernel.shape[:lead])):
-          rows.append(RankRow(path_str(path[:-1]), layer if lead else None, config.rank, 0, fan_in, fan_out, 0))
-          max_params += config.rank * (fan_in + fan_out)
   rows.sort(key=lambda row: (row.path, row.layer or 0))
   base = sum(int(np.size(v)) for p, v in vals.items() if not leaves.is_adapter_leaf(p))
   return RankReport(tuple(rows), retained, max_params, base)

@@ -7,8 +7,8 @@ Inside `factored(config)`, every `nn.Dense` / `nn.DenseGeneral` call whose scope
 
 without forming the (in x out) product A diag(gate) B. The adapter leaves are read from the module's own scope, so
 the same mechanism works unrolled, under `nn.scan` (which slices the leading layer axis off every leaf), `nn.remat`,
-`jax.jit` and `jax.grad`. Modules without adapters run unchanged. The mechanism is
-`flax.linen.intercept_methods`; nothing about the model's code changes.
+`jax.jit` and `jax.grad`. Modules without adapters run unchanged; a module pruned to rank 0 (zero-size A and B) adds
+zeros. The mechanism is `flax.linen.intercept_methods`; nothing about the model's code changes.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def adapter_output(module: nn.Module, x: jax.Array, config: SoraConfig, determin
     x = jnp.transpose(x, batch_axes + axes)
   batch_shape = x.shape[: len(batch_axes)]
   x = x.reshape(batch_shape + (-1,))
+  if rank == 0:  # pruned to rank 0: zero-size factors, a zero update (and zero-size gradients for A and B)
+    return jnp.zeros(batch_shape + out_shape, x.dtype)
   # The scale rides on the (rank,) gate so it multiplies the small (..., rank) tensor, not the (..., out) output:
   # on CPU the step is bound by memory traffic, and an extra pass over the output costs more than its flops.
   gate_scale = jnp.full((rank,), config.scale, x.dtype) if gate is None else (config.scale * gate).astype(x.dtype)

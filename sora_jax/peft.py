@@ -18,12 +18,11 @@ Linear's as they are. qwix (`<w>_lora_a`, `<w>_lora_b`, `<w>_lora_gate` beside a
 q_proj (d, n, h) or o_proj (n, h, d)): the weight's first k axes are the Linear's inputs, so A (*W[:k], r) and
 B (r, *W[k:]) flatten to (in, r) and (r, out) in W's order, which is how Tunix reshapes transformers' (out, in) weight.
 
-This module knows no model family. Module names (`bert.encoder.layer.0.attention.self.query`,
-`model.layers.3.self_attn.q_proj`) and weight layouts come from a naming object that the model side provides:
-`sora_jax.models.EncoderNaming(hf_config)` for our linen encoders (`module_name(module path)`, `convert`, `head`,
-`targets`, `stack`/`unstack`), `sora_jax.models.TunixNaming(model)` for Tunix's Qwen3 and Llama3 (the `PeftNaming`
-protocol below: `module_name(weight path)`, `in_axes`, `weight_path`, `hf_tensor`, `hf_config`). A naming object
-with `in_axes` selects the qwix path.
+This module knows no model family, and has one path for both layouts. Module names and weight layouts come from a
+naming object the model side provides (the `PeftNaming` protocol below), asked about weight paths of our tree:
+`module_name(weight)` and `in_axes(weight)`; `sora_jax.models.EncoderNaming(hf_config)` answers for our linen
+encoders, `sora_jax.models.TunixNaming(model)` for Tunix's Qwen3 and Llama3. A module pruned to rank 0 has zero-size
+factors in both layouts (`sora_jax.prune`) and is left out of the file (PEFT requires r > 0).
 """
 
 from __future__ import annotations
@@ -33,18 +32,17 @@ import json
 import logging
 import os
 import re
+import math
 from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
 import numpy as np
-from flax import traverse_util
 
 from sora_jax import adapter_files
 from sora_jax import layout
 from sora_jax import leaves
 from sora_jax.adapters import SoraConfig, adapter_records, merge, prune, scale_and_rank, weight_roles
-from sora_jax.leaves import A, B, GATE, path_str
-from sora_jax.leaves import LINEN_LEAVES as ADAPTER_LEAVES
+from sora_jax.leaves import path_str
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +59,18 @@ Flat = dict[tuple[str, ...], Any]
 
 
 class PeftNaming(Protocol):
-  """What the model side tells the PEFT code about a qwix-layout model (e.g. `sora_jax.models.TunixNaming`).
+  """What the PEFT code asks the model side (`sora_jax.models.EncoderNaming`, `sora_jax.models.TunixNaming`). Both
+  questions take a weight path of our tree (either layout; an encoder's tree unrolled).
 
-  model_type: transformers' `config.model_type` the names belong to ('qwen3', 'llama').
-  module_name(weight): the transformers Linear module name of our weight path (`model.layers.0.self_attn.q_proj`),
-    or None when the weight is not such a Linear.
+  model_type: transformers' `config.model_type` the names belong to ('bert', 'qwen3', 'llama').
+  module_name(weight): the transformers module name of our weight path (`bert/encoder/layer_0/attention/self/query/
+    kernel` -> `bert.encoder.layer.0.attention.self.query`, `layers/0/attn/q_proj/w` ->
+    `model.layers.0.self_attn.q_proj`), or None when the weight has no transformers Linear.
   in_axes(weight): k such that the weight's first k axes are the Linear's input features and the rest its outputs.
-  weight_path(module_name): the inverse of `module_name` (None: no such module).
-  hf_tensor(weight, array): (transformers key, tensor) of any base weight, for merged checkpoints.
-  hf_config(): config.json of the transformers model.
+
+  Optional: `task_type` (PEFT's default task type); `head` and `convert` (a head written whole as `modules_to_save`:
+  regexes of its parameters, and transformers tensors -> our leaves); `is_stacked`, `unstack`, `stack` (a scanned
+  layout, read and written unrolled); `hf_tensor(weight, array)` and `hf_config()` (for `save_merged`).
   """
 
   model_type: str
@@ -77,12 +78,6 @@ class PeftNaming(Protocol):
   def module_name(self, weight: tuple) -> str | None: ...
 
   def in_axes(self, weight: tuple) -> int: ...
-
-  def weight_path(self, module_name: str) -> tuple | None: ...
-
-  def hf_tensor(self, weight: tuple, array: np.ndarray) -> tuple[str, np.ndarray]: ...
-
-  def hf_config(self) -> dict: ...
 
 
 class LoadedPeft(NamedTuple):
@@ -99,20 +94,36 @@ class LoadedPeft(NamedTuple):
   ranks: dict[str, int]
 
 
-def _unstacked_flat(params, naming) -> tuple[Flat, bool]:
-  if naming.is_stacked(params):
-    return traverse_util.flatten_dict(naming.unstack(params)), True
-  return traverse_util.flatten_dict(params), False
+def _unstacked(params, naming) -> tuple[Any, bool]:
+  """The tree as the naming reads it: a scanned encoder tree unrolled (and True); any other tree as given."""
+  if hasattr(naming, "is_stacked") and naming.is_stacked(params):
+    return naming.unstack(params), True
+  return params, False
 
 
 def _check_naming(naming, fn: str) -> None:
-  if naming is None or not hasattr(naming, "module_name"):
+  if naming is None or not hasattr(naming, "module_name") or not hasattr(naming, "in_axes"):
     got = "a transformers config" if hasattr(naming, "model_type") else repr(naming)
     raise TypeError(
       f"{fn}: `naming` must be a naming object, got {got}; pass "
       "sora_jax.models.EncoderNaming(hf_config) for our encoders or "
       "sora_jax.models.TunixNaming(model) for a Tunix model."
     )
+
+
+def _check_module_names(records: Sequence[leaves.AdapterPaths], naming, fn: str) -> None:
+  """Every adapted weight must be a transformers Linear by the naming."""
+  for rec in records:
+    if naming.module_name(rec.weight) is None:
+      raise ValueError(
+        f"{fn}: the adapter of {path_str(rec.weight)!r} maps to no transformers Linear of "
+        f"{naming!r}; was the tree made for another model?"
+      )
+
+
+def _host(flat: Flat) -> Flat:
+  """{path: NumPy array} of a flat tree (any leaf container)."""
+  return {path: np.asarray(jax.device_get(leaves.value(leaf))) for path, leaf in flat.items()}
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
@@ -146,7 +157,7 @@ def _saved_modules(flat: Flat, patterns: Sequence[str]) -> list[tuple[str, ...]]
 
   These become PEFT `modules_to_save` entries: `classifier` (BERT, or RoBERTa's dense + out_proj), `bert.pooler`.
   """
-  base = [path for path in flat if path[-1] not in ADAPTER_LEAVES]
+  base = [path for path in flat if not leaves.is_adapter_leaf(path)]
   saved = {path for path in base if any(re.match(p, path_str(path)) for p in patterns)}
   modules = []
   for path in sorted(saved):
@@ -180,14 +191,12 @@ def save_peft(
   module. `r` and `lora_alpha` are the most common rank; the others go to `rank_pattern` and `alpha_pattern` under
   their full module names, each of which matches exactly one module by PEFT's rules.
 
-  qwix layout (a Tunix model: `nnx.state(model)` after `sora_jax.apply_sora`): each adapted weight must be a
-  transformers Linear by `naming` (no batch axes; contracted axes = the weight's first `naming.in_axes`), else a
-  ValueError names it; A (*W[:k], r) -> lora_A (r, in), B (r, *W[k:]) -> lora_B (out, r); s per module from the
-  provider's rule. A tree without adapters, or with every module at rank 0, is an error (there is no LoRA).
-
-  linen layout (our encoders): when every module is pruned, the adapter is still written, as a zero rank-1 LoRA on
-  the first targeted kernel (PEFT rejects an empty `target_modules`), so it loads everywhere and adds nothing; a
-  warning is logged.
+  Both layouts take this one path. Each adapted weight must be a transformers Linear by `naming`
+  (`naming.module_name(weight)` not None, no batch axes, contracted axes = the weight's first `naming.in_axes(weight)`),
+  else a ValueError names it: A (*W[:k], r) -> lora_A (r, in), B (r, *W[k:]) -> lora_B (out, r), s per module from
+  the config (a SoraConfig's, or the first matching rule's). When every module is at rank 0 the adapter is still
+  written, as a zero rank-1 LoRA on the first adapted weight (PEFT rejects an empty `target_modules`), so it loads
+  everywhere and adds nothing; a warning is logged.
 
   Args:
     directory: created if missing; an existing adapter there is replaced whole (written beside it, then renamed
@@ -198,9 +207,10 @@ def save_peft(
       alpha / rank is folded into B.
     naming: `sora_jax.models.EncoderNaming(pre.config)` or `sora_jax.models.TunixNaming(model)`.
     base_model_name_or_path: recorded in adapter_config.json; PEFT and servers load the base model from it.
-    modules_to_save: (linen) regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as
-      PEFT `modules_to_save`; default the naming's `head` (classifier, pooler). `()` writes none.
-    task_type: PEFT task type; default "SEQ_CLS" (linen encoders) / "CAUSAL_LM" (qwix).
+    modules_to_save: regexes (`re.match` on '/'-joined paths) of non-adapter parameters written whole, as PEFT
+      `modules_to_save` (a naming with `convert` only); default the naming's `head` (an encoder's classifier and
+      pooler; none for a Tunix model). `()` writes none.
+    task_type: PEFT task type; default the naming's `task_type` ("SEQ_CLS" for encoders, "CAUSAL_LM" for Tunix).
     uniform_rank: pad every module to the largest written rank R with zero rows of lora_A / columns of lora_B
       (r = lora_alpha = R, no patterns), for servers that read one rank (vLLM); the outputs are identical.
     model_config: no longer taken (raises TypeError naming the replacement, `naming=EncoderNaming(...)`).
@@ -218,67 +228,86 @@ def save_peft(
   if model_config is not None:
     raise TypeError("save_peft: model_config= is replaced by naming=sora_jax.models.EncoderNaming(model_config).")
   _check_naming(naming, "save_peft")
-  if hasattr(naming, "in_axes"):
-    return _save_peft_qwix(
-      directory,
-      params,
-      config,
-      naming,
-      base_model_name_or_path=base_model_name_or_path,
-      task_type=task_type or "CAUSAL_LM",
-      uniform_rank=uniform_rank,
+  if config is None:
+    raise ValueError(
+      "save_peft: pass the SoraConfig, or the SoraProvider (or rules), that made the adapters as `config`; its "
+      "alpha / rank is folded into lora_B."
     )
-  task_type = task_type or "SEQ_CLS"
-  flat, _ = _unstacked_flat(params, naming)
-  adapter_records(flat, "save_peft", config)
+  tree, _ = _unstacked(params, naming)
+  flat, _ = leaves.flatten(tree)
+  records = adapter_records({p: leaves.value(v) for p, v in flat.items()}, "save_peft", config)
+  _check_module_names(records, naming, "save_peft")
   # Pruned even without gates: a stacked module's layers share one rank, padded with zero rows of B, which `prune`
   # cuts per layer once unstacked.
-  if any(path[-1] == A for path in flat):
-    flat = traverse_util.flatten_dict(prune(traverse_util.unflatten_dict(flat)))
-  flat = {path: np.asarray(jax.device_get(leaf), np.float32) for path, leaf in flat.items()}
-  tensors, ranks = _lora_tensors(flat, config, naming)
-
-  # modules_to_save: the head, written whole; checked against the family's own converter.
-  saved = _saved_modules(flat, naming.head if modules_to_save is None else tuple(modules_to_save))
-  saved_names = [naming.module_name(module) for module in saved]
-  head: dict[str, np.ndarray] = {}
-  for path, leaf in flat.items():
-    if path[-1] not in ADAPTER_LEAVES and any(path[: len(m)] == m for m in saved):
-      hf_leaf, value = _to_hf(path[-1], leaf)
-      head[f"{naming.module_name(path[:-1])}.{hf_leaf}"] = value
-  _check_inverse(head, flat, naming)
-  tensors.update({_PREFIX + key: value for key, value in head.items()})
-
+  vals = _host(leaves.flatten(prune(tree))[0])
+  tensors, ranks = _lora_tensors(vals, config, naming)
+  saved, saved_names, head = _head(vals, naming, modules_to_save)
+  tensors.update(head)
   ranks_written = dict(ranks)
   if not ranks:
-    module = _placeholder_module(flat, config, naming, saved)
-    name = naming.module_name(module)
-    fan_in, fan_out = flat[module + ("kernel",)].shape
+    name, lora_a, lora_b = _placeholder(vals, records, naming, saved)
     logger.warning(
       "save_peft: every SoRA module is pruned to rank 0; writing a zero rank-1 LoRA on %s so that "
       "the adapter stays loadable (it adds nothing).",
       name,
     )
     ranks_written[name] = 1
-    tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.zeros((1, fan_in), np.float32)
-    tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.zeros((fan_out, 1), np.float32)
+    tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_a
+    tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_b
   overlap = [n for n in ranks_written if any(n == s or n.startswith(s + ".") for s in saved_names)]
   if overlap:
     raise ValueError(
       f"modules {overlap} carry LoRA adapters and are also in modules_to_save {saved_names}; "
       "PEFT does not adapt a module it saves whole. Narrow `modules_to_save`."
     )
-  _check_patterns(ranks_written, flat, naming)
+  _check_patterns(ranks_written, vals, naming)
   _write_adapter(
     directory,
     tensors,
     ranks_written,
-    task_type=task_type,
+    task_type=task_type or getattr(naming, "task_type", "CAUSAL_LM"),
     base_model_name_or_path=base_model_name_or_path,
     modules_to_save=saved_names or None,
     uniform_rank=uniform_rank,
   )
   return ranks
+
+
+def _head(vals: Flat, naming, modules_to_save) -> tuple[list[tuple], list[str], dict[str, np.ndarray]]:
+  """The modules written whole (PEFT `modules_to_save`): (module paths, transformers names, tensors), checked
+  against the naming's own converter. Default: the naming's `head` (none for a naming without one)."""
+  patterns = tuple(getattr(naming, "head", ()) if modules_to_save is None else modules_to_save)
+  if not patterns:
+    return [], [], {}
+  if not hasattr(naming, "convert"):
+    raise ValueError(
+      f"save_peft: modules_to_save {list(patterns)} given, but {naming!r} has no `convert` to check whole weights "
+      "against; pass modules_to_save=None (the LoRA factors only)."
+    )
+  saved = _saved_modules(vals, patterns)
+  # A module's transformers name is that of any leaf directly in it.
+  names = [naming.module_name(module + ("kernel",)) for module in saved]
+  head: dict[str, np.ndarray] = {}
+  for path, leaf in vals.items():
+    if not leaves.is_adapter_leaf(path) and any(path[: len(m)] == m for m in saved):
+      hf_leaf, value = _to_hf(path[-1], leaf)
+      head[f"{naming.module_name(path)}.{hf_leaf}"] = value
+  _check_inverse(head, vals, naming)
+  return saved, names, {_PREFIX + key: value for key, value in head.items()}
+
+
+def _placeholder(vals: Flat, records, naming, saved) -> tuple[str, np.ndarray, np.ndarray]:
+  """(name, lora_A (1, in), lora_B (out, 1)): a zero rank-1 LoRA on the first adapted weight outside the saved head,
+  for a tree whose every module is at rank 0 (PEFT rejects an empty `target_modules`; a zero LoRA adds nothing)."""
+  for rec in records:
+    if not any(rec.weight[: len(m)] == m for m in saved):
+      w_shape, k = leaves.weight_shape(vals, rec.weight), naming.in_axes(rec.weight)
+      fan_in, fan_out = math.prod(w_shape[:k]), math.prod(w_shape[k:])
+      return naming.module_name(rec.weight), np.zeros((1, fan_in), np.float32), np.zeros((fan_out, 1), np.float32)
+  raise ValueError(
+    "save_peft: every module is pruned to rank 0 and every adapted weight lies in modules_to_save; there is no "
+    "module to write a placeholder LoRA on."
+  )
 
 
 def _write_adapter(
@@ -340,53 +369,6 @@ def _write_adapter(
       json.dump(adapter_config, f, indent=2, sort_keys=True)
 
 
-def _placeholder_module(flat: Flat, config: SoraConfig, naming, saved) -> tuple[str, ...]:
-  """The first 2-D kernel of the naming's targets (else of the config's) outside the saved head."""
-  for targets in (naming.targets, config.targets):
-    kernels = [
-      p
-      for p in flat
-      if p[-1] == "kernel"
-      and flat[p].ndim == 2
-      and not any(p[: len(m)] == m for m in saved)
-      and any(re.fullmatch(t, path_str(p)) for t in targets)
-    ]
-    if kernels:
-      return sorted(kernels)[0][:-1]
-  raise ValueError(
-    "save_peft: every module is pruned and no 2-D kernel matches the SoRA targets; nothing to "
-    "write a placeholder LoRA on."
-  )
-
-
-def _pad_for_stacking(flat: Flat) -> Flat:
-  """Gives every layer of a stacked module adapters of one rank, so `stack_layers` can stack them.
-
-  Layers with a smaller rank (or none) are padded with zero columns of A, zero rows of B and zero gates: they add
-  nothing and `prune` cuts them.
-  """
-  layer = re.compile(r"layer_\d+")
-  groups: dict[tuple[str, ...], list[tuple[str, ...]]] = collections.defaultdict(list)
-  for path in flat:
-    if path[-1] == "kernel" and any(layer.fullmatch(k) for k in path):
-      groups[tuple("layer" if layer.fullmatch(k) else k for k in path[:-1])].append(path[:-1])
-  out = dict(flat)
-  for modules in groups.values():
-    rank = max((flat[m + (A,)].shape[-1] for m in modules if m + (A,) in flat), default=0)
-    if rank == 0:
-      continue
-    for m in modules:
-      kernel = flat[m + ("kernel",)]
-      a = flat.get(m + (A,), np.zeros(kernel.shape[:1] + (0,), kernel.dtype))
-      b = flat.get(m + (B,), np.zeros((0,) + kernel.shape[1:], kernel.dtype))
-      gate = flat.get(m + (GATE,), np.zeros((0,), kernel.dtype))
-      pad = rank - a.shape[-1]
-      out[m + (A,)] = np.pad(a, ((0, 0), (0, pad)))
-      out[m + (B,)] = np.pad(b, ((0, pad), (0, 0)))
-      out[m + (GATE,)] = np.pad(gate, (0, pad))
-  return out
-
-
 def _check_inverse(head: dict[str, np.ndarray], flat: Flat, naming) -> None:
   """The head written under transformers names must convert back to exactly our leaves."""
   back, unexpected = naming.convert(head)
@@ -399,9 +381,14 @@ def _check_inverse(head: dict[str, np.ndarray], flat: Flat, naming) -> None:
     raise ValueError(f"save_peft: the head's transformers names do not map back onto our parameters: {wrong}")
 
 
-def _check_patterns(ranks: dict[str, int], flat: Flat, naming) -> None:
-  """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules."""
-  modules = {naming.module_name(path[:depth]) for path in flat for depth in range(1, len(path))}
+def _check_patterns(ranks: dict[str, int], vals: Flat, naming) -> None:
+  """Each full module name in target_modules / rank_pattern must select only itself under PEFT's rules, among the
+  modules of the tree and their parents."""
+  modules = set()
+  # The written modules themselves, and every module named by a leaf (a quantized weight is a subtree: not named).
+  for name in list(ranks) + [None if leaves.is_adapter_leaf(p) else naming.module_name(p) for p in vals]:
+    parts = name.split(".") if name else []
+    modules.update(".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
   for name in ranks:
     hits = [m for m in modules if m == name or m.endswith("." + name) or _pattern_matches(name, m)]
     if hits != [name]:
@@ -428,7 +415,7 @@ def _lora_tensors(vals: Flat, config, naming) -> tuple[dict[str, np.ndarray], di
     b2 = b.reshape(rank, -1).astype(np.float32) * scale
     if gate is not None:
       b2 = b2 * gate.reshape(rank, 1)
-    name = naming.module_name(rec.module if rec.layout == "linen" else rec.weight)
+    name = naming.module_name(rec.weight)
     ranks[name] = rank
     tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.reshape(-1, rank).astype(np.float32).T
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = b2.T
@@ -437,12 +424,11 @@ def _lora_tensors(vals: Flat, config, naming) -> tuple[dict[str, np.ndarray], di
 
 def _linear_roles(rec: leaves.AdapterPaths, vals: Flat, naming) -> layout.WeightRoles:
   """The adapter's axis roles, checked to be a transformers Linear's: no batch axes, the contracted axes are the
-  weight's first `naming.in_axes` axes in order (a linen naming: the kernel's input axes), the remaining ones the
-  rest."""
+  weight's first `naming.in_axes` axes in order, the remaining ones the rest."""
   name = path_str(rec.weight)
   w_shape = leaves.weight_shape(vals, rec.weight)
   roles = weight_roles(vals, rec)
-  k = naming.in_axes(rec.weight) if hasattr(naming, "in_axes") else len(roles.contract)
+  k = naming.in_axes(rec.weight)
   contract = roles.contract if roles.kind == "dot" else tuple(sorted(roles.contract))
   if roles.batch or contract != tuple(range(k)) or tuple(roles.remain) != tuple(range(k, len(w_shape))):
     raise ValueError(
@@ -451,49 +437,6 @@ def _linear_roles(rec: leaves.AdapterPaths, vals: Flat, naming) -> layout.Weight
       "inputs, so the adapter has no PEFT LoRA equivalent."
     )
   return roles
-
-
-def _qwix_records(flat: Flat, naming, fn: str) -> list[leaves.AdapterPaths]:
-  records = [rec for rec in adapter_records(flat, fn) if rec.layout == "qwix"]
-  if not records:
-    raise ValueError(
-      f"{fn}: the tree has no qwix-layout adapters (no <w>_lora_a leaves); apply SoRA first "
-      "(sora_jax.apply_sora) and pass nnx.state(model)."
-    )
-  for rec in records:
-    if naming.module_name(rec.weight) is None:
-      raise ValueError(
-        f"{fn}: the adapter of {path_str(rec.weight)!r} maps to no transformers Linear of "
-        f"{naming!r}; was the tree made for another model?"
-      )
-  return records
-
-
-def _save_peft_qwix(directory, tree, config, naming, *, base_model_name_or_path, task_type, uniform_rank):
-  """save_peft for qwix-layout trees: see `save_peft`."""
-  if config is None:
-    raise ValueError(
-      "save_peft: pass the SoraProvider (or rules) that made the adapters as `config`; its "
-      "alpha / rank is folded into lora_B."
-    )
-  flat, _ = leaves.flatten(tree)
-  _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_peft")
-  vals = {p: np.asarray(jax.device_get(leaves.value(v))) for p, v in leaves.flatten(prune(tree, config))[0].items()}
-  tensors, ranks = _lora_tensors(vals, config, naming)
-  if not ranks:
-    raise ValueError(
-      "save_peft: every adapter is pruned to rank 0; there is no LoRA to write (the model is the base model)."
-    )
-  _write_adapter(
-    directory,
-    tensors,
-    ranks,
-    task_type=task_type,
-    base_model_name_or_path=base_model_name_or_path,
-    modules_to_save=None,
-    uniform_rank=uniform_rank,
-  )
-  return ranks
 
 
 def save_merged(
@@ -523,7 +466,9 @@ def save_merged(
     the safetensors file names written.
   """
   flat, _ = leaves.flatten(tree)
-  _qwix_records({p: leaves.value(v) for p, v in flat.items()}, naming, "save_merged")
+  _check_module_names(
+    adapter_records({p: leaves.value(v) for p, v in flat.items()}, "save_merged", config), naming, "save_merged"
+  )
   merged, _ = leaves.flatten(merge(tree, config))
   tensors: dict[str, np.ndarray] = {}
   for path, leaf in merged.items():

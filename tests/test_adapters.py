@@ -168,7 +168,9 @@ def test_prune_matches_numpy_reference():
   np.testing.assert_allclose(pq["sora_a"], a[:, [0, 2]])
   np.testing.assert_allclose(pq["sora_b"], np.array([0.5, -2.0])[:, None] * b[[0, 2]], rtol=1e-6)
   assert "sora_gate" not in pq
-  assert set(pruned["encoder"]["layer"]["heads"]) == {"kernel", "bias"}  # rank 0: no adapter left
+  heads = pruned["encoder"]["layer"]["heads"]  # rank 0: zero-size A (in, 0) and B (0, *out), as in the qwix layout
+  assert set(heads) == {"kernel", "bias", "sora_a", "sora_b"}
+  assert heads["sora_a"].shape == (16, 0) and heads["sora_b"].shape == (0, 2, 4)
   merged, merged_pruned = sora_jax.merge(params, config), sora_jax.merge(pruned, config)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), merged, merged_pruned)
   # Pruning twice changes nothing.
@@ -208,3 +210,19 @@ def test_rank_report_counts():
     assert report.base_params == 16 * 8 + 8 + 16 * 8 + 8 + 8 * 3 + 3
     text = str(report)
     assert "encoder/layer/query" in text and "2/4" in text and "25.00%" in text
+
+
+@pytest.mark.parametrize("fn", ["rank_report", "merge", "truncate"])
+def test_targeted_kernel_without_adapter_leaves_is_refused(fn):
+  """A rank-0 module keeps zero-size leaves; a tree whose targeted kernel lacks them (a hand-pruned tree) would have
+  that module silently left out of the counts, so the tree functions refuse it with one line."""
+  config = sora_jax.SoraConfig(rank=4, alpha=8.0, targets=TARGETS)
+  params = sora_jax.prune(sora_jax.init(jax.random.key(0), _params(), config))
+  del params["encoder"]["layer"]["heads"]["sora_a"], params["encoder"]["layer"]["heads"]["sora_b"]
+  calls = {
+    "rank_report": lambda: sora_jax.rank_report(params, config),
+    "merge": lambda: sora_jax.merge(params, config),
+    "truncate": lambda: sora_jax.truncate(params, config, 100),
+  }
+  with pytest.raises(ValueError, match=f"{fn}: encoder/layer/heads/kernel is matched by SoraConfig.targets but has no"):
+    calls[fn]()

@@ -160,12 +160,16 @@ def test_pruned_tree_runs_factored_and_merged():
   params["layer"]["key"]["sora_gate"] = jnp.zeros_like(params["layer"]["key"]["sora_gate"])
   pruned = sora_jax.prune(params)
   assert pruned["layer"]["query"]["sora_a"].shape == (LAYERS, HIDDEN, 3)
-  assert "sora_a" not in pruned["layer"]["key"]
+  assert pruned["layer"]["key"]["sora_a"].shape == (LAYERS, HIDDEN, 0)  # rank 0: zero-size factors, a zero update
   apply = jax.jit(lambda p: sora_jax.apply_factored(model, {"params": p}, x, config=config))
   out, out_pruned = apply(params), apply(pruned)
   assert float(jnp.abs(out - out_pruned).max()) <= 1e-5
   out_merged = jax.jit(model.apply)({"params": sora_jax.merge(pruned, config)}, x)
   assert float(jnp.abs(out - out_merged).max()) <= 1e-5
+  # Training on from the pruned tree: the rank-0 module's zero-size factors get zero-size gradients.
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(sora_jax.apply_factored(model, {"params": p}, x, config=config))))(pruned)
+  assert grads["layer"]["key"]["sora_a"].shape == (LAYERS, HIDDEN, 0)
+  assert float(jnp.abs(grads["layer"]["query"]["sora_a"]).max()) > 0
 
 
 def test_low_rank_product_grads_match_numpy():

@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 from flax import traverse_util  # noqa: E402
 
 from conftest import ENCODER_SIZES, tiny_encoder_config  # noqa: E402
-from sora_jax import SoraConfig, apply_factored, init, merge, prune  # noqa: E402
+from sora_jax import SoraConfig, apply_factored, init, merge, prune, rank_report  # noqa: E402
 from sora_jax.models import EncoderNaming, family_module, from_pretrained  # noqa: E402
 from sora_jax.peft import save_peft  # noqa: E402
 from sora_jax.peft_load import load_peft  # noqa: E402
@@ -201,7 +201,8 @@ def test_every_module_pruned(checkpoints, tmp_path, caplog):
   directory = checkpoints["bert"]
   pretrained = from_pretrained(directory)
   params, config = _sora(_randomise_head(pretrained.params), "bert", all_zero=True)
-  assert not any(p[-1] == "sora_a" for p in traverse_util.flatten_dict(prune(params)))
+  pruned = traverse_util.flatten_dict(prune(params))
+  assert all(v.shape[-1] == 0 for p, v in pruned.items() if p[-1] == "sora_a")  # rank 0: zero-size factors
   ids, mask = _inputs()
   ours = _logits(pretrained.model, params, ids, mask, config)
 
@@ -217,6 +218,9 @@ def test_every_module_pruned(checkpoints, tmp_path, caplog):
   loaded = load_peft(tmp_path, pretrained.params, EncoderNaming(pretrained.config))
   again = _logits(pretrained.model, loaded.params, ids, mask, loaded.config)
   np.testing.assert_allclose(np.asarray(again), ours, atol=TOL, rtol=0)
+  # The modules the adapter leaves out are at rank 0 (zero-size factors), and counted as such.
+  report = rank_report(loaded.params, loaded.config)
+  assert len(report.rows) == 6 * pretrained.config.num_hidden_layers and report.retained_params == 0
 
 
 def test_errors(checkpoints, tmp_path):

@@ -541,6 +541,30 @@ class _Naming:
     return 1
 
 
+def test_save_peft_of_a_tree_at_rank_0_writes_a_zero_rank_1_lora(tmp_path, caplog):
+  """Both layouts take one save path: every module at rank 0 gives a zero rank-1 LoRA on the first adapted weight
+  (PEFT rejects an empty target_modules), and whole weights need a naming that converts them."""
+  import json
+  import logging
+
+  from safetensors.numpy import load_file
+
+  model, provider = _two()
+  model.lin.kernel_lora_gate[...] = jnp.zeros(2)
+  model.out.kernel_lora_gate[...] = jnp.zeros(2)
+  state = nnx.state(model)
+  with caplog.at_level(logging.WARNING, logger="sora_jax.peft"):
+    assert sora_jax.save_peft(tmp_path, state, provider, naming=_Naming()) == {}
+  assert "every SoRA module is pruned to rank 0" in caplog.text
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["lin"] and config["r"] == 1 and config["task_type"] == "CAUSAL_LM"
+  tensors = load_file(tmp_path / "adapter_model.safetensors")
+  assert tensors["base_model.model.lin.lora_A.weight"].shape == (1, 4)
+  assert not tensors["base_model.model.lin.lora_B.weight"].any()
+  with pytest.raises(ValueError, match="has no `convert`"):
+    sora_jax.save_peft(tmp_path, state, provider, naming=_Naming(), modules_to_save=("out/.*",))
+
+
 def test_orbax_dict_with_value_levels_is_read(tmp_path):
   import orbax.checkpoint as ocp
 

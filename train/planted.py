@@ -247,7 +247,7 @@ def _train(problem: Problem, config, trainable, frozen, tx, steps: int):
 
 
 def _active(tree) -> jax.Array:
-  """Active ranks over the modules: nonzero gates, or the rank of a pruned module (no gate; no leaves at rank 0)."""
+  """Active ranks over the modules: nonzero gates, or the rank of a pruned module (no gate; zero-size A at rank 0)."""
   counts = [
     jnp.sum(tree[m]["sora_gate"] != 0) if "sora_gate" in tree[m] else tree[m]["sora_a"].shape[-1]
     for m in MODULES

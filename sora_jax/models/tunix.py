@@ -114,7 +114,10 @@ class TunixNaming:
     family: the Tunix family ('qwen3', 'llama3').
     model_type: transformers' `config.model_type` ('qwen3', 'llama').
     architecture: the transformers causal-LM class ('Qwen3ForCausalLM', 'LlamaForCausalLM').
+    task_type: PEFT's task type, "CAUSAL_LM".
   """
+
+  task_type = "CAUSAL_LM"
 
   def __init__(self, model: nnx.Module):
     self.family = _tunix_family(model)

@@ -95,10 +95,11 @@ def test_a_truncate_then_train_run_ends_within_its_budget(tiny, tmp_path, capsys
   from train import loop
 
   run = ("adapter.method=lora", "adapter.rank=8", "adapter.truncate_at=0.5", "adapter.truncate_fraction=0.25")
-  results = loop.run(
-    load_config(None, [*tiny_run_args(tiny, tmp_path), "train.progress=false", "train.max_steps=6", *run])
-  )
+  # Evaluated every step with the best evaluation kept: the best may only come from a step after the cut.
+  steps = ("train.max_steps=6", "train.eval_every=1", "train.final_params=best")
+  results = loop.run(load_config(None, [*tiny_run_args(tiny, tmp_path), "train.progress=false", *steps, *run]))
   assert "truncated at step 3" in capsys.readouterr().out
+  assert results["best"]["step"] >= 3
   assert 0 < results["retained_params"] <= 0.25 * results["max_params"]
 
 

@@ -144,7 +144,11 @@ def _show(bar, record: dict, method: str, skipped: int) -> None:
 
 
 def _best_from(config: RunConfig, total: int) -> int:
-  """The first step whose evaluation may be the best: after the cut to the budget in budget mode, else 0."""
+  """The first step whose evaluation may be the best: after the cut to the budget in budget mode or with
+  `adapter.truncate_at`, else 0."""
+  cut_at = cut.cut_step(config, total)
+  if cut_at is not None:
+    return cut_at
   if not budget_mode(config):
     return 0
   from sora_jax.budget import budget_phases

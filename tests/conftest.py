@@ -1,5 +1,5 @@
 """Fixtures shared by the tests: the trainer's tiny BERT and task, and the tiny model of each family (the Tunix
-Qwen3 / Llama3 decoder and its transformers twin, the BERT-family encoder)."""
+Qwen3 / Llama3 decoder and its transformers twin, the BERT-family encoder, a two-Linear NNX model with SoRA)."""
 
 import json
 
@@ -144,3 +144,23 @@ def tiny_encoder_config(model_type: str, **overrides):
   import transformers
 
   return transformers.AutoConfig.for_model(model_type, **{**ENCODER_SIZES, **overrides})
+
+
+def tiny_adapted_nnx():
+  """(model, provider): two `nnx.Linear`s (4 -> 3 -> 2) with SoRA rank 2, alpha 2 on both, made by `apply_sora`."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import sora_jax
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(4, 3, rngs=rngs), nnx.Linear(3, 2, rngs=rngs)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = layer(x)
+      return x
+
+  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
+  return sora_jax.apply_sora(Net(nnx.Rngs(0)), provider, jnp.ones((1, 4)), rngs=nnx.Rngs(1)), provider

@@ -16,6 +16,8 @@ from flax.core import FrozenDict
 
 import sora_jax
 
+from conftest import tiny_adapted_nnx
+
 
 class Dense2(nn.Module):
   @nn.compact
@@ -29,19 +31,8 @@ def _linen():
   return sora_jax.init(jax.random.key(1), Dense2().init(jax.random.key(0), x)["params"], config)
 
 
-class Net(nnx.Module):
-  def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(4, 3, rngs=rngs), nnx.Linear(3, 2, rngs=rngs)])
-
-  def __call__(self, x):
-    for layer in self.layers:
-      x = layer(x)
-    return x
-
-
 def _nnx_model():
-  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
-  return sora_jax.apply_sora(Net(nnx.Rngs(0)), provider, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+  return tiny_adapted_nnx()[0]
 
 
 @functools.cache

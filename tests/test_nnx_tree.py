@@ -11,21 +11,12 @@ from flax import nnx
 import sora_jax
 from sora_jax import leaves
 
-
-class Net(nnx.Module):
-  def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(4, 3, rngs=rngs), nnx.Linear(3, 2, rngs=rngs)])
-
-  def __call__(self, x):
-    for layer in self.layers:
-      x = layer(x)
-    return x
+from conftest import tiny_adapted_nnx
 
 
 @pytest.fixture(scope="module")
 def adapted():
-  provider = sora_jax.SoraProvider(module_path=".*", rank=2, alpha=2.0)
-  return sora_jax.apply_sora(Net(nnx.Rngs(0)), provider, jnp.ones((1, 4)), rngs=nnx.Rngs(1)), provider
+  return tiny_adapted_nnx()
 
 
 def _kinds(model):

@@ -38,11 +38,11 @@ def cut_step(config: RunConfig, total_steps: int) -> Optional[int]:
   return None if at is None else max(1, math.ceil(at * total_steps))
 
 
-def _padded(old: np.ndarray, new: Optional[np.ndarray]) -> np.ndarray:
-  """`new` zero-padded at the end of the one axis where its shape falls short of `old`'s (zeros like `old` if None)."""
+def _padded(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+  """`new` zero-padded at the end of the one axis where its shape falls short of `old`'s (a rank-0 `new` has
+  zero-size factors: all zeros)."""
   out = np.zeros(np.shape(old), np.asarray(old).dtype)
-  if new is not None:
-    out[tuple(slice(0, n) for n in np.shape(new))] = new
+  out[tuple(slice(0, n) for n in np.shape(new))] = new
   return out
 
 
@@ -55,17 +55,13 @@ def pad_to_rank(full: PyTree, cut: PyTree) -> PyTree:
   for rec in leaves.find_adapters(flat):
     if rec.layout != "linen" or rec.gate not in flat:
       raise ValueError(f"truncate_at: {leaves.path_str(rec.module)} is not a gated linen adapter (sora_a/sora_b/gate)")
-    a = _padded(np.asarray(flat[rec.a]), _value(cut_flat, rec.a))
-    b = _padded(np.asarray(flat[rec.b]), _value(cut_flat, rec.b))
+    a = _padded(np.asarray(flat[rec.a]), np.asarray(cut_flat[rec.a]))
+    b = _padded(np.asarray(flat[rec.b]), np.asarray(cut_flat[rec.b]))
     gate = np.asarray(flat[rec.gate])
     rank_axis = gate.ndim - 1  # B is (*lead, r, *out): its rank axis follows the gate's leading axes
     nonzero = np.any(b != 0, axis=tuple(range(rank_axis + 1, b.ndim)))
     out[rec.a], out[rec.b], out[rec.gate] = a, b, nonzero.astype(gate.dtype)
   return rebuild(out)
-
-
-def _value(flat: dict, path) -> Optional[np.ndarray]:
-  return None if path not in flat else np.asarray(flat[path])
 
 
 def _fresh_adam(opt_state: PyTree) -> PyTree:
